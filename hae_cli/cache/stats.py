@@ -1,0 +1,45 @@
+"""Plain snapshots of the cache for the display, the profiler and `--json`.
+
+They hold numbers only (no tensors), so they can be kept per step, rendered by a pure
+function and serialised with `dataclasses.asdict`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    layer: int
+    tokens_by_modality: dict[str, int]  # keys: "text", "image", "separator", "generated"
+    tokens_held: int  # per head (every head of a layer holds the same count)
+    budget: int | None  # None: no budget (full cache)
+    bin_tokens: int  # tokens in this layer's recycle bin
+    bytes_held: int  # K+V bytes measured from tensor storage
+    bin_bytes: int
+
+
+@dataclass(frozen=True)
+class EvictionEvent:
+    step: int  # decode step (0 = prefill)
+    layer: int
+    stage: str  # "prefill" or "decode"
+    action: str  # "evicted" (gone for good), "binned", "restored", "deleted" (from the bin)
+    counts: dict[str, int]  # by modality name
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    step: int
+    layers: list[LayerStats]
+    full_cache_bytes: int  # what a full cache would hold now (tokens seen x bytes/token, all layers)
+    events: list[EvictionEvent] = field(default_factory=list)  # events of this step only
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(layer.bytes_held for layer in self.layers)
+
+    @property
+    def bin_bytes(self) -> int:
+        return sum(layer.bin_bytes for layer in self.layers)
