@@ -1,0 +1,79 @@
+"""The decoder loop, written out so that a cache can prune tokens between layers.
+
+transformers' `Phi3Model.forward` runs every layer on the same rows. HAE's index
+broadcasting drops visual tokens after the scoring layer so later layers never compute
+them; that needs a hook between layers, so we run the native Phi3 layers ourselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import Phi3ForCausalLM
+
+
+@dataclass
+class DecoderOutput:
+    logits: torch.Tensor  # [1, rows, vocab] for the last `logits_rows` rows that survived
+    kept_rows: torch.Tensor  # indices (into the input rows) that reached the last layer
+    hidden_lengths: list[int] = field(default_factory=list)  # rows computed by each layer
+
+
+def run_decoder(
+    lm: Phi3ForCausalLM,
+    inputs_embeds: torch.Tensor,
+    position_ids: torch.Tensor,
+    cache=None,
+    attention_mask: torch.Tensor | None = None,
+    logits_rows: int | None = 1,
+) -> DecoderOutput:
+    """Run the language model on embeddings with explicit absolute positions.
+
+    `cache` may be any transformers `Cache`. If it has `after_layer(layer_idx, hidden)`,
+    a returned index tensor prunes the rows (and positions, and mask) seen by later layers.
+    `attention_mask`, when given, is a bool `[1, 1, q, kv]` (True = attend) for tests that
+    compare eviction against masking; otherwise prefill is causal and decode attends all.
+    `logits_rows=None` returns logits for every surviving row.
+    """
+    if inputs_embeds.shape[0] != 1:
+        raise ValueError("hae runs one sequence at a time (batch size 1)")
+    if position_ids.dim() == 1:
+        position_ids = position_ids.unsqueeze(0)
+    backbone = lm.model
+    hidden = inputs_embeds
+    cos, sin = backbone.rotary_emb(hidden, position_ids=position_ids)
+    kept_rows = torch.arange(hidden.shape[1], device=hidden.device)
+    after_layer = getattr(cache, "after_layer", None)
+    hidden_lengths = []
+    for layer_idx, decoder_layer in enumerate(backbone.layers):
+        hidden_lengths.append(hidden.shape[1])
+        hidden = decoder_layer(
+            hidden,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=cache is not None,
+            position_embeddings=(cos, sin),
+        )
+        keep = after_layer(layer_idx, hidden) if after_layer is not None else None
+        if keep is not None:
+            keep = keep.to(hidden.device)
+            hidden = hidden[:, keep]
+            position_ids = position_ids[:, keep]
+            cos, sin = cos[:, keep], sin[:, keep]
+            kept_rows = kept_rows[keep]
+            if attention_mask is not None:
+                attention_mask = _prune_mask(attention_mask, keep)
+    hidden = backbone.norm(hidden)
+    if logits_rows is not None:
+        hidden = hidden[:, -logits_rows:]
+    return DecoderOutput(lm.lm_head(hidden), kept_rows, hidden_lengths)
+
+
+def _prune_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Drop pruned query rows and the matching new-token columns (past columns stay)."""
+    q_len, kv_len = mask.shape[-2], mask.shape[-1]
+    past = kv_len - q_len
+    columns = torch.cat([torch.arange(past, device=mask.device), past + keep])
+    return mask[..., keep, :][..., columns]
