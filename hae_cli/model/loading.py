@@ -1,0 +1,173 @@
+"""Find a checkpoint offline and load it strictly, in the official safetensors layout."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
+from hae_cli.model.config import ModelConfig
+from hae_cli.model.phi3v import Phi3VForCausalLM, from_official_key
+
+OFFICIAL_MODEL_ID = "microsoft/Phi-3.5-vision-instruct"
+DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(model: str) -> Path:
+    """A local folder, "demo" (the shipped demo model), or a hub id found in the local HF cache.
+
+    With HF_HUB_OFFLINE set nothing is downloaded; otherwise a hub id missing from the
+    cache is downloaded once.
+    """
+    if model == "demo":
+        if not (DEMO_MODEL_DIR / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"the demo model is not installed at {DEMO_MODEL_DIR}; build it with scripts/train_demo_model.py"
+            )
+        return DEMO_MODEL_DIR
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"model path {model} is a file; pass the checkpoint folder")
+    if not _looks_like_hub_id(model):
+        raise ModelNotFoundError(f"model folder not found: {model}")
+    return _from_hub_cache(model)
+
+
+def _looks_like_hub_id(model: str) -> bool:
+    parts = model.split("/")
+    return len(parts) == 2 and all(parts) and not model.startswith((".", "~", "/"))
+
+
+def _from_hub_cache(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    how_to = (
+        f"download it on a connected machine with `hf download {repo_id}` (it lands in the Hugging Face cache), "
+        "or pass --model FOLDER, or --model demo for the built-in demo model"
+    )
+    try:
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:
+        if offline:
+            raise ModelNotFoundError(f"model {repo_id} is not in the local Hugging Face cache (offline); {how_to}") from None
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as exc:
+        raise ModelNotFoundError(f"model {repo_id} could not be downloaded ({type(exc).__name__}); {how_to}") from None
+
+
+def pick_device_and_dtype(device: str | None = None, dtype: str | None = None) -> tuple[torch.device, torch.dtype]:
+    """cuda with bf16 when available, else CPU with float32; either can be overridden."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device_obj = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r} (use cpu, cuda or cuda:N)") from None
+    if device_obj.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda asked for, but no CUDA device is available")
+    if dtype is None:
+        return device_obj, torch.bfloat16 if device_obj.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r} (use one of {', '.join(DTYPES)})")
+    return device_obj, DTYPES[dtype]
+
+
+def weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from None
+        files = [folder / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: the index names missing weight files: {', '.join(missing)}")
+        return files
+    if (folder / SINGLE_FILE).is_file():
+        return [folder / SINGLE_FILE]
+    raise CheckpointError(f"no weights in {folder} (expected {SINGLE_FILE} or {INDEX_FILE})")
+
+
+def read_official_weights(folder: Path, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in weight_files(folder):
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as shard:
+                for key in shard.keys():
+                    tensors[key] = shard.get_tensor(key).to(device=device, dtype=dtype)
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise CheckpointError(f"cannot read weights from {file}: {exc}") from None
+    return tensors
+
+
+@dataclass
+class LoadedCheckpoint:
+    model: Phi3VForCausalLM
+    config: ModelConfig
+    folder: Path
+
+
+def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> LoadedCheckpoint:
+    """Build the model without initialising weights, then load every official key strictly."""
+    folder = Path(folder)
+    device = torch.device(device)
+    config = ModelConfig.from_folder(folder)
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(config)
+    official = read_official_weights(folder, dtype, device)
+    state = {from_official_key(k): v for k, v in official.items()}
+    expected = set(model.language_model.state_dict().keys())
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise CheckpointError(_key_mismatch_message(folder, missing, unexpected))
+    for key in expected:
+        if state[key].shape != model.language_model.state_dict()[key].shape:
+            raise CheckpointError(
+                f"{folder}: weight {key} has shape {tuple(state[key].shape)}, the config implies "
+                f"{tuple(model.language_model.state_dict()[key].shape)}"
+            )
+    model.language_model.load_state_dict(state, strict=True, assign=True)
+    _rebuild_buffers(model, device)
+    model.eval()
+    return LoadedCheckpoint(model, config, folder)
+
+
+def _key_mismatch_message(folder: Path, missing: list[str], unexpected: list[str]) -> str:
+    def sample(keys: list[str]) -> str:
+        shown = ", ".join(to_show for to_show in keys[:3])
+        return shown + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing keys: {sample(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected keys: {sample(unexpected)}")
+    return f"{folder} does not match the Phi-3.5-Vision layout: " + "; ".join(parts)
+
+
+def _rebuild_buffers(model: Phi3VForCausalLM, device: torch.device) -> None:
+    """Non-persistent buffers are not in the checkpoint; recompute the ones built on meta."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    backbone = model.language_model.model
+    with torch.device(device):
+        backbone.rotary_emb = Phi3RotaryEmbedding(config=model.config.text)
+        embeddings = model.vision.img_processor.embeddings
+        embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
+    leftovers = [name for name, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if leftovers:
+        raise CheckpointError(f"uninitialised tensors after loading: {', '.join(leftovers[:5])}")
