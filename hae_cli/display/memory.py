@@ -1,0 +1,101 @@
+"""How much memory this process holds: on the GPU (NVML, and torch's allocator) and on the host.
+
+The panel shows it next to the KV bytes so a user can see that eviction frees real memory.
+NVML is optional: with no NVIDIA driver (a CPU machine, a container without the library)
+the probe reports host memory only and says why, instead of failing.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import psutil
+
+
+@dataclass(frozen=True)
+class MemorySnapshot:
+    host_rss_bytes: int
+    gpu_process_bytes: int | None = None  # this process, summed over GPUs (NVML)
+    torch_allocated_bytes: int | None = None  # torch.cuda.memory_allocated()
+    gpu_note: str | None = None  # why there is no GPU reading
+
+    @property
+    def has_gpu(self) -> bool:
+        return self.gpu_process_bytes is not None or self.torch_allocated_bytes is not None
+
+
+class MemoryProbe:
+    """Takes `MemorySnapshot`s. NVML is initialised once; any NVML failure disables it quietly."""
+
+    def __init__(self) -> None:
+        self._process = psutil.Process(os.getpid())
+        self._pid = os.getpid()
+        self._nvml = None
+        self._handles: list = []
+        self.gpu_note: str | None = None
+        try:
+            import pynvml
+        except ImportError:
+            self.gpu_note = "NVML unavailable (nvidia-ml-py not installed)"
+            return
+        try:
+            pynvml.nvmlInit()
+            count = pynvml.nvmlDeviceGetCount()
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+        except pynvml.NVMLError as error:
+            self.gpu_note = f"NVML unavailable ({error})"
+            return
+        self._nvml = pynvml
+
+    def snapshot(self) -> MemorySnapshot:
+        return MemorySnapshot(
+            host_rss_bytes=self._process.memory_info().rss,
+            gpu_process_bytes=self._gpu_process_bytes(),
+            torch_allocated_bytes=_torch_allocated_bytes(),
+            gpu_note=self.gpu_note,
+        )
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except self._nvml.NVMLError:
+                pass
+            self._nvml = None
+
+    def __enter__(self) -> MemoryProbe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _gpu_process_bytes(self) -> int | None:
+        if self._nvml is None:
+            return None
+        total, seen = 0, False
+        try:
+            for handle in self._handles:
+                for proc in self._nvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if proc.pid == self._pid and proc.usedGpuMemory is not None:
+                        total += proc.usedGpuMemory
+                        seen = True
+        except self._nvml.NVMLError as error:
+            self.gpu_note = f"NVML query failed ({error})"
+            self.close()
+            return None
+        return total if seen else 0
+
+
+def _torch_allocated_bytes() -> int | None:
+    # Only if torch is already imported: probing must not pull torch into a process that has no model.
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return None
+    try:
+        if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return None
+        return int(torch.cuda.memory_allocated())
+    except Exception:  # a broken CUDA setup must not break the display
+        return None

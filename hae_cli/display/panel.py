@@ -1,0 +1,613 @@
+"""The cache made visible: pure functions from snapshots to Rich renderables.
+
+Everything here takes plain numbers (`CacheStats`, `EvictionEvent`, `MemorySnapshot`, a
+`PanelState`) and returns something Rich can print, so a test renders it with a recording
+console and reads the text. `RunWatcher` at the end is the one stateful piece: it turns the
+API's callbacks into a `PanelState`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
+from hae_cli.display.memory import MemorySnapshot
+
+MODALITIES = ("text", "image", "separator", "generated")
+SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
+
+# glyph and colour per bar segment; the glyphs differ so the bar reads without colour too
+SEGMENTS = {
+    "text": ("█", "blue"),
+    "image": ("▓", "magenta"),
+    "separator": ("▒", "yellow"),
+    "generated": ("▞", "green"),
+    "bin": ("░", "red"),
+}
+EMPTY = ("·", "bright_black")
+BUDGET_MARK = ("│", "bold white")
+ACTION_STYLES = {"evicted": "red", "binned": "yellow", "restored": "green", "deleted": "bright_red"}
+
+
+# ----------------------------------------------------------------------------- numbers
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "n/a"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"  # unreachable
+
+
+def cut_percent(held: int, full: int) -> float | None:
+    """How much smaller the cache is than the full cache, in percent (positive = saved)."""
+    if not full:
+        return None
+    return 100.0 * (1 - held / full)
+
+
+def layer_ranges(layers: Iterable[int], total_layers: int | None = None) -> str:
+    """[0, 1, 2, 3, 7] -> "0-3,7"; every layer of the model -> "all"."""
+    ids = sorted(set(layers))
+    if total_layers and ids == list(range(total_layers)) and total_layers > 1:
+        return "all"
+    parts, start, prev = [], None, None
+    for i in ids:
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+            start = prev = i
+    if start is not None:
+        parts.append(f"{start}-{prev}" if prev > start else f"{start}")
+    if len(parts) > 4:
+        return f"{len(ids)} layers, {ids[0]}…{ids[-1]}"
+    return ",".join(parts)
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    items = [(m, counts[m]) for m in MODALITIES if counts.get(m)]
+    items += [(m, c) for m, c in counts.items() if m not in MODALITIES and c]
+    return " · ".join(f"{SHORT_NAMES.get(m, m)} {c}" for m, c in items) or "0"
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+def occupancy_bar(layer: LayerStats, scale: int, width: int) -> Text:
+    """A stacked bar of `width` cells: text / image / separator / generated, then the bin,
+    then empty cells up to the budget, with `│` inserted where the budget falls.
+    `scale` is the token count the full width stands for (shared by all rows)."""
+    scale = max(scale, 1)
+    counts = [layer.tokens_by_modality.get(m, 0) for m in MODALITIES] + [layer.bin_tokens]
+    names = list(MODALITIES) + ["bin"]
+    cells: list[tuple[str, str]] = []
+    cumulative = 0
+    for name, count in zip(names, counts):
+        start = round(cumulative * width / scale)
+        cumulative += count
+        end = round(cumulative * width / scale)
+        cells += [SEGMENTS[name]] * (end - start)
+    if layer.budget is not None:
+        filled_to = round(min(layer.budget, scale) * width / scale)
+        cells += [EMPTY] * max(0, filled_to - len(cells))
+        cells.insert(filled_to, BUDGET_MARK)
+    cells += [(" ", "")] * (width + 1 - len(cells))
+    bar = Text()
+    for glyph, style in cells:
+        bar.append(glyph, style)
+    return bar
+
+
+def _bar_scale(layers: Sequence[LayerStats]) -> int:
+    return max([1] + [max(l.tokens_held + l.bin_tokens, l.budget or 0) for l in layers])
+
+
+_LAYER_COLUMNS = ("layer", "held", "budget", "text", "image", "sep", "gen", "bin")
+
+
+def _numeric_width(layers: Sequence[LayerStats]) -> int:
+    """Width of the non-bar columns (with their padding) for these rows."""
+    widest = {name: len(name) for name in _LAYER_COLUMNS}
+    for l in layers:
+        values = [f"L{l.layer}", l.tokens_held, l.budget if l.budget is not None else "-"]
+        values += [l.tokens_by_modality.get(m, 0) for m in MODALITIES] + [l.bin_tokens]
+        for name, value in zip(_LAYER_COLUMNS, values):
+            widest[name] = max(widest[name], len(str(value)))
+    return sum(widest.values()) + 2 * (len(_LAYER_COLUMNS) + 1)
+
+
+def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None = None) -> Table:
+    """One compact row per layer: the bar and the counts it draws."""
+    scale = scale if scale is not None else _bar_scale(layers)
+    table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False, header_style="bold")
+    table.add_column("layer", justify="right", no_wrap=True)
+    table.add_column("tokens held", no_wrap=True, min_width=bar_width + 1, max_width=bar_width + 1)
+    for name in _LAYER_COLUMNS[1:]:
+        table.add_column(name, justify="right", no_wrap=True)
+    for l in layers:
+        by = l.tokens_by_modality
+        table.add_row(
+            f"L{l.layer}",
+            occupancy_bar(l, scale, bar_width),
+            str(l.tokens_held),
+            str(l.budget) if l.budget is not None else "-",
+            str(by.get("text", 0)),
+            str(by.get("image", 0)),
+            str(by.get("separator", 0)),
+            str(by.get("generated", 0)),
+            Text(str(l.bin_tokens), style="red" if l.bin_tokens else ""),
+        )
+    return table
+
+
+def bar_legend() -> Text:
+    legend = Text()
+    for name in (*MODALITIES, "bin"):
+        glyph, style = SEGMENTS[name]
+        legend.append(glyph, style).append(f" {name}  ")
+    legend.append(BUDGET_MARK[0], BUDGET_MARK[1]).append(" budget")
+    return legend
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """Per-layer rows sized to the console: one column of rows, or two side by side when there
+    are many layers (32 for Phi-3.5-V) and the console is wide enough for both."""
+
+    stats: CacheStats
+    max_bar_width: int = 48
+    min_bar_width: int = 10
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        layers = self.stats.layers
+        width = options.max_width
+        numeric = _numeric_width(layers)
+        scale = _bar_scale(layers)
+        two_columns = len(layers) > 16 and (width - 3) // 2 - numeric >= self.min_bar_width + 6
+        if two_columns:
+            half = (len(layers) + 1) // 2
+            bar = min(self.max_bar_width, (width - 3) // 2 - numeric - 1)
+            grid = Table.grid(padding=(0, 3))
+            grid.add_column()
+            grid.add_column()
+            grid.add_row(
+                layer_table(layers[:half], bar, scale), layer_table(layers[half:], bar, scale)
+            )
+            yield grid
+        else:
+            bar = max(self.min_bar_width, min(self.max_bar_width, width - numeric - 1))
+            yield layer_table(layers, bar, scale)
+        yield bar_legend()
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True)
+class EventGroup:
+    """Events of one step that did the same thing to the same counts, over several layers."""
+
+    step: int
+    stage: str
+    action: str
+    counts: dict[str, int]
+    layers: tuple[int, ...]
+
+
+def group_events(events: Iterable[EvictionEvent]) -> list[EventGroup]:
+    """Fold per-layer events with identical effect into one row ("layers 0-31 evicted image 412")."""
+    groups: dict[tuple, list] = {}
+    for e in events:
+        key = (e.step, e.stage, e.action, tuple(sorted(e.counts.items())))
+        groups.setdefault(key, []).append(e.layer)
+    return [
+        EventGroup(step, stage, action, dict(counts), tuple(layers))
+        for (step, stage, action, counts), layers in groups.items()
+    ]
+
+
+def events_table(
+    events: Sequence[EvictionEvent], limit: int = 6, total_layers: int | None = None
+) -> Table:
+    """The last eviction events, oldest first, folded across layers."""
+    table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
+    for name, justify in (("step", "right"), ("stage", "left"), ("layers", "left"),
+                          ("action", "left"), ("tokens", "left")):
+        table.add_column(name, justify=justify, no_wrap=name != "tokens")
+    groups = group_events(events)[-limit:] if limit else []
+    for g in groups:
+        table.add_row(
+            str(g.step),
+            g.stage,
+            layer_ranges(g.layers, total_layers),
+            Text(g.action, style=ACTION_STYLES.get(g.action, "")),
+            format_counts(g.counts),
+        )
+    if not groups:
+        table.add_row("", Text("no eviction yet", style="dim"), "", "", "")
+    return table
+
+
+# ----------------------------------------------------------------------------- the panel
+
+
+@dataclass
+class PanelState:
+    """Everything the panel shows at one moment. Filled by `RunWatcher` or `state_from_result`."""
+
+    title: str = ""
+    policy: str = ""
+    status: str = ""  # "loading model", "prefill", "decoding", "done", "interrupted"
+    stats: CacheStats | None = None
+    events: list[EvictionEvent] = field(default_factory=list)
+    memory: MemorySnapshot | None = None
+    prefill_seconds: float | None = None
+    decode_seconds: float | None = None
+    decode_tokens: int = 0
+    tokens_per_second: float | None = None
+    eviction_seconds: float | None = None
+    kv_bytes_peak: int | None = None
+    full_cache_bytes_peak: int | None = None
+    prompt_tokens: dict[str, int] | None = None
+    text: str = ""
+
+
+def kv_line(state: PanelState) -> Text:
+    line = Text()
+    stats = state.stats
+    if stats is None:
+        return line.append("waiting for prefill", style="dim")
+    held, full = stats.bytes_held, stats.full_cache_bytes
+    line.append(format_bytes(held), style="bold").append(" held / ").append(format_bytes(full))
+    line.append(" full")
+    cut = cut_percent(held, full)
+    if cut is not None:
+        line.append(f"  ({-cut:+.0f}%)", style="bold green" if cut > 0 else "")
+    if stats.bin_bytes:
+        line.append(f"  bin {format_bytes(stats.bin_bytes)}", style="red")
+    if state.kv_bytes_peak is not None:
+        line.append(f"  peak {format_bytes(state.kv_bytes_peak)}")
+        if state.full_cache_bytes_peak:
+            line.append(f" / {format_bytes(state.full_cache_bytes_peak)}")
+    tokens = sum(l.tokens_held for l in stats.layers)
+    line.append(f"  · {tokens} tokens in {len(stats.layers)} layers", style="dim")
+    return line
+
+
+def memory_line(memory: MemorySnapshot | None) -> Text:
+    line = Text()
+    if memory is None:
+        return line.append("n/a", style="dim")
+    if memory.gpu_process_bytes is not None:
+        line.append("GPU ").append(format_bytes(memory.gpu_process_bytes), style="bold")
+        line.append(" (this process)")
+    if memory.torch_allocated_bytes is not None:
+        line.append(" torch allocated " if line else "torch allocated ")
+        line.append(format_bytes(memory.torch_allocated_bytes), style="bold")
+    if line:
+        line.append(" · ")
+    line.append("host RSS ").append(format_bytes(memory.host_rss_bytes), style="bold")
+    if not memory.has_gpu and memory.gpu_note:
+        line.append(f"  (GPU: {memory.gpu_note})", style="dim")
+    return line
+
+
+def speed_line(state: PanelState) -> Text:
+    line = Text()
+    if state.prefill_seconds is None:
+        line.append("prefill …", style="dim")
+    else:
+        line.append("prefill ").append(f"{state.prefill_seconds * 1000:.0f} ms", style="bold")
+    line.append(" · decode ")
+    if state.tokens_per_second:
+        line.append(f"{state.tokens_per_second:.1f} tok/s", style="bold")
+    else:
+        line.append("…", style="dim")
+    line.append(f" · {state.decode_tokens} tokens")
+    if state.eviction_seconds is not None and state.prefill_seconds is not None:
+        overhead = eviction_overhead_percent(
+            state.eviction_seconds, state.prefill_seconds + (state.decode_seconds or 0.0)
+        )
+        if overhead is not None:
+            line.append(f" · eviction overhead {overhead:.1f}%")
+    return line
+
+
+def eviction_overhead_percent(eviction_seconds: float | None, run_seconds: float | None) -> float | None:
+    """Eviction work (scoring, compaction, bin traffic) as a share of prefill + decode time,
+    as `RunResult.eviction_share` defines it."""
+    if eviction_seconds is None or not run_seconds:
+        return None
+    return 100.0 * eviction_seconds / run_seconds
+
+
+def header_grid(state: PanelState) -> Table:
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    if state.prompt_tokens:
+        prompt = Text(f"{sum(state.prompt_tokens.values())} tokens  (")
+        prompt.append(format_counts(state.prompt_tokens)).append(")")
+        grid.add_row("prompt", prompt)
+    grid.add_row("KV cache", kv_line(state))
+    grid.add_row("memory", memory_line(state.memory))
+    grid.add_row("speed", speed_line(state))
+    return grid
+
+
+def render_panel(state: PanelState, answer_lines: int | None = None, event_rows: int = 6) -> Group:
+    """The full panel: header numbers, the answer so far, the last events, one row per layer."""
+    title = Text(state.title or "hae", style="bold")
+    if state.policy:
+        title.append(f"  policy {state.policy}", style="cyan")
+    if state.stats is not None:
+        title.append(f"  step {state.stats.step}", style="dim")
+    if state.status:
+        title.append(f"  {state.status}", style="yellow" if state.status != "done" else "green")
+    total_layers = len(state.stats.layers) if state.stats else None
+    parts = [title, header_grid(state)]
+    parts.append(Panel(_AnswerView(state.text, answer_lines), title="answer", title_align="left",
+                       border_style="bright_black"))
+    parts.append(Text("eviction events", style="bold"))
+    parts.append(events_table(state.events, event_rows, total_layers))
+    if state.stats is not None:
+        parts.append(Text("per layer", style="bold"))
+        parts.append(LayerView(state.stats))
+    return Group(*parts)
+
+
+@dataclass(frozen=True)
+class _AnswerView:
+    text: str
+    max_lines: int | None
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        text = Text(self.text or "…", style="" if self.text else "dim")
+        if self.max_lines is None:
+            yield text
+            return
+        lines = text.wrap(console, options.max_width)
+        if len(lines) > self.max_lines:
+            lines = lines[-self.max_lines:]
+            yield Text("…", style="dim")
+        yield from lines
+
+
+def render_summary(state: PanelState) -> Group:
+    """The plain final summary (no bars), for pipes, CI and after an interrupted run."""
+    title = Text(state.title or "hae", style="bold")
+    if state.policy:
+        title.append(f"  policy {state.policy}")
+    if state.status:
+        title.append(f"  {state.status}")
+    parts = [title, header_grid(state)]
+    groups = group_events(state.events)
+    if groups:
+        actions: dict[str, dict[str, int]] = {}
+        for e in state.events:
+            bucket = actions.setdefault(f"{e.stage} {e.action}", {})
+            for m, c in e.counts.items():
+                bucket[m] = bucket.get(m, 0) + c
+        line = Text("eviction (all layers): ", style="bold")
+        line.append("; ".join(f"{k} {format_counts(v)}" for k, v in actions.items()))
+        parts.append(line)
+    return Group(*parts)
+
+
+def state_from_result(result, title: str = "", memory: MemorySnapshot | None = None) -> PanelState:
+    """A `PanelState` for a finished `RunResult` (duck-typed: only its attributes are read)."""
+    return PanelState(
+        title=title,
+        policy=result.policy,
+        status="interrupted" if result.interrupted else "done",
+        stats=result.steps[-1] if result.steps else None,
+        events=list(result.events),
+        memory=memory,
+        prefill_seconds=result.prefill_seconds,
+        decode_seconds=result.decode_seconds,
+        decode_tokens=result.decode_tokens,
+        tokens_per_second=result.tokens_per_second,
+        eviction_seconds=result.eviction_seconds,
+        kv_bytes_peak=result.kv_bytes_peak,
+        full_cache_bytes_peak=result.full_cache_bytes_peak,
+        prompt_tokens=dict(result.prompt_tokens),
+        text=result.text,
+    )
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+def agreement(baseline_ids: Sequence[int], ids: Sequence[int]) -> tuple[bool, float, int | None]:
+    """(same tokens, % of positions matching the baseline, first differing index or None)."""
+    length = max(len(baseline_ids), len(ids))
+    if length == 0:
+        return True, 100.0, None
+    matches = sum(a == b for a, b in zip(baseline_ids, ids))
+    first = next((i for i, (a, b) in enumerate(zip(baseline_ids, ids)) if a != b), None)
+    if first is None and len(baseline_ids) != len(ids):
+        first = min(len(baseline_ids), len(ids))
+    return first is None, 100.0 * matches / length, first
+
+
+@dataclass(frozen=True)
+class ProfileRow:
+    """One policy's numbers over a workload (means over its prompts unless named otherwise)."""
+
+    name: str
+    policy: str
+    prompts: int
+    kv_bytes_final: float
+    kv_bytes_peak: float
+    full_cache_bytes_final: float
+    full_cache_bytes_peak: float
+    tokens_kept: dict[str, float]  # per layer, by modality, at the last step
+    prefill_ms: float
+    decode_tokens_per_second: float  # total decode tokens / total decode time
+    eviction_overhead_percent: float | None  # eviction time / (prefill + decode time)
+    same_answers: int | None  # prompts whose answer matches the baseline token for token
+    token_match_percent: float | None
+    first_divergence: int | None  # earliest differing token index over the prompts
+    interrupted: bool = False
+
+    def to_json(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def tokens_kept_per_layer(stats: CacheStats | None) -> dict[str, float]:
+    if stats is None or not stats.layers:
+        return {m: 0.0 for m in MODALITIES}
+    n = len(stats.layers)
+    return {m: sum(l.tokens_by_modality.get(m, 0) for l in stats.layers) / n for m in MODALITIES}
+
+
+def profile_row(name: str, results: Sequence, baseline: Sequence | None = None) -> ProfileRow:
+    """Summarise one policy's `RunResult`s; `baseline` (same prompts, same order) gives agreement."""
+    decode_seconds = sum(r.decode_seconds for r in results)
+    decode_tokens = sum(r.decode_tokens for r in results)
+    kept = [tokens_kept_per_layer(r.steps[-1] if r.steps else None) for r in results]
+    same = match = first = None
+    if baseline is not None:
+        checks = [agreement(b.token_ids, r.token_ids) for b, r in zip(baseline, results)]
+        same = sum(c[0] for c in checks)
+        match = _mean([c[1] for c in checks])
+        firsts = [c[2] for c in checks if c[2] is not None]
+        first = min(firsts) if firsts else None
+    return ProfileRow(
+        name=name,
+        policy=results[0].policy if results else name,
+        prompts=len(results),
+        kv_bytes_final=_mean([r.kv_bytes_final for r in results]),
+        kv_bytes_peak=_mean([r.kv_bytes_peak for r in results]),
+        full_cache_bytes_final=_mean([r.full_cache_bytes_final for r in results]),
+        full_cache_bytes_peak=_mean([r.full_cache_bytes_peak for r in results]),
+        tokens_kept={m: _mean([k[m] for k in kept]) for m in MODALITIES},
+        prefill_ms=_mean([r.prefill_seconds * 1000 for r in results]),
+        decode_tokens_per_second=decode_tokens / decode_seconds if decode_seconds else 0.0,
+        eviction_overhead_percent=eviction_overhead_percent(
+            sum(r.eviction_seconds for r in results), sum(r.prefill_seconds for r in results) + decode_seconds
+        ),
+        same_answers=same,
+        token_match_percent=match,
+        first_divergence=first,
+        interrupted=any(r.interrupted for r in results),
+    )
+
+
+def compare_table(rows: Sequence[ProfileRow], baseline_name: str = "baseline") -> Table:
+    """Policies side by side, one column each; the first row is the reference for cuts."""
+    caption = (
+        f"means over {rows[0].prompts} prompt(s); tokens kept are per layer at the last step; "
+        f"agreement is token for token against {baseline_name}"
+        if rows else None
+    )
+    table = Table(title="profile", caption=caption, header_style="bold", title_justify="left")
+    table.add_column("", style="bold cyan", no_wrap=True)
+    for row in rows:
+        label = row.name if row.name == row.policy else f"{row.name} ({row.policy})"
+        table.add_column(label + (" *" if row.interrupted else ""), justify="right")
+    base = rows[0] if rows else None
+
+    def add(label: str, cells: list) -> None:
+        table.add_row(label, *cells)
+
+    def with_cut(value: float, reference: float) -> str:
+        cut = cut_percent(value, reference) if reference else None
+        text = format_bytes(value)
+        return text if cut is None or abs(cut) < 0.05 else f"{text} ({-cut:+.0f}%)"
+
+    add("KV bytes final", [with_cut(r.kv_bytes_final, base.kv_bytes_final) for r in rows])
+    add("KV bytes peak", [with_cut(r.kv_bytes_peak, base.kv_bytes_peak) for r in rows])
+    for m in MODALITIES:
+        add(f"kept {m}", [f"{r.tokens_kept[m]:.0f}" for r in rows])
+    add("prefill ms", [f"{r.prefill_ms:.0f}" for r in rows])
+    add("decode tok/s", [f"{r.decode_tokens_per_second:.1f}" for r in rows])
+    add("eviction overhead", [
+        "-" if r.eviction_overhead_percent is None else f"{r.eviction_overhead_percent:.1f}%"
+        for r in rows
+    ])
+    add("same answer", ["-" if r.same_answers is None else f"{r.same_answers}/{r.prompts}" for r in rows])
+    add("token match", [
+        "-" if r.token_match_percent is None else f"{r.token_match_percent:.1f}%" for r in rows
+    ])
+    add("first divergence", [
+        "-" if r.same_answers is None else ("none" if r.first_divergence is None else f"token {r.first_divergence}")
+        for r in rows
+    ])
+    return table
+
+
+# ----------------------------------------------------------------------------- live state
+
+
+class RunWatcher:
+    """Turns the API's callbacks into a `PanelState`, timing prefill and decode on the way.
+
+    Only a display aid: the final numbers come from the `RunResult` (`state_from_result`).
+    """
+
+    def __init__(self, state: PanelState, probe=None, probe_interval: float = 0.25,
+                 keep_events: int = 256, clock=time.perf_counter):
+        self.state = state
+        self.probe = probe
+        self.probe_interval = probe_interval
+        self.keep_events = keep_events
+        self.clock = clock
+        self._started = clock()
+        self._decode_started: float | None = None
+        self._last_probe = float("-inf")
+
+    def start(self) -> None:
+        """Call just before `run()`: prefill time counts from here."""
+        self._started = self.clock()
+        self.state.status = "prefill"
+        self.sample_memory(force=True)
+
+    def on_progress(self, message: str) -> None:
+        self.state.status = message
+
+    def on_token(self, piece: str) -> None:
+        self.state.text += piece
+
+    def on_step(self, stats: CacheStats) -> None:
+        now = self.clock()
+        state = self.state
+        state.stats = stats
+        if stats.events:
+            state.events = (state.events + list(stats.events))[-self.keep_events:]
+        if stats.step == 0 or self._decode_started is None:
+            state.prefill_seconds = now - self._started
+            self._decode_started = now
+            state.status = "decoding"
+        else:
+            state.decode_tokens = stats.step
+            state.decode_seconds = now - self._decode_started
+            if state.decode_seconds > 0:
+                state.tokens_per_second = stats.step / state.decode_seconds
+        self.sample_memory()
+
+    def sample_memory(self, force: bool = False) -> None:
+        now = self.clock()
+        if self.probe is not None and (force or now - self._last_probe >= self.probe_interval):
+            self.state.memory = self.probe.snapshot()
+            self._last_probe = now

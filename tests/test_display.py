@@ -1,0 +1,334 @@
+"""The panel, the memory probe and the plot, on hand-made snapshots (no model, no torch)."""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from dataclasses import dataclass, field
+
+import pytest
+from rich.console import Console
+
+from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
+from hae_cli.display.memory import MemoryProbe, MemorySnapshot
+from hae_cli.display.panel import (
+    LayerView,
+    PanelState,
+    RunWatcher,
+    agreement,
+    compare_table,
+    events_table,
+    format_bytes,
+    group_events,
+    layer_ranges,
+    occupancy_bar,
+    profile_row,
+    render_panel,
+    render_summary,
+    state_from_result,
+)
+from hae_cli.errors import HaeError
+
+BYTES_PER_TOKEN = 2 * 4 * 16 * 4  # K+V x kv_heads x head_dim x float32
+
+
+def layer(i: int, text: int, image: int, sep: int, gen: int, budget: int | None = 400, bin_tokens: int = 0):
+    held = text + image + sep + gen
+    return LayerStats(
+        layer=i,
+        tokens_by_modality={"text": text, "image": image, "separator": sep, "generated": gen},
+        tokens_held=held,
+        budget=budget,
+        bin_tokens=bin_tokens,
+        bytes_held=held * BYTES_PER_TOKEN,
+        bin_bytes=bin_tokens * BYTES_PER_TOKEN,
+    )
+
+
+def known_stats(n_layers: int = 32, step: int = 7) -> CacheStats:
+    """Layer i holds 40 text, 300 - 5i image, 12 separator, 20 generated; bins of 0/10/20."""
+    layers = [layer(i, 40, 300 - 5 * i, 12, 20, bin_tokens=(i % 3) * 10) for i in range(n_layers)]
+    events = [EvictionEvent(0, i, "prefill", "evicted", {"image": 700}) for i in range(n_layers)]
+    events += [EvictionEvent(step, i, "decode", "binned", {"image": 30, "text": 2}) for i in (1, 2, 3)]
+    events += [EvictionEvent(step, 3, "decode", "restored", {"image": 1})]
+    return CacheStats(step, layers, full_cache_bytes=800 * n_layers * BYTES_PER_TOKEN, events=events)
+
+
+LAYER_ROW = re.compile(r"L(\d+)\s+\S.*?\s(\d+)\s+(\d+|-)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)\s+(\d+)(?=\s|$)")
+
+
+def layer_rows(text: str) -> dict[int, tuple[int, ...]]:
+    """{layer: (held, budget, text, image, sep, gen, bin)} read back from rendered text."""
+    rows = {}
+    for line in text.splitlines():
+        for match in LAYER_ROW.finditer(line):
+            values = match.groups()
+            rows[int(values[0])] = tuple(int(v) if v != "-" else -1 for v in values[1:])
+    return rows
+
+
+def render(renderable, width: int = 120) -> str:
+    console = Console(record=True, width=width, color_system=None, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text()
+
+
+def expected_row(l: LayerStats) -> tuple[int, ...]:
+    by = l.tokens_by_modality
+    return (l.tokens_held, l.budget, by["text"], by["image"], by["separator"], by["generated"], l.bin_tokens)
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("width", [100, 200])
+def test_panel_shows_one_row_per_layer_with_its_counts(width):
+    stats = known_stats()
+    state = PanelState(title="ask: cat.png", policy="hae", stats=stats, events=stats.events, text="A red circle.")
+    text = render(render_panel(state), width)
+    rows = layer_rows(text)
+    assert sorted(rows) == list(range(32))
+    for l in stats.layers:
+        assert rows[l.layer] == expected_row(l)
+    if width == 100:  # narrow: one layer per line
+        assert sum(1 for line in text.splitlines() if re.match(r"\s*L\d+\s", line)) == 32
+    else:  # wide: two columns of 16
+        assert sum(1 for line in text.splitlines() if len(re.findall(r"\bL\d+\b", line)) == 2) == 16
+
+
+def test_few_layers_stay_in_one_column_and_lines_fit_the_width():
+    stats = known_stats(n_layers=4)
+    text = render(LayerView(stats), 200)
+    assert sorted(layer_rows(text)) == [0, 1, 2, 3]
+    for width in (60, 80, 120):
+        assert all(len(line) <= width for line in render(LayerView(known_stats()), width).splitlines())
+
+
+def test_bar_is_stacked_in_modality_order_with_the_budget_mark():
+    l = layer(0, text=10, image=20, sep=0, gen=10, budget=50, bin_tokens=5)
+    bar = occupancy_bar(l, scale=50, width=50).plain
+    assert bar == "█" * 10 + "▓" * 20 + "▞" * 10 + "░" * 5 + "·" * 5 + "│"
+    no_budget = occupancy_bar(layer(0, 5, 5, 0, 0, budget=None), scale=20, width=20).plain
+    assert no_budget.startswith("█" * 5 + "▓" * 5) and "│" not in no_budget and len(no_budget) == 21
+
+
+def test_bar_over_budget_between_rounds_keeps_the_mark_inside():
+    bar = occupancy_bar(layer(0, 0, 0, 0, 60, budget=40), scale=60, width=30).plain
+    assert len(bar) == 31 and bar.index("│") == 20
+
+
+# ----------------------------------------------------------------------------- events
+
+
+def test_events_fold_across_layers_and_show_actions():
+    stats = known_stats()
+    groups = group_events(stats.events)
+    assert [(g.stage, g.action, g.layers) for g in groups] == [
+        ("prefill", "evicted", tuple(range(32))),
+        ("decode", "binned", (1, 2, 3)),
+        ("decode", "restored", (3,)),
+    ]
+    text = render(events_table(stats.events, total_layers=32))
+    assert re.search(r"0\s+prefill\s+all\s+evicted\s+image 700", text)
+    assert re.search(r"7\s+decode\s+1-3\s+binned\s+text 2 · image 30", text)
+    assert re.search(r"7\s+decode\s+3\s+restored\s+image 1", text)
+    assert "no eviction yet" in render(events_table([]))
+
+
+def test_layer_ranges():
+    assert layer_ranges([0, 1, 2, 3, 7]) == "0-3,7"
+    assert layer_ranges(range(32), 32) == "all"
+    assert layer_ranges([5]) == "5"
+    assert layer_ranges(range(0, 32, 2)).startswith("16 layers")
+
+
+def test_header_shows_cut_memory_and_speed():
+    stats = known_stats()
+    memory = MemorySnapshot(host_rss_bytes=3 * 2**30, gpu_note="NVML unavailable (no driver)")
+    state = PanelState(stats=stats, memory=memory, prefill_seconds=0.8125, tokens_per_second=12.34,
+                       decode_tokens=7, text="")
+    text = render(render_panel(state))
+    held, full = stats.bytes_held, stats.full_cache_bytes
+    assert f"{format_bytes(held)} held / {format_bytes(full)} full" in text
+    assert f"({-100 * (1 - held / full):+.0f}%)" in text
+    assert "host RSS 3.0 GiB" in text and "NVML unavailable" in text
+    assert "prefill 812 ms" in text and "12.3 tok/s" in text
+    gpu = MemorySnapshot(host_rss_bytes=2**20, gpu_process_bytes=5 * 2**30, torch_allocated_bytes=4 * 2**30)
+    assert "GPU 5.0 GiB (this process) torch allocated 4.0 GiB · host RSS 1.0 MiB" in render(
+        render_panel(PanelState(memory=gpu)))
+
+
+def test_live_answer_is_cut_to_its_tail():
+    state = PanelState(text=" ".join(f"word{i}" for i in range(400)))
+    text = render(render_panel(state, answer_lines=3), 80)
+    assert "word399" in text and "word0 " not in text and "…" in text
+    assert "word0 " in render(render_panel(state), 80)
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class FakeResult:
+    """The attributes of `api.RunResult` that the display reads."""
+
+    policy: str = "hae"
+    text: str = "A red circle."
+    token_ids: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    prompt_tokens: dict[str, int] = field(default_factory=lambda: {"text": 30, "image": 600, "separator": 12})
+    prefill_seconds: float = 0.5
+    decode_seconds: float = 2.0
+    eviction_seconds: float = 0.05
+    decode_tokens: int = 4
+    tokens_per_second: float = 2.0
+    steps: list[CacheStats] = field(default_factory=lambda: [known_stats(4, 0), known_stats(4, 4)])
+    events: list[EvictionEvent] = field(default_factory=lambda: known_stats(4).events)
+    kv_bytes_final: int = 1000
+    kv_bytes_peak: int = 1200
+    full_cache_bytes_final: int = 2000
+    full_cache_bytes_peak: int = 2000
+    interrupted: bool = False
+
+
+def test_summary_of_a_result():
+    state = state_from_result(FakeResult(), "ask: cat.png")
+    text = render(render_summary(state))
+    assert "ask: cat.png  policy hae  done" in text
+    assert "642 tokens" in text and "image 600" in text
+    assert "prefill 500 ms" in text and "2.0 tok/s" in text and "eviction overhead 2.0%" in text
+    assert "peak 1.2 KiB / 2.0 KiB" in text
+    assert "prefill evicted image 2800" in text and "decode binned text 6 · image 90" in text
+    assert state_from_result(FakeResult(interrupted=True)).status == "interrupted"
+
+
+def test_agreement():
+    assert agreement([1, 2, 3], [1, 2, 3]) == (True, 100.0, None)
+    assert agreement([1, 2, 3, 4], [1, 9, 3, 4]) == (False, 75.0, 1)
+    assert agreement([1, 2, 3, 4], [1, 2]) == (False, 50.0, 2)
+    assert agreement([], []) == (True, 100.0, None)
+
+
+def test_profile_table_side_by_side():
+    base = [FakeResult(policy="full", kv_bytes_final=2000, kv_bytes_peak=2000, eviction_seconds=0.0)] * 2
+    hae = [FakeResult(), FakeResult(token_ids=[1, 2, 9, 9])]
+    rows = [profile_row("baseline", base), profile_row("hae", hae, base)]
+    assert rows[1].same_answers == 1 and rows[1].token_match_percent == 75.0 and rows[1].first_divergence == 2
+    assert rows[1].decode_tokens_per_second == 2.0 and rows[1].eviction_overhead_percent == pytest.approx(2.0)
+    text = render(compare_table(rows), 140)
+    assert re.search(r"baseline \(full\)\s+┃\s+hae", text)
+    assert re.search(r"KV bytes final\s+│\s+2.0 KiB\s+│\s+1000 B \(-50%\)", text)
+    assert re.search(r"same answer\s+│\s+-\s+│\s+1/2", text)
+    assert re.search(r"first divergence\s+│\s+-\s+│\s+token 2", text)
+    assert rows[1].to_json()["tokens_kept"]["image"] == pytest.approx(292.5)
+
+
+def test_watcher_times_prefill_and_decode():
+    now = [0.0]
+    state = PanelState()
+    watcher = RunWatcher(state, probe=None, clock=lambda: now[0])
+    watcher.start()
+    now[0] = 0.5
+    watcher.on_step(known_stats(2, 0))
+    for step in (1, 2, 3, 4):
+        now[0] += 0.25
+        watcher.on_token("ab")
+        watcher.on_step(known_stats(2, step))
+    assert state.prefill_seconds == 0.5 and state.tokens_per_second == pytest.approx(4.0)
+    assert state.text == "abababab" and state.stats.step == 4
+    assert len(state.events) == 5 * len(known_stats(2).events)
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def fake_pynvml(init_error: bool = False, processes=None, query_error: bool = False):
+    module = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    def init():
+        if init_error:
+            raise NVMLError("Driver Not Loaded")
+
+    def running(handle):
+        if query_error:
+            raise NVMLError("GPU is lost")
+        return processes.get(handle, [])
+
+    module.NVMLError = NVMLError
+    module.nvmlInit = init
+    module.nvmlShutdown = lambda: None
+    module.nvmlDeviceGetCount = lambda: len(processes or {})
+    module.nvmlDeviceGetHandleByIndex = lambda i: i
+    module.nvmlDeviceGetComputeRunningProcesses = running
+    return module
+
+
+def test_memory_without_nvml_library_is_host_only(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # `import pynvml` raises ImportError
+    with MemoryProbe() as probe:
+        snap = probe.snapshot()
+    assert snap.host_rss_bytes > 0 and not snap.has_gpu and snap.gpu_process_bytes is None
+    assert "not installed" in snap.gpu_note
+
+
+def test_memory_when_nvml_init_fails_is_host_only(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(init_error=True))
+    snap = MemoryProbe().snapshot()
+    assert snap.host_rss_bytes > 0 and snap.gpu_process_bytes is None
+    assert snap.gpu_note == "NVML unavailable (Driver Not Loaded)"
+
+
+def test_memory_on_this_machine_never_raises():
+    with MemoryProbe() as probe:
+        assert probe.snapshot().host_rss_bytes > 0
+
+
+def test_memory_sums_this_process_over_gpus(monkeypatch):
+    import os
+
+    me, other = os.getpid(), os.getpid() + 1
+    proc = lambda pid, used: types.SimpleNamespace(pid=pid, usedGpuMemory=used)
+    processes = {0: [proc(me, 100), proc(other, 999)], 1: [proc(me, 50)]}
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(processes=processes))
+    assert MemoryProbe().snapshot().gpu_process_bytes == 150
+
+
+def test_memory_query_failure_degrades(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(processes={0: []}, query_error=True))
+    probe = MemoryProbe()
+    snap = probe.snapshot()
+    assert snap.gpu_process_bytes is None and "GPU is lost" in snap.gpu_note
+    assert probe.snapshot().gpu_process_bytes is None  # stays off, no repeated failures
+
+
+# ----------------------------------------------------------------------------- plot
+
+
+def test_plot_writes_a_png(tmp_path):
+    from hae_cli.display.plot import occupancy_series, plot_occupancy
+
+    steps = [known_stats(4, s) for s in range(5)]
+    x, mean, low, high = occupancy_series(steps)
+    assert x == [0, 1, 2, 3, 4] and low[0] == 357 and high[0] == 372
+    path = plot_occupancy({"baseline": steps, "hae": steps[:3]}, tmp_path / "occ.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
+    from hae_cli.display.plot import plot_occupancy
+
+    for name in ("matplotlib", "matplotlib.figure", "matplotlib.backends.backend_agg"):
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(HaeError, match=r"pip install 'hae-cli\[plot\]'"):
+        plot_occupancy({"hae": [known_stats(2)]}, tmp_path / "x.png")
+
+
+def test_plot_into_a_missing_folder_is_a_one_line_error(tmp_path):
+    from hae_cli.display.plot import plot_occupancy
+
+    with pytest.raises(HaeError, match="does not exist"):
+        plot_occupancy({"hae": [known_stats(2)]}, tmp_path / "nope" / "x.png")
