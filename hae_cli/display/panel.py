@@ -335,17 +335,24 @@ def eviction_overhead_percent(eviction_seconds: float | None, run_seconds: float
     return 100.0 * eviction_seconds / run_seconds
 
 
+def header_rows(state: PanelState) -> list[tuple[str, Text]]:
+    rows = []
+    if state.prompt_tokens:
+        prompt = Text(f"{sum(state.prompt_tokens.values())} tokens  (")
+        prompt.append(format_counts(state.prompt_tokens)).append(")")
+        rows.append(("prompt", prompt))
+    rows.append(("KV cache", kv_line(state)))
+    rows.append(("memory", memory_line(state.memory)))
+    rows.append(("speed", speed_line(state)))
+    return rows
+
+
 def header_grid(state: PanelState) -> Table:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold cyan", no_wrap=True)
     grid.add_column()
-    if state.prompt_tokens:
-        prompt = Text(f"{sum(state.prompt_tokens.values())} tokens  (")
-        prompt.append(format_counts(state.prompt_tokens)).append(")")
-        grid.add_row("prompt", prompt)
-    grid.add_row("KV cache", kv_line(state))
-    grid.add_row("memory", memory_line(state.memory))
-    grid.add_row("speed", speed_line(state))
+    for label, value in header_rows(state):
+        grid.add_row(label, value)
     return grid
 
 
@@ -388,15 +395,17 @@ class _AnswerView:
 
 
 def render_summary(state: PanelState) -> Group:
-    """The plain final summary (no bars), for pipes, CI and after an interrupted run."""
+    """The plain final summary (no bars), one line per fact (print it with `soft_wrap=True`
+    to keep lines whole in logs), for pipes and CI."""
     title = Text(state.title or "hae", style="bold")
     if state.policy:
         title.append(f"  policy {state.policy}")
     if state.status:
         title.append(f"  {state.status}")
-    parts = [title, header_grid(state)]
-    groups = group_events(state.events)
-    if groups:
+    parts = [title]
+    for label, value in header_rows(state):
+        parts.append(Text(f"{label:<10}", style="bold cyan").append_text(value))
+    if state.events:
         actions: dict[str, dict[str, int]] = {}
         for e in state.events:
             bucket = actions.setdefault(f"{e.stage} {e.action}", {})

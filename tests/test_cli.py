@@ -1,0 +1,443 @@
+"""The CLI's own work, without a model: option parsing and validation, one-line errors, output
+modes (plain, --json, live), Ctrl-C and out-of-memory, and the profile table.
+
+`hae_cli.api.load_model`/`run` are replaced by a fake that replays hand-made cache snapshots,
+and the policy registry by a small one declared here, so these tests take a second. The same
+commands run for real on a tiny checkpoint in `test_cli_e2e.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from hae_cli import api, cli
+from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
+from hae_cli.errors import ConfigError, ModelNotFoundError
+
+runner = CliRunner()
+N_LAYERS = 4
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+# ----------------------------------------------------------------------------- fakes
+
+
+@dataclass
+class FullPolicy:
+    """No eviction."""
+
+
+@dataclass
+class HaePolicy:
+    """Fake HAE: the parameters the CLI names."""
+
+    budget: int | float | None = None
+    visual_keep: float | None = None
+    score_layer: int = 1
+    gamma: float = 0.95
+    broadcast: bool = False
+
+    def __post_init__(self):
+        if self.visual_keep is not None and not 0 < self.visual_keep <= 1:
+            raise ConfigError(f"visual_keep must be in (0, 1], got {self.visual_keep}")
+
+
+@dataclass
+class BudgetPolicy:
+    """A decode-time policy with a budget."""
+
+    budget: int | float | None = None
+    window: int = 32
+
+
+@dataclass
+class StreamingPolicy:
+    """Sinks and a recent window."""
+
+    sink: int = 4
+    recent: int = 256
+
+
+FAKE_POLICIES = {"full": FullPolicy, "hae": HaePolicy, "snapkv": BudgetPolicy, "h2o": BudgetPolicy,
+                 "streaming": StreamingPolicy}
+
+
+def stats_at(step: int, policy: str) -> CacheStats:
+    image = 600 if policy == "full" else 240
+    layers = []
+    for i in range(N_LAYERS):
+        by = {"text": 30, "image": image - 10 * i, "separator": 12, "generated": step}
+        held = sum(by.values())
+        layers.append(LayerStats(i, by, held, None if policy == "full" else 300, 2 * i if step else 0,
+                                 held * 512, 2 * i * 512 if step else 0))
+    events = []
+    if step == 0 and policy != "full":
+        events = [EvictionEvent(0, i, "prefill", "evicted", {"image": 360 + 10 * i}) for i in range(N_LAYERS)]
+    elif step == 2 and policy != "full":
+        events = [EvictionEvent(2, i, "decode", "binned", {"image": 2 * i}) for i in range(1, N_LAYERS)]
+    return CacheStats(step, layers, full_cache_bytes=(642 + step) * N_LAYERS * 512, events=events)
+
+
+class FakeApi:
+    """Stands in for `load_model` and `run`: streams 'A red circle .' one word a step."""
+
+    def __init__(self, interrupt_at: int | None = None, raise_in_run: BaseException | None = None,
+                 raise_in_load: BaseException | None = None):
+        self.interrupt_at = interrupt_at
+        self.raise_in_run = raise_in_run
+        self.raise_in_load = raise_in_load
+        self.loads: list[dict] = []
+        self.runs: list[dict] = []
+
+    def load_model(self, model="demo", device=None, dtype=None, num_crops=None, on_progress=None):
+        self.loads.append(dict(model=model, device=device, dtype=dtype, num_crops=num_crops))
+        if on_progress:
+            on_progress("loading weights")
+        if self.raise_in_load is not None:
+            raise self.raise_in_load
+        return api.LoadedModel(model=None, tokenizer=None, image_config=None, folder=Path("."), name=model,
+                               load_seconds=0.0)
+
+    def run(self, loaded, images, question, *, task="ask", policy="hae", policy_params=None, max_new_tokens=128,
+            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None):
+        self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
+                              policy_params=policy_params, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, seed=seed))
+        if on_progress:
+            on_progress("prefilling")
+        if self.raise_in_run is not None:
+            raise self.raise_in_run
+        words = ["A", " red", " circle", "."] if policy in ("full", "hae") else ["A", " blue", " square", "."]
+        words = words[:max_new_tokens]
+        steps = [stats_at(0, policy)]
+        if on_step:
+            on_step(steps[-1])
+        interrupted = False
+        for i, word in enumerate(words, start=1):
+            if self.interrupt_at is not None and i > self.interrupt_at:
+                interrupted = True
+                break
+            if on_token:
+                on_token(word)
+            steps.append(stats_at(i, policy))
+            if on_step:
+                on_step(steps[-1])
+        produced = words[: len(steps) - 1]
+        return api.RunResult(
+            policy=policy, text="".join(produced), token_ids=[hash(w) % 1000 for w in produced],
+            prompt_tokens={"text": 30, "image": 600, "separator": 12}, prefill_seconds=0.25,
+            decode_seconds=0.1 * len(produced), eviction_seconds=0.01, decode_tokens=len(produced),
+            steps=steps, events=[e for s in steps for e in s.events], interrupted=interrupted,
+        )
+
+
+@pytest.fixture
+def fake_policies(monkeypatch):
+    monkeypatch.setattr(cli, "_policies", lambda: FAKE_POLICIES)
+
+
+@pytest.fixture
+def fake_api(monkeypatch, fake_policies):
+    fake = FakeApi()
+    monkeypatch.setattr(api, "load_model", fake.load_model)
+    monkeypatch.setattr(api, "run", fake.run)
+    return fake
+
+
+def png_bytes(width: int = 8, height: int = 8, rgb=(200, 30, 30)) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def image(tmp_path) -> Path:
+    path = tmp_path / "red.png"
+    path.write_bytes(png_bytes())
+    return path
+
+
+def invoke(*args, env=None):
+    return runner.invoke(cli.app, [str(a) for a in args], env=env)
+
+
+def assert_one_line_error(result, *fragments, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2
+
+
+def test_missing_image(fake_api, tmp_path):
+    assert_one_line_error(invoke("ask", tmp_path / "nope.png", "what?"), "image not found", "nope.png")
+    assert fake_api.loads == []  # failed before loading the model
+
+
+def test_image_is_a_directory(fake_api, tmp_path):
+    assert_one_line_error(invoke("ask", tmp_path, "what?"), "directory")
+
+
+def test_text_file_named_png(fake_api, tmp_path):
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not an image\n")
+    assert_one_line_error(invoke("ask", fake, "what?"), "not an image", "notes.png")
+
+
+def test_truncated_png(fake_api, tmp_path):
+    path = tmp_path / "cut.png"
+    path.write_bytes(png_bytes(64, 64)[:70])
+    assert_one_line_error(invoke("ask", path, "what?"), "cut.png")
+
+
+def test_truncated_jpeg(fake_api, tmp_path):
+    from PIL import Image
+
+    full = tmp_path / "full.jpg"
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(full, quality=90)
+    path = tmp_path / "cut.jpg"
+    path.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
+    assert_one_line_error(invoke("ask", path, "what?"), "truncated", "cut.jpg")
+
+
+def test_zero_size_image(fake_api, tmp_path):
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    assert_one_line_error(invoke("ask", path, "what?"), "empty", "empty.png")
+
+
+def test_unknown_policy(fake_api, image):
+    assert_one_line_error(invoke("ask", image, "what?", "--policy", "lru"), "unknown policy 'lru'", "hae")
+
+
+@pytest.mark.parametrize("budget, fragment", [
+    ("0", "must be > 0"), ("-5", "must be > 0"), ("0.0", "must be > 0"), ("-0.5", "must be > 0"),
+    ("1.5", "above 1 as a fraction"), ("abc", "token count"), ("nan", "must be > 0"), ("", "token count"),
+])
+def test_bad_budget(fake_api, image, budget, fragment):
+    assert_one_line_error(invoke("ask", image, "what?", "--budget", budget), "--budget", fragment)
+
+
+def test_unknown_compare_name(fake_api):
+    assert_one_line_error(invoke("profile", "--compare", "baseline,lru"), "unknown --compare name 'lru'")
+
+
+def test_model_not_found(fake_api, image):
+    fake_api.raise_in_load = ModelNotFoundError("model folder not found: /no/such/model")
+    assert_one_line_error(invoke("ask", image, "what?", "--model", "/no/such/model"), "model folder not found")
+
+
+def test_story_without_images(fake_api):
+    assert_one_line_error(invoke("story"), "needs at least one image")
+
+
+def test_max_new_tokens_zero(fake_api, image):
+    assert_one_line_error(invoke("ask", image, "what?", "--max-new-tokens", "0"), "--max-new-tokens")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--policy", "streaming", "--budget", "0.5"], "policy streaming has no parameter 'budget'"),
+    (["-p", "gamma"], "NAME=VALUE"),
+    (["-p", "gamma=fast"], "hae parameter gamma expects float"),
+    (["-p", "score_layer=1.5"], "expects a whole number"),
+    (["--visual-keep", "1.5"], "visual_keep must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--num-crops", "0"], "--num-crops"),
+    (["--max-new-tokens", "many"], "--max-new-tokens"),
+])
+def test_bad_options(fake_api, image, args, fragment):
+    assert_one_line_error(invoke("ask", image, "what?", *args), fragment)
+
+
+def test_empty_question_and_missing_argument(fake_api, image):
+    assert_one_line_error(invoke("ask", image, "  "), "question is empty")
+    assert_one_line_error(invoke("ask", image), "Missing argument", "hae ask --help")
+
+
+def test_out_of_memory_is_one_line(monkeypatch, fake_api, image):
+    import torch
+
+    fake_api.raise_in_run = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert_one_line_error(invoke("ask", image, "what?"), "out of memory", "--budget", code=1)
+    fake_api.raise_in_run = MemoryError()
+    assert_one_line_error(invoke("ask", image, "what?"), "out of memory", code=1)
+
+
+# ----------------------------------------------------------------------------- ask / story output
+
+
+def test_ask_plain_streams_the_answer_then_a_summary(fake_api, image):
+    result = invoke("ask", image, "What color?", "--budget", "0.5", "--visual-keep", "0.4", "-p", "gamma=0.9",
+                    "--max-new-tokens", "8", "--seed", "3", "--num-crops", "4", "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("A red circle.\n\n")
+    assert "ask: red.png  policy hae  done" in result.stdout
+    assert "prefill 250 ms" in result.stdout and "prefill evicted image" in result.stdout
+    assert result.stderr == ""
+    run = fake_api.runs[0]
+    assert run["policy_params"] == {"budget": 0.5, "visual_keep": 0.4, "gamma": 0.9}
+    assert (run["task"], run["question"], run["max_new_tokens"], run["seed"]) == ("ask", "What color?", 8, 3)
+    assert fake_api.loads[0] == dict(model="demo", device=None, dtype="float32", num_crops=4)
+
+
+def test_budget_token_count_is_an_int(fake_api, image):
+    assert invoke("ask", image, "q", "--budget", "512").exit_code == 0
+    assert invoke("ask", image, "q", "--budget", "1").exit_code == 0
+    assert [r["policy_params"]["budget"] for r in fake_api.runs] == [512, 1]
+    assert isinstance(fake_api.runs[0]["policy_params"]["budget"], int)
+
+
+def test_ask_json_is_the_only_thing_on_stdout(fake_api, image):
+    result = invoke("ask", image, "What color?", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    assert payload["text"] == "A red circle." and payload["policy"] == "hae"
+    assert payload["kv_bytes"]["final"] < payload["kv_bytes"]["full_cache_final"]
+    assert payload["events"][0]["action"] == "evicted" and payload["memory"]["host_rss_bytes"] > 0
+    assert payload["model"] == "demo"
+
+
+def test_story_passes_images_in_order_and_the_prompt(fake_api, image, tmp_path):
+    second = tmp_path / "b.png"
+    second.write_bytes(png_bytes(rgb=(0, 0, 200)))
+    result = invoke("story", image, second, "--prompt", "Tell a tale.", "--no-live")
+    assert result.exit_code == 0, result.output
+    assert fake_api.runs[0]["images"] == [str(image), str(second)]
+    assert fake_api.runs[0]["task"] == "story" and fake_api.runs[0]["question"] == "Tell a tale."
+    invoke("story", image)
+    assert fake_api.runs[1]["question"] is None  # the API's default story prompt
+
+
+def test_live_panel_on_a_terminal(fake_api, image):
+    result = invoke("ask", image, "What color?", env={"TTY_COMPATIBLE": "1", "COLUMNS": "110"})
+    assert result.exit_code == 0, result.output
+    text = ANSI.sub("", result.stdout)
+    rows = [line for line in text.splitlines() if re.match(r"\s*L\d+\s", line)][-N_LAYERS:]
+    assert [int(re.match(r"\s*L(\d+)", row).group(1)) for row in rows] == list(range(N_LAYERS))
+    assert re.search(r"L3\s.*\s(\d+)\s+300\s+30\s+210\s+12\s+4\s+6\s*$", rows[3])
+    assert "A red circle." in text and "tokens held" in text
+
+
+def test_ctrl_c_during_decode_prints_the_partial_answer_and_exits_130(fake_api, image):
+    fake_api.interrupt_at = 2
+    result = invoke("ask", image, "What color?")
+    assert result.exit_code == 130
+    assert result.stdout.startswith("A red\n") and "interrupted" in result.stdout
+    assert "interrupted" in result.stderr and "Traceback" not in result.output
+    json_result = invoke("ask", image, "What color?", "--json")
+    assert json_result.exit_code == 130 and json.loads(json_result.stdout)["interrupted"] is True
+
+
+def test_ctrl_c_before_decoding_exits_130(fake_api, image):
+    fake_api.raise_in_load = KeyboardInterrupt()
+    result = invoke("ask", image, "What color?")
+    assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.output
+
+
+def test_help_teaches_by_example():
+    for args, example in ([[], "hae ask photo.jpg"], [["ask"], "--budget 256 --visual-keep 0.3"],
+                          [["story"], "hae story p1.png p2.png p3.png"], [["profile"], "--compare baseline,snapkv,h2o"]):
+        result = invoke(*args, "--help")
+        assert result.exit_code == 0 and example in result.stdout
+    assert "demo" in invoke("ask", "--help").stdout and "not meaningful" in invoke("ask", "--help").stdout
+
+
+def test_policies_lists_parameters(fake_policies):
+    result = invoke("policies", env={"COLUMNS": "140"})
+    assert result.exit_code == 0, result.output
+    assert "visual_keep = None" in result.stdout and "recent = 256" in result.stdout
+
+
+# ----------------------------------------------------------------------------- profile
+
+
+@pytest.fixture
+def samples(tmp_path) -> Path:
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(png_bytes())
+    (folder / "b.png").write_bytes(png_bytes(rgb=(0, 0, 200)))
+    (folder / "questions.json").write_text(json.dumps([
+        {"image": "a.png", "question": "What color?"},
+        {"image": "b.png", "questions": ["What shape?", "What color?"]},
+        {"image": "b.png"},  # no question: skipped
+        "junk",
+    ]))
+    return folder
+
+
+def test_profile_table_json_and_plot(fake_api, samples, tmp_path):
+    out, png = tmp_path / "profile.json", tmp_path / "occ.png"
+    result = invoke("profile", "--samples", samples, "--compare", "baseline,snapkv", "--budget", "0.5",
+                    "--json", out, "--plot", png, env={"COLUMNS": "140"})
+    assert result.exit_code == 0, result.output
+    assert [(r["policy"], Path(r["images"][0]).name) for r in fake_api.runs] == [
+        ("full", "a.png"), ("hae", "a.png"), ("snapkv", "a.png"),
+        ("full", "b.png"), ("hae", "b.png"), ("snapkv", "b.png"),
+        ("full", "b.png"), ("hae", "b.png"), ("snapkv", "b.png"),
+    ]
+    assert [r["policy_params"] for r in fake_api.runs[:3]] == [{}, {"budget": 0.5}, {"budget": 0.5}]
+    assert len(fake_api.loads) == 1
+    table = result.stdout
+    assert re.search(r"baseline \(full\)\s+┃\s+hae\s+┃\s+snapkv", table)
+    assert re.search(r"same answer\s+│\s+-\s+│\s+3/3\s+│\s+0/3", table)
+    assert re.search(r"first divergence\s+│\s+-\s+│\s+none\s+│\s+token 1", table)
+    payload = json.loads(out.read_text())
+    assert [row["name"] for row in payload["summary"]] == ["baseline", "hae", "snapkv"]
+    assert payload["summary"][1]["kv_bytes_final"] < payload["summary"][0]["kv_bytes_final"]
+    assert len(payload["workload"]) == 3 and len(payload["runs"]["hae"]) == 3
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_profile_json_to_stdout_is_only_json(fake_api, image):
+    result = invoke("profile", "--images", image, "--question", "What color?", "--json", "-")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["summary"][1]["same_answers"] == 1
+
+
+def test_profile_story_over_given_images(fake_api, image, tmp_path):
+    second = tmp_path / "b.png"
+    second.write_bytes(png_bytes())
+    result = invoke("profile", "--images", image, "--images", second, "--task", "story", "-n", "3")
+    assert result.exit_code == 0, result.output
+    assert [(r["task"], len(r["images"]), r["max_new_tokens"]) for r in fake_api.runs] == [("story", 2, 3)] * 2
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--images", "{image}"], "needs --question"),
+    (["--question", "What?"], "--question needs --images"),
+    (["--samples", "{empty}"], "no questions.json"),
+    (["--images", "{image}", "-q", "x", "--plot", "out.jpg"], "ends in .png"),
+    (["--images", "{image}", "-q", "x", "--policy", "streaming", "--budget", "9"], "no policy in this profile"),
+    (["--images", "{image}", "-q", "x", "--plot", "/no/such/dir/x.png"], "does not exist"),
+])
+def test_profile_bad_input(fake_api, image, tmp_path, args, fragment):
+    args = [a.format(image=image, empty=tmp_path) for a in args]
+    assert_one_line_error(invoke("profile", *args), fragment)
+
+
+def test_profile_interrupted_shows_what_finished(fake_api, image):
+    fake_api.interrupt_at = 1
+    result = invoke("profile", "--images", image, "--question", "What?")
+    assert result.exit_code == 130
+    assert "baseline (full) *" in result.stdout and "interrupted" in result.stderr
+    assert len(fake_api.runs) == 1
