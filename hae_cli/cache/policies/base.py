@@ -1,0 +1,177 @@
+"""What a policy is: it says what it needs to see and decides; the cache does the rest.
+
+A policy is a small `@dataclass` whose fields are its parameters (validated in
+`__post_init__`, raising `ConfigError`). It may implement any of these hooks; the defaults
+do nothing, so `full` implements none:
+
+at prefill (once, per layer, in layer order)
+  `prefill_requests(layer_idx, rows)` -> `{name: AttentionRequest}`: attention rows to compute
+  `prefill_keep(layer_idx, rows, attention)` -> `PrefillKeep | None`: which rows survive
+
+every forward
+  `score_request(layer_idx, rows, prefill)` -> `AttentionRequest | None`: rows whose attention
+      feeds the running scores, via `update_scores(scores, attention)`
+
+decode rounds (a layer holding `budget + buffer` tokens is brought back to `budget`)
+  `resolve_budget`, `protected`, `priority` (higher = keep; `[N]` for every head or
+  `[H_kv, N]` per head), and for policies with a recycle bin `refresh_bin`,
+  `bin_priority`, `bin_capacity`, `bin_ttl`.
+
+The cache compacts, moves tokens to and from the bin, and records events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from hae_cli.cache.attention import AttentionRequest, AttentionSummary
+from hae_cli.cache.modality import Modality
+from hae_cli.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The tokens of the current forward as one layer receives them (pruned rows are absent)."""
+
+    positions: torch.Tensor  # [q] int64
+    modality: torch.Tensor  # [q] int8
+    image_id: torch.Tensor  # [q] int16
+    past: int  # tokens the layer held before this forward: row i is key `past + i`
+    prompt_length: int  # tokens fed so far, this forward's included
+    num_layers: int
+
+    def __len__(self) -> int:
+        return self.positions.numel()
+
+
+@dataclass(frozen=True)
+class PrefillKeep:
+    """A prefill decision: keep rows `keep` of this forward (indices into the layer's rows).
+
+    `keep` is `[n]` (the same rows in every head) or `[H_kv, n]` (per head: only its own layer).
+    `layers`: cache layers compacted to it now. `broadcast`: the hidden states are pruned too,
+    so later layers never compute the dropped rows (index broadcasting).
+    """
+
+    keep: torch.Tensor
+    layers: tuple[int, ...]
+    broadcast: bool = False
+
+
+class Policy:
+    name: ClassVar[str] = ""
+    per_head: ClassVar[bool] = False  # decode rounds choose tokens per key head
+    uses_bin: ClassVar[bool] = False
+    # decode rounds; policies that evict while decoding override these as fields
+    budget: int | float | None = None
+    buffer: int = 0
+    sink: int = 0
+    recent: int = 0
+    bin_ttl: int = 0
+
+    def bind(self, num_layers: int) -> None:
+        """Called once the model depth is known: check layer-index parameters against it."""
+
+    # --- prefill ---
+
+    def prefill_requests(self, layer_idx: int, rows: Rows) -> dict[str, AttentionRequest]:
+        return {}
+
+    def prefill_keep(
+        self, layer_idx: int, rows: Rows, attention: dict[str, AttentionSummary]
+    ) -> PrefillKeep | None:
+        return None
+
+    # --- running scores ---
+
+    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest | None:
+        return None
+
+    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        """`scores`, `attention`: `[H_kv, N]` (attention summed over the observed rows)."""
+        return scores
+
+    # --- decode rounds ---
+
+    def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
+        """The decode budget B of a layer once the prompt is in (None: the layer only grows)."""
+        return resolve_budget(self.budget, prompt_length)
+
+    def needs_round(self, held: int, budget: int | None) -> bool:
+        return budget is not None and held > budget and held >= budget + self.buffer
+
+    def protected(self, budget: int) -> tuple[int, int]:
+        """(sink, recent) rows never evicted; never more than the budget."""
+        sink = min(self.sink, budget)
+        return sink, min(self.recent, budget - sink)
+
+    def priority(self, layer) -> torch.Tensor:
+        return layer.scores if self.per_head else layer.scores.mean(dim=0)
+
+    def refresh_bin(self, layer) -> torch.Tensor:
+        """New running scores `[H_kv, M]` for the bin's tokens, before a round."""
+        return layer.bin.scores
+
+    def bin_priority(self, layer) -> torch.Tensor:
+        return layer.bin.scores.mean(dim=0)
+
+    def bin_capacity(self, budget: int) -> int:
+        return 0
+
+    def representative_layer(self) -> int | None:
+        """A layer whose decode decision every layer follows (None: each layer decides)."""
+        return None
+
+
+def resolve_budget(budget: int | float | None, prompt_length: int) -> int | None:
+    """int: tokens per layer; float in (0, 1]: that fraction of the prompt (at least 1 token)."""
+    if budget is None:
+        return None
+    if isinstance(budget, float):
+        return max(1, int(budget * prompt_length))
+    return budget
+
+
+def visual_rows(modality: torch.Tensor) -> torch.Tensor:
+    """Image feature tokens and their separators: the rows decode rounds treat as visual."""
+    return (modality == Modality.IMAGE) | (modality == Modality.SEPARATOR)
+
+
+# --- validation: one line naming the parameter and what it may be ---
+
+
+def check_budget(budget, name: str = "budget") -> None:
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+        raise ConfigError(f"{name} must be a token count >= 1 or a fraction in (0, 1], got {budget!r}")
+    if isinstance(budget, int) and budget < 1:
+        raise ConfigError(f"{name} must be a token count >= 1 or a fraction in (0, 1], got {budget}")
+    if isinstance(budget, float) and not 0.0 < budget <= 1.0:
+        raise ConfigError(f"{name} must be a token count >= 1 or a fraction in (0, 1], got {budget}")
+
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ConfigError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_float(name: str, value, low: float, high: float | None = None, *, low_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (high is None or value <= high)
+    if not ok:
+        left = "(" if low_open else "["
+        allowed = f"> {low}" if high is None and low_open else f">= {low}" if high is None else f"in {left}{low}, {high}]"
+        raise ConfigError(f"{name} must be a number {allowed}, got {value!r}")
+
+
+def check_layer(name: str, value: int, low: int, num_layers: int) -> None:
+    if not low <= value < num_layers:
+        raise ConfigError(
+            f"{name} must be in [{low}, {num_layers - 1}] for a {num_layers}-layer model, got {value}"
+        )

@@ -1,0 +1,55 @@
+"""H2O: heavy hitters (accumulated attention) plus recent tokens, evicted greedily per head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from hae_cli.cache.attention import AttentionRequest
+from hae_cli.cache.policies.base import Policy, Rows, check_budget, check_int
+
+
+@dataclass
+class H2OPolicy(Policy):
+    """H2O, "Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
+    Models", https://arxiv.org/abs/2306.14048.
+
+    Each key head keeps its own heavy hitters: the tokens with the largest attention
+    accumulated over every query so far (prefill queries included), plus the most recent
+    tokens. Eviction is greedy and final (no bin): once over budget, the lowest go.
+
+        budget: tokens per layer; int = a count, float in (0, 1] = a fraction of the prompt.
+        recent: recent tokens always kept; None = half the budget (the paper's split).
+        buffer: tokens appended past the budget before a round (0 = evict every step, as in
+            the paper).
+    """
+
+    name: ClassVar[str] = "h2o"
+    per_head: ClassVar[bool] = True
+
+    budget: int | float = 0.5
+    recent: int | None = None
+    buffer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.budget is None:
+            self.budget = 0.5
+        check_budget(self.budget)
+        if self.recent is not None:
+            check_int("recent", self.recent, 0)
+        check_int("buffer", self.buffer, 0)
+
+    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest:
+        return AttentionRequest()  # every query row of the forward
+
+    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return scores + attention
+
+    def protected(self, budget: int) -> tuple[int, int]:
+        recent = budget // 2 if self.recent is None else self.recent
+        return 0, min(recent, budget)
+
+    def priority(self, layer) -> torch.Tensor:
+        return layer.scores

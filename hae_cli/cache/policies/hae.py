@@ -1,0 +1,217 @@
+"""HAE: Hierarchical Adaptive Eviction (the method this tool is built around)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from hae_cli.cache.attention import AttentionRequest, AttentionSummary, what_if_attention
+from hae_cli.cache.layer import complement
+from hae_cli.cache.modality import Modality
+from hae_cli.cache.policies.base import (
+    Policy,
+    PrefillKeep,
+    Rows,
+    check_budget,
+    check_float,
+    check_int,
+    check_layer,
+    resolve_budget,
+    visual_rows,
+)
+from hae_cli.errors import ConfigError
+
+
+@dataclass
+class HAEPolicy(Policy):
+    """Hierarchical Adaptive Eviction, "Hierarchical Adaptive Eviction for KV Cache Management
+    in Multimodal Language Models", https://arxiv.org/abs/2602.02197 (rules and their sources:
+    /work/shared/HAE_METHOD.md).
+
+    Visual tokens go first, at prefill, where they are sparse; then text and visual tokens
+    are evicted jointly while decoding, softly, through a recycle bin.
+
+    Stage 1, Dual-Attention Pruning (once, at prefill; MustDrop's filter, arXiv 2411.10803):
+        score_layer: the layer whose attention decides (0 = the first layer). The softmax
+            attention of the instruction's text queries (the text after the last visual
+            token) over the visual tokens gives, per visual token j, a global score g_j (mean
+            over heads of the sum over queries, normalised to sum 1) and an individual score
+            m_j (max over heads and queries). The kept set is applied to every layer at and
+            after `score_layer` and to the hidden states (later layers never compute dropped
+            tokens), and to the layers before it as soon as it is known.
+        r_g: drop j only if g_j < r_g / N_visual (relative to the uniform share) ...
+        r_i: ... and m_j < r_i * max_j m_j (no head or query needs it badly).
+        visual_keep: budget mode instead of thresholds: keep this fraction of the visual
+            tokens, top by g_j, plus every token with m_j >= r_i * max m. None = thresholds.
+        Text, special tokens and image separators are never dropped at prefill; kept tokens
+        keep their original positions.
+
+    Stage 2, Dynamic Decoding Eviction with a recycle bin:
+        budget: tokens per layer B; int = a count, float in (0, 1] = a fraction of the prompt,
+            None = the size after prefill pruning.
+        gamma: running score decay, s <- gamma * s + a_t (a_t: attention received at step t,
+            averaged over heads).
+        buffer: d; tokens append freely until a layer holds B + d, then one round brings it
+            back to B. The last d queries also score the bin.
+        sink: the first `sink` tokens are never evicted.
+        recent: the last `recent` tokens are never evicted.
+        w_visual, w_text: a round ranks unprotected tokens by w_modality * s and moves the
+            lowest to the bin (image tokens and separators count as visual, generated as text).
+        bin_size: bin capacity per layer; None = B // 4, 0 = no bin (evictions are final).
+            When over capacity, the lowest-scored bin tokens are deleted first.
+        bin_ttl: a bin token not restored within this many rounds is deleted. At each round
+            the bin's running scores are brought up to date with the queries seen since the
+            last round (the attention they would have paid it), and a bin token whose w * s
+            beats the weakest unprotected active token is restored, with its position.
+        broadcast: one decode decision at `score_layer`, applied to every layer (faster; only
+            that layer computes decode scores) instead of one decision per layer.
+    """
+
+    name: ClassVar[str] = "hae"
+
+    score_layer: int = 1
+    r_g: float = 0.9
+    r_i: float = 0.05
+    visual_keep: float | None = None
+    budget: int | float | None = None
+    gamma: float = 0.95
+    buffer: int = 32
+    sink: int = 4
+    recent: int = 32
+    w_visual: float = 0.5
+    w_text: float = 1.0
+    bin_size: int | None = None
+    bin_ttl: int = 4
+    broadcast: bool = False
+
+    def __post_init__(self) -> None:
+        check_int("score_layer", self.score_layer, 0)
+        check_float("r_g", self.r_g, 0.0)
+        check_float("r_i", self.r_i, 0.0, 1.0)
+        if self.visual_keep is not None:
+            check_float("visual_keep", self.visual_keep, 0.0, 1.0, low_open=True)
+        check_budget(self.budget)
+        check_float("gamma", self.gamma, 0.0, 1.0)
+        check_int("buffer", self.buffer, 0)
+        check_int("sink", self.sink, 0)
+        check_int("recent", self.recent, 0)
+        check_float("w_visual", self.w_visual, 0.0)
+        check_float("w_text", self.w_text, 0.0)
+        if self.bin_size is not None:
+            check_int("bin_size", self.bin_size, 0)
+        check_int("bin_ttl", self.bin_ttl, 1)
+        if not isinstance(self.broadcast, bool):
+            raise ConfigError(f"broadcast must be true or false, got {self.broadcast!r}")
+
+    def bind(self, num_layers: int) -> None:
+        check_layer("score_layer", self.score_layer, 0, num_layers)
+
+    @property
+    def uses_bin(self) -> bool:
+        return self.bin_size != 0
+
+    # --- Stage 1: Dual-Attention Pruning ---
+
+    def prefill_requests(self, layer_idx: int, rows: Rows) -> dict[str, AttentionRequest]:
+        return dual_attention_request(layer_idx, self.score_layer, rows)
+
+    def prefill_keep(self, layer_idx, rows, attention) -> PrefillKeep | None:
+        return dual_attention_keep(layer_idx, rows, attention, self.r_g, self.r_i, self.visual_keep)
+
+    # --- Stage 2: running scores, rounds and the bin ---
+
+    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest | None:
+        if self.broadcast and layer_idx != self.score_layer:
+            return None
+        if prefill:  # initial scores: what the last prompt token attends to
+            return AttentionRequest(rows=torch.tensor([len(rows) - 1]))
+        return AttentionRequest(keep_lse=self.uses_bin)
+
+    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        return self.gamma * scores + attention
+
+    def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
+        return held if self.budget is None else resolve_budget(self.budget, prompt_length)
+
+    def priority(self, layer) -> torch.Tensor:
+        return self._weights(layer.modality[0]) * layer.scores.mean(dim=0)
+
+    def refresh_bin(self, layer) -> torch.Tensor:
+        """s <- gamma^t * s + sum_k gamma^(t-1-k) a_k over the t queries since the last round."""
+        scores = layer.bin.scores * self.gamma**layer.steps_since_round
+        queries = layer.recent_queries
+        if queries is None or queries.shape[1] == 0:
+            return scores
+        seen = what_if_attention(queries, layer.recent_lse, layer.bin.keys, layer.attention_scaling)
+        ages = torch.arange(seen.shape[1] - 1, -1, -1, device=seen.device)
+        decay = self.gamma ** ages.float()
+        return scores + (seen * decay[None, :, None]).sum(dim=1).to(scores.device)
+
+    def bin_priority(self, layer) -> torch.Tensor:
+        return self._weights(layer.bin.modality) * layer.bin.scores.mean(dim=0)
+
+    def bin_capacity(self, budget: int) -> int:
+        return budget // 4 if self.bin_size is None else self.bin_size
+
+    def representative_layer(self) -> int | None:
+        return self.score_layer if self.broadcast else None
+
+    def _weights(self, modality: torch.Tensor) -> torch.Tensor:
+        visual = visual_rows(modality)
+        return torch.where(visual, self.w_visual, self.w_text).float()
+
+
+def dual_attention_request(layer_idx: int, score_layer: int, rows: Rows) -> dict[str, AttentionRequest]:
+    """At the scoring layer: the instruction's text queries over the visual tokens."""
+    if layer_idx != score_layer:
+        return {}
+    split = instruction_and_visual(rows)
+    if split is None:
+        return {}
+    queries, visual = split
+    return {"dual_attention": AttentionRequest(rows=queries, cols=rows.past + visual)}
+
+
+def dual_attention_keep(layer_idx, rows, attention, r_g, r_i, visual_keep) -> PrefillKeep | None:
+    summary: AttentionSummary | None = attention.get("dual_attention")
+    if summary is None:
+        return None
+    _, visual = instruction_and_visual(rows)
+    dropped = visual[dual_attention_drop(summary.sum, summary.max, r_g, r_i, visual_keep)]
+    if dropped.numel() == 0:
+        return None
+    keep = complement(dropped.to(rows.positions.device), len(rows))
+    return PrefillKeep(keep, layers=tuple(range(layer_idx + 1)), broadcast=True)
+
+
+def dual_attention_drop(attention_sum, attention_max, r_g, r_i, visual_keep) -> torch.Tensor:
+    """Which visual tokens to drop (`[N_vis]` bool) from `[H, N_vis]` row sums and row maxima."""
+    n_visual = attention_sum.shape[-1]
+    g = attention_sum.mean(dim=0)
+    g = g / g.sum().clamp_min(torch.finfo(g.dtype).tiny)
+    m = attention_max.amax(dim=0)
+    needed = m >= r_i * m.max()
+    if visual_keep is None:
+        return ~(needed | (g >= r_g / n_visual))
+    keep = needed.clone()
+    keep[g.topk(math.ceil(visual_keep * n_visual)).indices] = True
+    return ~keep
+
+
+def instruction_and_visual(rows: Rows) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(text rows after the last visual token, visual token rows), or None without images.
+
+    With no text after the images, the last row is the query.
+    """
+    image = rows.modality == Modality.IMAGE
+    visual = image.nonzero().squeeze(-1)
+    if visual.numel() == 0:
+        return None
+    after = torch.arange(len(rows), device=image.device) > visual[-1]
+    queries = ((rows.modality == Modality.TEXT) & after).nonzero().squeeze(-1)
+    if queries.numel() == 0:
+        queries = torch.tensor([len(rows) - 1], device=image.device)
+    return queries, visual
