@@ -1,0 +1,116 @@
+"""The chat prompt as token ids, with every `<|image_k|>` expanded to image k's slots and every
+slot tagged with its modality, so the cache can treat text, visual features and separators
+differently from the first token on."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from hae_cli.cache.modality import MODALITY_NAMES, Modality
+from hae_cli.errors import InputError
+from hae_cli.model.image import ProcessedImage
+
+IMAGE_PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
+
+
+@dataclass
+class PromptTokens:
+    """A prompt ready for prefill.
+
+    input_ids: [L]; image k's slots hold `-k` (the official processor's convention), which the
+        model replaces by the image's features.
+    modality: [L] int8 `Modality` per slot (TEXT, or IMAGE / SEPARATOR inside an image).
+    image_id: [L] int16; k on image k's slots (features and separators), 0 on text.
+    image_token_counts: slots per image, in image order (1..n).
+    """
+
+    input_ids: torch.Tensor
+    modality: torch.Tensor
+    image_id: torch.Tensor
+    image_token_counts: list[int]
+
+    def counts_by_modality(self) -> dict[str, int]:
+        """Tokens of each modality, keyed by name, for the stats display."""
+        return {MODALITY_NAMES[m]: int((self.modality == m).sum()) for m in Modality}
+
+
+def user_message(question: str, num_images: int) -> str:
+    """The user turn: the question as written if it places its images itself, else one
+    placeholder per image on its own line before the question (the official examples)."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if IMAGE_PLACEHOLDER.search(question):
+        return question
+    return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + question
+
+
+def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> PromptTokens:
+    """Render the chat template and tokenise it, expanding `<|image_k|>` to
+    `images[k-1].num_tokens` slots.
+
+    Text between placeholders is tokenised chunk by chunk, as the official processor does, so
+    the ids match what the model was trained on.
+    """
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
+    )
+    pieces = IMAGE_PLACEHOLDER.split(rendered)
+    texts, ids = pieces[0::2], [int(k) for k in pieces[1::2]]
+    _check_image_ids(ids, len(images))
+
+    input_ids: list[torch.Tensor] = []
+    modality: list[torch.Tensor] = []
+    image_id: list[torch.Tensor] = []
+
+    def add_text(token_ids: list[int]) -> None:
+        n = len(token_ids)
+        input_ids.append(torch.tensor(token_ids, dtype=torch.long))
+        modality.append(torch.full((n,), int(Modality.TEXT), dtype=torch.int8))
+        image_id.append(torch.zeros(n, dtype=torch.int16))
+
+    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos_id is not None and not (bos and rendered.startswith(bos)):
+        add_text([bos_id])
+    for i, text in enumerate(texts):
+        if text:
+            add_text(tokenizer.encode(text, add_special_tokens=False))
+        if i < len(ids):
+            k = ids[i]
+            image = images[k - 1]
+            if image.modalities.numel() != image.num_tokens:
+                tags = image.modalities.numel()
+                raise ValueError(f"image {k}: {tags} modality tags for {image.num_tokens} slots")
+            input_ids.append(torch.full((image.num_tokens,), -k, dtype=torch.long))
+            modality.append(image.modalities.to(torch.int8))
+            image_id.append(torch.full((image.num_tokens,), k, dtype=torch.int16))
+
+    return PromptTokens(
+        input_ids=torch.cat(input_ids),
+        modality=torch.cat(modality),
+        image_id=torch.cat(image_id),
+        image_token_counts=[image.num_tokens for image in images],
+    )
+
+
+def _check_image_ids(ids: list[int], num_images: int) -> None:
+    """Placeholders must be exactly <|image_1|>..<|image_n|>, each once, n = images given."""
+    given = "no images were given" if num_images == 0 else (
+        "only 1 image was given" if num_images == 1 else f"only {num_images} images were given"
+    )
+    seen: set[int] = set()
+    for k in ids:
+        if k == 0:
+            raise InputError("prompt names <|image_0|>, but placeholders start at <|image_1|>")
+        if k > num_images:
+            raise InputError(f"prompt names <|image_{k}|> but {given}")
+        if k in seen:
+            raise InputError(f"prompt names <|image_{k}|> more than once; use each image once")
+        seen.add(k)
+    missing = [k for k in range(1, num_images + 1) if k not in seen]
+    if missing:
+        names = ", ".join(f"<|image_{k}|>" for k in missing)
+        plural = "s" if num_images != 1 else ""
+        raise InputError(f"{num_images} image{plural} given but the prompt has no {names}")
