@@ -68,10 +68,10 @@ def test_checkpoint_uses_official_key_names(tiny_checkpoint):
 
 
 def test_round_trip_is_exact(tiny_checkpoint, tiny_loaded, tmp_path):
+    from hae_cli.model.loading import load_tokenizer
     from hae_cli.model.tiny import save_checkpoint
-    from transformers import AutoTokenizer
 
-    again = save_checkpoint(tiny_loaded.model, AutoTokenizer.from_pretrained(tiny_checkpoint), tmp_path / "again", 1)
+    again = save_checkpoint(tiny_loaded.model, load_tokenizer(tiny_checkpoint), tmp_path / "again", 1)
     reloaded = load_checkpoint(again).model.official_state_dict()
     original = tiny_loaded.model.official_state_dict()
     assert reloaded.keys() == original.keys()
@@ -223,12 +223,12 @@ def test_image_tokens_follow_the_official_order_and_separators(tiny_loaded, grid
 
 def _prompt(tiny_checkpoint, tiny_loaded, sizes, question="what color is the shape?"):
     from PIL import Image
-    from transformers import AutoTokenizer
 
+    from hae_cli.model.loading import load_tokenizer
     from hae_cli.model.image import ImageProcessorConfig, preprocess
     from hae_cli.model.prompt import build_prompt, user_message
 
-    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    tokenizer = load_tokenizer(tiny_checkpoint)
     config = ImageProcessorConfig.from_files(tiny_checkpoint, crop_size=336, patch_size=14)
     images = [preprocess(Image.new("RGB", size, (200, 30 * k, 10)), config) for k, size in enumerate(sizes)]
     prompt = build_prompt(tokenizer, user_message(question, len(images)), images)
@@ -297,3 +297,14 @@ def test_sampling_is_seeded_and_validated(tiny_checkpoint, tiny_loaded):
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0)):
         with pytest.raises(ConfigError):
             SamplingConfig(**bad)
+
+
+def test_tokenizer_loads_without_remote_code_prompt(tiny_checkpoint, tmp_path):
+    from hae_cli.model.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_checkpoint)  # config.json has an auto_map: must not prompt
+    assert tokenizer.chat_template
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    assert tokenizer("<|end|>", add_special_tokens=False).input_ids == [end]
+    with pytest.raises(CheckpointError, match="no tokenizer.json"):
+        load_tokenizer(tmp_path)

@@ -114,6 +114,26 @@ def read_official_weights(folder: Path, dtype: torch.dtype, device: torch.device
     return tensors
 
 
+def load_tokenizer(folder: str | Path):
+    """The checkpoint's `tokenizer.json` + `tokenizer_config.json` (with the chat template).
+
+    Not AutoTokenizer: the official config.json carries an `auto_map` to remote code, and
+    AutoTokenizer would stop to ask whether to trust it.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if not (folder / "tokenizer.json").is_file():
+        raise CheckpointError(f"no tokenizer.json in {folder}")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(folder))
+    except Exception as exc:
+        raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from None
+    if not tokenizer.chat_template:
+        raise CheckpointError(f"the tokenizer in {folder} has no chat template")
+    return tokenizer
+
+
 @dataclass
 class LoadedCheckpoint:
     model: Phi3VForCausalLM

@@ -1,0 +1,243 @@
+"""The library the CLI is a thin layer over: load a model, run a prompt under a policy.
+
+    from hae_cli.api import load_model, run
+    loaded = load_model("demo")
+    result = run(loaded, ["sample_images/shape_0.png"], "What color is the shape?", policy="hae")
+    print(result.text, result.kv_bytes_final, result.full_cache_bytes_final)
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hae_cli.cache.stats import CacheStats, EvictionEvent
+from hae_cli.errors import ConfigError, InputError
+
+DEFAULT_STORY_PROMPT = "Describe each image in order."
+
+
+@dataclass
+class LoadedModel:
+    model: object  # Phi3VForCausalLM
+    tokenizer: object
+    image_config: object  # ImageProcessorConfig
+    folder: Path
+    name: str
+    load_seconds: float
+
+    @property
+    def num_layers(self) -> int:
+        return self.model.config.num_layers
+
+    @property
+    def stop_ids(self) -> set[int]:
+        ids = {self.model.config.text.eos_token_id, self.tokenizer.eos_token_id}
+        end = self.tokenizer.convert_tokens_to_ids("<|end|>")
+        if end is not None and end != self.tokenizer.unk_token_id:
+            ids.add(end)
+        return {i for i in ids if i is not None}
+
+
+def load_model(
+    model: str = "demo",
+    device: str | None = None,
+    dtype: str | None = None,
+    num_crops: int | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> LoadedModel:
+    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache."""
+    from hae_cli.model.image import ImageProcessorConfig
+    from hae_cli.model.loading import load_checkpoint, load_tokenizer, pick_device_and_dtype, resolve_model_path
+
+    progress = on_progress or (lambda message: None)
+    start = time.perf_counter()
+    progress(f"resolving model {model}")
+    folder = resolve_model_path(model)
+    device_obj, dtype_obj = pick_device_and_dtype(device, dtype)
+    progress(f"loading weights from {folder} ({device_obj}, {str(dtype_obj).removeprefix('torch.')})")
+    checkpoint = load_checkpoint(folder, device_obj, dtype_obj)
+    progress("loading tokenizer")
+    tokenizer = load_tokenizer(folder)
+    image_config = ImageProcessorConfig.from_files(
+        folder, crop_size=checkpoint.config.crop_size, patch_size=checkpoint.config.patch_size, num_crops=num_crops
+    )
+    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start)
+
+
+@dataclass
+class RunResult:
+    policy: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: dict[str, int]
+    prefill_seconds: float
+    decode_seconds: float
+    eviction_seconds: float
+    decode_tokens: int
+    steps: list[CacheStats] = field(default_factory=list)
+    events: list[EvictionEvent] = field(default_factory=list)
+    interrupted: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+
+    @property
+    def kv_bytes_final(self) -> int:
+        return self.steps[-1].bytes_held if self.steps else 0
+
+    @property
+    def kv_bytes_peak(self) -> int:
+        return max((s.bytes_held for s in self.steps), default=0)
+
+    @property
+    def full_cache_bytes_final(self) -> int:
+        return self.steps[-1].full_cache_bytes if self.steps else 0
+
+    @property
+    def full_cache_bytes_peak(self) -> int:
+        return max((s.full_cache_bytes for s in self.steps), default=0)
+
+    @property
+    def eviction_share(self) -> float:
+        """Eviction work (scoring, compaction, bin traffic) as a share of prefill + decode time."""
+        total = self.prefill_seconds + self.decode_seconds
+        return self.eviction_seconds / total if total > 0 else 0.0
+
+    def to_json(self) -> dict:
+        final = self.steps[-1] if self.steps else None
+        return {
+            "policy": self.policy,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "interrupted": self.interrupted,
+            "prompt_tokens": self.prompt_tokens,
+            "timings": {
+                "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds,
+                "eviction_seconds": self.eviction_seconds,
+                "eviction_share": self.eviction_share,
+                "decode_tokens": self.decode_tokens,
+                "tokens_per_second": self.tokens_per_second,
+            },
+            "kv_bytes": {
+                "final": self.kv_bytes_final,
+                "peak": self.kv_bytes_peak,
+                "full_cache_final": self.full_cache_bytes_final,
+                "full_cache_peak": self.full_cache_bytes_peak,
+            },
+            "final_cache": asdict(final) if final else None,
+            "events": [asdict(e) for e in self.events],
+        }
+
+
+def make_cache(loaded: LoadedModel, policy: str, policy_params: dict | None):
+    from hae_cli.cache import EvictingCache
+    from hae_cli.cache.policies import make_policy
+
+    return EvictingCache(make_policy(policy, **(policy_params or {})), loaded.num_layers)
+
+
+def user_text_for(task: str, question: str | None, num_images: int) -> str:
+    from hae_cli.model.prompt import user_message
+
+    if task == "ask":
+        if not question or not question.strip():
+            raise InputError("a question is needed for `ask`")
+        return user_message(question, num_images)
+    if task == "story":
+        return user_message(question or DEFAULT_STORY_PROMPT, num_images)
+    raise ConfigError(f"unknown task {task!r} (use ask or story)")
+
+
+def run(
+    loaded: LoadedModel,
+    images: list[str | Path],
+    question: str | None,
+    *,
+    task: str = "ask",
+    policy: str = "hae",
+    policy_params: dict | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_token: Callable[[str], None] | None = None,
+    on_step: Callable[[CacheStats], None] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Answer `question` about `images` (task "ask") or caption them in order (task "story")."""
+    from hae_cli.model.generate import SamplingConfig, generate
+    from hae_cli.model.image import load_image, preprocess
+    from hae_cli.model.prompt import build_prompt
+
+    progress = on_progress or (lambda message: None)
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
+    if not images:
+        raise InputError(f"no images given for `{task}`")
+    cache = make_cache(loaded, policy, policy_params)
+    text = user_text_for(task, question, len(images))
+    progress(f"reading {len(images)} image(s)")
+    processed = [preprocess(load_image(path), loaded.image_config) for path in images]
+    prompt = build_prompt(loaded.tokenizer, text, processed)
+    progress(f"encoding images and prefilling {len(prompt.input_ids)} tokens")
+    with torch.inference_mode():
+        embeds = loaded.model.embed(prompt, processed)
+
+    steps: list[CacheStats] = []
+    streamer = _TextStreamer(loaded.tokenizer, on_token)
+
+    def publish_step() -> None:
+        stats = cache.stats()
+        steps.append(stats)
+        if on_step is not None:
+            on_step(stats)
+
+    generation = generate(
+        loaded.model,
+        embeds,
+        prompt.modality,
+        prompt.image_id,
+        cache,
+        sampling,
+        loaded.stop_ids,
+        on_token=streamer.push,
+        on_step=publish_step,
+    )
+    return RunResult(
+        policy=policy,
+        text=loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
+        token_ids=generation.token_ids,
+        prompt_tokens=prompt.counts_by_modality(),
+        prefill_seconds=generation.prefill_seconds,
+        decode_seconds=generation.decode_seconds,
+        eviction_seconds=cache.eviction_seconds,
+        decode_tokens=len(generation.token_ids),
+        steps=steps,
+        events=list(cache.events),
+        interrupted=generation.stopped_by == "interrupt",
+    )
+
+
+class _TextStreamer:
+    """Turns token ids into text pieces; decodes the whole answer each time so words join right."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None) -> None:
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        if self.on_text is None:
+            return
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.sent):
+            piece, self.sent = text[len(self.sent) :], text
+            if piece:
+                self.on_text(piece)
