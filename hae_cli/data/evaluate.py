@@ -1,0 +1,91 @@
+"""Measure a checkpoint on easy-VQA through the runtime path a user's `hae ask` takes:
+load_image -> preprocess -> build_prompt -> model.embed -> generate (greedy).
+
+The cache is a plain transformers `DynamicCache` unless `make_cache` gives another, so the
+same functions measure full-cache accuracy and accuracy under an evicting cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from hae_cli.data import easyvqa
+from hae_cli.model.generate import SamplingConfig, generate
+from hae_cli.model.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
+from hae_cli.model.prompt import build_prompt, user_message
+
+
+class Runner:
+    """A loaded checkpoint with its tokenizer and image settings, answering prompts greedily."""
+
+    def __init__(self, loaded, make_cache: Callable[[], object] | None = None, num_crops: int | None = None) -> None:
+        from transformers import PreTrainedTokenizerFast
+
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(loaded.folder)
+        config = loaded.config
+        self.image_config = ImageProcessorConfig.from_files(
+            loaded.folder, crop_size=config.crop_size, patch_size=config.patch_size, num_crops=num_crops
+        )
+        self.stop_ids = {self.tokenizer.convert_tokens_to_ids("<|end|>"), self.tokenizer.eos_token_id}
+        self.make_cache = make_cache or _dynamic_cache
+        self._images: dict[tuple[str, int], ProcessedImage] = {}
+
+    def image(self, image_id: int, split: str) -> ProcessedImage:
+        key = (split, image_id)
+        if key not in self._images:
+            self._images[key] = preprocess(load_image(easyvqa.image_path(image_id, split)), self.image_config)
+        return self._images[key]
+
+    def generate_ids(self, user_text: str, images: list[ProcessedImage], max_new_tokens: int) -> list[int]:
+        prompt = build_prompt(self.tokenizer, user_message(user_text, len(images)), images)
+        with torch.inference_mode():
+            embeds = self.model.embed(prompt, images)
+        result = generate(
+            self.model,
+            embeds,
+            prompt.modality,
+            prompt.image_id,
+            self.make_cache(),
+            SamplingConfig(max_new_tokens=max_new_tokens),
+            self.stop_ids,
+        )
+        return result.token_ids
+
+
+def _dynamic_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def vqa_accuracy(runner: Runner, questions: Sequence[easyvqa.Question], split: str = "test") -> dict:
+    """Exact-match accuracy of the one-word answers."""
+    correct = 0
+    wrong: list[tuple[easyvqa.Question, str]] = []
+    for q in questions:
+        ids = runner.generate_ids(q.question, [runner.image(q.image_id, split)], max_new_tokens=2)
+        answer = runner.tokenizer.decode(ids).strip()
+        if answer == q.answer:
+            correct += 1
+        else:
+            wrong.append((q, answer))
+    return {"correct": correct, "total": len(questions), "accuracy": correct / max(1, len(questions)), "wrong": wrong}
+
+
+def story_exact_match(runner: Runner, image_sets: Sequence[Sequence[int]], split: str = "test") -> dict:
+    """Share of image sets whose whole story matches the target token for token."""
+    correct = 0
+    wrong: list[tuple[list[int], str]] = []
+    for image_ids in image_sets:
+        target = runner.tokenizer.encode(easyvqa.story_target(list(image_ids), split), add_special_tokens=False)
+        images = [runner.image(i, split) for i in image_ids]
+        ids = runner.generate_ids(easyvqa.STORY_PROMPT, images, max_new_tokens=len(target) + 4)
+        if ids == target:
+            correct += 1
+        else:
+            wrong.append((list(image_ids), runner.tokenizer.decode(ids)))
+    return {"correct": correct, "total": len(image_sets), "accuracy": correct / max(1, len(image_sets)), "wrong": wrong}
