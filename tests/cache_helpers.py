@@ -63,7 +63,8 @@ def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None):
     """Greedy decoding through `run_decoder`.
 
     Returns (generated ids, logits `[steps + 1, vocab]`, decoder outputs). `after_step(step,
-    cache)` runs after each forward's `end_step` (step 0 = prefill), e.g. to evict by hand.
+    cache, tokens)` runs after each forward's `end_step` (step 0 = prefill; `tokens`: the
+    ids fed so far, prompt included), e.g. to evict by hand or check invariants.
     """
     embed = lm.model.embed_tokens
     length = ids.numel()
@@ -72,7 +73,7 @@ def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None):
     with torch.no_grad():
         _begin(cache, positions, modality, image_id)
         outputs.append(run_decoder(lm, embed(ids)[None], positions, cache))
-        _end(cache, 0, after_step)
+        _end(cache, 0, after_step, ids.tolist())
         for step in range(1, steps + 1):
             token = int(outputs[-1].logits[0, -1].argmax())
             tokens.append(token)
@@ -80,7 +81,7 @@ def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None):
             generated = torch.tensor([int(Modality.GENERATED)], dtype=torch.int8)
             _begin(cache, position, generated, torch.zeros(1, dtype=torch.int16))
             outputs.append(run_decoder(lm, embed(torch.tensor([[token]])), position, cache))
-            _end(cache, step, after_step)
+            _end(cache, step, after_step, ids.tolist() + tokens)
     return tokens, torch.stack([out.logits[0, -1] for out in outputs]), outputs
 
 
@@ -164,8 +165,8 @@ def _begin(cache, positions, modality, image_id):
         cache.begin_tokens(positions, modality, image_id)
 
 
-def _end(cache, step, after_step):
+def _end(cache, step, after_step, fed):
     if hasattr(cache, "end_step"):
         cache.end_step()
     if after_step is not None:
-        after_step(step, cache)
+        after_step(step, cache, fed)

@@ -1,0 +1,141 @@
+"""Evicting a token must equal masking it on a full cache: same logits, step after step.
+
+The reference (`masked_greedy`) keeps every token in a DynamicCache and hides the evicted
+ones with a bool attention mask, layer by layer; the evicting run really removes them.
+"""
+
+import pytest
+import torch
+
+from cache_helpers import HEADS, KV_HEADS, evicting_cache, fake_prompt, greedy, hide_keys, masked_greedy, tiny_lm
+
+STEPS = 20
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return fake_prompt(before=6, images=36, after=10)
+
+
+def _drop_positions(cache, dropped):
+    dropped = torch.tensor(sorted(dropped))
+    for layer in cache.layers:
+        keep = (~torch.isin(layer.positions[0], dropped)).nonzero().squeeze(-1)
+        layer.compact(keep)
+
+
+def _assert_same(result, reference):
+    tokens, logits, _ = result
+    ref_tokens, ref_logits = reference
+    assert tokens == ref_tokens
+    torch.testing.assert_close(logits, ref_logits, atol=ATOL, rtol=0)
+
+
+def test_eviction_after_prefill_equals_masking(lm, prompt):
+    dropped = {0, 7, 8, 9, 15, 22, 31, 40, 47}
+
+    def evict(step, cache, fed):
+        if step == 0:
+            _drop_positions(cache, dropped)
+
+    result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=evict)
+    reference = masked_greedy(lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, dropped) if s else None)
+    _assert_same(result, reference)
+    assert result[0] != greedy(lm, *prompt, evicting_cache(lm), STEPS)[0], "eviction should matter"
+
+
+def test_eviction_mid_decode_equals_masking(lm, prompt):
+    length = prompt[0].numel()
+    dropped = {2, 11, 12, 30, length + 1, length + 3}  # prompt and generated tokens
+
+    def evict(step, cache, fed):
+        if step == 6:
+            _drop_positions(cache, dropped)
+
+    result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=evict)
+    reference = masked_greedy(
+        lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, dropped) if s > 6 else None
+    )
+    _assert_same(result, reference)
+
+
+def test_per_head_eviction_equals_per_head_masking(lm, prompt):
+    per_head = [{3, 9, 10, 20, 33}, {4, 9, 25, 26, 41}]  # same count, different tokens per KV head
+
+    def evict(step, cache, fed):
+        if step == 0:
+            for layer in cache.layers:
+                keep = [
+                    (~torch.isin(layer.positions[h], torch.tensor(sorted(per_head[h])))).nonzero().squeeze(-1)
+                    for h in range(KV_HEADS)
+                ]
+                layer.compact(torch.stack(keep))
+
+    def mask(step, layer_idx, q, kv):
+        if step == 0:
+            return None
+        group = HEADS // KV_HEADS
+        return torch.cat([hide_keys(q, kv, per_head[h // group]) for h in range(HEADS)], dim=1)
+
+    result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=evict)
+    _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
+
+
+def test_bin_round_trip_equals_masking_while_out(lm, prompt):
+    """Tokens in the bin are not attended; restored, they are attended again, unchanged."""
+    binned = {5, 13, 14, 28, 44}
+    out_from, back_after = 4, 9
+
+    def move(step, cache, fed):
+        for layer in cache.layers:
+            if step == out_from:
+                layer.evict_to_bin(torch.isin(layer.positions[0], torch.tensor(sorted(binned))).nonzero().squeeze(-1))
+                assert layer.held == prompt[0].numel() + step - len(binned)
+            if step == back_after:
+                layer.restore(torch.arange(len(layer.bin)))
+                assert len(layer.bin) == 0 and layer.held == prompt[0].numel() + step
+                assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
+
+    result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=move)
+    reference = masked_greedy(
+        lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, binned) if out_from < s <= back_after else None
+    )
+    _assert_same(result, reference)
+
+
+@pytest.mark.parametrize("score_layer", [0, 1, 2])
+def test_index_broadcasting_equals_masking_from_the_scoring_layer_on(lm, prompt, score_layer):
+    """HAE's Stage 1: layers after `score_layer` never see the dropped tokens; at decode, no layer does."""
+    cache = evicting_cache(lm, "hae", score_layer=score_layer, budget=500, visual_keep=0.4, r_i=0.9)
+    result = greedy(lm, *prompt, cache, STEPS)
+    kept = set(cache.layers[0].positions[0].tolist())
+    dropped = set(range(prompt[0].numel())) - kept
+    assert dropped, "DAP should drop some visual tokens"
+    assert all(prompt[1][p] == 1 for p in dropped), "only image tokens may be dropped at prefill"
+
+    def mask(step, layer_idx, q, kv):
+        if step == 0 and layer_idx <= score_layer:
+            return None
+        return hide_keys(q, kv, dropped)
+
+    _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
+
+
+def test_fastv_pruning_equals_masking_in_later_layers_only(lm, prompt):
+    """FastV: layers before `prune_layer` keep every token; later layers never see the dropped ones."""
+    cache = evicting_cache(lm, "fastv", prune_layer=2, drop_ratio=0.5)
+    result = greedy(lm, *prompt, cache, STEPS)
+    dropped = set(range(prompt[0].numel())) - set(cache.layers[3].positions[0].tolist())
+    assert len(dropped) == int(0.5 * int((prompt[1] == 1).sum()))
+    assert cache.layers[0].held == cache.layers[1].held == prompt[0].numel() + STEPS
+
+    def mask(step, layer_idx, q, kv):
+        return hide_keys(q, kv, dropped) if layer_idx >= 2 else None
+
+    _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))

@@ -1,0 +1,113 @@
+"""Eviction frees memory: bytes are measured from tensor storage, and replaced storage dies."""
+
+import gc
+import weakref
+
+import torch
+
+from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, tiny_lm
+from hae_cli.cache import Modality
+from hae_cli.cache.layer import EvictingLayer
+from hae_cli.cache.recycle_bin import RecycleBin
+from hae_cli.model.decoder import run_decoder
+
+BYTES_PER_TOKEN = 2 * KV_HEADS * HEAD_DIM * 4  # K and V, float32
+
+
+def _storage_refs(layer):
+    return weakref.ref(layer.keys.untyped_storage()), weakref.ref(layer.values.untyped_storage())
+
+
+def test_bytes_held_match_tokens_held_at_every_step():
+    lm = tiny_lm()
+    cache = evicting_cache(lm, "hae", budget=20, buffer=4, recent=4)
+    seen = []
+
+    def check(step, cache, fed):
+        stats = cache.stats()
+        assert stats.step == step
+        for layer, layer_stats in zip(cache.layers, stats.layers):
+            expected = layer.held * BYTES_PER_TOKEN
+            assert abs(layer_stats.bytes_held - expected) <= 0.02 * expected
+            assert layer_stats.tokens_held == layer.held
+            assert layer_stats.bin_bytes == len(layer.bin) * BYTES_PER_TOKEN
+            assert sum(layer_stats.tokens_by_modality.values()) == layer.held
+        assert stats.full_cache_bytes == len(fed) * BYTES_PER_TOKEN * len(cache.layers)
+        seen.append(stats.bytes_held)
+
+    greedy(lm, *fake_prompt(), cache, 16, after_step=check)
+    assert max(seen) <= (20 + 4) * BYTES_PER_TOKEN * 4
+    assert seen[-1] < 38 * BYTES_PER_TOKEN * 4, "the cache ends smaller than the prompt"
+
+
+def test_a_round_releases_the_old_tensors():
+    lm = tiny_lm()
+    ids, modality, image_id = fake_prompt()
+    cache = evicting_cache(lm, "streaming", budget=12, sink=2, buffer=3)
+    embed = lm.model.embed_tokens
+    with torch.no_grad():
+        cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+        run_decoder(lm, embed(ids)[None], torch.arange(ids.numel()), cache)
+        refs = [_storage_refs(layer) for layer in cache.layers]
+        gc.collect()
+        assert all(k() is not None and v() is not None for k, v in refs), "alive before the round"
+        cache.end_step()  # the prefill round: 38 tokens -> 12
+        gc.collect()
+        assert all(k() is None and v() is None for k, v in refs), "the pre-round storage must be freed"
+        for layer in cache.layers:
+            assert layer.kv_bytes == 12 * BYTES_PER_TOKEN
+        # decode: 12 -> 15 rows, then one round back to 12 frees the 15-row tensors
+        for step in range(3):
+            position = torch.tensor([ids.numel() + step])
+            cache.begin_tokens(position, torch.tensor([int(Modality.GENERATED)], dtype=torch.int8))
+            run_decoder(lm, embed(torch.tensor([[5]])), position, cache)
+            refs = [_storage_refs(layer) for layer in cache.layers]
+            cache.end_step()
+            gc.collect()
+            released = all(k() is None and v() is None for k, v in refs)
+            assert released == (step == 2), step
+    assert [layer.held for layer in cache.layers] == [12] * 4
+
+
+def test_compact_and_bin_release_storage():
+    layer = EvictingLayer(0)
+    keys = torch.randn(1, 2, 10, 4)
+    layer.append(keys, keys + 1, torch.arange(10), torch.zeros(10, dtype=torch.int8), torch.zeros(10, dtype=torch.int16))
+    ref = _storage_refs(layer)
+    layer.compact(torch.tensor([0, 2, 4, 6, 8]))
+    gc.collect()
+    assert ref[0]() is None and ref[1]() is None
+    assert layer.kv_bytes == 5 * 2 * 2 * 4 * 4
+    ref = _storage_refs(layer)
+    layer.evict_to_bin(torch.tensor([1, 3]))
+    gc.collect()
+    assert ref[0]() is None and layer.held == 3 and len(layer.bin) == 2
+    assert layer.bin.nbytes == 2 * 2 * 2 * 4 * 4
+    torch.testing.assert_close(layer.bin.keys, keys[:, :, [2, 6]])
+    layer.restore(torch.tensor([1]))
+    assert layer.positions[0].tolist() == [0, 4, 6, 8] and layer.bin.positions.tolist() == [2]
+    torch.testing.assert_close(layer.keys, keys[:, :, [0, 4, 6, 8]])
+    torch.testing.assert_close(layer.values, keys[:, :, [0, 4, 6, 8]] + 1)
+
+
+def test_recycle_bin_bookkeeping():
+    layer = EvictingLayer(0)
+    keys = torch.randn(1, 2, 6, 4)
+    modality = torch.tensor([0, 1, 1, 2, 1, 3], dtype=torch.int8)
+    layer.append(keys, keys, torch.arange(10, 16), modality, torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.int16))
+    layer.scores = torch.arange(12, dtype=torch.float32).reshape(2, 6)
+    layer.evict_to_bin(torch.tensor([1, 3, 4]))
+    bin_ = layer.bin
+    assert isinstance(bin_, RecycleBin) and not bin_.keys.is_cuda
+    assert bin_.positions.tolist() == [11, 13, 14]
+    assert bin_.modality.tolist() == [1, 2, 1] and bin_.image_id.tolist() == [1, 1, 1]
+    assert bin_.scores.tolist() == [[1.0, 3.0, 4.0], [7.0, 9.0, 10.0]]
+    bin_.age()
+    assert bin_.rounds.tolist() == [1, 1, 1]
+    assert bin_.delete(torch.tensor([0])).tolist() == [1]
+    rows = layer.restore(torch.tensor([1]))
+    assert rows.positions[:, 0].tolist() == [14, 14]
+    assert layer.positions[0].tolist() == [10, 12, 14, 15]
+    assert layer.modality[0].tolist() == [0, 1, 1, 3]
+    assert layer.scores[:, 2].tolist() == [4.0, 10.0]
+    assert bin_.positions.tolist() == [13]
