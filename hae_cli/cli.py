@@ -157,7 +157,7 @@ VisualKeepOpt = Annotated[float | None, typer.Option(
 )]
 ScoreLayerOpt = Annotated[int | None, typer.Option(
     "--score-layer", rich_help_panel=POLICY_PANEL, metavar="LAYER",
-    help="hae / mustdrop / fastv: the layer whose attention scores the visual tokens.",
+    help="hae / mustdrop: the layer whose attention scores the visual tokens (0 = the first).",
 )]
 ParamOpt = Annotated[list[str] | None, typer.Option(
     "--param", "-p", rich_help_panel=POLICY_PANEL, metavar="NAME=VALUE",
@@ -373,6 +373,21 @@ def progress_on_stderr(enabled: bool = True):
 # ----------------------------------------------------------------------------- ask / story
 
 
+def _api():
+    """`hae_cli.api`, imported late (it pulls in torch), with transformers' notices silenced:
+    the terminal is for the answer, the panel and one-line errors. A TRANSFORMERS_VERBOSITY
+    set by the user wins."""
+    import os
+
+    from hae_cli import api
+
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    return api
+
+
 def _run_options(**values) -> RunOptions:
     return RunOptions(
         model=values["model"],
@@ -409,8 +424,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     stdout = Console(soft_wrap=False)
     live = live and not as_json and stdout.is_terminal
     title = f"{task}: " + ", ".join(p.name for p in images)
-    from hae_cli import api
-
+    api = _api()
     with progress_on_stderr() as progress:
         loaded = api.load_model(options.model, options.device, options.dtype, options.num_crops,
                                 on_progress=progress)
@@ -586,12 +600,14 @@ class Prompt:
     task: str
     images: tuple[Path, ...]
     question: str | None
+    answer: str | None = None  # expected, from questions.json
 
     def label(self) -> str:
         return ", ".join(p.name for p in self.images)
 
     def to_json(self) -> dict:
-        return {"task": self.task, "images": [str(p) for p in self.images], "question": self.question}
+        return {"task": self.task, "images": [str(p) for p in self.images], "question": self.question,
+                "answer": self.answer}
 
 
 def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
@@ -618,7 +634,7 @@ def sample_folder() -> Path:
 
 def read_sample_workload(folder: Path) -> list[Prompt]:
     """The default profile workload: `questions.json` in the samples folder. Accepted shapes:
-    a list of {"image" or "images", "question" (or "questions"), optional "task"}, the same list
+    a list of {"image" or "images", "question" (or "questions"), optional "answer" and "task"}, the same list
     under a "questions"/"items"/"samples" key, or {"image.png": "question" or [questions]}."""
     path = folder / "questions.json"
     if not path.is_file():
@@ -648,10 +664,12 @@ def read_sample_workload(folder: Path) -> list[Prompt]:
         questions = [questions] if isinstance(questions, str) or questions is None else questions
         task = entry.get("task", "ask")
         task = task if task in ("ask", "story") else "ask"
+        answer = entry.get("answer")
+        answer = answer if isinstance(answer, str) and answer.strip() and len(questions) == 1 else None
         for question in questions:
             if task == "ask" and not (isinstance(question, str) and question.strip()):
                 continue
-            prompts.append(Prompt(task, tuple(_sample_path(folder, i) for i in images), question))
+            prompts.append(Prompt(task, tuple(_sample_path(folder, i) for i in images), question, answer))
     if not prompts:
         raise InputError(f"{path} holds no usable entries (each needs an image and a question)")
     return prompts
@@ -751,8 +769,7 @@ def profile(
         if path is not None and str(path) != "-" and not path.parent.is_dir():
             raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
 
-    from hae_cli import api
-
+    api = _api()
     results: dict[str, list] = {name: [] for name, _ in runs}
     interrupted = False
     with progress_on_stderr() as progress:
@@ -779,7 +796,8 @@ def profile(
 
     complete = min(len(r) for r in results.values()) or max(len(r) for r in results.values())
     baseline = results[BASELINE][:complete]
-    rows = [profile_row(name, results[name][:complete], None if name == BASELINE else baseline)
+    expected = [prompt.answer for prompt in workload[:complete]]
+    rows = [profile_row(name, results[name][:complete], None if name == BASELINE else baseline, expected)
             for name, _ in runs if results[name]]
 
     if json_file is not None:
@@ -823,7 +841,7 @@ def profile(
 def list_policies() -> None:
     """List the cache policies and their parameters (with defaults), as --policy and -p NAME=VALUE take them.
 
-    Example: [cyan]hae ask cat.jpg "What is it?" --policy streaming -p sink=4 -p recent=256[/cyan]
+    Example: [cyan]hae ask cat.jpg "What is it?" --policy streaming --budget 256 -p sink=8[/cyan]
     """
     from rich.table import Table
 

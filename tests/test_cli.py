@@ -377,7 +377,7 @@ def samples(tmp_path) -> Path:
     (folder / "a.png").write_bytes(png_bytes())
     (folder / "b.png").write_bytes(png_bytes(rgb=(0, 0, 200)))
     (folder / "questions.json").write_text(json.dumps([
-        {"image": "a.png", "question": "What color?"},
+        {"image": "a.png", "question": "What color?", "answer": "red"},
         {"image": "b.png", "questions": ["What shape?", "What color?"]},
         {"image": "b.png"},  # no question: skipped
         "junk",
@@ -401,6 +401,7 @@ def test_profile_table_json_and_plot(fake_api, samples, tmp_path):
     assert re.search(r"baseline \(full\)\s+┃\s+hae\s+┃\s+snapkv", table)
     assert re.search(r"same answer\s+│\s+-\s+│\s+3/3\s+│\s+0/3", table)
     assert re.search(r"first divergence\s+│\s+-\s+│\s+none\s+│\s+token 1", table)
+    assert re.search(r"expected answer\s+│\s+1/1\s+│\s+1/1\s+│\s+0/1", table)  # only a.png has one
     payload = json.loads(out.read_text())
     assert [row["name"] for row in payload["summary"]] == ["baseline", "hae", "snapkv"]
     assert payload["summary"][1]["kv_bytes_final"] < payload["summary"][0]["kv_bytes_final"]

@@ -202,6 +202,15 @@ def test_summary_of_a_result():
     assert state_from_result(FakeResult(interrupted=True)).status == "interrupted"
 
 
+def test_expected_answers_are_matched_as_whole_words():
+    from hae_cli.display.panel import holds_answer
+
+    assert holds_answer("The shape is Red.", "red") and holds_answer("a light blue circle", "light blue")
+    assert not holds_answer("reddish", "red") and not holds_answer("anything", "")
+    rows = profile_row("hae", [FakeResult(text="red"), FakeResult(text="blue")], expected=["red", None])
+    assert (rows.correct, rows.with_answers) == (1, 1)
+
+
 def test_agreement():
     assert agreement([1, 2, 3], [1, 2, 3]) == (True, 100.0, None)
     assert agreement([1, 2, 3, 4], [1, 9, 3, 4]) == (False, 75.0, 1)

@@ -8,6 +8,7 @@ API's callbacks into a `PanelState`.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -471,6 +472,8 @@ class ProfileRow:
     same_answers: int | None  # prompts whose answer matches the baseline token for token
     token_match_percent: float | None
     first_divergence: int | None  # earliest differing token index over the prompts
+    correct: int | None = None  # prompts whose answer holds the expected one (when the workload has answers)
+    with_answers: int = 0  # prompts that have an expected answer
     interrupted: bool = False
 
     def to_json(self) -> dict:
@@ -490,8 +493,18 @@ def tokens_kept_per_layer(stats: CacheStats | None) -> dict[str, float]:
     return {m: sum(l.tokens_by_modality.get(m, 0) for l in stats.layers) / n for m in MODALITIES}
 
 
-def profile_row(name: str, results: Sequence, baseline: Sequence | None = None) -> ProfileRow:
-    """Summarise one policy's `RunResult`s; `baseline` (same prompts, same order) gives agreement."""
+def holds_answer(text: str, expected: str) -> bool:
+    """The expected answer appears in the generated text as whole words, ignoring case."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    wanted = re.findall(r"[a-z0-9]+", expected.lower())
+    n = len(wanted)
+    return n > 0 and any(words[i:i + n] == wanted for i in range(len(words) - n + 1))
+
+
+def profile_row(name: str, results: Sequence, baseline: Sequence | None = None,
+                expected: Sequence[str | None] | None = None) -> ProfileRow:
+    """Summarise one policy's `RunResult`s; `baseline` (same prompts, same order) gives agreement,
+    `expected` (answers per prompt, None where unknown) gives correctness."""
     decode_seconds = sum(r.decode_seconds for r in results)
     decode_tokens = sum(r.decode_tokens for r in results)
     kept = [tokens_kept_per_layer(r.steps[-1] if r.steps else None) for r in results]
@@ -502,6 +515,7 @@ def profile_row(name: str, results: Sequence, baseline: Sequence | None = None) 
         match = _mean([c[1] for c in checks])
         firsts = [c[2] for c in checks if c[2] is not None]
         first = min(firsts) if firsts else None
+    graded = [(r, e) for r, e in zip(results, expected or ()) if e]
     return ProfileRow(
         name=name,
         policy=results[0].policy if results else name,
@@ -519,6 +533,8 @@ def profile_row(name: str, results: Sequence, baseline: Sequence | None = None) 
         same_answers=same,
         token_match_percent=match,
         first_divergence=first,
+        correct=sum(holds_answer(r.text, e) for r, e in graded) if graded else None,
+        with_answers=len(graded),
         interrupted=any(r.interrupted for r in results),
     )
 
@@ -563,6 +579,8 @@ def compare_table(rows: Sequence[ProfileRow], baseline_name: str = "baseline") -
         "-" if r.same_answers is None else ("none" if r.first_divergence is None else f"token {r.first_divergence}")
         for r in rows
     ])
+    if any(r.correct is not None for r in rows):
+        add("expected answer", ["-" if r.correct is None else f"{r.correct}/{r.with_answers}" for r in rows])
     return table
 
 
