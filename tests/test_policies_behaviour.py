@@ -1,0 +1,216 @@
+"""Each policy keeps what its paper says, checked against attention computed independently
+(transformers' eager attention over the full prompt), not against our own observation code."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cache_helpers import KV_HEADS, evicting_cache, fake_prompt, greedy, tiny_lm
+from hae_cli.cache import Modality
+from hae_cli.cache.layer import EvictingLayer
+from hae_cli.cache.policies.hae import HAEPolicy
+
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_lm()
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return fake_prompt(before=6, images=30, after=8)
+
+
+def eager_attentions(lm, ids):
+    """Per layer `[H_q, L, L]` softmax probabilities from transformers' eager attention."""
+    lm.config._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            out = lm(ids[None], output_attentions=True, use_cache=False)
+    finally:
+        lm.config._attn_implementation = "hae_sdpa"
+    return [a[0].float() for a in out.attentions]
+
+
+def kv_mean(per_query_head):
+    return per_query_head.reshape(KV_HEADS, -1, *per_query_head.shape[1:]).mean(dim=1)
+
+
+def prefill_positions(lm, prompt, policy, **params):
+    cache = evicting_cache(lm, policy, **params)
+    greedy(lm, *prompt, cache, 0)
+    return cache, [layer.positions for layer in cache.layers]
+
+
+def test_streaming_keeps_sinks_and_the_recent_window(lm, prompt):
+    length = prompt[0].numel()
+    _, positions = prefill_positions(lm, prompt, "streaming", budget=12, sink=4)
+    expected = list(range(4)) + list(range(length - 8, length))
+    assert all(p[h].tolist() == expected for p in positions for h in range(KV_HEADS))
+
+
+def test_h2o_keeps_heavy_hitters_per_head(lm, prompt):
+    length, budget = prompt[0].numel(), 16
+    _, positions = prefill_positions(lm, prompt, "h2o", budget=budget)
+    for layer_idx, attention in enumerate(eager_attentions(lm, prompt[0])):
+        accumulated = kv_mean(attention.sum(dim=1))  # [H_kv, L]: every prompt query's attention
+        recent = budget // 2
+        heavy = accumulated[:, : length - recent].topk(budget - recent, dim=-1).indices.sort(dim=-1).values
+        expected = torch.cat([heavy, torch.arange(length - recent, length).expand(KV_HEADS, -1)], dim=1)
+        assert torch.equal(positions[layer_idx], expected), layer_idx
+    assert not torch.equal(positions[0][0], positions[0][1]), "heads choose differently"
+
+
+def test_snapkv_keeps_the_window_and_its_pooled_votes_per_head(lm, prompt):
+    length, budget, window, kernel = prompt[0].numel(), 20, 8, 5
+    _, positions = prefill_positions(lm, prompt, "snapkv", budget=budget, window=window, kernel=kernel)
+    for layer_idx, attention in enumerate(eager_attentions(lm, prompt[0])):
+        votes = kv_mean(attention[:, length - window :, : length - window].sum(dim=1))
+        votes = F.max_pool1d(votes[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
+        chosen = votes.topk(budget - window, dim=-1).indices.sort(dim=-1).values
+        expected = torch.cat([chosen, torch.arange(length - window, length).expand(KV_HEADS, -1)], dim=1)
+        assert torch.equal(positions[layer_idx], expected), layer_idx
+
+
+def test_snapkv_does_not_evict_while_decoding(lm, prompt):
+    cache = evicting_cache(lm, "snapkv", budget=20, window=8)
+    greedy(lm, *prompt, cache, 5)
+    assert [layer.held for layer in cache.layers] == [25] * 4
+    assert all(e.stage == "prefill" for e in cache.events)
+
+
+@pytest.mark.parametrize("r_g, r_i", [(0.9, 0.05), (1.0, 0.5), (2.0, 0.9)])
+def test_hae_dual_attention_pruning_matches_its_definition(lm, prompt, r_g, r_i):
+    ids, modality, _ = prompt
+    _, positions = prefill_positions(lm, prompt, "hae", score_layer=1, r_g=r_g, r_i=r_i)
+    attention = eager_attentions(lm, ids)[1]
+    visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
+    block = attention[:, text_after][:, :, visual]  # [H, T_text, N_vis]
+    g = block.sum(dim=1).mean(dim=0)
+    g = g / g.sum()
+    m = block.amax(dim=(0, 1))
+    dropped = visual[(g < r_g / visual.numel()) & (m < r_i * m.max())]
+    expected = sorted(set(range(ids.numel())) - set(dropped.tolist()))
+    assert positions[0][0].tolist() == expected
+
+
+def test_hae_visual_keep_keeps_the_top_fraction_plus_the_needed(lm, prompt):
+    ids, modality, _ = prompt
+    _, positions = prefill_positions(lm, prompt, "hae", visual_keep=0.4, r_i=0.5)
+    attention = eager_attentions(lm, ids)[1]
+    visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
+    block = attention[:, text_after][:, :, visual]
+    g, m = block.sum(dim=1).mean(dim=0), block.amax(dim=(0, 1))
+    keep = set(visual[g.topk(math.ceil(0.4 * visual.numel())).indices].tolist())
+    keep |= set(visual[m >= 0.5 * m.max()].tolist())
+    held_visual = {p for p in positions[0][0].tolist() if modality[p] == Modality.IMAGE}
+    assert held_visual == keep
+
+
+def test_fastv_drops_the_least_attended_half_by_the_last_token(lm, prompt):
+    ids, modality, _ = prompt
+    cache, positions = prefill_positions(lm, prompt, "fastv")
+    attention = eager_attentions(lm, ids)[1]  # layer K - 1 = 1
+    image = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    ranked = attention[:, -1, image].mean(dim=0)
+    dropped = set(image[ranked.topk(image.numel() // 2, largest=False).indices].tolist())
+    assert set(range(ids.numel())) - set(positions[2][0].tolist()) == dropped
+    assert positions[3].equal(positions[2]) and positions[0].shape[1] == ids.numel() == positions[1].shape[1]
+
+
+def test_hae_running_scores_follow_the_decay_rule(lm, prompt):
+    ids = prompt[0]
+    cache = evicting_cache(lm, "hae", r_g=0.0, gamma=0.8, budget=500)
+    tokens, _, _ = greedy(lm, *prompt, cache, 1)
+    fed = torch.cat([ids, torch.tensor(tokens)])
+    prompt_attention = eager_attentions(lm, ids)
+    step_attention = eager_attentions(lm, fed)
+    for layer_idx, layer in enumerate(cache.layers):
+        initial = kv_mean(prompt_attention[layer_idx][:, -1])  # the last prompt token's attention
+        expected = 0.8 * F.pad(initial, (0, 1)) + kv_mean(step_attention[layer_idx][:, -1])
+        torch.testing.assert_close(layer.scores, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_hae_bin_refresh_equals_the_running_score_it_would_have_had():
+    policy = HAEPolicy(gamma=0.9)
+    layer = EvictingLayer(0)
+    torch.manual_seed(3)
+    keys = torch.randn(1, KV_HEADS, 3, 8)
+    layer.append(keys, keys, torch.arange(3), torch.ones(3, dtype=torch.int8), torch.zeros(3, dtype=torch.int16))
+    layer.scores = torch.rand(KV_HEADS, 3)
+    layer.evict_to_bin(torch.tensor([0, 2]))
+    layer.attention_scaling = 8**-0.5
+    queries, lse = torch.randn(4, 5, 8), torch.randn(4, 5)
+    layer.remember_queries(queries, lse, capacity=5)
+    layer.steps_since_round = 5
+    expected = layer.bin.scores.clone()
+    for step in range(5):
+        for kv_head in range(KV_HEADS):
+            heads = range(kv_head * 2, kv_head * 2 + 2)
+            seen = [torch.exp(queries[h, step] @ layer.bin.keys[0, kv_head].T * 8**-0.5 - lse[h, step]) for h in heads]
+            expected[kv_head] = 0.9 * expected[kv_head] + torch.stack(seen).mean(dim=0)
+    torch.testing.assert_close(policy.refresh_bin(layer), expected)
+
+
+def test_hae_rounds_keep_the_best_and_restore_from_the_bin(lm, prompt):
+    """After a round no bin token outranks an unprotected active one, and some do come back."""
+    policy_params = dict(budget=20, buffer=4, recent=4, sink=2)
+    checked = []
+
+    def check(step, cache, fed):
+        for layer in cache.layers:
+            rounded = any(e.step == step and e.layer == layer.layer_idx and e.action == "binned" for e in cache.events)
+            if rounded and len(layer.bin):
+                sink, recent = cache.policy.protected(layer.budget)
+                active = cache.policy.priority(layer)[sink : layer.held - recent]
+                assert float(active.min()) >= float(cache.policy.bin_priority(layer).max())
+                checked.append(step)
+
+    cache = evicting_cache(lm, "hae", **policy_params)
+    greedy(lm, *prompt, cache, STEPS, after_step=check)
+    assert checked and any(e.action == "restored" for e in cache.events)
+    assert any(e.action == "deleted" for e in cache.events)
+
+
+def test_hae_weights_send_visual_tokens_first(lm, prompt):
+    ids = prompt[0]
+    cache = evicting_cache(lm, "hae", r_g=0.0, budget=24, buffer=4, recent=4, w_visual=0.0, bin_size=0)
+    greedy(lm, *prompt, cache, 8)
+    evicted = [e.counts for e in cache.events if e.layer == 0]
+    assert sum(sum(c.values()) for c in evicted) == (ids.numel() - 24) + 8  # prefill round + two decode rounds
+    assert all(c["text"] == 0 and c["generated"] == 0 for c in evicted), "with w_visual=0 visual tokens go first"
+    assert all(e.action == "evicted" for e in cache.events), "bin_size=0: evictions are final"
+
+
+def test_broadcast_makes_every_layer_follow_the_scoring_layer(lm, prompt):
+    cache = evicting_cache(lm, "hae", budget=20, buffer=4, recent=4, broadcast=True)
+    greedy(lm, *prompt, cache, STEPS)
+    first = cache.layers[0]
+    for layer in cache.layers[1:]:
+        assert torch.equal(layer.positions, first.positions)
+        assert torch.equal(layer.bin.positions, first.bin.positions)
+    assert [float(layer.scores.abs().sum()) > 0 for layer in cache.layers] == [False, True, False, False]
+
+
+def test_mustdrop_evicts_for_good(lm, prompt):
+    cache = evicting_cache(lm, "mustdrop", budget=20, buffer=4, recent=4)
+    greedy(lm, *prompt, cache, STEPS)
+    actions = {e.action for e in cache.events}
+    assert actions == {"evicted"} and all(len(layer.bin) == 0 for layer in cache.layers)
+    assert [layer.held for layer in cache.layers] == [20] * 4  # a round at step 24 (every 4 steps)
+
+
+def test_reports_overhead_history_and_events(lm, prompt):
+    cache = evicting_cache(lm, "hae", budget=20, buffer=4, recent=4, record_history=True)
+    greedy(lm, *prompt, cache, 8)
+    assert cache.eviction_seconds > 0 and set(cache.overhead_seconds) == {"observe", "prefill", "rounds"}
+    assert [s.step for s in cache.history] == list(range(9))
+    steps = [e.step for e in cache.events]
+    assert steps == sorted(steps) and cache.stats().step == 8
+    assert cache.stats().events == [e for e in cache.events if e.step == 8]
