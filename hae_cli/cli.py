@@ -101,8 +101,9 @@ app = typer.Typer(
         "  [cyan]hae story p1.png p2.png p3.png --max-new-tokens 300[/cyan]\n\n"
         "  [cyan]hae profile --compare baseline,snapkv,h2o --plot occupancy.png[/cyan]\n\n"
         "  [cyan]hae policies[/cyan]   (every policy and its parameters)\n\n"
-        "The default [bold]--model demo[/bold] is a tiny model shipped for trying hae offline; its "
-        "answers are not meaningful. For the real model pass "
+        "The default [bold]--model demo[/bold] is a small model shipped with hae: Phi-3.5-Vision's "
+        "structure and checkpoint layout, trained on easy-VQA (one coloured shape per image), so it "
+        "runs offline on a CPU and answers only questions about such shapes. For the real model pass "
         "[bold]--model microsoft/Phi-3.5-vision-instruct[/bold] (from the local Hugging Face cache) "
         "or a checkpoint folder."
     ),
@@ -123,8 +124,8 @@ OUTPUT_PANEL = "Output"
 
 ModelOpt = Annotated[str, typer.Option(
     "--model", "-m", rich_help_panel=MODEL_PANEL, metavar="demo|FOLDER|HUB_ID",
-    help="Which weights. [bold]demo[/bold] (default): a tiny model shipped with hae, for trying it "
-         "offline; its answers are not meaningful. A folder: a checkpoint in the official "
+    help="Which weights. [bold]demo[/bold] (default): a small model shipped with hae, trained on "
+         "easy-VQA (coloured shapes) for trying hae offline on a CPU; it knows nothing else. A folder: a checkpoint in the official "
          "Phi-3.5-V layout. A hub id such as [bold]microsoft/Phi-3.5-vision-instruct[/bold]: "
          "taken from the local Hugging Face cache (nothing is downloaded with HF_HUB_OFFLINE=1).",
 )]
@@ -404,8 +405,10 @@ def _run_options(**values) -> RunOptions:
 
 
 def _check_sampling(options: RunOptions) -> None:
-    if not 0 < options.top_p <= 1:
-        raise ConfigError(f"--top-p must be in (0, 1], got {options.top_p}")
+    """The generation loop's own checks (max_new_tokens, temperature, top_p), before the model loads."""
+    from hae_cli.model.generate import SamplingConfig
+
+    SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
 
 
 def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
@@ -662,6 +665,8 @@ def read_sample_workload(folder: Path) -> list[Prompt]:
             continue
         questions = entry.get("questions", entry.get("question"))
         questions = [questions] if isinstance(questions, str) or questions is None else questions
+        if not isinstance(questions, list):
+            continue
         task = entry.get("task", "ask")
         task = task if task in ("ask", "story") else "ask"
         answer = entry.get("answer")
@@ -676,10 +681,8 @@ def read_sample_workload(folder: Path) -> list[Prompt]:
 
 
 def _sample_path(folder: Path, name: str) -> Path:
-    path = Path(name)
-    if path.is_absolute() or path.exists():
-        return path
-    return folder / path
+    """Names in questions.json are relative to its folder (absolute paths are kept)."""
+    return folder / name
 
 
 def build_workload(images: Sequence[Path] | None, question: str | None, task: Task,

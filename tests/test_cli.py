@@ -259,7 +259,8 @@ def test_max_new_tokens_zero(fake_api, image):
     (["-p", "gamma=fast"], "hae parameter gamma expects float"),
     (["-p", "score_layer=1.5"], "expects a whole number"),
     (["--visual-keep", "1.5"], "visual_keep must be in (0, 1]"),
-    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature"),
     (["--num-crops", "0"], "--num-crops"),
     (["--max-new-tokens", "many"], "--max-new-tokens"),
@@ -358,7 +359,7 @@ def test_help_teaches_by_example():
                           [["story"], "hae story p1.png p2.png p3.png"], [["profile"], "--compare baseline,snapkv,h2o"]):
         result = invoke(*args, "--help")
         assert result.exit_code == 0 and example in result.stdout
-    assert "demo" in invoke("ask", "--help").stdout and "not meaningful" in invoke("ask", "--help").stdout
+    assert "easy-VQA" in invoke("ask", "--help").stdout and "Phi-3.5-vision-instruct" in invoke("--help").stdout
 
 
 def test_policies_lists_parameters(fake_policies):
@@ -381,6 +382,7 @@ def samples(tmp_path) -> Path:
         {"image": "b.png", "questions": ["What shape?", "What color?"]},
         {"image": "b.png"},  # no question: skipped
         "junk",
+        {"image": "a.png", "questions": 7},  # malformed: skipped
     ]))
     return folder
 
