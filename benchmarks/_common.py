@@ -1,0 +1,148 @@
+"""What every benchmark shares: the run's conditions, the JSON file, the table, a seeded subset.
+
+Every figure a benchmark prints is measured in the run that prints it; `conditions()` records
+what else the machine was doing, so a timing taken under load says so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO / "benchmarks" / "results"
+if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere finds hae_cli
+    sys.path.insert(0, str(REPO))
+
+
+def other_heavy_processes() -> list[str]:
+    """Command lines of other processes known to load the CPU (the demo model's training)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if "train_demo_model" in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def conditions(**extra) -> dict:
+    """When, where and under which load this run measured."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (float("nan"),) * 3
+    heavy = other_heavy_processes()
+    return {
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "git_commit": commit,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "load_average_1m": round(load[0], 2),
+        "demo_training_running": bool(heavy),
+        **extra,
+    }
+
+
+def describe_conditions(cond: dict) -> str:
+    training = "WHILE the demo model was training (timings distorted)" if cond["demo_training_running"] else "no training running"
+    return (
+        f"{cond['started']}, commit {cond['git_commit'] or '?'}, {cond['device']}, "
+        f"{cond['torch_threads']} torch threads of {cond['cpu_count']} cores, load {cond['load_average_1m']}, {training}"
+    )
+
+
+def write_json(name: str, data: dict, out_dir: str | Path | None = None) -> Path:
+    folder = Path(out_dir) if out_dir else RESULTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(data, indent=2, default=_jsonable) + "\n")
+    return path
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], caption: str = "") -> None:
+    """A Rich table on stdout (plain text when stdout is not a terminal)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, caption=caption or None, caption_justify="left")
+    for i, column in enumerate(columns):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*(_cell(v) for v in row))
+    Console(width=max(100, sum(len(c) for c in columns) + 8 * len(columns))).print(table)
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def seeded_subset(items: Sequence, limit: int | None, seed: int) -> list:
+    """`limit` items drawn without replacement with `seed`, in their original order (all if None)."""
+    if limit is None or limit >= len(items):
+        return list(items)
+    chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
+    return [items[i] for i in chosen]
+
+
+def parse_list(text: str, cast=str) -> list:
+    return [cast(part.strip()) for part in text.split(",") if part.strip()]
+
+
+def mib(n_bytes: float) -> float:
+    return n_bytes / 2**20
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+class Progress:
+    """One line to stderr every `every` seconds: done / total and the time left."""
+
+    def __init__(self, label: str, total: int, every: float = 10.0, quiet: bool = False) -> None:
+        self.label, self.total, self.every, self.quiet = label, total, every, quiet
+        self.start = self.last = time.perf_counter()
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if self.quiet or (now - self.last < self.every and done < self.total):
+            return
+        self.last = now
+        elapsed = now - self.start
+        left = elapsed / done * (self.total - done) if done else float("nan")
+        print(f"  {self.label}: {done}/{self.total}  {elapsed:.0f} s, ~{left:.0f} s left", file=sys.stderr, flush=True)

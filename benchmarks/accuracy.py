@@ -1,0 +1,607 @@
+"""Accuracy against KV bytes: easy-VQA and multi-image captions on the demo model, every policy.
+
+Every question is answered under `full`, under each HAE setting, and under each baseline
+given the budget that matches that HAE setting's kept size *on the same question*
+(snapkv / h2o / streaming: HAE's tokens per layer after prefill; mustdrop: the same
+dual-attention selection; fastv: the same share of image tokens dropped, after its layer K).
+The full cache is measured in the same run, so every ratio is a ratio of two measurements.
+
+Each image goes through the vision tower once; its features are reused for all of its
+questions and all policies (the tower's output depends on neither).
+
+    python benchmarks/accuracy.py                        # default: 2,000 seeded questions + the full split
+    python benchmarks/accuracy.py --limit 300 --no-full-split --story-sets 5
+    python benchmarks/accuracy.py --hae thr,0.6,0.4,0.25,0.15 --baselines snapkv,h2o
+
+Writes benchmarks/results/accuracy.json and accuracy.png (accuracy vs KV cut per policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+import torch  # noqa: E402
+
+BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A policy with parameters; a baseline's budget comes from `matched_to` (an HAE setting) per prompt."""
+
+    label: str
+    policy: str
+    params: dict = field(default_factory=dict)
+    matched_to: str | None = None
+
+
+@dataclass
+class Outcome:
+    """One prompt under one setting."""
+
+    token_ids: list[int]
+    bytes_per_step: list[int]
+    full_bytes_per_step: list[int]
+    held_after_prefill: int  # tokens per layer (max over layers)
+    image_after_prefill: int  # image tokens per layer (max over layers)
+    restored: int = 0
+    binned: int = 0
+
+    @property
+    def kv_mean(self) -> float:
+        return statistics.fmean(self.bytes_per_step)
+
+    @property
+    def kv_peak(self) -> int:
+        return max(self.bytes_per_step)
+
+
+def hae_settings(spec: str) -> list[Setting]:
+    """"thr,0.6,thr:r_g=1.5:r_i=0.1" -> threshold mode, visual_keep 0.6, tuned thresholds."""
+    settings = []
+    for part in common.parse_list(spec):
+        head, *options = part.split(":")
+        params: dict = {}
+        if head != "thr":
+            params["visual_keep"] = float(head)
+        for option in options:
+            key, _, value = option.partition("=")
+            params[key] = float(value) if "." in value or "e" in value else int(value)
+        label = "hae " + ("thr" if head == "thr" else f"vk{head}") + "".join(f" {o}" for o in options)
+        settings.append(Setting(label, "hae", params))
+    return settings
+
+
+def matched_params(baseline: str, hae: Setting, hae_outcome: Outcome, prompt, fastv_layer: int) -> dict:
+    """The budget that gives `baseline` HAE's kept size on this prompt."""
+    if baseline == "mustdrop":
+        return dict(hae.params)
+    if baseline == "fastv":
+        from hae_cli.cache.modality import Modality
+
+        images = int((prompt.modality == Modality.IMAGE).sum())
+        dropped = 1.0 - hae_outcome.image_after_prefill / max(1, images)
+        return {"prune_layer": fastv_layer, "drop_ratio": min(1.0, max(0.0, dropped))}
+    return {"budget": max(1, hae_outcome.held_after_prefill)}
+
+
+# --------------------------------------------------------------------------- running prompts
+
+
+def image_features(model, processed) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.image_embeddings([processed])[0]
+
+
+def embed_prompt(model, prompt, processed_images, features: list[torch.Tensor]) -> torch.Tensor:
+    """`model.embed` with image features computed beforehand, once per image."""
+    model.image_embeddings = lambda images: features  # shadows the method for this call only
+    try:
+        with torch.inference_mode():
+            return model.embed(prompt, processed_images)
+    finally:
+        del model.image_embeddings
+
+
+def run_prompt(loaded, embeds, prompt, policy: str, params: dict, max_new_tokens: int) -> Outcome:
+    """Greedy answer under `policy`, with the bytes held after every step."""
+    from hae_cli.api import make_cache
+    from hae_cli.model.generate import SamplingConfig, generate
+
+    cache = make_cache(loaded, policy, params)
+    steps = []
+    generation = generate(
+        loaded.model,
+        embeds,
+        prompt.modality,
+        prompt.image_id,
+        cache,
+        SamplingConfig(max_new_tokens=max_new_tokens),
+        loaded.stop_ids,
+        on_step=lambda: steps.append(cache.stats()),
+    )
+    first = steps[0].layers
+    return Outcome(
+        token_ids=generation.token_ids,
+        bytes_per_step=[s.bytes_held for s in steps],
+        full_bytes_per_step=[s.full_cache_bytes for s in steps],
+        held_after_prefill=max(layer.tokens_held for layer in first),
+        image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
+        restored=sum(sum(e.counts.values()) for e in cache.events if e.action == "restored"),
+        binned=sum(sum(e.counts.values()) for e in cache.events if e.action == "binned"),
+    )
+
+
+@dataclass
+class Record:
+    """A prompt's result under one setting: what the table and the JSON aggregate."""
+
+    correct: float  # 1/0 for VQA; share of images captioned right for stories
+    kv_mean: float
+    kv_peak: int
+    full_mean: float
+    exact: bool = False
+    restored: int = 0
+    binned: int = 0
+
+
+def summarize(label: str, setting: Setting, records: list[Record], full: list[Record]) -> dict:
+    """One table row; `full` is the full cache on the same prompts (same run)."""
+    n = len(records)
+    accuracy = sum(r.correct for r in records) / n
+    full_accuracy = sum(r.correct for r in full) / n
+    kv_mean = statistics.fmean(r.kv_mean for r in records)
+    full_mean = statistics.fmean(r.kv_mean for r in full)
+    return {
+        "setting": label,
+        "policy": setting.policy,
+        "params": setting.params if setting.matched_to is None else f"matched to {setting.matched_to}",
+        "n": n,
+        "accuracy": accuracy,
+        "drop_points": 100 * (full_accuracy - accuracy),
+        "kv_bytes_mean": kv_mean,
+        "kv_bytes_peak": statistics.fmean(r.kv_peak for r in records),
+        "cut_pct": 100 * (1 - kv_mean / full_mean),
+        "exact_match": sum(r.exact for r in records) / n,
+        "restored": sum(r.restored for r in records),
+        "binned": sum(r.binned for r in records),
+    }
+
+
+class Workbench:
+    """The model plus per-image caches: preprocessed pixels and vision features, computed once."""
+
+    def __init__(self, loaded, split: str) -> None:
+        from hae_cli.data import easyvqa
+
+        self.loaded, self.split, self.easyvqa = loaded, split, easyvqa
+        self.tokenizer = loaded.tokenizer
+        self._images: dict[int, tuple] = {}
+        self.vision_calls = 0
+
+    def image(self, image_id: int):
+        """(processed image, its features); keeps the last few hundred."""
+        from hae_cli.model.image import load_image, preprocess
+
+        if image_id not in self._images:
+            if len(self._images) > 512:
+                self._images.pop(next(iter(self._images)))
+            processed = preprocess(load_image(self.easyvqa.image_path(image_id, self.split)), self.loaded.image_config)
+            self._images[image_id] = (processed, image_features(self.loaded.model, processed))
+            self.vision_calls += 1
+        return self._images[image_id]
+
+    def prompt(self, text: str, image_ids: list[int]):
+        from hae_cli.model.prompt import build_prompt, user_message
+
+        pairs = [self.image(i) for i in image_ids]
+        processed = [p for p, _ in pairs]
+        prompt = build_prompt(self.tokenizer, user_message(text, len(processed)), processed)
+        return prompt, embed_prompt(self.loaded.model, prompt, processed, [f for _, f in pairs])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# --------------------------------------------------------------------------- VQA
+
+
+def vqa_plan(hae: list[Setting], baselines: list[str], fastv_layer: int) -> list[Setting]:
+    plan = [Setting("full", "full")] + hae
+    for setting in hae:
+        for baseline in baselines:
+            plan.append(Setting(f"{baseline} @{setting.label[4:]}", baseline, matched_to=setting.label))
+    return plan
+
+
+def vqa_question(question, plan: list[Setting], fastv_layer: int) -> dict[str, Record]:
+    """One question under every setting of `plan` (baselines after the HAE setting they match)."""
+    bench = _BENCH
+    by_label = {s.label: s for s in plan}
+    prompt, embeds = bench.prompt(question.question, [question.image_id])
+    outcomes: dict[str, Outcome] = {}
+    records: dict[str, Record] = {}
+    for setting in plan:
+        params = setting.params
+        if setting.matched_to is not None:
+            params = matched_params(setting.policy, by_label[setting.matched_to], outcomes[setting.matched_to], prompt, fastv_layer)
+        outcome = run_prompt(bench.loaded, embeds, prompt, setting.policy, params, max_new_tokens=2)
+        outcomes[setting.label] = outcome
+        correct = bench.decode(outcome.token_ids) == question.answer
+        records[setting.label] = Record(
+            float(correct), outcome.kv_mean, outcome.kv_peak, statistics.fmean(outcome.full_bytes_per_step), exact=correct
+        )
+    return records
+
+
+def _vqa_group(task) -> list[tuple[int, dict[str, Record]]]:
+    group, plan, fastv_layer = task
+    return [(index, vqa_question(question, plan, fastv_layer)) for index, question in group]
+
+
+def run_vqa(questions: list[tuple[int, object]], plan: list[Setting], results: dict, pool, args, tag: str) -> None:
+    """Fill `results[label][question index]` for `plan`, skipping questions already run with all of it.
+
+    Questions are grouped by image, so each image goes through the vision tower once."""
+    todo = [(i, q) for i, q in questions if any(i not in results[s.label] for s in plan)]
+    groups: dict[int, list] = defaultdict(list)
+    for index, question in todo:
+        groups[question.image_id].append((index, question))
+    tasks = [(group, plan, args.fastv_layer) for _, group in sorted(groups.items())]
+    progress = common.Progress(tag, len(todo), quiet=args.quiet)
+    done = 0
+    for answered in pool.imap_unordered(_vqa_group, tasks):
+        for index, records in answered:
+            for label, record in records.items():
+                results[label][index] = record
+        done += len(answered)
+        progress.update(done)
+
+
+def choose_best(rows: list[dict], target_drop: float) -> dict:
+    """The HAE row with the largest cut whose drop is within target; else the smallest drop."""
+    hae = [r for r in rows if r["policy"] == "hae"]
+    within = [r for r in hae if r["drop_points"] <= target_drop]
+    if within:
+        return max(within, key=lambda r: r["cut_pct"])
+    return min(hae, key=lambda r: (r["drop_points"], -r["cut_pct"]))
+
+
+def equal_kv_comparison(rows: list[dict], hae: list[Setting], baselines: list[str]) -> list[dict]:
+    """Per HAE setting: each baseline's accuracy at HAE's KV bytes.
+
+    Budget-matched baselines hold HAE's tokens on every prompt, so their own row is the
+    comparison. FastV keeps its first K layers whole, so its cut differs; its accuracy at
+    HAE's cut is read off its curve (linear interpolation), or, beyond the curve's reach,
+    HAE counts as at least as good only if it beats FastV's deepest cut with a larger cut.
+    """
+    by_label = {r["setting"]: r for r in rows}
+    out = []
+    for setting in hae:
+        mine = by_label[setting.label]
+        entry = {"hae": setting.label, "hae_accuracy": mine["accuracy"], "hae_cut_pct": mine["cut_pct"], "baselines": {}}
+        wins = True
+        for baseline in baselines:
+            row = by_label.get(f"{baseline} @{setting.label[4:]}")
+            if row is None:
+                continue
+            accuracy, how = row["accuracy"], "same budget"
+            if abs(row["cut_pct"] - mine["cut_pct"]) > 1.0:
+                curve = sorted((r["cut_pct"], r["accuracy"]) for r in rows if r["policy"] == baseline)
+                accuracy, how = _interpolate(curve, mine["cut_pct"])
+            ok = accuracy is None or mine["accuracy"] >= accuracy - 1e-12
+            if accuracy is None:
+                deepest = curve[-1]
+                ok = mine["accuracy"] >= deepest[1] and mine["cut_pct"] >= deepest[0]
+                how = f"beyond its curve (deepest cut {deepest[0]:.1f}%, accuracy {deepest[1]:.4f})"
+            entry["baselines"][baseline] = {"accuracy_at_equal_kv": accuracy, "how": how, "hae_at_or_above": ok}
+            wins &= ok
+        entry["hae_at_or_above_all"] = wins
+        out.append(entry)
+    return out
+
+
+def _interpolate(curve: list[tuple[float, float]], x: float) -> tuple[float | None, str]:
+    if not curve or x < curve[0][0] or x > curve[-1][0]:
+        return None, "outside its curve"
+    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
+        if x0 <= x <= x1:
+            return (y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)), "interpolated on its curve"
+    return curve[0][1], "interpolated on its curve"
+
+
+# --------------------------------------------------------------------------- stories
+
+_CAPTION = re.compile(r"image\s*(\d+)\s*:\s*a\s+(\w+)\s+(\w+)")
+
+
+def captions(text: str) -> dict[int, tuple[str, str]]:
+    return {int(k): (color, shape) for k, color, shape in _CAPTION.findall(text.lower())}
+
+
+def story_plan(hae_params: dict, budgets: list[float], buffer: int) -> list[Setting]:
+    plan = [Setting("full", "full"), Setting("hae (no budget)", "hae", dict(hae_params))]
+    for budget in budgets:
+        plan += [
+            Setting(f"hae B={budget}", "hae", {**hae_params, "budget": budget, "buffer": buffer}),
+            Setting(f"mustdrop B={budget}", "mustdrop", {**hae_params, "budget": budget, "buffer": buffer}),
+            Setting(f"h2o B={budget}", "h2o", {"budget": budget}),
+            Setting(f"streaming B={budget}", "streaming", {"budget": budget}),
+            Setting(f"snapkv B={budget}", "snapkv", {"budget": budget}),
+        ]
+    return plan
+
+
+def story_set(task) -> dict[str, Record]:
+    """One caption set under every setting of `plan`."""
+    image_ids, plan = task
+    bench = _BENCH
+    easyvqa = bench.easyvqa
+    target_ids = bench.tokenizer.encode(easyvqa.story_target(list(image_ids), bench.split), add_special_tokens=False)
+    wanted = captions(bench.decode(target_ids))
+    prompt, embeds = bench.prompt(easyvqa.STORY_PROMPT, list(image_ids))
+    records = {}
+    for setting in plan:
+        outcome = run_prompt(bench.loaded, embeds, prompt, setting.policy, setting.params, len(target_ids) + 4)
+        got = captions(bench.decode(outcome.token_ids))
+        records[setting.label] = Record(
+            sum(got.get(k) == v for k, v in wanted.items()) / max(1, len(wanted)),
+            outcome.kv_mean,
+            outcome.kv_peak,
+            statistics.fmean(outcome.full_bytes_per_step),
+            exact=outcome.token_ids == target_ids,
+            restored=outcome.restored,
+            binned=outcome.binned,
+        )
+    return records
+
+
+def run_stories(image_sets: list[list[int]], plan: list[Setting], pool, args, tag: str) -> dict[str, list[Record]]:
+    results: dict[str, list[Record]] = defaultdict(list)
+    progress = common.Progress(tag, len(image_sets), quiet=args.quiet)
+    for done, records in enumerate(pool.imap_unordered(story_set, [(ids, plan) for ids in image_sets]), start=1):
+        for label, record in records.items():
+            results[label].append(record)
+        progress.update(done)
+    return results
+
+
+# --------------------------------------------------------------------------- workers
+
+_BENCH: Workbench | None = None
+
+
+def _start_worker(model: str, split: str, threads: int) -> None:
+    global _BENCH
+    common.set_threads(threads)
+    from hae_cli.api import load_model
+
+    _BENCH = Workbench(load_model(model), split)
+
+
+class InProcess:
+    """The pool interface for --workers 1: no processes, same code path."""
+
+    def __init__(self, model: str, split: str, threads: int) -> None:
+        _start_worker(model, split, threads)
+
+    def imap_unordered(self, fn, tasks):
+        return map(fn, tasks)
+
+    def vision_calls(self) -> int:
+        return _BENCH.vision_calls
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def make_pool(args):
+    if args.workers <= 1:
+        return InProcess(args.model, args.split, args.threads)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")  # no fork after torch has started threads
+    return context.Pool(args.workers, initializer=_start_worker, initargs=(args.model, args.split, args.threads or 1))
+
+
+# --------------------------------------------------------------------------- output
+
+
+VQA_COLUMNS = ("setting", "accuracy %", "drop vs full (pts)", "KV mean MiB", "KV peak MiB", "cut vs full %")
+STORY_COLUMNS = ("setting", "caption acc %", "exact %", "drop (pts)", "KV mean MiB", "KV peak MiB", "cut %", "binned", "restored")
+
+
+def vqa_table_rows(rows: list[dict]) -> list[list]:
+    return [
+        [r["setting"], 100 * r["accuracy"], r["drop_points"], common.mib(r["kv_bytes_mean"]), common.mib(r["kv_bytes_peak"]), r["cut_pct"]]
+        for r in rows
+    ]
+
+
+def story_table_rows(rows: list[dict]) -> list[list]:
+    return [
+        [
+            r["setting"],
+            100 * r["accuracy"],
+            100 * r["exact_match"],
+            r["drop_points"],
+            common.mib(r["kv_bytes_mean"]),
+            common.mib(r["kv_bytes_peak"]),
+            r["cut_pct"],
+            r["binned"],
+            r["restored"],
+        ]
+        for r in rows
+    ]
+
+
+def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 1 + len(stories)
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
+    _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %")
+    for ax, (n, rows) in zip(axes[0][1:], sorted(stories.items())):
+        _curves(ax, rows, f"captions, {n} images (decode budgets)", "images captioned right %")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _curves(ax, rows: list[dict], title: str, ylabel: str) -> None:
+    by_policy: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    for r in rows:
+        by_policy[r["policy"]].append((r["cut_pct"], 100 * r["accuracy"], r["setting"]))
+    for policy, points in by_policy.items():
+        points.sort()
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        style = dict(marker="*", markersize=12) if policy == "full" else dict(marker="o")
+        ax.plot(xs, ys, label=policy, linewidth=2.5 if policy == "hae" else 1.2, **style)
+    ax.set_xlabel("KV cut vs full cache (%)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="demo", help="checkpoint: demo, a folder or a hub id (default: demo)")
+    parser.add_argument("--split", default="test", help="easy-VQA split (default: test)")
+    parser.add_argument("--limit", type=int, default=2000, help="seeded questions for the all-policy table (0 = all; default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the question subset and the story sets")
+    parser.add_argument("--hae", default="thr,0.6,0.4,0.25", help="HAE settings: thr (thresholds) or a visual_keep; options as thr:r_g=1.5:r_i=0.1")
+    parser.add_argument("--baselines", default=",".join(BASELINES), help=f"baselines at matched budgets (default: {','.join(BASELINES)})")
+    parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K, the first layer without the dropped tokens (default 2)")
+    parser.add_argument("--target-drop", type=float, default=0.3, help="accuracy drop (points) allowed when choosing the best HAE setting")
+    parser.add_argument("--no-full-split", action="store_true", help="skip full + best HAE on the whole split")
+    parser.add_argument("--full-split-limit", type=int, default=0, help="questions for the full-split pass (0 = the whole split)")
+    parser.add_argument("--story-images", default="4,8", help="images per caption set (default 4,8)")
+    parser.add_argument("--story-sets", type=int, default=25, help="seeded caption sets per size (default 25; 0 = skip)")
+    parser.add_argument("--story-budgets", default="0.3,0.2", help="decode budgets, fractions of the prompt (default 0.3,0.2)")
+    parser.add_argument("--story-buffer", type=int, default=8, help="HAE/mustdrop decoding buffer d for the caption task (default 8)")
+    parser.add_argument("--story-hae", default="best", help="HAE prefill setting for captions: best (the chosen VQA setting) or a --hae item")
+    parser.add_argument("--workers", type=int, default=2, help="processes sharing the prompts, 1 thread each (default 2; 1 = in this process)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default; workers default to 1)")
+    parser.add_argument("--out-dir", default=None, help="where to write accuracy.json / accuracy.png (default benchmarks/results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    from hae_cli.data import easyvqa
+
+    started = time.perf_counter()
+    common.set_threads(args.threads)
+    cond = common.conditions(model=args.model, workers=args.workers)
+    hae = hae_settings(args.hae)
+    baselines = common.parse_list(args.baselines)
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise SystemExit(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
+    plan = vqa_plan(hae, baselines, args.fastv_layer)
+    everything = list(enumerate(easyvqa.load_split(args.split)))
+    subset = common.seeded_subset(everything, args.limit or None, args.seed)
+    out: dict = {"benchmark": "accuracy", "conditions": cond, "args": vars(args)}
+    stories: dict[int, list[dict]] = {}
+
+    with make_pool(args) as pool:
+        results: dict[str, dict[int, Record]] = defaultdict(dict)
+        run_vqa(subset, plan, results, pool, args, "vqa subset")
+        indices = [i for i, _ in subset]
+        full_records = [results["full"][i] for i in indices]
+        vqa_rows = [summarize(s.label, s, [results[s.label][i] for i in indices], full_records) for s in plan]
+        best = choose_best(vqa_rows, args.target_drop)
+        comparison = equal_kv_comparison(vqa_rows, hae, baselines)
+        out["vqa"] = {"questions": len(indices), "rows": vqa_rows, "best_hae": best["setting"], "equal_kv": comparison}
+        title = f"easy-VQA {args.split}, {len(indices)} seeded questions (seed {args.seed}), model {args.model}"
+        common.print_table(title, VQA_COLUMNS, vqa_table_rows(vqa_rows), caption=common.describe_conditions(cond))
+        _print_comparison(comparison, baselines)
+
+        best_setting = next(s for s in hae if s.label == best["setting"])
+        if not args.no_full_split:
+            extra = common.seeded_subset(everything, args.full_split_limit or None, args.seed + 1)
+            pool_questions = sorted({i: q for i, q in extra + subset}.items())
+            run_vqa(pool_questions, [plan[0], best_setting], results, pool, args, "vqa full split")
+            ids = [i for i, _ in pool_questions]
+            full = [results["full"][i] for i in ids]
+            split_rows = [summarize(s.label, s, [results[s.label][i] for i in ids], full) for s in (plan[0], best_setting)]
+            out["vqa_full_split"] = {"questions": len(ids), "rows": split_rows}
+            common.print_table(
+                f"easy-VQA {args.split}, {len(ids)} questions: full vs the best HAE setting ({best_setting.label})",
+                VQA_COLUMNS,
+                vqa_table_rows(split_rows),
+            )
+
+        if args.story_sets:
+            story_hae = dict(best_setting.params) if args.story_hae == "best" else hae_settings(args.story_hae)[0].params
+            story_settings = story_plan(story_hae, common.parse_list(args.story_budgets, float), args.story_buffer)
+            out["stories"] = {"hae_prefill_params": story_hae, "buffer": args.story_buffer, "by_images": {}}
+            for n in common.parse_list(args.story_images, int):
+                sets = easyvqa.story_sets(args.split, args.story_sets, n, seed=args.seed)
+                records = run_stories(sets, story_settings, pool, args, f"captions x{n}")
+                rows = [summarize(s.label, s, records[s.label], records["full"]) for s in story_settings]
+                stories[n] = rows
+                out["stories"]["by_images"][str(n)] = {"sets": len(sets), "rows": rows}
+                common.print_table(
+                    f"captions: {len(sets)} seeded sets of {n} images; HAE prefill {story_hae or 'thresholds'}, "
+                    f"decode buffer d={args.story_buffer}, budgets B = fractions of the prompt",
+                    STORY_COLUMNS,
+                    story_table_rows(rows),
+                    caption="binned / restored: token moves summed over layers and rounds (from the cache's events)",
+                )
+
+    out["seconds"] = round(time.perf_counter() - started, 1)
+    out["conditions"]["ended_with_training_running"] = bool(common.other_heavy_processes())
+    path = common.write_json("accuracy", out, args.out_dir)
+    if not args.no_plot:
+        png = path.with_suffix(".png")
+        plot(png, vqa_rows, stories, f"{args.model}; {common.describe_conditions(cond)}")
+        out["plot"] = str(png)
+    print(f"wrote {path} in {out['seconds']} s")
+    return out
+
+
+def _print_comparison(comparison: list[dict], baselines: list[str]) -> None:
+    rows = []
+    for entry in comparison:
+        row = [entry["hae"], f"{100 * entry['hae_accuracy']:.2f} @ {entry['hae_cut_pct']:.1f}%"]
+        for baseline in baselines:
+            b = entry["baselines"].get(baseline)
+            if b is None:
+                row.append(None)
+                continue
+            acc = b["accuracy_at_equal_kv"]
+            mark = "" if b["hae_at_or_above"] else " (beats hae)"
+            row.append(("n/a" if acc is None else f"{100 * acc:.2f}") + mark)
+        row.append("yes" if entry["hae_at_or_above_all"] else "no")
+        rows.append(row)
+    common.print_table(
+        "accuracy % at HAE's KV bytes", ["HAE setting", "hae acc @ cut"] + baselines + ["hae >= all"], rows
+    )
+
+
+if __name__ == "__main__":
+    main()
