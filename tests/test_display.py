@@ -153,6 +153,8 @@ def test_header_shows_cut_memory_and_speed():
     assert f"{format_bytes(held)} held / {format_bytes(full)} full" in text
     assert f"({-100 * (1 - held / full):+.0f}%)" in text
     assert "host RSS 3.0 GiB" in text and "NVML unavailable" in text
+    full_cache = CacheStats(0, stats.layers, full_cache_bytes=stats.bytes_held)
+    assert "(no cut)" in render(render_panel(PanelState(stats=full_cache)))
     assert "prefill 812 ms" in text and "12.3 tok/s" in text
     gpu = MemorySnapshot(host_rss_bytes=2**20, gpu_process_bytes=5 * 2**30, torch_allocated_bytes=4 * 2**30)
     assert "GPU 5.0 GiB (this process) torch allocated 4.0 GiB · host RSS 1.0 MiB" in render(

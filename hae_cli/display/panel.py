@@ -276,8 +276,10 @@ def kv_line(state: PanelState) -> Text:
     line.append(format_bytes(held), style="bold").append(" held / ").append(format_bytes(full))
     line.append(" full")
     cut = cut_percent(held, full)
-    if cut is not None:
+    if cut is not None and abs(cut) >= 0.5:
         line.append(f"  ({-cut:+.0f}%)", style="bold green" if cut > 0 else "")
+    elif cut is not None:
+        line.append("  (no cut)", style="dim")
     if stats.bin_bytes:
         line.append(f"  bin {format_bytes(stats.bin_bytes)}", style="red")
     if state.kv_bytes_peak is not None:
@@ -559,7 +561,7 @@ def compare_table(rows: Sequence[ProfileRow], baseline_name: str = "baseline") -
     def with_cut(value: float, reference: float) -> str:
         cut = cut_percent(value, reference) if reference else None
         text = format_bytes(value)
-        return text if cut is None or abs(cut) < 0.05 else f"{text} ({-cut:+.0f}%)"
+        return text if cut is None or abs(cut) < 0.5 else f"{text} ({-cut:+.0f}%)"
 
     add("KV bytes final", [with_cut(r.kv_bytes_final, base.kv_bytes_final) for r in rows])
     add("KV bytes peak", [with_cut(r.kv_bytes_peak, base.kv_bytes_peak) for r in rows])
