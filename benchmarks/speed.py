@@ -1,0 +1,333 @@
+"""Decode throughput and prefill time, `hae` against `full`, from 1k to 12k cached tokens.
+
+Phi-3.5-V's weights are not available, so this measures a random model in the official
+layout, scaled down in width (hidden 512 by default) with its MLP width chosen so that the
+KV bytes per token relative to the weight bytes equal Phi-3.5-V's:
+32 layers x 32 KV heads x 96 dims x 2 (K, V) x 2 bytes = 393,216 B per token against
+~4.15e9 params x 2 bytes. At N cached tokens the scaled model then moves the same mix of
+weight and KV bytes per decoded token as Phi-3.5-V at N tokens, which is what bounds decode
+speed: the memory-traffic limit of a cut cache is (W + K_full) / (W + K_hae).
+
+Prompts are made of images (easy-VQA pictures, 313 slots each) so that HAE has visual
+tokens to prune. On a random model attention is near uniform and HAE's default thresholds
+keep everything, so HAE runs in budget mode with r_i = 1.0 (only the single most attended
+token is "needed" on top of the top `visual_keep` share by global score).
+
+    python benchmarks/speed.py                                  # 1k..12k, 3 repeats, 64 decoded tokens
+    python benchmarks/speed.py --sizes 1024,4096 --repeats 2 --decode-tokens 32
+
+Writes benchmarks/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
+import torch  # noqa: E402
+
+PHI35V_KV_BYTES_PER_TOKEN = 32 * 32 * 96 * 2 * 2  # 393,216
+PHI35V_WEIGHT_BYTES = 4.15e9 * 2
+PHI35V_RATIO = PHI35V_KV_BYTES_PER_TOKEN / PHI35V_WEIGHT_BYTES
+HEAD_DIM = 64
+
+
+# --------------------------------------------------------------------------- the scaled model
+
+
+def text_dims(hidden: int, layers: int, intermediate: int) -> dict:
+    heads = hidden // HEAD_DIM
+    return dict(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,  # Phi-3.5-V has as many KV heads as query heads
+    )
+
+
+def count_params(tokenizer, text: dict) -> int:
+    from hae_cli.model.config import ModelConfig
+    from hae_cli.model.phi3v import Phi3VForCausalLM
+    from hae_cli.model.tiny import TINY_VISION, official_config
+
+    raw = official_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, 0, text, TINY_VISION)
+    with torch.device("meta"):
+        model = Phi3VForCausalLM(ModelConfig.from_dict(raw))
+    return sum(p.numel() for p in model.parameters())
+
+
+def matching_intermediate(tokenizer, hidden: int, layers: int, ratio: float = PHI35V_RATIO) -> int:
+    """MLP width (a multiple of 64) giving KV bytes per token / weight bytes = `ratio`.
+
+    Parameters grow linearly with the MLP width, so two counts on the meta device pin it."""
+    kv_elements = layers * 2 * hidden  # per token, K and V, all layers
+    wanted = kv_elements / ratio
+    low, high = count_params(tokenizer, text_dims(hidden, layers, 1024)), count_params(tokenizer, text_dims(hidden, layers, 2048))
+    per_unit = (high - low) / 1024
+    return max(64, int(round((1024 + (wanted - low) / per_unit) / 64)) * 64)
+
+
+def build_scaled_model(hidden: int, layers: int, seed: int):
+    from hae_cli.data import easyvqa
+    from hae_cli.model.tiny import build_model
+    from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(_words())
+    intermediate = matching_intermediate(tokenizer, hidden, layers)
+    model = build_model(tokenizer, text=text_dims(hidden, layers, intermediate), seed=seed)
+    return model, tokenizer, intermediate, easyvqa
+
+
+def _words() -> list[str]:
+    from hae_cli.data import easyvqa
+    from hae_cli.model.tiny import DEFAULT_WORDS
+
+    return sorted(set(DEFAULT_WORDS) | set(easyvqa.STORY_PROMPT.lower().rstrip(".").split()))
+
+
+def weight_bytes(model) -> dict:
+    """All weights, and those one decoded token reads (not the vision tower, not the embedding table)."""
+    total = decode = 0
+    for name, p in model.language_model.named_parameters():
+        size = p.numel() * p.element_size()
+        total += size
+        if "vision_embed_tokens" not in name and "embed_tokens" not in name:
+            decode += size
+    return {"total": total, "read_per_decoded_token": decode}
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def image_prompt(model, tokenizer, easyvqa, size: int):
+    """A story prompt with as many easy-VQA images as fit in `size` tokens (at least one)."""
+    from hae_cli.model.image import ImageProcessorConfig, load_image, preprocess
+    from hae_cli.model.prompt import build_prompt, user_message
+
+    config = ImageProcessorConfig(num_crops=1, crop_size=model.config.crop_size, patch_size=model.config.patch_size)
+    paths = list(easyvqa.image_paths("test").values())
+    probe = preprocess(load_image(paths[0]), config)
+    text_tokens = len(build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, 0), []).input_ids)
+    count = max(1, round((size - text_tokens) / (probe.num_tokens + 1)))
+    images = [preprocess(load_image(paths[i % len(paths)]), config) for i in range(count)]
+    prompt = build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, count), images)
+    with torch.inference_mode():
+        embeds = model.embed(prompt, images)
+    return prompt, embeds, count
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def timed_run(model, prompt, embeds, policy: str, params: dict, decode_tokens: int) -> dict:
+    """Prefill, then `decode_tokens` greedy steps (no stop token), each timed; bytes held after each."""
+    from hae_cli.cache import EvictingCache
+    from hae_cli.model.generate import decode_one_token, prefill
+
+    cache = EvictingCache(policy, model.config.num_layers, **params)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        logits = prefill(model, embeds, prompt.modality, prompt.image_id, cache)
+        prefill_seconds = time.perf_counter() - start
+        after_prefill = dict(cache.overhead_seconds)
+        held_after_prefill = cache.layers[-1].held
+        kv_bytes, step_seconds = [], []
+        position = embeds.shape[1]
+        for _ in range(decode_tokens):
+            token = int(logits.argmax())
+            start = time.perf_counter()
+            logits = decode_one_token(model, token, position, cache)
+            step_seconds.append(time.perf_counter() - start)
+            position += 1
+            kv_bytes.append(sum(layer.kv_bytes for layer in cache.layers))
+    overhead = {k: cache.overhead_seconds[k] - after_prefill[k] for k in after_prefill}
+    decode_seconds = sum(step_seconds)
+    return {
+        "prefill_seconds": prefill_seconds,
+        "prefill_overhead_seconds": sum(after_prefill.values()),
+        "decode_seconds": decode_seconds,
+        "tokens_per_second": decode_tokens / decode_seconds,
+        "decode_overhead_seconds": overhead,
+        "decode_overhead_share": sum(overhead.values()) / decode_seconds,
+        "kv_bytes_mean": statistics.fmean(kv_bytes),
+        "held_after_prefill": held_after_prefill,
+        "rounds": sum(1 for e in cache.events if e.stage == "decode" and e.layer == 0 and e.action in ("binned", "evicted")),
+    }
+
+
+def median_of(runs: list[dict], key: str) -> float:
+    return statistics.median(run[key] for run in runs)
+
+
+def measure_size(model, tokenizer, easyvqa, size: int, policies: dict, args) -> dict:
+    prompt, embeds, images = image_prompt(model, tokenizer, easyvqa, size)
+    runs: dict[str, list[dict]] = {name: [] for name in policies}
+    for _ in range(args.repeats):  # interleaved, so drift in machine load hits both alike
+        for name, (policy, params) in policies.items():
+            runs[name].append(timed_run(model, prompt, embeds, policy, params, args.decode_tokens))
+    summary = {"prompt_tokens": int(embeds.shape[1]), "images": images}
+    for name, name_runs in runs.items():
+        summary[name] = {
+            "prefill_seconds": median_of(name_runs, "prefill_seconds"),
+            "tokens_per_second": median_of(name_runs, "tokens_per_second"),
+            "decode_seconds": median_of(name_runs, "decode_seconds"),
+            "decode_overhead_share": median_of(name_runs, "decode_overhead_share"),
+            "prefill_overhead_seconds": median_of(name_runs, "prefill_overhead_seconds"),
+            "kv_bytes_mean": median_of(name_runs, "kv_bytes_mean"),
+            "held_after_prefill": name_runs[0]["held_after_prefill"],
+            "decode_rounds": name_runs[0]["rounds"],
+            "runs": name_runs,
+        }
+    return summary
+
+
+def traffic_limit(weights: int, kv_full: float, kv_hae: float) -> float:
+    return (weights + kv_full) / (weights + kv_hae)
+
+
+# --------------------------------------------------------------------------- main
+
+
+COLUMNS = (
+    "tokens",
+    "full tok/s",
+    "hae tok/s",
+    "speedup",
+    "traffic limit",
+    "speedup / limit",
+    "prefill full s",
+    "prefill hae s",
+    "prefill hae/full",
+    "KV cut %",
+    "evict share %",
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="1024,2048,4096,8192,12288", help="prompt sizes in tokens (default 1024..12288)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per size and policy; the median is reported (default 3)")
+    parser.add_argument("--decode-tokens", type=int, default=64, help="decoded tokens per run (default 64: two HAE rounds at d=32)")
+    parser.add_argument("--hidden", type=int, default=512, help="hidden size of the scaled model (default 512)")
+    parser.add_argument("--layers", type=int, default=4, help="decoder layers (default 4)")
+    parser.add_argument("--visual-keep", type=float, default=0.4, help="HAE budget mode: share of visual tokens kept (default 0.4)")
+    parser.add_argument("--hae-params", default="", help="extra HAE parameters, e.g. buffer=16,broadcast=true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    parser.add_argument("--out-dir", default=None, help="where to write speed.json (default benchmarks/results)")
+    parser.add_argument("--quiet", action="store_true")
+    return parser.parse_args(argv)
+
+
+def hae_params(args) -> dict:
+    params = {"visual_keep": args.visual_keep, "r_i": 1.0}
+    for item in common.parse_list(args.hae_params):
+        key, _, value = item.partition("=")
+        params[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value) if "." in value else int(value)
+    return params
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    started = time.perf_counter()
+    cond = common.conditions(note="timings are only meaningful with demo_training_running false")
+    model, tokenizer, intermediate, easyvqa = build_scaled_model(args.hidden, args.layers, args.seed)
+    weights = weight_bytes(model)
+    text = model.config.text
+    kv_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
+    model_info = {
+        "hidden_size": text.hidden_size,
+        "layers": text.num_hidden_layers,
+        "heads": text.num_attention_heads,
+        "kv_heads": text.num_key_value_heads,
+        "head_dim": text.hidden_size // text.num_attention_heads,
+        "intermediate_size": intermediate,
+        "dtype": "float32",
+        "weight_bytes": weights["total"],
+        "weight_bytes_read_per_decoded_token": weights["read_per_decoded_token"],
+        "kv_bytes_per_token": kv_per_token,
+        "kv_per_token_over_weights": kv_per_token / weights["total"],
+        "phi35v_kv_per_token_over_weights": PHI35V_RATIO,
+    }
+    print(
+        f"scaled model: hidden {text.hidden_size}, {text.num_hidden_layers} layers, {text.num_attention_heads} heads "
+        f"(= KV heads) x {kv_per_token // (2 * 4 * text.num_hidden_layers * text.num_key_value_heads)}, MLP {intermediate}, fp32; "
+        f"W = {common.mib(weights['total']):.1f} MiB ({common.mib(weights['read_per_decoded_token']):.1f} MiB read per token)\n"
+        f"KV bytes per token / weight bytes: ours {model_info['kv_per_token_over_weights']:.4e}, "
+        f"Phi-3.5-V {PHI35V_RATIO:.4e} ({PHI35V_KV_BYTES_PER_TOKEN:,} B / {PHI35V_WEIGHT_BYTES:.3e} B)"
+    )
+    policies = {"full": ("full", {}), "hae": ("hae", hae_params(args))}
+    sizes = common.parse_list(args.sizes, int)
+
+    warm_prompt, warm_embeds, _ = image_prompt(model, tokenizer, easyvqa, min(sizes))
+    for policy, params in policies.values():  # warm-up: allocator, kernels, lazy imports
+        timed_run(model, warm_prompt, warm_embeds, policy, params, min(8, args.decode_tokens))
+
+    rows, table = [], []
+    W = weights["read_per_decoded_token"]
+    for size in sizes:
+        if not args.quiet:
+            print(f"  measuring {size} tokens ...", file=sys.stderr, flush=True)
+        m = measure_size(model, tokenizer, easyvqa, size, policies, args)
+        full, hae = m["full"], m["hae"]
+        speedup = hae["tokens_per_second"] / full["tokens_per_second"]
+        limit = traffic_limit(W, full["kv_bytes_mean"], hae["kv_bytes_mean"])
+        row = {
+            "size": size,
+            **m,
+            "speedup": speedup,
+            "traffic_limit": limit,
+            "speedup_over_limit": speedup / limit,
+            "prefill_ratio": hae["prefill_seconds"] / full["prefill_seconds"],
+            "kv_cut_pct": 100 * (1 - hae["kv_bytes_mean"] / full["kv_bytes_mean"]),
+            "eviction_share_pct": 100 * hae["decode_overhead_share"],
+        }
+        rows.append(row)
+        table.append(
+            [
+                m["prompt_tokens"],
+                full["tokens_per_second"],
+                hae["tokens_per_second"],
+                speedup,
+                limit,
+                speedup / limit,
+                full["prefill_seconds"],
+                hae["prefill_seconds"],
+                row["prefill_ratio"],
+                row["kv_cut_pct"],
+                row["eviction_share_pct"],
+            ]
+        )
+    common.print_table(
+        f"decode and prefill, hae (visual_keep {args.visual_keep}, r_i 1.0) vs full; median of {args.repeats}, "
+        f"{args.decode_tokens} decoded tokens",
+        COLUMNS,
+        table,
+        caption=common.describe_conditions(cond) + "\ntraffic limit = (W + K_full) / (W + K_hae), W = weight bytes read per "
+        "decoded token, K = mean KV bytes held while decoding; evict share = HAE's observe + round time / decode time",
+    )
+    out = {
+        "benchmark": "speed",
+        "conditions": cond,
+        "args": vars(args),
+        "model": model_info,
+        "hae_params": policies["hae"][1],
+        "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out["conditions"]["ended_with_training_running"] = bool(common.other_heavy_processes())
+    path = common.write_json("speed", out, args.out_dir)
+    print(f"wrote {path} in {out['seconds']} s")
+    return out
+
+
+if __name__ == "__main__":
+    main()
