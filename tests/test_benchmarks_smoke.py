@@ -1,0 +1,81 @@
+"""Each benchmark runs end to end at tiny sizes and writes the JSON its README promises."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def vqa_checkpoint(tmp_path_factory) -> Path:
+    """A tiny official-layout checkpoint that knows easy-VQA's words; 3 layers so FastV's K=2 fits."""
+    pytest.importorskip("easy_vqa")
+    from hae_cli.data import easyvqa
+    from hae_cli.model.tiny import write_tiny_checkpoint
+
+    folder = tmp_path_factory.mktemp("bench") / "tiny-vqa"
+    return write_tiny_checkpoint(folder, seed=0, num_crops=1, text=dict(num_hidden_layers=3), words=tuple(easyvqa.vocabulary()))
+
+
+def test_accuracy_runs_and_writes_every_column(vqa_checkpoint, tmp_path):
+    accuracy = load("accuracy")
+    argv = ["--model", str(vqa_checkpoint), "--limit", "3", "--full-split-limit", "2", "--hae", "thr,0.25"]
+    argv += ["--story-sets", "1", "--story-images", "2", "--story-budgets", "0.3", "--workers", "1", "--threads", "1"]
+    accuracy.main(argv + ["--out-dir", str(tmp_path), "--quiet"])
+
+    data = json.loads((tmp_path / "accuracy.json").read_text())
+    assert (tmp_path / "accuracy.png").stat().st_size > 0
+    rows = {r["setting"]: r for r in data["vqa"]["rows"]}
+    assert {"full", "hae thr", "hae vk0.25", "snapkv @vk0.25", "h2o @vk0.25", "streaming @vk0.25", "fastv @vk0.25", "mustdrop @vk0.25"} <= set(rows)
+    for row in rows.values():
+        assert {"accuracy", "drop_points", "kv_bytes_mean", "kv_bytes_peak", "cut_pct", "n"} <= set(row)
+        assert row["n"] == 3 and row["kv_bytes_mean"] > 0
+    assert rows["full"]["cut_pct"] == 0 and rows["full"]["drop_points"] == 0
+    assert data["vqa_full_split"]["questions"] >= 3
+    story = data["stories"]["by_images"]["2"]["rows"]
+    assert {r["setting"] for r in story} >= {"full", "hae B=0.3", "h2o B=0.3"}
+    assert all({"restored", "binned", "exact_match"} <= set(r) for r in story)
+    assert len(data["vqa"]["equal_kv"]) == 2
+
+
+def test_speed_runs_and_matches_phi35v_ratio(tmp_path):
+    pytest.importorskip("easy_vqa")
+    speed = load("speed")
+    argv = ["--sizes", "330", "--repeats", "1", "--decode-tokens", "3", "--hidden", "128", "--layers", "2", "--threads", "1"]
+    out = speed.main(argv + ["--out-dir", str(tmp_path), "--quiet"])
+
+    data = json.loads((tmp_path / "speed.json").read_text())
+    model = data["model"]
+    assert model["kv_per_token_over_weights"] == pytest.approx(model["phi35v_kv_per_token_over_weights"], rel=0.02)
+    (row,) = data["rows"]
+    for key in ("speedup", "traffic_limit", "speedup_over_limit", "prefill_ratio", "eviction_share_pct", "kv_cut_pct"):
+        assert isinstance(row[key], float)
+    assert row["hae"]["held_after_prefill"] < row["full"]["held_after_prefill"]  # budget mode pruned
+    assert out["rows"][0]["traffic_limit"] > 1.0
+
+
+def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
+    memory = load("memory")
+    argv = ["--model", str(vqa_checkpoint), "--images", "2", "--decode-tokens", "10", "--threads", "1"]
+    memory.main(argv + ["--hae-params", "visual_keep=0.4,r_i=1.0,buffer=4", "--out-dir", str(tmp_path)])
+
+    data = json.loads((tmp_path / "memory.json").read_text())
+    assert data["all_within_2pct"]
+    layers = data["policies"]["hae"]["after_decode"]
+    assert len(layers) == 3
+    assert {"bytes_measured", "bytes_formula", "deviation_pct", "bytes_by_modality", "bin_bytes_measured"} <= set(layers[0])
+    peak = data["prefill_peak"]
+    assert peak["same_kept_set"]
+    assert peak["hae_broadcasting"] < peak["hae_after_prefill"] == peak["full"]
