@@ -122,6 +122,29 @@ def parse_list(text: str, cast=str) -> list:
     return [cast(part.strip()) for part in text.split(",") if part.strip()]
 
 
+def parse_value(text: str):
+    """"3" -> 3, "0.5" -> 0.5, "true" -> True, "none" -> None."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    try:
+        return int(lowered)
+    except ValueError:
+        return float(lowered)
+
+
+def parse_params(text: str, sep: str = ",") -> dict:
+    """"visual_keep=0.4,buffer=8" -> {"visual_keep": 0.4, "buffer": 8}."""
+    params = {}
+    for item in text.split(sep):
+        if item.strip():
+            key, _, value = item.partition("=")
+            params[key.strip()] = parse_value(value)
+    return params
+
+
 def mib(n_bytes: float) -> float:
     return n_bytes / 2**20
 

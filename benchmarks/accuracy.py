@@ -74,9 +74,7 @@ def hae_settings(spec: str) -> list[Setting]:
         params: dict = {}
         if head != "thr":
             params["visual_keep"] = float(head)
-        for option in options:
-            key, _, value = option.partition("=")
-            params[key] = float(value) if "." in value or "e" in value else int(value)
+        params.update(common.parse_params(":".join(options), sep=":"))
         label = "hae " + ("thr" if head == "thr" else f"vk{head}") + "".join(f" {o}" for o in options)
         settings.append(Setting(label, "hae", params))
     return settings

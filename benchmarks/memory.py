@@ -151,19 +151,6 @@ def build_prompt_for(loaded, images: int, seed: int):
     return prompt, embeds, image_ids
 
 
-def parse_params(text: str) -> dict:
-    params = {}
-    for item in common.parse_list(text):
-        key, _, value = item.partition("=")
-        if value.lower() in ("true", "false"):
-            params[key] = value.lower() == "true"
-        elif value.lower() == "none":
-            params[key] = None
-        else:
-            params[key] = float(value) if "." in value else int(value)
-    return params
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="checkpoint: demo, a folder or a hub id (default: demo)")
@@ -187,7 +174,7 @@ def main(argv=None) -> dict:
     cond = common.conditions(model=args.model)
     loaded = load_model(args.model)
     prompt, embeds, image_ids = build_prompt_for(loaded, args.images, args.seed)
-    hae = {**parse_params(args.hae_params), "budget": args.budget}
+    hae = {**common.parse_params(args.hae_params), "budget": args.budget}
     policies = {
         "full": ("full", {}),
         "hae": ("hae", hae),

@@ -179,6 +179,10 @@ def measure_size(model, tokenizer, easyvqa, size: int, policies: dict, args) -> 
             "tokens_per_second": median_of(name_runs, "tokens_per_second"),
             "decode_seconds": median_of(name_runs, "decode_seconds"),
             "decode_overhead_share": median_of(name_runs, "decode_overhead_share"),
+            "decode_overhead_share_by_part": {
+                part: statistics.median(r["decode_overhead_seconds"][part] / r["decode_seconds"] for r in name_runs)
+                for part in name_runs[0]["decode_overhead_seconds"]
+            },
             "prefill_overhead_seconds": median_of(name_runs, "prefill_overhead_seconds"),
             "kv_bytes_mean": median_of(name_runs, "kv_bytes_mean"),
             "held_after_prefill": name_runs[0]["held_after_prefill"],
@@ -207,6 +211,8 @@ COLUMNS = (
     "prefill hae/full",
     "KV cut %",
     "evict share %",
+    "observe %",
+    "rounds %",
 )
 
 
@@ -227,11 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def hae_params(args) -> dict:
-    params = {"visual_keep": args.visual_keep, "r_i": 1.0}
-    for item in common.parse_list(args.hae_params):
-        key, _, value = item.partition("=")
-        params[key] = value.lower() == "true" if value.lower() in ("true", "false") else float(value) if "." in value else int(value)
-    return params
+    return {"visual_keep": args.visual_keep, "r_i": 1.0, **common.parse_params(args.hae_params)}
 
 
 def main(argv=None) -> dict:
@@ -304,6 +306,8 @@ def main(argv=None) -> dict:
                 row["prefill_ratio"],
                 row["kv_cut_pct"],
                 row["eviction_share_pct"],
+                100 * hae["decode_overhead_share_by_part"]["observe"],
+                100 * hae["decode_overhead_share_by_part"]["rounds"],
             ]
         )
     common.print_table(
@@ -312,7 +316,8 @@ def main(argv=None) -> dict:
         COLUMNS,
         table,
         caption=common.describe_conditions(cond) + "\ntraffic limit = (W + K_full) / (W + K_hae), W = weight bytes read per "
-        "decoded token, K = mean KV bytes held while decoding; evict share = HAE's observe + round time / decode time",
+        "decoded token, K = mean KV bytes held while decoding; evict share = HAE's eviction work / decode time "
+        "(observe: computing the attention row for the running scores; rounds: ranking, compaction, bin)",
     )
     out = {
         "benchmark": "speed",
