@@ -138,11 +138,11 @@ def evicting_cache(lm, policy="full", **params) -> EvictingCache:
     return EvictingCache.from_config(lm.config, policy, **params)
 
 
-def layer0_keys_values(lm, token_ids: torch.Tensor, positions: torch.Tensor):
-    """Layer 0's K/V for tokens at positions, recomputed from scratch: `[1, H_kv, n, D]` each.
+def layer0_qkv(lm, token_ids: torch.Tensor, positions: torch.Tensor):
+    """Layer 0's post-RoPE queries `[1, H, n, D]`, keys and values `[1, H_kv, n, D]`, recomputed.
 
-    Layer 0's keys depend only on the token and its position, so a cached row can be checked
-    against the token fed at the position it claims.
+    Layer 0's projections depend only on the token and its position, so a cached row can be
+    checked against the token fed at the position it claims.
     """
     backbone = lm.model
     attn = backbone.layers[0].self_attn
@@ -150,13 +150,21 @@ def layer0_keys_values(lm, token_ids: torch.Tensor, positions: torch.Tensor):
         hidden = backbone.layers[0].input_layernorm(backbone.embed_tokens(token_ids)[None])
         qkv = attn.qkv_proj(hidden)
         q_size, kv_size = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+        queries = qkv[..., :q_size].view(1, -1, HEADS, HEAD_DIM).transpose(1, 2)
         keys = qkv[..., q_size : q_size + kv_size].view(1, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
         values = qkv[..., q_size + kv_size :].view(1, -1, KV_HEADS, HEAD_DIM).transpose(1, 2)
         cos, sin = backbone.rotary_emb(hidden, position_ids=positions[None])
         cos, sin = cos[:, None], sin[:, None]
         half = HEAD_DIM // 2
-        rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
-        keys = keys * cos + rotated * sin
+
+        def rope(x):
+            return x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+
+    return rope(queries), rope(keys), values
+
+
+def layer0_keys_values(lm, token_ids: torch.Tensor, positions: torch.Tensor):
+    _, keys, values = layer0_qkv(lm, token_ids, positions)
     return keys, values
 
 

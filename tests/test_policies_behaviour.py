@@ -7,10 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_helpers import KV_HEADS, evicting_cache, fake_prompt, greedy, tiny_lm
+from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, layer0_qkv, tiny_lm
 from hae_cli.cache import Modality
-from hae_cli.cache.layer import EvictingLayer
-from hae_cli.cache.policies.hae import HAEPolicy
 
 STEPS = 24
 
@@ -124,38 +122,56 @@ def test_fastv_drops_the_least_attended_half_by_the_last_token(lm, prompt):
     assert positions[3].equal(positions[2]) and positions[0].shape[1] == ids.numel() == positions[1].shape[1]
 
 
-def test_hae_running_scores_follow_the_decay_rule(lm, prompt):
-    ids = prompt[0]
-    cache = evicting_cache(lm, "hae", r_g=0.0, gamma=0.8, budget=500)
-    tokens, _, _ = greedy(lm, *prompt, cache, 1)
+@pytest.mark.parametrize("buffer", [1, 3, 32])
+def test_hae_running_scores_follow_the_decay_rule(lm, prompt, buffer):
+    """s <- gamma * s + a_t at every step, however the stashed queries are folded in."""
+    ids, steps, gamma = prompt[0], 7, 0.8
+    cache = evicting_cache(lm, "hae", r_g=0.0, gamma=gamma, budget=500, buffer=buffer)
+    tokens, _, _ = greedy(lm, *prompt, cache, steps)
+    cache.flush_scores()
     fed = torch.cat([ids, torch.tensor(tokens)])
-    prompt_attention = eager_attentions(lm, ids)
-    step_attention = eager_attentions(lm, fed)
+    attentions = eager_attentions(lm, fed)  # row i: what the token at position i attended to
+    length = ids.numel()
     for layer_idx, layer in enumerate(cache.layers):
-        initial = kv_mean(prompt_attention[layer_idx][:, -1])  # the last prompt token's attention
-        expected = 0.8 * F.pad(initial, (0, 1)) + kv_mean(step_attention[layer_idx][:, -1])
-        torch.testing.assert_close(layer.scores, expected, atol=1e-5, rtol=1e-4)
+        rows = kv_mean(attentions[layer_idx])  # [H_kv, L + steps, L + steps]
+        expected = rows[:, length - 1]  # the last prompt token starts the scores
+        for step in range(1, steps + 1):
+            expected = gamma * expected + rows[:, length - 1 + step]
+        torch.testing.assert_close(layer.scores, expected[:, : length + steps], atol=1e-5, rtol=1e-4)
 
 
-def test_hae_bin_refresh_equals_the_running_score_it_would_have_had():
-    policy = HAEPolicy(gamma=0.9)
-    layer = EvictingLayer(0)
-    torch.manual_seed(3)
-    keys = torch.randn(1, KV_HEADS, 3, 8)
-    layer.append(keys, keys, torch.arange(3), torch.ones(3, dtype=torch.int8), torch.zeros(3, dtype=torch.int16))
-    layer.scores = torch.rand(KV_HEADS, 3)
-    layer.evict_to_bin(torch.tensor([0, 2]))
-    layer.attention_scaling = 8**-0.5
-    queries, lse = torch.randn(4, 5, 8), torch.randn(4, 5)
-    layer.remember_queries(queries, lse, capacity=5)
-    layer.steps_since_round = 5
-    expected = layer.bin.scores.clone()
-    for step in range(5):
-        for kv_head in range(KV_HEADS):
-            heads = range(kv_head * 2, kv_head * 2 + 2)
-            seen = [torch.exp(queries[h, step] @ layer.bin.keys[0, kv_head].T * 8**-0.5 - lse[h, step]) for h in heads]
-            expected[kv_head] = 0.9 * expected[kv_head] + torch.stack(seen).mean(dim=0)
-    torch.testing.assert_close(policy.refresh_bin(layer), expected)
+def test_bin_scores_continue_with_the_attention_they_would_have_received(lm, prompt):
+    """A binned token's score goes on as `gamma * s + exp(q.k * scale - lse)`, lse over what q saw."""
+    ids, gamma, steps = prompt[0], 0.9, 5
+    binned = torch.tensor([3, 10, 20, 30])
+    kept_scores = {}
+
+    def to_bin(step, cache, fed):
+        if step == 0:
+            layer = cache.layers[0]
+            kept_scores["initial"] = layer.scores.clone()
+            layer.evict_to_bin(torch.isin(layer.positions[0], binned).nonzero().squeeze(-1))
+
+    cache = evicting_cache(lm, "hae", r_g=0.0, gamma=gamma, budget=500, buffer=2)
+    tokens, _, _ = greedy(lm, *prompt, cache, steps, after_step=to_bin)
+    cache.flush_scores()
+    fed = torch.cat([ids, torch.tensor(tokens)])
+    positions = torch.arange(fed.numel())
+    queries, keys, _ = layer0_qkv(lm, fed, positions)
+    scale = HEAD_DIM**-0.5
+    bin_scores = kept_scores["initial"][:, binned]  # [H_kv, 4]
+    active = ~torch.isin(positions, binned)
+    for step in range(1, steps + 1):
+        q_pos = ids.numel() - 1 + step
+        per_head = []
+        for head in range(queries.shape[1]):
+            logits = queries[0, head, q_pos] @ keys[0, head // 2].T * scale  # [L + steps]
+            visible = active & (positions <= q_pos)
+            lse = torch.logsumexp(logits[visible], dim=0)
+            per_head.append(torch.exp(logits[binned] - lse))
+        bin_scores = gamma * bin_scores + kv_mean(torch.stack(per_head))
+    assert cache.layers[0].bin.positions.tolist() == binned.tolist()
+    torch.testing.assert_close(cache.layers[0].bin.scores, bin_scores, atol=1e-5, rtol=1e-4)
 
 
 def test_hae_rounds_keep_the_best_and_restore_from_the_bin(lm, prompt):
@@ -209,7 +225,7 @@ def test_mustdrop_evicts_for_good(lm, prompt):
 def test_reports_overhead_history_and_events(lm, prompt):
     cache = evicting_cache(lm, "hae", budget=20, buffer=4, recent=4, record_history=True)
     greedy(lm, *prompt, cache, 8)
-    assert cache.eviction_seconds > 0 and set(cache.overhead_seconds) == {"observe", "prefill", "rounds"}
+    assert cache.eviction_seconds > 0 and set(cache.overhead_seconds) == {"observe", "prefill", "scores", "rounds"}
     assert [s.step for s in cache.history] == list(range(9))
     steps = [e.step for e in cache.events]
     assert steps == sorted(steps) and cache.stats().step == 8

@@ -1,11 +1,14 @@
-"""The "hae_sdpa" attention function: SDPA's output, plus the attention rows a policy asked for.
+"""The "hae_sdpa" attention function: SDPA's output, plus the attention a policy needs.
 
 `EvictingCache.update` marks itself active for the layer it just updated (a ContextVar);
-the attention function that follows computes the normal SDPA output and then, if a cache
-is active, lets it observe the query and keys. The cache asks its policy which rows it
-needs and gets them from `summarize_attention`, which computes only those rows (a few
-text queries at prefill, the one new query at decode), in chunks: never the `N x N`
-matrix. With `config._attn_implementation = "sdpa"` nothing is observed.
+the attention function that follows computes the normal SDPA output and then lets the
+active cache observe the post-RoPE query and the keys. At prefill the cache asks its policy
+which rows it wants and gets them from `summarize_attention`, which computes only those
+rows (a few text queries, the last token), in chunks: never the `N x N` matrix. While
+decoding the cache only stashes the new query; `decayed_attention` later folds the stashed
+queries into the running scores in one batched product (nothing is evicted between two
+folds, so this equals updating the scores at every step). With
+`config._attn_implementation = "sdpa"` nothing is observed.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class AttentionRequest:
 
     rows: torch.Tensor | None = None
     cols: torch.Tensor | None = None
-    keep_lse: bool = False  # also return each row's log-sum-exp (for scoring the recycle bin later)
+    need_max: bool = False  # also the maximum over rows (else only the sum)
 
 
 @dataclass
@@ -45,10 +48,9 @@ class AttentionSummary:
     """Probabilities over the requested columns, reduced over the requested rows, per query head."""
 
     sum: torch.Tensor  # [H_q, C] float32
-    max: torch.Tensor  # [H_q, C] float32
+    max: torch.Tensor | None  # [H_q, C] float32, when asked for
     rows: int
     kv_heads: int
-    lse: torch.Tensor | None = None  # [H_q, rows] float32, when asked for
 
     def sum_per_kv_head(self) -> torch.Tensor:
         """`[H_kv, C]`: the row sum, averaged over the query heads sharing a key head."""
@@ -92,27 +94,24 @@ def summarize_attention(
     q_len, n_keys = query.shape[2], key.shape[2]
     rows = request.rows if request.rows is not None else torch.arange(q_len, device=query.device)
     rows = rows.to(query.device)
+    cols = request.cols.to(query.device) if request.cols is not None else None
     heads = query.shape[1]
     chunk = max(1, _CHUNK_ELEMENTS // max(1, heads * n_keys))
     total = maximum = None
-    lse_parts = []
     for start in range(0, rows.numel(), chunk):
         chunk_rows = rows[start : start + chunk]
         logits = _masked_logits(query, key, attention_mask, scaling, chunk_rows)  # [H_q, r, N]
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        probs = torch.exp(logits - lse).nan_to_num_(0.0)  # a fully masked row attends nothing
-        if request.cols is not None:
-            probs = probs[..., request.cols.to(probs.device)]
-        part_sum, part_max = probs.sum(dim=1), probs.amax(dim=1)
-        total = part_sum if total is None else total + part_sum
-        maximum = part_max if maximum is None else torch.maximum(maximum, part_max)
-        if request.keep_lse:
-            lse_parts.append(lse.squeeze(-1))
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)  # a fully masked row attends nothing
+        if cols is not None:
+            probs = probs[..., cols]
+        total = probs.sum(dim=1) if total is None else total + probs.sum(dim=1)
+        if request.need_max:
+            part = probs.amax(dim=1)
+            maximum = part if maximum is None else torch.maximum(maximum, part)
     if total is None:  # no rows requested
-        n_cols = n_keys if request.cols is None else request.cols.numel()
-        total = maximum = torch.zeros(heads, n_cols, device=query.device)
-    lse = torch.cat(lse_parts, dim=1) if lse_parts else None
-    return AttentionSummary(total, maximum, rows.numel(), key.shape[1], lse)
+        total = torch.zeros(heads, n_keys if cols is None else cols.numel(), device=query.device)
+        maximum = total if request.need_max else None
+    return AttentionSummary(total, maximum, rows.numel(), key.shape[1])
 
 
 def _masked_logits(query, key, attention_mask, scaling, rows) -> torch.Tensor:
@@ -132,20 +131,41 @@ def _masked_logits(query, key, attention_mask, scaling, rows) -> torch.Tensor:
     return logits + mask.float()
 
 
-def kv_head_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """`[H_q, ...]` -> `[H_kv, ...]`: the mean over the query heads sharing each key head."""
-    heads = per_query_head.shape[0]
-    return per_query_head.reshape(kv_heads, heads // kv_heads, *per_query_head.shape[1:]).mean(dim=1)
+def decayed_attention(
+    queries: torch.Tensor,
+    query_positions: torch.Tensor,
+    keys: torch.Tensor,
+    key_positions: torch.Tensor,
+    scaling: float,
+    decay: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention `t` past queries paid to the held keys, summed with decay.
+
+    queries `[H_q, t, D]` (post-RoPE, oldest first) at `query_positions` `[t]`; keys
+    `[1, H_kv, N, D]` at `key_positions` `[H_kv, N]`. Query k saw the keys at positions up
+    to its own. Returns (`sum_k decay^(t-1-k) a_k`, `[H_kv, N]`, head-group mean) and each
+    query's log-sum-exp `[H_q, t]` (for scoring tokens it did not see, `what_if_attention`).
+    """
+    heads, steps = queries.shape[0], queries.shape[1]
+    kv_heads, n_keys = keys.shape[1], keys.shape[2]
+    group = heads // kv_heads
+    logits = queries.float().reshape(kv_heads, group * steps, -1) @ keys[0].float().transpose(-1, -2)
+    logits = logits.reshape(kv_heads, group, steps, n_keys) * scaling
+    visible = key_positions[:, None, None, :] <= query_positions.to(key_positions.device)[None, None, :, None]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    probs = torch.exp(logits - lse).nan_to_num_(0.0).mean(dim=1)  # [H_kv, t, N]
+    return (probs * _decay_weights(steps, decay, probs.device)[None, :, None]).sum(dim=1), lse.reshape(heads, steps)
 
 
 def what_if_attention(
-    queries: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, scaling: float
+    queries: torch.Tensor, lse: torch.Tensor, keys: torch.Tensor, scaling: float, decay: float
 ) -> torch.Tensor:
-    """Attention the stored queries would have paid to keys that were not in the cache.
+    """The decayed attention the queries would have paid keys that were not in the cache.
 
     queries `[H_q, t, D]` with their log-sum-exp `[H_q, t]` over the keys they did attend;
-    keys `[1, H_kv, M, D]`. Returns `[H_kv, t, M]`: `exp(q.k * scale - lse)`, head-group mean.
-    This is the bin's restore score: cheap (`t x M`) and on the same scale as the running score.
+    keys `[1, H_kv, M, D]` (the recycle bin's). Returns `[H_kv, M]`: `sum_k decay^(t-1-k)
+    exp(q_k . key * scale - lse_k)`, head-group mean: on the same scale as the running score.
     """
     heads, steps = queries.shape[0], queries.shape[1]
     kv_heads, n_keys = keys.shape[1], keys.shape[2]
@@ -153,7 +173,19 @@ def what_if_attention(
     k = keys[0].to(queries.device, torch.float32)
     logits = (queries.float().reshape(kv_heads, group * steps, -1) @ k.transpose(-1, -2)) * scaling
     probs = torch.exp(logits.reshape(heads, steps, n_keys) - lse.float()[..., None])
-    return kv_head_mean(probs, kv_heads)
+    probs = kv_head_mean(probs, kv_heads)
+    return (probs * _decay_weights(steps, decay, probs.device)[None, :, None]).sum(dim=1)
+
+
+def kv_head_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """`[H_q, ...]` -> `[H_kv, ...]`: the mean over the query heads sharing each key head."""
+    heads = per_query_head.shape[0]
+    return per_query_head.reshape(kv_heads, heads // kv_heads, *per_query_head.shape[1:]).mean(dim=1)
+
+
+def _decay_weights(steps: int, decay: float, device) -> torch.Tensor:
+    ages = torch.arange(steps - 1, -1, -1, device=device, dtype=torch.float32)
+    return torch.pow(torch.tensor(float(decay), device=device), ages)
 
 
 AttentionInterface.register(ATTENTION_NAME, hae_sdpa_attention)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from hae_cli.cache.attention import AttentionRequest, AttentionSummary, set_active, summarize_attention
+from hae_cli.cache.attention import decayed_attention, set_active, summarize_attention, what_if_attention
 from hae_cli.cache.layer import EvictingLayer, complement
 from hae_cli.cache.modality import MODALITY_NAMES, Modality
 from hae_cli.cache.policies import Policy, Rows, make_policy
@@ -97,7 +97,8 @@ class EvictingCache(Cache):
         self.next_position = 0  # tokens ever fed: the position of the next token
         self.step = 0  # 0 = prefill; +1 per decode step
         self.events: list[EvictionEvent] = []
-        self.overhead_seconds = {"observe": 0.0, "prefill": 0.0, "rounds": 0.0}
+        self._pending_events: list = []
+        self.overhead_seconds = {"observe": 0.0, "prefill": 0.0, "scores": 0.0, "rounds": 0.0}
         self.history: list[CacheStats] | None = [] if record_history else None
         self.sync_timing = sync_timing  # synchronise CUDA around timed regions (exact, slower)
         self._forward: _Forward | None = None
@@ -141,15 +142,16 @@ class EvictingCache(Cache):
                     self._prefill_decision(layer_idx, live=False)
             for layer_idx, layer in enumerate(self.layers):
                 layer.budget = self.policy.resolve_budget(layer_idx, self.next_position, layer.held)
-        else:
-            for layer in self.layers:
-                layer.steps_since_round += 1
         middle = self._clock()
+        self._fold_scores(due_only=True)
+        folded = self._clock()
         self._rounds("prefill" if prefill else "decode")
         end = self._clock()
         self.overhead_seconds["prefill"] += middle - start
-        self.overhead_seconds["rounds"] += end - middle
+        self.overhead_seconds["scores"] += folded - middle
+        self.overhead_seconds["rounds"] += end - folded
         self._forward = None
+        self._flush_events()
         if self.history is not None:
             self.history.append(self._snapshot(self.step))
         self.step += 1
@@ -174,6 +176,14 @@ class EvictingCache(Cache):
         set_active(self, layer_idx)
         return keys, values
 
+    def reset(self) -> None:
+        """Empty the cache for a new sequence (the policy and its parameters stay)."""
+        super().reset()
+        self.next_position, self.step, self.events, self._pending_events = 0, 0, [], []
+        self.overhead_seconds = dict.fromkeys(self.overhead_seconds, 0.0)
+        self.history = [] if self.history is not None else None
+        self._forward = None
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         self._settle()
         return self.layers[layer_idx].held if layer_idx < len(self.layers) else 0
@@ -191,6 +201,7 @@ class EvictingCache(Cache):
             return None
         start = self._clock()
         keep = self._prefill_decision(layer_idx, live=True)
+        self._flush_events()
         self.overhead_seconds["prefill"] += self._clock() - start
         return keep
 
@@ -202,19 +213,17 @@ class EvictingCache(Cache):
         start = self._clock()
         layer = self.layers[layer_idx]
         layer.attention_scaling = scaling
-        rows = self._rows(layer_idx)
-        prefill = self.step == 0
-        if prefill:
+        if self.step == 0:
+            rows = self._rows(layer_idx)
             for name, request in self.policy.prefill_requests(layer_idx, rows).items():
                 summary = summarize_attention(query, key, attention_mask, scaling, request)
                 fwd.observations.setdefault(layer_idx, {})[name] = summary
-        request = self.policy.score_request(layer_idx, rows, prefill)
-        if request is not None:
-            summary = summarize_attention(query, key, attention_mask, scaling, request)
-            layer.scores = self.policy.update_scores(layer.scores, summary.sum_per_kv_head())
-            if request.keep_lse and self.policy.uses_bin:
-                observed = query[0] if request.rows is None else query[0][:, request.rows.to(query.device)]
-                layer.remember_queries(observed, summary.lse, capacity=max(1, self.policy.buffer))
+            request = self.policy.prefill_score_request(layer_idx, rows)
+            if request is not None:
+                summary = summarize_attention(query, key, attention_mask, scaling, request)
+                layer.scores = layer.scores + summary.sum_per_kv_head()
+        elif self.policy.wants_decode_attention(layer_idx):
+            layer.stash_queries(query[0], fwd.tags(fwd.layer_rows[layer_idx])[0])
         self.overhead_seconds["observe"] += self._clock() - start
         if not fwd.explicit and layer_idx == self.num_layers - 1 and len(fwd.layer_rows) == self.num_layers:
             self.end_step()
@@ -308,9 +317,9 @@ class EvictingCache(Cache):
         if not (decision.broadcast and live):
             return None
         dropped = complement(keep, here.numel())
-        counts = _counts(fwd.modality[here[dropped]])
+        dropped_tags = fwd.modality[here[dropped]]
         for later in range(layer_idx + 1, self.num_layers):
-            self._record(later, "prefill", "evicted", counts)  # never computed there
+            self._record(later, "prefill", "evicted", dropped_tags)  # never computed there
         fwd.rows = kept
         return keep
 
@@ -325,10 +334,9 @@ class EvictingCache(Cache):
         if local.numel() == mine.numel():
             return
         past = layer.held - mine.numel()
-        counts = _counts(fwd.modality[mine[~survives]])
+        self._record(layer_idx, "prefill", "evicted", fwd.modality[mine[~survives]])
         layer.compact(torch.cat([torch.arange(past, device=local.device), past + local]))
         fwd.layer_rows[layer_idx] = mine[local]
-        self._record(layer_idx, "prefill", "evicted", counts)
 
     def _compact_per_head(self, layer_idx: int, keep: torch.Tensor) -> None:
         layer = self.layers[layer_idx]
@@ -339,10 +347,37 @@ class EvictingCache(Cache):
         old = torch.arange(past, device=keep.device).expand(keep.shape[0], past)
         full_keep = torch.cat([old, past + keep], dim=1)
         dropped = complement(full_keep, layer.held)
-        counts = _counts(layer.modality.gather(1, dropped))
+        self._record(layer_idx, "prefill", "evicted", layer.modality.gather(1, dropped))
         layer.compact(full_keep)
         self._forward.layer_rows[layer_idx] = _PER_HEAD_ROWS
-        self._record(layer_idx, "prefill", "evicted", counts)
+
+    def flush_scores(self) -> None:
+        """Bring every running score up to date now (they are otherwise folded when due)."""
+        self._fold_scores(due_only=False)
+
+    def _fold_scores(self, due_only: bool) -> None:
+        """Fold stashed decode queries into the running scores of the active and binned tokens.
+
+        Due when a layer has stashed `buffer` queries or needs a round. Nothing is evicted
+        between two folds, so this equals updating the scores at every step.
+        """
+        policy = self.policy
+        for layer in self.layers:
+            if not layer.stashed:
+                continue
+            due = layer.stashed >= max(1, policy.buffer) or policy.needs_round(layer.held, layer.budget)
+            if due or not due_only:
+                self._fold(layer)
+
+    def _fold(self, layer: EvictingLayer) -> None:
+        decay = self.policy.score_decay
+        queries, positions = layer.take_stash()
+        seen, lse = decayed_attention(queries, positions, layer.keys, layer.positions, layer.attention_scaling, decay)
+        factor = decay ** positions.numel()
+        layer.scores = factor * layer.scores + seen
+        if len(layer.bin):
+            missed = what_if_attention(queries, lse, layer.bin.keys, layer.attention_scaling, decay)
+            layer.bin.scores = factor * layer.bin.scores + missed.cpu()
 
     def _rounds(self, stage: str) -> None:
         rep = self.policy.representative_layer()
@@ -359,56 +394,51 @@ class EvictingCache(Cache):
                 self._round(idx, stage)
 
     def _round(self, layer_idx: int, stage: str, follow: _RoundDecision | None = None) -> _RoundDecision | None:
-        """Bring a layer back to its budget: evict (to the bin), restore, delete from the bin."""
+        """Bring a layer back to its budget: evict (to the bin), restore, delete from the bin.
+
+        Candidates are the unprotected active rows `[sink, n - recent)`, then the bin's tokens;
+        the best `budget - sink - recent` of them by the policy's priority stay (or, following
+        a representative layer, those at the positions it kept).
+        """
         policy, layer = self.policy, self.layers[layer_idx]
         if layer.budget is None:
             return None
         n = layer.held
         sink, recent = policy.protected(min(layer.budget, n))
-        pool = n - sink - recent  # unprotected active rows: [sink, n - recent)
-        n_keep = max(0, layer.budget - sink - recent)
-        use_bin = policy.uses_bin
+        pool = n - sink - recent
+        binned = len(layer.bin) if policy.uses_bin else 0
         device = layer.keys.device
-        if use_bin and len(layer.bin) and follow is None:
-            layer.bin.scores = policy.refresh_bin(layer).cpu()
-        binned = len(layer.bin) if use_bin else 0
         if follow is None:
             priority = policy.priority(layer)[..., sink : n - recent]
             if binned:
                 priority = torch.cat([priority, policy.bin_priority(layer).to(device)], dim=-1)
-            order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-            chosen = order[..., :n_keep].sort(dim=-1).values
+            chosen = _best(priority, max(0, layer.budget - sink - recent))
         else:
-            pool_positions = self._pool_positions(layer, sink, n - recent, binned)
-            chosen = torch.isin(pool_positions, follow.kept.to(device)).nonzero().squeeze(-1)
-        kept_positions = None
+            candidates = self._pool_positions(layer, sink, n - recent, binned)
+            chosen = torch.isin(candidates, follow.kept.to(device)).nonzero().squeeze(-1)
+
+        kept_positions = None  # what a representative layer tells the others
         if follow is None and chosen.dim() == 1:
             kept_positions = self._pool_positions(layer, sink, n - recent, binned)[chosen]
 
-        if chosen.dim() == 1:
-            restored = chosen[chosen >= pool] - pool
-            evicted = sink + complement(chosen[chosen < pool], pool)
-        else:  # per head, no bin
-            restored = chosen.new_empty(0)
-            evicted = sink + complement(chosen, pool)
-        if use_bin:
-            layer.bin.age()
-            rows = layer.evict_to_bin(evicted)
-            self._record(layer_idx, stage, "binned", _counts(rows.modality))
-            if restored.numel():
-                rows = layer.restore(restored)
-                self._record(layer_idx, stage, "restored", _counts(rows.modality))
-            deleted_positions = self._trim_bin(layer_idx, stage, follow)
-        else:
-            rows = layer.take(evicted)
-            layer.compact(complement(evicted, n))
-            self._record(layer_idx, stage, "evicted", _counts(rows.modality))
-            deleted_positions = None
-        layer.forget_queries()
+        if not policy.uses_bin:
+            keep = torch.cat([_rows_range(0, sink, chosen), sink + chosen, _rows_range(n - recent, n, chosen)], dim=-1)
+            before = _count_tensor(layer.modality)
+            layer.compact(keep)
+            self._record_counts(layer_idx, stage, "evicted", before - _count_tensor(layer.modality))
+            if kept_positions is None:
+                return None
+            return _RoundDecision(kept_positions, torch.empty(0, dtype=torch.int64))
+
+        restored = chosen[chosen >= pool] - pool
+        evicted = sink + complement(chosen[chosen < pool], pool)
+        layer.bin.age()
+        self._record(layer_idx, stage, "binned", layer.evict_to_bin(evicted).modality)
+        if restored.numel():
+            self._record(layer_idx, stage, "restored", layer.restore(restored).modality)
+        deleted_positions = self._trim_bin(layer_idx, stage, follow)
         if kept_positions is None:
             return None
-        if deleted_positions is None:
-            deleted_positions = torch.empty(0, dtype=torch.int64)
         return _RoundDecision(kept_positions, deleted_positions)
 
     def _pool_positions(self, layer, start: int, stop: int, binned: int) -> torch.Tensor:
@@ -436,12 +466,25 @@ class EvictingCache(Cache):
             doomed = expired.nonzero().squeeze(-1)
         positions = bin_.positions[doomed]
         if doomed.numel():
-            self._record(layer_idx, stage, "deleted", _counts(bin_.delete(doomed)))
+            self._record(layer_idx, stage, "deleted", bin_.delete(doomed))
         return positions
 
-    def _record(self, layer_idx: int, stage: str, action: str, counts: dict[str, int]) -> None:
-        if any(counts.values()):
-            self.events.append(EvictionEvent(self.step, layer_idx, stage, action, counts))
+    def _record(self, layer_idx: int, stage: str, action: str, modality: torch.Tensor) -> None:
+        """Note an event on tokens with these tags (read in one go by `_flush_events`: one sync)."""
+        self._record_counts(layer_idx, stage, action, _count_tensor(modality))
+
+    def _record_counts(self, layer_idx: int, stage: str, action: str, counts: torch.Tensor) -> None:
+        self._pending_events.append((self.step, layer_idx, stage, action, counts))
+
+    def _flush_events(self) -> None:
+        if not self._pending_events:
+            return
+        counts = torch.stack([pending[-1].cpu() for pending in self._pending_events]).tolist()
+        for (step, layer_idx, stage, action, _), values in zip(self._pending_events, counts):
+            by_name = {MODALITY_NAMES[m]: int(round(values[m])) for m in Modality}
+            if any(by_name.values()):
+                self.events.append(EvictionEvent(step, layer_idx, stage, action, by_name))
+        self._pending_events = []
 
     def _modality_counts(self, layer: EvictingLayer) -> torch.Tensor:
         if layer.modality is None or layer.held == 0:
@@ -457,15 +500,27 @@ class EvictingCache(Cache):
         return time.perf_counter()
 
 
-def _counts(modality: torch.Tensor) -> dict[str, int]:
-    """Tokens per modality name; for `[H, n]` tags the mean over heads."""
-    if modality.dim() == 2:
-        heads = max(modality.shape[0], 1)
-        values = torch.bincount(modality.reshape(-1).long(), minlength=len(Modality)).float() / heads
-    else:
-        values = torch.bincount(modality.long(), minlength=len(Modality)).float()
-    values = values.tolist()
-    return {MODALITY_NAMES[m]: int(round(values[m])) for m in Modality}
+def _count_tensor(modality: torch.Tensor) -> torch.Tensor:
+    """Tokens per modality, `[4]` float (for `[H, n]` tags the mean over heads), without a sync."""
+    tags = modality.long().reshape(-1, modality.shape[-1]) if modality.dim() else modality.long().reshape(1, 1)
+    one_hot = tags[..., None] == torch.arange(len(Modality), device=tags.device)
+    return one_hot.sum(dim=1).float().mean(dim=0)
+
+
+def _best(priority: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` highest priorities (ties: earlier first), ascending; per row if 2-D."""
+    size = priority.shape[-1]
+    if count >= size:
+        index = torch.arange(size, device=priority.device)
+        return index if priority.dim() == 1 else index.expand(priority.shape[0], size)
+    order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
+    return order[..., :count].sort(dim=-1).values
+
+
+def _rows_range(start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
+    """`arange(start, stop)` shaped like `like` (`[n]`, or `[H, n]` repeated per head)."""
+    rows = torch.arange(start, stop, device=like.device)
+    return rows if like.dim() == 1 else rows.expand(like.shape[0], -1)
 
 
 def _bytes_per_token(layer: EvictingLayer) -> int:

@@ -29,9 +29,9 @@ class EvictingLayer(CacheLayerMixin):
         self.scores: torch.Tensor | None = None  # [H_kv, N] float32
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.bin = RecycleBin()
-        self.recent_queries: torch.Tensor | None = None  # [H_q, t, D] post-RoPE, since the last round
-        self.recent_lse: torch.Tensor | None = None  # [H_q, t]
-        self.steps_since_round = 0
+        self.stashed_queries: torch.Tensor | None = None  # [H_q, t, D] post-RoPE, not yet in the scores
+        self.stashed_positions: torch.Tensor | None = None  # [t]
+        self.attention_scaling: float | None = None
 
     # --- transformers' CacheLayerMixin ---
 
@@ -167,18 +167,23 @@ class EvictingLayer(CacheLayerMixin):
         self.image_id = torch.cat([self.image_id, rows.image_id], dim=1).gather(1, order)
         self.scores = torch.cat([self.scores, rows.scores.float()], dim=1).gather(1, order)
 
-    def remember_queries(self, queries: torch.Tensor, lse: torch.Tensor, capacity: int) -> None:
-        """Keep the last `capacity` post-RoPE queries (`[H_q, t, D]`) and their log-sum-exp."""
-        if self.recent_queries is None:
-            self.recent_queries, self.recent_lse = queries[:, :0].float(), lse[:, :0].float()
-        self.recent_queries = torch.cat([self.recent_queries, queries.float()], dim=1)[:, -capacity:]
-        self.recent_lse = torch.cat([self.recent_lse, lse.float()], dim=1)[:, -capacity:]
+    def stash_queries(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
+        """Keep decode queries (`[H_q, q, D]`, post-RoPE, at `positions` `[q]`) until they are folded
+        into the running scores."""
+        if self.stashed_queries is None:
+            self.stashed_queries, self.stashed_positions = queries, positions
+        else:
+            self.stashed_queries = torch.cat([self.stashed_queries, queries], dim=1)
+            self.stashed_positions = torch.cat([self.stashed_positions, positions])
 
-    def forget_queries(self) -> None:
-        if self.recent_queries is not None:
-            self.recent_queries, self.recent_lse = self.recent_queries[:, :0], self.recent_lse[:, :0]
-        self.steps_since_round = 0
+    @property
+    def stashed(self) -> int:
+        return 0 if self.stashed_positions is None else self.stashed_positions.numel()
 
+    def take_stash(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        stash = self.stashed_queries, self.stashed_positions
+        self.stashed_queries = self.stashed_positions = None
+        return stash
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """`index_select` for a shared `[n]` index, `gather` for a per-head `[H, n]` one (dim 1 = heads' rows)."""
@@ -191,11 +196,13 @@ def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor
 
 
 def complement(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Rows of `range(size)` not in `index` (`[n]` -> `[size - n]`, `[H, n]` -> `[H, size - n]`), ascending."""
+    """Rows of `range(size)` not in `index` (distinct rows; `[n]` -> `[size - n]`, `[H, n]` ->
+    `[H, size - n]`), ascending. The result size is known, so no device sync."""
     if index.dim() == 1:
         keep = torch.ones(size, dtype=torch.bool, device=index.device)
         keep[index] = False
-        return keep.nonzero().squeeze(-1)
-    keep = torch.ones(index.shape[0], size, dtype=torch.bool, device=index.device)
+        return torch.nonzero_static(keep, size=size - index.numel()).squeeze(-1)
+    heads, kept = index.shape[0], size - index.shape[1]
+    keep = torch.ones(heads, size, dtype=torch.bool, device=index.device)
     keep.scatter_(1, index, False)
-    return keep.nonzero()[:, 1].reshape(index.shape[0], size - index.shape[1])
+    return torch.nonzero_static(keep, size=heads * kept)[:, 1].reshape(heads, kept)

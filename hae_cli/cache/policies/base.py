@@ -8,16 +8,18 @@ at prefill (once, per layer, in layer order)
   `prefill_requests(layer_idx, rows)` -> `{name: AttentionRequest}`: attention rows to compute
   `prefill_keep(layer_idx, rows, attention)` -> `PrefillKeep | None`: which rows survive
 
-every forward
-  `score_request(layer_idx, rows, prefill)` -> `AttentionRequest | None`: rows whose attention
-      feeds the running scores, via `update_scores(scores, attention)`
+running scores (a policy with `score_decay` set)
+  every token carries `s <- score_decay * s + a_t`, `a_t` the attention it received at step t
+  (head-group mean, per key head), in the bin too (the attention it would have received).
+  `prefill_score_request(layer_idx, rows)`: the prompt rows whose attention starts the scores;
+  `wants_decode_attention(layer_idx)`: the layers that keep scores while decoding.
 
 decode rounds (a layer holding `budget + buffer` tokens is brought back to `budget`)
   `resolve_budget`, `protected`, `priority` (higher = keep; `[N]` for every head or
-  `[H_kv, N]` per head), and for policies with a recycle bin `refresh_bin`,
-  `bin_priority`, `bin_capacity`, `bin_ttl`.
+  `[H_kv, N]` per head), and for policies with a recycle bin `bin_priority`,
+  `bin_capacity`, `bin_ttl`.
 
-The cache compacts, moves tokens to and from the bin, and records events.
+The cache keeps the scores, compacts, moves tokens to and from the bin, records events.
 """
 
 from __future__ import annotations
@@ -87,12 +89,13 @@ class Policy:
 
     # --- running scores ---
 
-    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest | None:
+    score_decay: float | None = None
+
+    def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest | None:
         return None
 
-    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        """`scores`, `attention`: `[H_kv, N]` (attention summed over the observed rows)."""
-        return scores
+    def wants_decode_attention(self, layer_idx: int) -> bool:
+        return self.score_decay is not None
 
     # --- decode rounds ---
 
@@ -110,10 +113,6 @@ class Policy:
 
     def priority(self, layer) -> torch.Tensor:
         return layer.scores if self.per_head else layer.scores.mean(dim=0)
-
-    def refresh_bin(self, layer) -> torch.Tensor:
-        """New running scores `[H_kv, M]` for the bin's tokens, before a round."""
-        return layer.bin.scores
 
     def bin_priority(self, layer) -> torch.Tensor:
         return layer.bin.scores.mean(dim=0)

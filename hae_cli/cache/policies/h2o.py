@@ -41,11 +41,10 @@ class H2OPolicy(Policy):
             check_int("recent", self.recent, 0)
         check_int("buffer", self.buffer, 0)
 
-    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest:
-        return AttentionRequest()  # every query row of the forward
+    score_decay: ClassVar[float] = 1.0  # accumulated attention, no decay
 
-    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return scores + attention
+    def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest:
+        return AttentionRequest()  # every prompt query's attention counts
 
     def protected(self, budget: int) -> tuple[int, int]:
         recent = budget // 2 if self.recent is None else self.recent

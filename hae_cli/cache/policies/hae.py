@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from hae_cli.cache.attention import AttentionRequest, AttentionSummary, what_if_attention
+from hae_cli.cache.attention import AttentionRequest, AttentionSummary
 from hae_cli.cache.layer import complement
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import (
@@ -62,10 +62,10 @@ class HAEPolicy(Policy):
             lowest to the bin (image tokens and separators count as visual, generated as text).
         bin_size: bin capacity per layer; None = B // 4, 0 = no bin (evictions are final).
             When over capacity, the lowest-scored bin tokens are deleted first.
-        bin_ttl: a bin token not restored within this many rounds is deleted. At each round
-            the bin's running scores are brought up to date with the queries seen since the
-            last round (the attention they would have paid it), and a bin token whose w * s
-            beats the weakest unprotected active token is restored, with its position.
+        bin_ttl: a bin token not restored within this many rounds is deleted. A bin token's
+            running score goes on with the attention the recent queries would have paid it
+            (the last d queries against the bin's keys); at a round, one whose w * s beats the
+            weakest unprotected active token is restored, with its original position.
         broadcast: one decode decision at `score_layer`, applied to every layer (faster; only
             that layer computes decode scores) instead of one decision per layer.
     """
@@ -123,32 +123,23 @@ class HAEPolicy(Policy):
 
     # --- Stage 2: running scores, rounds and the bin ---
 
-    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest | None:
-        if self.broadcast and layer_idx != self.score_layer:
-            return None
-        if prefill:  # initial scores: what the last prompt token attends to
-            return AttentionRequest(rows=torch.tensor([len(rows) - 1]))
-        return AttentionRequest(keep_lse=self.uses_bin)
+    @property
+    def score_decay(self) -> float:
+        return self.gamma
 
-    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return self.gamma * scores + attention
+    def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest | None:
+        if not self.wants_decode_attention(layer_idx):
+            return None
+        return AttentionRequest(rows=torch.tensor([len(rows) - 1]))  # what the last prompt token attends to
+
+    def wants_decode_attention(self, layer_idx: int) -> bool:
+        return not self.broadcast or layer_idx == self.score_layer
 
     def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
         return held if self.budget is None else resolve_budget(self.budget, prompt_length)
 
     def priority(self, layer) -> torch.Tensor:
         return self._weights(layer.modality[0]) * layer.scores.mean(dim=0)
-
-    def refresh_bin(self, layer) -> torch.Tensor:
-        """s <- gamma^t * s + sum_k gamma^(t-1-k) a_k over the t queries since the last round."""
-        scores = layer.bin.scores * self.gamma**layer.steps_since_round
-        queries = layer.recent_queries
-        if queries is None or queries.shape[1] == 0:
-            return scores
-        seen = what_if_attention(queries, layer.recent_lse, layer.bin.keys, layer.attention_scaling)
-        ages = torch.arange(seen.shape[1] - 1, -1, -1, device=seen.device)
-        decay = self.gamma ** ages.float()
-        return scores + (seen * decay[None, :, None]).sum(dim=1).to(scores.device)
 
     def bin_priority(self, layer) -> torch.Tensor:
         return self._weights(layer.bin.modality) * layer.bin.scores.mean(dim=0)
@@ -172,7 +163,7 @@ def dual_attention_request(layer_idx: int, score_layer: int, rows: Rows) -> dict
     if split is None:
         return {}
     queries, visual = split
-    return {"dual_attention": AttentionRequest(rows=queries, cols=rows.past + visual)}
+    return {"dual_attention": AttentionRequest(rows=queries, cols=rows.past + visual, need_max=True)}
 
 
 def dual_attention_keep(layer_idx, rows, attention, r_g, r_i, visual_keep) -> PrefillKeep | None:

@@ -71,11 +71,12 @@ class MustDropPolicy(Policy):
     def prefill_keep(self, layer_idx, rows, attention) -> PrefillKeep | None:
         return dual_attention_keep(layer_idx, rows, attention, self.r_g, self.r_i, self.visual_keep)
 
-    def score_request(self, layer_idx: int, rows: Rows, prefill: bool) -> AttentionRequest:
-        return AttentionRequest(rows=torch.tensor([len(rows) - 1])) if prefill else AttentionRequest()
+    @property
+    def score_decay(self) -> float:
+        return self.gamma
 
-    def update_scores(self, scores: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-        return self.gamma * scores + attention
+    def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest:
+        return AttentionRequest(rows=torch.tensor([len(rows) - 1]))
 
     def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
         return held if self.budget is None else resolve_budget(self.budget, prompt_length)
