@@ -85,3 +85,20 @@ def test_active_cache_is_cleared_and_not_kept_alive(lm, prompt):
     del cache
     gc.collect()
     assert ref() is None  # ... but it does not keep the cache alive
+
+
+def test_tags_given_before_generate_reach_the_prefill_decision(lm):
+    """begin_tokens before `generate` tags the prompt; HAE's kept set then equals our loop's."""
+    ids, modality, image_id = fake_prompt(before=6, images=24, after=8)
+    params = dict(budget=500, visual_keep=0.4, r_i=0.9)
+    cache = evicting_cache(lm, "hae", **params)
+    cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+    _generate(lm, ids, cache)
+    ours = evicting_cache(lm, "hae", **params)
+    greedy(lm, ids, modality, image_id, ours, 0)
+    kept = ours.layers[0].positions
+    assert kept.shape[1] < ids.numel()
+    for layer in cache.layers:  # no hidden pruning under generate: every layer compacted at the end
+        assert torch.equal(layer.positions[:, : kept.shape[1]], kept)
+        assert layer.positions[0, kept.shape[1] :].tolist() == list(range(ids.numel(), ids.numel() + NEW - 1))
+    assert cache.step == NEW

@@ -235,8 +235,7 @@ class EvictingCache(Cache):
         return self._snapshot(max(self.step - 1, 0))
 
     def _snapshot(self, step: int) -> CacheStats:
-        counts = [self._modality_counts(layer) for layer in self.layers]
-        counts = torch.stack(counts).tolist() if counts else []
+        counts = _gather([self._modality_counts(layer) for layer in self.layers]).tolist()
         layers = [
             LayerStats(
                 layer=idx,
@@ -479,7 +478,7 @@ class EvictingCache(Cache):
     def _flush_events(self) -> None:
         if not self._pending_events:
             return
-        counts = torch.stack([pending[-1].cpu() for pending in self._pending_events]).tolist()
+        counts = _gather([pending[-1] for pending in self._pending_events]).tolist()
         for (step, layer_idx, stage, action, _), values in zip(self._pending_events, counts):
             by_name = {MODALITY_NAMES[m]: int(round(values[m])) for m in Modality}
             if any(by_name.values()):
@@ -487,12 +486,9 @@ class EvictingCache(Cache):
         self._pending_events = []
 
     def _modality_counts(self, layer: EvictingLayer) -> torch.Tensor:
-        if layer.modality is None or layer.held == 0:
+        if layer.modality is None:
             return torch.zeros(len(Modality))
-        heads = layer.modality.shape[0]
-        one_hot = torch.zeros(heads, len(Modality), device=layer.modality.device)
-        one_hot.scatter_add_(1, layer.modality.long(), torch.ones_like(layer.modality, dtype=torch.float32))
-        return one_hot.mean(dim=0).cpu()
+        return _count_tensor(layer.modality)
 
     def _clock(self) -> float:
         if self.sync_timing and torch.cuda.is_available():
@@ -502,9 +498,19 @@ class EvictingCache(Cache):
 
 def _count_tensor(modality: torch.Tensor) -> torch.Tensor:
     """Tokens per modality, `[4]` float (for `[H, n]` tags the mean over heads), without a sync."""
-    tags = modality.long().reshape(-1, modality.shape[-1]) if modality.dim() else modality.long().reshape(1, 1)
+    tags = modality.long()
+    if tags.dim() == 1:
+        tags = tags[None]
     one_hot = tags[..., None] == torch.arange(len(Modality), device=tags.device)
     return one_hot.sum(dim=1).float().mean(dim=0)
+
+
+def _gather(counts: list[torch.Tensor]) -> torch.Tensor:
+    """Stack small count tensors on one device and copy them to the host once."""
+    if not counts:
+        return torch.zeros(0, len(Modality))
+    device = next((c.device for c in counts if c.device.type != "cpu"), torch.device("cpu"))
+    return torch.stack([c.float().to(device) for c in counts]).cpu()
 
 
 def _best(priority: torch.Tensor, count: int) -> torch.Tensor:
