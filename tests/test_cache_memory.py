@@ -72,7 +72,8 @@ def test_a_round_releases_the_old_tensors():
 def test_compact_and_bin_release_storage():
     layer = EvictingLayer(0)
     keys = torch.randn(1, 2, 10, 4)
-    layer.append(keys, keys + 1, torch.arange(10), torch.zeros(10, dtype=torch.int8), torch.zeros(10, dtype=torch.int16))
+    tags = torch.zeros(10, dtype=torch.int8), torch.zeros(10, dtype=torch.int16)
+    layer.append(keys, keys + 1, torch.arange(10), *tags)
     ref = _storage_refs(layer)
     layer.compact(torch.tensor([0, 2, 4, 6, 8]))
     gc.collect()

@@ -45,7 +45,9 @@ def test_cache_invariants(data):
     ids, modality, image_id = fake_prompt(before, images, after, sep_every=data.draw(st.integers(0, 5)))
     length = ids.numel()
     budget = data.draw(
-        st.integers(1, length + 8) | st.floats(0.05, 1.0) | (st.none() if policy in ("hae", "mustdrop") else st.nothing()),
+        st.integers(1, length + 8)
+        | st.floats(0.05, 1.0)
+        | (st.none() if policy in ("hae", "mustdrop") else st.nothing()),
         label="budget",
     )
     steps = data.draw(st.integers(1, 14), label="steps")
@@ -77,7 +79,8 @@ def test_cache_invariants(data):
                     before_round = state["positions"][idx]
                     newest = torch.full((before_round.shape[0], 1), len(fed) - 1)
                     before_round = torch.cat([before_round, newest], dim=1)
-                    protected = torch.cat([before_round[:, :sink], before_round[:, before_round.shape[1] - recent :]], 1)
+                    tail = before_round[:, before_round.shape[1] - recent :]
+                    protected = torch.cat([before_round[:, :sink], tail], dim=1)
                     for head in range(positions.shape[0]):
                         assert bool(torch.isin(protected[head], positions[head]).all())
             if expected_budget is not None:

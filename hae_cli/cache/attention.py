@@ -67,7 +67,9 @@ def clear_active() -> None:
 
 def hae_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
     """transformers' SDPA attention, then the active cache observes what its policy needs."""
-    output = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    output = sdpa_attention_forward(
+        module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+    )
     active = _ACTIVE.get()
     if active is None:
         return output

@@ -51,6 +51,12 @@ class _Forward:
     def tokens(self, rows: torch.Tensor | None) -> torch.Tensor:
         return torch.arange(self.count, device=self.positions.device) if rows is None else rows
 
+    def to(self, device: torch.device) -> None:
+        """Move the tags next to the K/V once, rather than at every layer."""
+        self.positions, self.modality = self.positions.to(device), self.modality.to(device)
+        self.image_id = self.image_id.to(device)
+        self.rows = None if self.rows is None else self.rows.to(device)
+
     def tags(self, rows: torch.Tensor | None):
         if rows is None:
             return self.positions, self.modality, self.image_id
@@ -167,6 +173,8 @@ class EvictingCache(Cache):
             fwd = None
         if fwd is None:
             fwd = self._forward = self._implicit_forward(key_states, kwargs)
+        if fwd.positions.device != key_states.device:
+            fwd.to(key_states.device)
         rows = fwd.rows
         expected = fwd.count if rows is None else rows.numel()
         if key_states.shape[2] != expected:
@@ -263,7 +271,9 @@ class EvictingCache(Cache):
         modality = modality.reshape(-1).to(positions.device, torch.int8)
         image_id = image_id.reshape(-1).to(positions.device, torch.int16)
         if modality.numel() != q or image_id.numel() != q:
-            raise ValueError(f"begin_tokens: {q} positions but {modality.numel()} modality / {image_id.numel()} image tags")
+            raise ValueError(
+                f"begin_tokens: {q} positions but {modality.numel()} modality / {image_id.numel()} image tags"
+            )
         self.next_position += q
         return _Forward(positions, modality, image_id, explicit)
 

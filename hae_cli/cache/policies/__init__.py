@@ -24,8 +24,12 @@ def _discover() -> dict[str, type[Policy]]:
         stack.extend(cls.__subclasses__())
         if cls.name and cls.__module__.startswith(__name__):
             found[cls.name] = cls
-    order = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"]
-    return dict(sorted(found.items(), key=lambda item: (order.index(item[0]) if item[0] in order else len(order), item[0])))
+    order = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"]  # then new ones, by name
+
+    def rank(name: str) -> tuple[int, str]:
+        return (order.index(name) if name in order else len(order), name)
+
+    return {name: found[name] for name in sorted(found, key=rank)}
 
 
 POLICIES: dict[str, type[Policy]] = _discover()

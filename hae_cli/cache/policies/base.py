@@ -164,8 +164,10 @@ def check_float(name: str, value, low: float, high: float | None = None, *, low_
     if ok:
         ok = (value > low if low_open else value >= low) and (high is None or value <= high)
     if not ok:
-        left = "(" if low_open else "["
-        allowed = f"> {low}" if high is None and low_open else f">= {low}" if high is None else f"in {left}{low}, {high}]"
+        if high is None:
+            allowed = f"> {low}" if low_open else f">= {low}"
+        else:
+            allowed = f"in {'(' if low_open else '['}{low}, {high}]"
         raise ConfigError(f"{name} must be a number {allowed}, got {value!r}")
 
 
