@@ -308,3 +308,20 @@ def test_tokenizer_loads_without_remote_code_prompt(tiny_checkpoint, tmp_path):
     assert tokenizer("<|end|>", add_special_tokens=False).input_ids == [end]
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("cache_kind", ["dynamic", "evicting"])
+def test_a_multi_token_chunk_on_a_held_cache_is_causal(tiny_loaded, cache_kind):
+    """Chunked prefill must equal one forward: SDPA alone would align the chunk to key 0."""
+    from hae_cli.cache import EvictingCache
+    from hae_cli.model.decoder import run_decoder
+
+    lm = tiny_loaded.model.language_model
+    torch.manual_seed(4)
+    embeds = torch.randn(1, 15, lm.config.hidden_size)
+    cache = DynamicCache() if cache_kind == "dynamic" else EvictingCache("full", lm.config.num_hidden_layers)
+    with torch.no_grad():
+        whole = run_decoder(lm, embeds, torch.arange(15), DynamicCache(), logits_rows=None).logits
+        run_decoder(lm, embeds[:, :10], torch.arange(10), cache, logits_rows=None)
+        chunk = run_decoder(lm, embeds[:, 10:], torch.arange(10, 15), cache, logits_rows=None).logits
+    torch.testing.assert_close(chunk, whole[:, 10:])

@@ -50,7 +50,7 @@ def run_decoder(
         hidden_lengths.append(hidden.shape[1])
         hidden = decoder_layer(
             hidden,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if attention_mask is not None else _chunk_mask(cache, layer_idx, hidden),
             position_ids=position_ids,
             cache=cache,
             use_cache=cache is not None,
@@ -69,6 +69,23 @@ def run_decoder(
     if logits_rows is not None:
         hidden = hidden[:, -logits_rows:]
     return DecoderOutput(lm.lm_head(hidden), kept_rows, hidden_lengths)
+
+
+def _chunk_mask(cache, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    """A causal mask for several new tokens on top of held ones, sized for this layer.
+
+    Without a mask, transformers' SDPA path assumes an empty cache when q > 1 and cuts the
+    keys to the first q. Layers may hold different counts after eviction, hence per layer.
+    """
+    q_len = hidden.shape[1]
+    if cache is None or q_len == 1:
+        return None
+    past = cache.get_seq_length(layer_idx) if layer_idx < len(cache.layers) else 0
+    if past == 0:
+        return None  # plain prefill: SDPA's is_causal is right and fastest
+    new = torch.ones(q_len, q_len, dtype=torch.bool, device=hidden.device).tril()
+    held = torch.ones(q_len, past, dtype=torch.bool, device=hidden.device)
+    return torch.cat([held, new], dim=1)[None, None]
 
 
 def _prune_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
