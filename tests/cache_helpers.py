@@ -14,9 +14,6 @@ import hae_cli.cache  # noqa: F401  (registers "hae_sdpa")
 from hae_cli.cache import EvictingCache, Modality
 from hae_cli.model.decoder import run_decoder
 
-# Two cores shared by several test suites: one thread is ~10x faster than two contending.
-torch.set_num_threads(1)
-
 VOCAB = 96
 KV_HEADS = 2
 HEADS = 4

@@ -3,6 +3,11 @@
 from pathlib import Path
 
 import pytest
+import torch
+
+# The test tensors are small: a second thread mostly spins, and on a shared 2-core
+# machine one thread runs the suite several times faster. One setting for every test.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

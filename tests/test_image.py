@@ -29,14 +29,6 @@ OFFICIAL_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OFFICIAL_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The tensors here are small and the CPU is shared: a second thread only spins."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def noise(width, height, seed=0):
     rng = np.random.default_rng(seed)
