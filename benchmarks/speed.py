@@ -211,8 +211,6 @@ COLUMNS = (
     "prefill hae/full",
     "KV cut %",
     "evict share %",
-    "observe %",
-    "rounds %",
 )
 
 
@@ -273,13 +271,14 @@ def main(argv=None) -> dict:
     for policy, params in policies.values():  # warm-up: allocator, kernels, lazy imports
         timed_run(model, warm_prompt, warm_embeds, policy, params, min(8, args.decode_tokens))
 
-    rows, table = [], []
+    rows, table, parts = [], [], []
     W = weights["read_per_decoded_token"]
     for size in sizes:
         if not args.quiet:
             print(f"  measuring {size} tokens ...", file=sys.stderr, flush=True)
         m = measure_size(model, tokenizer, easyvqa, size, policies, args)
         full, hae = m["full"], m["hae"]
+        parts = [p for p in hae["decode_overhead_share_by_part"] if p != "prefill"]
         speedup = hae["tokens_per_second"] / full["tokens_per_second"]
         limit = traffic_limit(W, full["kv_bytes_mean"], hae["kv_bytes_mean"])
         row = {
@@ -306,18 +305,17 @@ def main(argv=None) -> dict:
                 row["prefill_ratio"],
                 row["kv_cut_pct"],
                 row["eviction_share_pct"],
-                100 * hae["decode_overhead_share_by_part"]["observe"],
-                100 * hae["decode_overhead_share_by_part"]["rounds"],
             ]
+            + [100 * hae["decode_overhead_share_by_part"][part] for part in parts]
         )
     common.print_table(
         f"decode and prefill, hae (visual_keep {args.visual_keep}, r_i 1.0) vs full; median of {args.repeats}, "
         f"{args.decode_tokens} decoded tokens",
-        COLUMNS,
+        COLUMNS + tuple(f"{part} %" for part in parts),
         table,
         caption=common.describe_conditions(cond) + "\ntraffic limit = (W + K_full) / (W + K_hae), W = weight bytes read per "
         "decoded token, K = mean KV bytes held while decoding; evict share = HAE's eviction work / decode time "
-        "(observe: computing the attention row for the running scores; rounds: ranking, compaction, bin)",
+        f"(split by the cache's overhead_seconds: {', '.join(parts)})",
     )
     out = {
         "benchmark": "speed",
