@@ -27,7 +27,7 @@ from hae_cli.errors import ConfigError, HaeError, InputError
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
-BASELINE = "baseline"  # the name `profile` gives the full cache
+BASELINE = "baseline"  # hae_cli.profile.BASELINE, repeated so that --help imports no torch
 FULL_POLICY = "full"
 
 
@@ -598,21 +598,6 @@ def story(
 # ----------------------------------------------------------------------------- profile
 
 
-@dataclass(frozen=True)
-class Prompt:
-    task: str
-    images: tuple[Path, ...]
-    question: str | None
-    answer: str | None = None  # expected, from questions.json
-
-    def label(self) -> str:
-        return ", ".join(p.name for p in self.images)
-
-    def to_json(self) -> dict:
-        return {"task": self.task, "images": [str(p) for p in self.images], "question": self.question,
-                "answer": self.answer}
-
-
 def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
     """'baseline,snapkv' -> [(name, policy)]: the baseline (full cache) first, then --policy,
     then the rest, without repeats."""
@@ -628,65 +613,10 @@ def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
     return runs
 
 
-def sample_folder() -> Path:
-    for candidate in (Path.cwd() / "sample_images", Path(__file__).resolve().parent.parent / "sample_images"):
-        if candidate.is_dir():
-            return candidate
-    raise InputError("no sample_images/ folder found; pass --images and --question (or --samples DIR)")
-
-
-def read_sample_workload(folder: Path) -> list[Prompt]:
-    """The default profile workload: `questions.json` in the samples folder. Accepted shapes:
-    a list of {"image" or "images", "question" (or "questions"), optional "answer" and "task"}, the same list
-    under a "questions"/"items"/"samples" key, or {"image.png": "question" or [questions]}."""
-    path = folder / "questions.json"
-    if not path.is_file():
-        raise InputError(f"no questions.json in {folder}; pass --images and --question")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
-    if isinstance(data, dict):
-        for key in ("questions", "items", "samples", "workload"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-        else:
-            data = [{"image": image, "question": q} for image, q in data.items()]
-    if not isinstance(data, list):
-        raise InputError(f"{path}: expected a list of {{\"image\", \"question\"}} entries")
-    prompts = []
-    for entry in data:
-        if not isinstance(entry, dict):
-            continue
-        images = entry.get("images", entry.get("image"))
-        images = [images] if isinstance(images, str) else images
-        if not images or not all(isinstance(i, str) for i in images):
-            continue
-        questions = entry.get("questions", entry.get("question"))
-        questions = [questions] if isinstance(questions, str) or questions is None else questions
-        if not isinstance(questions, list):
-            continue
-        task = entry.get("task", "ask")
-        task = task if task in ("ask", "story") else "ask"
-        answer = entry.get("answer")
-        answer = answer if isinstance(answer, str) and answer.strip() and len(questions) == 1 else None
-        for question in questions:
-            if task == "ask" and not (isinstance(question, str) and question.strip()):
-                continue
-            prompts.append(Prompt(task, tuple(_sample_path(folder, i) for i in images), question, answer))
-    if not prompts:
-        raise InputError(f"{path} holds no usable entries (each needs an image and a question)")
-    return prompts
-
-
-def _sample_path(folder: Path, name: str) -> Path:
-    """Names in questions.json are relative to its folder (absolute paths are kept)."""
-    return folder / name
-
-
 def build_workload(images: Sequence[Path] | None, question: str | None, task: Task,
-                   samples: Path | None, limit: int | None) -> list[Prompt]:
+                   samples: Path | None, limit: int | None) -> list:
+    from hae_cli.profile import Prompt, read_workload, sample_folder
+
     if images:
         if task == Task.story:
             prompts = [Prompt("story", tuple(images), question)]
@@ -697,7 +627,7 @@ def build_workload(images: Sequence[Path] | None, question: str | None, task: Ta
     else:
         if question is not None:
             raise InputError("--question needs --images (without --images the sample workload is used)")
-        prompts = read_sample_workload(samples or sample_folder())
+        prompts = read_workload(samples or sample_folder())
         if task == Task.story:
             seen = list(dict.fromkeys(p for prompt in prompts for p in prompt.images))
             prompts = [Prompt("story", tuple(seen), None)]
@@ -753,7 +683,8 @@ def profile(
 
     One table: KV bytes final and peak, tokens kept per modality, prefill ms, decode tokens/s, eviction overhead, and agreement with the baseline (same answer, token match %, first divergence). Policy parameters (--budget, ...) apply to every policy that has them.
     """
-    from hae_cli.display.panel import compare_table, profile_row
+    from hae_cli.display.panel import compare_table
+    from hae_cli.profile import run_profile
 
     options = _run_options(**locals())
     policy_name = check_policy_name(options.policy)
@@ -773,46 +704,18 @@ def profile(
             raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
 
     api = _api()
-    results: dict[str, list] = {name: [] for name, _ in runs}
-    interrupted = False
     with progress_on_stderr() as progress:
-        loaded = api.load_model(options.model, options.device, options.dtype, options.num_crops, on_progress=progress)
-        total = len(runs) * len(workload)
-        done = 0
-        for index, prompt in enumerate(workload):
-            for name, policy_key in runs:
-                done += 1
-                label = f"[{done}/{total}] {name} · {prompt.label()}"
-                progress(label)
-                result = _interruptible(lambda: api.run(
-                    loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy_key,
-                    policy_params=params[name], max_new_tokens=options.max_new_tokens,
-                    temperature=options.temperature, top_p=options.top_p, seed=options.seed,
-                    on_progress=lambda message: progress(f"{label}: {message}"),
-                ))
-                results[name].append(result)
-                if result.interrupted:
-                    interrupted = True
-                    break
-            if interrupted:
-                break
-
-    complete = min(len(r) for r in results.values()) or max(len(r) for r in results.values())
-    baseline = results[BASELINE][:complete]
-    expected = [prompt.answer for prompt in workload[:complete]]
-    rows = [profile_row(name, results[name][:complete], None if name == BASELINE else baseline, expected)
-            for name, _ in runs if results[name]]
+        loaded = _interruptible(lambda: api.load_model(
+            options.model, options.device, options.dtype, options.num_crops, on_progress=progress))
+        report = run_profile(
+            loaded, workload, [(policy_key, params[name]) for name, policy_key in runs if name != BASELINE],
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+            seed=options.seed, on_progress=progress,
+        )
+    rows = report.rows
 
     if json_file is not None:
-        payload = {
-            "model": loaded.name,
-            "baseline": FULL_POLICY,
-            "workload": [p.to_json() for p in workload[:complete]],
-            "summary": [row.to_json() for row in rows],
-            "runs": {name: [r.to_json() for r in results[name]] for name, _ in runs},
-            "interrupted": interrupted,
-        }
-        text = json.dumps(payload, indent=2) + "\n"
+        text = json.dumps(report.to_json(loaded.name), indent=2) + "\n"
         if str(json_file) == "-":
             sys.stdout.write(text)
         else:
@@ -829,10 +732,10 @@ def profile(
         from hae_cli.display.plot import plot_occupancy
 
         first = workload[0]
-        plot_occupancy({name: results[name][0].steps for name, _ in runs if results[name]}, plot,
+        plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
                        title=f"tokens held per layer: {first.task} {first.label()}")
         typer.echo(f"plot written to {plot}", err=True)
-    if interrupted:
+    if report.interrupted:
         typer.echo("interrupted: the table covers the prompts that finished under every policy", err=True)
         sys.exit(EXIT_INTERRUPTED)
 

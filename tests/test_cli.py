@@ -379,10 +379,8 @@ def samples(tmp_path) -> Path:
     (folder / "b.png").write_bytes(png_bytes(rgb=(0, 0, 200)))
     (folder / "questions.json").write_text(json.dumps([
         {"image": "a.png", "question": "What color?", "answer": "red"},
-        {"image": "b.png", "questions": ["What shape?", "What color?"]},
-        {"image": "b.png"},  # no question: skipped
-        "junk",
-        {"image": "a.png", "questions": 7},  # malformed: skipped
+        {"image": "b.png", "question": "What shape?"},
+        {"image": "b.png", "question": "What color?"},
     ]))
     return folder
 

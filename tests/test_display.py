@@ -16,19 +16,18 @@ from hae_cli.display.panel import (
     LayerView,
     PanelState,
     RunWatcher,
-    agreement,
     compare_table,
     events_table,
     format_bytes,
     group_events,
     layer_ranges,
     occupancy_bar,
-    profile_row,
     render_panel,
     render_summary,
     state_from_result,
 )
 from hae_cli.errors import HaeError
+from hae_cli.profile import agreement, holds_answer, summarize
 
 BYTES_PER_TOKEN = 2 * 4 * 16 * 4  # K+V x kv_heads x head_dim x float32
 
@@ -205,11 +204,9 @@ def test_summary_of_a_result():
 
 
 def test_expected_answers_are_matched_as_whole_words():
-    from hae_cli.display.panel import holds_answer
-
     assert holds_answer("The shape is Red.", "red") and holds_answer("a light blue circle", "light blue")
     assert not holds_answer("reddish", "red") and not holds_answer("anything", "")
-    rows = profile_row("hae", [FakeResult(text="red"), FakeResult(text="blue")], expected=["red", None])
+    rows = summarize("hae", [FakeResult(text="red"), FakeResult(text="blue")], expected=["red", None])
     assert (rows.correct, rows.with_answers) == (1, 1)
 
 
@@ -223,7 +220,7 @@ def test_agreement():
 def test_profile_table_side_by_side():
     base = [FakeResult(policy="full", kv_bytes_final=2000, kv_bytes_peak=2000, eviction_seconds=0.0)] * 2
     hae = [FakeResult(), FakeResult(token_ids=[1, 2, 9, 9])]
-    rows = [profile_row("baseline", base), profile_row("hae", hae, base)]
+    rows = [summarize("baseline", base), summarize("hae", hae, base)]
     assert rows[1].same_answers == 1 and rows[1].token_match_percent == 75.0 and rows[1].first_divergence == 2
     assert rows[1].decode_tokens_per_second == 2.0 and rows[1].eviction_overhead_percent == pytest.approx(2.0)
     text = render(compare_table(rows), 140)

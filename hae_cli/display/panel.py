@@ -20,8 +20,7 @@ from rich.text import Text
 
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.display.memory import MemorySnapshot
-
-MODALITIES = ("text", "image", "separator", "generated")
+from hae_cli.profile import MODALITIES, ProfileRow, eviction_overhead_percent
 SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
 
 # glyph and colour per bar segment; the glyphs differ so the bar reads without colour too
@@ -330,14 +329,6 @@ def speed_line(state: PanelState) -> Text:
     return line
 
 
-def eviction_overhead_percent(eviction_seconds: float | None, run_seconds: float | None) -> float | None:
-    """Eviction work (scoring, compaction, bin traffic) as a share of prefill + decode time,
-    as `RunResult.eviction_share` defines it."""
-    if eviction_seconds is None or not run_seconds:
-        return None
-    return 100.0 * eviction_seconds / run_seconds
-
-
 def header_rows(state: PanelState) -> list[tuple[str, Text]]:
     rows = []
     if state.prompt_tokens:
@@ -442,103 +433,6 @@ def state_from_result(result, title: str = "", memory: MemorySnapshot | None = N
 
 
 # ----------------------------------------------------------------------------- profile
-
-
-def agreement(baseline_ids: Sequence[int], ids: Sequence[int]) -> tuple[bool, float, int | None]:
-    """(same tokens, % of positions matching the baseline, first differing index or None)."""
-    length = max(len(baseline_ids), len(ids))
-    if length == 0:
-        return True, 100.0, None
-    matches = sum(a == b for a, b in zip(baseline_ids, ids))
-    first = next((i for i, (a, b) in enumerate(zip(baseline_ids, ids)) if a != b), None)
-    if first is None and len(baseline_ids) != len(ids):
-        first = min(len(baseline_ids), len(ids))
-    return first is None, 100.0 * matches / length, first
-
-
-@dataclass(frozen=True)
-class ProfileRow:
-    """One policy's numbers over a workload (means over its prompts unless named otherwise)."""
-
-    name: str
-    policy: str
-    prompts: int
-    kv_bytes_final: float
-    kv_bytes_peak: float
-    full_cache_bytes_final: float
-    full_cache_bytes_peak: float
-    tokens_kept: dict[str, float]  # per layer, by modality, at the last step
-    prefill_ms: float
-    decode_tokens_per_second: float  # total decode tokens / total decode time
-    eviction_overhead_percent: float | None  # eviction time / (prefill + decode time)
-    same_answers: int | None  # prompts whose answer matches the baseline token for token
-    token_match_percent: float | None
-    first_divergence: int | None  # earliest differing token index over the prompts
-    correct: int | None = None  # prompts whose answer holds the expected one (when the workload has answers)
-    with_answers: int = 0  # prompts that have an expected answer
-    interrupted: bool = False
-
-    def to_json(self) -> dict:
-        from dataclasses import asdict
-
-        return asdict(self)
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else 0.0
-
-
-def tokens_kept_per_layer(stats: CacheStats | None) -> dict[str, float]:
-    if stats is None or not stats.layers:
-        return {m: 0.0 for m in MODALITIES}
-    n = len(stats.layers)
-    return {m: sum(l.tokens_by_modality.get(m, 0) for l in stats.layers) / n for m in MODALITIES}
-
-
-def holds_answer(text: str, expected: str) -> bool:
-    """The expected answer appears in the generated text as whole words, ignoring case."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    wanted = re.findall(r"[a-z0-9]+", expected.lower())
-    n = len(wanted)
-    return n > 0 and any(words[i:i + n] == wanted for i in range(len(words) - n + 1))
-
-
-def profile_row(name: str, results: Sequence, baseline: Sequence | None = None,
-                expected: Sequence[str | None] | None = None) -> ProfileRow:
-    """Summarise one policy's `RunResult`s; `baseline` (same prompts, same order) gives agreement,
-    `expected` (answers per prompt, None where unknown) gives correctness."""
-    decode_seconds = sum(r.decode_seconds for r in results)
-    decode_tokens = sum(r.decode_tokens for r in results)
-    kept = [tokens_kept_per_layer(r.steps[-1] if r.steps else None) for r in results]
-    same = match = first = None
-    if baseline is not None:
-        checks = [agreement(b.token_ids, r.token_ids) for b, r in zip(baseline, results)]
-        same = sum(c[0] for c in checks)
-        match = _mean([c[1] for c in checks])
-        firsts = [c[2] for c in checks if c[2] is not None]
-        first = min(firsts) if firsts else None
-    graded = [(r, e) for r, e in zip(results, expected or ()) if e]
-    return ProfileRow(
-        name=name,
-        policy=results[0].policy if results else name,
-        prompts=len(results),
-        kv_bytes_final=_mean([r.kv_bytes_final for r in results]),
-        kv_bytes_peak=_mean([r.kv_bytes_peak for r in results]),
-        full_cache_bytes_final=_mean([r.full_cache_bytes_final for r in results]),
-        full_cache_bytes_peak=_mean([r.full_cache_bytes_peak for r in results]),
-        tokens_kept={m: _mean([k[m] for k in kept]) for m in MODALITIES},
-        prefill_ms=_mean([r.prefill_seconds * 1000 for r in results]),
-        decode_tokens_per_second=decode_tokens / decode_seconds if decode_seconds else 0.0,
-        eviction_overhead_percent=eviction_overhead_percent(
-            sum(r.eviction_seconds for r in results), sum(r.prefill_seconds for r in results) + decode_seconds
-        ),
-        same_answers=same,
-        token_match_percent=match,
-        first_divergence=first,
-        correct=sum(holds_answer(r.text, e) for r, e in graded) if graded else None,
-        with_answers=len(graded),
-        interrupted=any(r.interrupted for r in results),
-    )
 
 
 def compare_table(rows: Sequence[ProfileRow], baseline_name: str = "baseline") -> Table:
