@@ -155,6 +155,95 @@ def user_text_for(task: str, question: str | None, num_images: int) -> str:
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 
+@dataclass
+class PreparedPrompt:
+    """A prompt ready for the decoder: its tokens (with modality tags) and their embeddings."""
+
+    tokens: object  # PromptTokens
+    embeds: torch.Tensor  # [1, L, hidden]
+
+
+def prepare(
+    loaded: LoadedModel,
+    images: list[str | Path],
+    question: str | None,
+    *,
+    task: str = "ask",
+    image_features: list[torch.Tensor] | None = None,
+    on_progress: Callable[[str], None] | None = None,
+) -> PreparedPrompt:
+    """Read the images, build the chat prompt and embed it. The result does not depend on the
+    policy, so one prepared prompt can be run under many (`run_prepared`)."""
+    from hae_cli.model.image import load_image, preprocess
+    from hae_cli.model.prompt import build_prompt
+
+    progress = on_progress or (lambda message: None)
+    if not images:
+        raise InputError(f"no images given for `{task}`")
+    text = user_text_for(task, question, len(images))
+    progress(f"reading {len(images)} image(s)")
+    processed = [preprocess(load_image(path), loaded.image_config) for path in images]
+    tokens = build_prompt(loaded.tokenizer, text, processed)
+    progress(f"encoding images and prefilling {len(tokens.input_ids)} tokens")
+    with torch.inference_mode():
+        embeds = loaded.model.embed(tokens, processed, image_features)
+    return PreparedPrompt(tokens, embeds)
+
+
+def run_prepared(
+    loaded: LoadedModel,
+    prepared: PreparedPrompt,
+    *,
+    policy: str = "hae",
+    policy_params: dict | None = None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    on_token: Callable[[str], None] | None = None,
+    on_step: Callable[[CacheStats], None] | None = None,
+) -> RunResult:
+    """Generate from a prepared prompt with a fresh cache under `policy`."""
+    from hae_cli.model.generate import SamplingConfig, generate
+
+    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
+    cache = make_cache(loaded, policy, policy_params)
+    steps: list[CacheStats] = []
+    streamer = _TextStreamer(loaded.tokenizer, on_token)
+
+    def publish_step() -> None:
+        stats = cache.stats()
+        steps.append(stats)
+        if on_step is not None:
+            on_step(stats)
+
+    tokens = prepared.tokens
+    generation = generate(
+        loaded.model,
+        prepared.embeds,
+        tokens.modality,
+        tokens.image_id,
+        cache,
+        sampling,
+        loaded.stop_ids,
+        on_token=streamer.push,
+        on_step=publish_step,
+    )
+    return RunResult(
+        policy=policy,
+        text=loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
+        token_ids=generation.token_ids,
+        prompt_tokens=tokens.counts_by_modality(),
+        prefill_seconds=generation.prefill_seconds,
+        decode_seconds=generation.decode_seconds,
+        eviction_seconds=cache.eviction_seconds,
+        decode_tokens=len(generation.token_ids),
+        steps=steps,
+        events=list(cache.events),
+        interrupted=generation.stopped_by == "interrupt",
+    )
+
+
 def run(
     loaded: LoadedModel,
     images: list[str | Path],
@@ -172,55 +261,16 @@ def run(
     on_progress: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Answer `question` about `images` (task "ask") or caption them in order (task "story")."""
-    from hae_cli.model.generate import SamplingConfig, generate
-    from hae_cli.model.image import load_image, preprocess
-    from hae_cli.model.prompt import build_prompt
+    from hae_cli.cache.policies import make_policy
+    from hae_cli.model.generate import SamplingConfig
 
-    progress = on_progress or (lambda message: None)
-    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
-    if not images:
-        raise InputError(f"no images given for `{task}`")
-    cache = make_cache(loaded, policy, policy_params)
-    text = user_text_for(task, question, len(images))
-    progress(f"reading {len(images)} image(s)")
-    processed = [preprocess(load_image(path), loaded.image_config) for path in images]
-    prompt = build_prompt(loaded.tokenizer, text, processed)
-    progress(f"encoding images and prefilling {len(prompt.input_ids)} tokens")
-    with torch.inference_mode():
-        embeds = loaded.model.embed(prompt, processed)
-
-    steps: list[CacheStats] = []
-    streamer = _TextStreamer(loaded.tokenizer, on_token)
-
-    def publish_step() -> None:
-        stats = cache.stats()
-        steps.append(stats)
-        if on_step is not None:
-            on_step(stats)
-
-    generation = generate(
-        loaded.model,
-        embeds,
-        prompt.modality,
-        prompt.image_id,
-        cache,
-        sampling,
-        loaded.stop_ids,
-        on_token=streamer.push,
-        on_step=publish_step,
-    )
-    return RunResult(
-        policy=policy,
-        text=loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
-        token_ids=generation.token_ids,
-        prompt_tokens=prompt.counts_by_modality(),
-        prefill_seconds=generation.prefill_seconds,
-        decode_seconds=generation.decode_seconds,
-        eviction_seconds=cache.eviction_seconds,
-        decode_tokens=len(generation.token_ids),
-        steps=steps,
-        events=list(cache.events),
-        interrupted=generation.stopped_by == "interrupt",
+    # Bad options fail before any image is read or embedded.
+    SamplingConfig(max_new_tokens, temperature, top_p, seed)
+    make_policy(policy, **(policy_params or {}))
+    prepared = prepare(loaded, images, question, task=task, on_progress=on_progress)
+    return run_prepared(
+        loaded, prepared, policy=policy, policy_params=policy_params, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, on_step=on_step,
     )
 
 
