@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from hae_cli.data import easyvqa
 from hae_cli.data.evaluate import Runner, story_exact_match, vqa_accuracy
 from hae_cli.model.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
-from hae_cli.model.loading import DEMO_MODEL_DIR, load_checkpoint
+from hae_cli.api import load_model
+from hae_cli.model.loading import DEMO_MODEL_DIR
 from hae_cli.model.prompt import build_prompt, user_message
 from hae_cli.model.tiny import TINY_VISION, build_model, save_checkpoint
 from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
@@ -55,15 +56,21 @@ STORY_WEIGHTS = (3, 3, 3, 2, 1, 1, 1)
 @dataclass
 class TrainConfig:
     seed: int = SEED
-    steps: int = 1100  # the schedule; a VQA step is 4 images, a story step one set of 2-8
+    steps: int = 1300  # the schedule; a VQA step is 4 images, a story step one set of 2-8
     minutes: float = 40.0  # hard wall-clock cap (the machine is shared); stops early if hit
     threads: int = 2
     vqa_images_per_step: int = 4
     story_every: int = 2  # one story step after every this many VQA steps
-    lr: float = 2e-3
+    lr: float = 1e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.01
+    init_from: Path | None = None  # continue from this checkpoint (a second stage)
+    # The image projection starts at the scale of the token embeddings (std 0.02), not at
+    # PyTorch's default (~100x larger): with huge image rows in the residual stream the
+    # decoder layers barely change them and learning stalls.
+    projection_init_std: float = 0.02
+    vision_width: int = VISION["hidden_size"]
 
 
 # --------------------------------------------------------------------------- sequences
@@ -192,7 +199,19 @@ def train(config: TrainConfig, out: Path, measure_steps: int = 0) -> dict:
     torch.set_num_threads(config.threads)
     rng = random.Random(config.seed)
     tokenizer = build_tiny_tokenizer(easyvqa.vocabulary())
-    model = build_model(tokenizer, text=TEXT, vision=VISION, seed=config.seed)
+    vision = {**VISION, "hidden_size": config.vision_width, "intermediate_size": 2 * config.vision_width,
+              "num_attention_heads": config.vision_width // 32, "projection_dim": config.vision_width}
+    model = build_model(tokenizer, text=TEXT, vision=vision, seed=config.seed)
+    with torch.no_grad():
+        for layer in model.vision.img_projection:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.normal_(std=config.projection_init_std)
+                layer.bias.zero_()
+    if config.init_from is not None:
+        from hae_cli.model.loading import load_checkpoint
+
+        model.language_model.load_state_dict(load_checkpoint(config.init_from).model.language_model.state_dict())
+        print(f"continuing from {config.init_from}", flush=True)
     # Training runs plain SDPA with a tree mask; the shipped config keeps the official fields.
     model.config.text._attn_implementation = "sdpa"
     model.vision.img_processor.config._attn_implementation = "sdpa"
@@ -276,22 +295,49 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-def evaluate(folder: Path, vqa_limit: int | None, stories: int, threads: int) -> dict:
+_worker_runner: Runner | None = None
+
+
+def _start_worker(folder: str, threads: int) -> None:
+    global _worker_runner
     torch.set_num_threads(threads)
-    runner = Runner(load_checkpoint(folder))
-    start = time.perf_counter()
+    _worker_runner = Runner(load_model(folder))
+
+
+def _evaluate_part(part: tuple[str, list]) -> dict:
+    kind, items = part
+    if kind == "vqa":
+        return vqa_accuracy(_worker_runner, items)
+    return story_exact_match(_worker_runner, items)
+
+
+def evaluate(folder: Path, vqa_limit: int | None, stories: int, threads: int, workers: int) -> dict:
+    """VQA accuracy on the test split (or a seeded subset) and story exact match on seeded
+    4-image test sets, through the runtime path with a full cache; `workers` processes share
+    the questions."""
+    from concurrent.futures import ProcessPoolExecutor
+
     questions = list(easyvqa.load_split("test"))
     if vqa_limit:
         questions = random.Random(0).sample(questions, vqa_limit)
-    vqa = vqa_accuracy(runner, questions)
-    vqa_seconds = time.perf_counter() - start
-    print(f"VQA test accuracy {vqa['correct']}/{vqa['total']} = {vqa['accuracy']:.4f} ({vqa_seconds:.0f} s)", flush=True)
-    start = time.perf_counter()
     sets = easyvqa.story_sets("test", stories, 4, seed=0)
-    story = story_exact_match(runner, sets)
-    print(f"story exact match {story['correct']}/{story['total']} = {story['accuracy']:.4f} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return {"vqa": vqa, "story": story}
+    results = {}
+    with ProcessPoolExecutor(workers, initializer=_start_worker, initargs=(str(folder), threads)) as pool:
+        for kind, items in (("vqa", questions), ("story", sets)):
+            start = time.perf_counter()
+            parts = pool.map(_evaluate_part, [(kind, items[w::workers]) for w in range(workers)])
+            merged = {"correct": 0, "total": 0, "wrong": []}
+            for part in parts:
+                for key in merged:
+                    merged[key] += part[key]
+            merged["accuracy"] = merged["correct"] / max(1, merged["total"])
+            print(
+                f"{kind}: {merged['correct']}/{merged['total']} = {merged['accuracy']:.4f} "
+                f"({time.perf_counter() - start:.0f} s); first misses: {merged['wrong'][:5]}",
+                flush=True,
+            )
+            results[kind] = merged
+    return results
 
 
 def main() -> None:
@@ -301,17 +347,27 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap on training")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads (1 is faster on a busy machine)")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate")
+    parser.add_argument("--warmup", type=int, default=TrainConfig.warmup_steps, help="warmup steps")
+    parser.add_argument("--story-every", type=int, default=TrainConfig.story_every, help="VQA steps per story step")
+    parser.add_argument("--vision-width", type=int, default=TrainConfig.vision_width, help="CLIP tower hidden size")
+    parser.add_argument("--init-from", type=Path, default=None, help="continue from this checkpoint folder")
     parser.add_argument("--measure", type=int, default=0, help="time this many steps of each kind, then exit")
     parser.add_argument("--evaluate-only", action="store_true", help="evaluate the checkpoint at --out")
     parser.add_argument("--vqa-limit", type=int, default=None, help="evaluate on a seeded subset of test questions")
     parser.add_argument("--stories", type=int, default=200, help="seeded 4-image story sets to evaluate")
+    parser.add_argument("--workers", type=int, default=1, help="evaluation processes")
     args = parser.parse_args()
     if not args.evaluate_only:
-        summary = train(TrainConfig(seed=args.seed, steps=args.steps, minutes=args.minutes, threads=args.threads), args.out, args.measure)
+        summary = train(TrainConfig(
+                seed=args.seed, steps=args.steps, minutes=args.minutes, threads=args.threads,
+                lr=args.lr, warmup_steps=args.warmup, init_from=args.init_from,
+                story_every=args.story_every, vision_width=args.vision_width,
+            ), args.out, args.measure)
         if args.measure:
             return
         print(json.dumps(summary), flush=True)
-    results = evaluate(args.out, args.vqa_limit, args.stories, args.threads)
+    results = evaluate(args.out, args.vqa_limit, args.stories, args.threads, args.workers)
     print(json.dumps({k: {m: v[m] for m in ("correct", "total", "accuracy")} for k, v in results.items()}))
 
 

@@ -13,24 +13,20 @@ import torch
 
 from hae_cli.data import easyvqa
 from hae_cli.model.generate import SamplingConfig, generate
-from hae_cli.model.image import ImageProcessorConfig, ProcessedImage, load_image, preprocess
+from hae_cli.model.image import ProcessedImage, load_image, preprocess
 from hae_cli.model.prompt import build_prompt, user_message
 
 
 class Runner:
-    """A loaded checkpoint with its tokenizer and image settings, answering prompts greedily."""
+    """A loaded model (`hae_cli.api.load_model`) answering prompts greedily, each with a fresh
+    cache from `make_cache` (a plain `DynamicCache` by default)."""
 
-    def __init__(self, loaded, make_cache: Callable[[], object] | None = None, num_crops: int | None = None) -> None:
-        from transformers import PreTrainedTokenizerFast
-
+    def __init__(self, loaded, make_cache: Callable[[], object] | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        self.tokenizer = PreTrainedTokenizerFast.from_pretrained(loaded.folder)
-        config = loaded.config
-        self.image_config = ImageProcessorConfig.from_files(
-            loaded.folder, crop_size=config.crop_size, patch_size=config.patch_size, num_crops=num_crops
-        )
-        self.stop_ids = {self.tokenizer.convert_tokens_to_ids("<|end|>"), self.tokenizer.eos_token_id}
+        self.tokenizer = loaded.tokenizer
+        self.image_config = loaded.image_config
+        self.stop_ids = loaded.stop_ids
         self.make_cache = make_cache or _dynamic_cache
         self._images: dict[tuple[str, int], ProcessedImage] = {}
 

@@ -1,0 +1,77 @@
+"""The shipped demo model, loaded through the official-layout path, still answers easy-VQA.
+
+Guards both the checkpoint and the runtime (image preprocessing, prompt layout, embedding,
+decoder, generate) against regressions: any drift in how an image or a prompt is laid out
+drops the accuracy of a model trained on the old layout.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from hae_cli.api import load_model
+from hae_cli.data import easyvqa
+from hae_cli.data.evaluate import Runner, story_exact_match, vqa_accuracy
+from hae_cli.model.image import load_image, preprocess
+from hae_cli.model.loading import resolve_model_path
+
+SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
+MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
+# What the shipped model scores on the 300 questions below, and the floor under which the
+# model or the runtime has regressed. Raise both when a better model ships.
+VQA_300 = 0.79  # 237/300, measured when the model was shipped
+REGRESSION_FLOOR = 0.70
+
+
+@pytest.fixture(scope="module")
+def runner() -> Runner:
+    torch.set_num_threads(2)
+    return Runner(load_model("demo"))  # resolve_model_path("demo") + load_checkpoint
+
+
+def test_demo_checkpoint_is_small_and_official():
+    folder = resolve_model_path("demo")
+    names = {p.name for p in folder.iterdir()}
+    assert {"config.json", "model.safetensors.index.json", "preprocessor_config.json", "tokenizer.json"} <= names
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_CHECKPOINT_BYTES
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "phi3_v" and config["architectures"] == ["Phi3VForCausalLM"]
+
+
+def test_demo_images_take_at_least_300_slots(runner):
+    image = runner.image(easyvqa.load_split("test")[0].image_id, "test")
+    assert image.num_tokens >= 300
+
+
+@pytest.fixture(scope="module")
+def vqa_300(runner) -> dict:
+    return vqa_accuracy(runner, random.Random(0).sample(easyvqa.load_split("test"), 300))
+
+
+def test_vqa_accuracy_on_300_seeded_test_questions_does_not_regress(vqa_300):
+    # A runtime that lays images or prompts out differently from training falls to about
+    # chance (~35%: half the questions are yes/no).
+    assert vqa_300["accuracy"] >= REGRESSION_FLOOR, f"{vqa_300['correct']}/300; misses: {vqa_300['wrong'][:5]}"
+
+
+@pytest.mark.xfail(reason="issue 5: the shipped demo model is below the 90% bar (see REGRESSION_FLOOR)", strict=False)
+def test_vqa_accuracy_on_300_seeded_test_questions_meets_the_bar(vqa_300):
+    assert vqa_300["accuracy"] >= 0.90, f"{vqa_300['correct']}/300"
+
+
+@pytest.mark.xfail(reason="issue 5: the shipped demo model does not caption stories yet", strict=False)
+def test_story_captions_on_seeded_four_image_sets(runner):
+    result = story_exact_match(runner, easyvqa.story_sets("test", 5, 4, seed=1))
+    assert result["correct"] >= 4, result["wrong"]
+
+
+def test_sample_images_are_answered_correctly(runner):
+    entries = json.loads((SAMPLE_IMAGES / "questions.json").read_text())
+    assert entries
+    for entry in entries:
+        image = preprocess(load_image(SAMPLE_IMAGES / entry["image"]), runner.image_config)
+        ids = runner.generate_ids(entry["question"], [image], max_new_tokens=2)
+        assert runner.tokenizer.decode(ids).strip() == entry["answer"], entry
