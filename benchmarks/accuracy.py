@@ -487,7 +487,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--story-sets", type=int, default=25, help="seeded caption sets per size (default 25; 0 = skip)")
     parser.add_argument("--story-budgets", default="0.3,0.2", help="decode budgets, fractions of the prompt (default 0.3,0.2)")
     parser.add_argument("--story-buffer", type=int, default=8, help="HAE/mustdrop decoding buffer d for the caption task (default 8)")
-    parser.add_argument("--story-hae", default="best", help="HAE prefill setting for captions: best (the chosen VQA setting) or a --hae item")
+    parser.add_argument("--story-hae", default="thr", help="HAE prefill setting for captions: a --hae item, or best (the chosen VQA setting); default thr")
     parser.add_argument("--workers", type=int, default=2, help="processes sharing the prompts, 1 thread each (default 2; 1 = in this process)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default; workers default to 1)")
     parser.add_argument("--out-dir", default=None, help="where to write accuracy.json / accuracy.png (default benchmarks/results)")
