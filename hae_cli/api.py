@@ -2,7 +2,7 @@
 
     from hae_cli.api import load_model, run
     loaded = load_model("demo")
-    result = run(loaded, ["sample_images/shape_0.png"], "What color is the shape?", policy="hae")
+    result = run(loaded, ["sample_images/easyvqa_test_0698.png"], "What color is the shape?", policy="hae")
     print(result.text, result.kv_bytes_final, result.full_cache_bytes_final)
 """
 

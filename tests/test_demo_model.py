@@ -10,7 +10,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from hae_cli.api import load_model
 from hae_cli.data import easyvqa
@@ -28,7 +27,6 @@ REGRESSION_FLOOR = 0.70
 
 @pytest.fixture(scope="module")
 def runner() -> Runner:
-    torch.set_num_threads(2)
     return Runner(load_model("demo"))  # resolve_model_path("demo") + load_checkpoint
 
 
@@ -57,12 +55,12 @@ def test_vqa_accuracy_on_300_seeded_test_questions_does_not_regress(vqa_300):
     assert vqa_300["accuracy"] >= REGRESSION_FLOOR, f"{vqa_300['correct']}/300; misses: {vqa_300['wrong'][:5]}"
 
 
-@pytest.mark.xfail(reason="issue 5: the shipped demo model is below the 90% bar (see REGRESSION_FLOOR)", strict=False)
+@pytest.mark.xfail(reason="issue 5: the shipped demo model is below the 90% bar (see REGRESSION_FLOOR)", strict=True)
 def test_vqa_accuracy_on_300_seeded_test_questions_meets_the_bar(vqa_300):
     assert vqa_300["accuracy"] >= 0.90, f"{vqa_300['correct']}/300"
 
 
-@pytest.mark.xfail(reason="issue 5: the shipped demo model does not caption stories yet", strict=False)
+@pytest.mark.xfail(reason="issue 5: the shipped demo model does not caption stories yet", strict=True)
 def test_story_captions_on_seeded_four_image_sets(runner):
     result = story_exact_match(runner, easyvqa.story_sets("test", 5, 4, seed=1))
     assert result["correct"] >= 4, result["wrong"]

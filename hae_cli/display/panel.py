@@ -8,7 +8,6 @@ API's callbacks into a `PanelState`.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
