@@ -53,7 +53,7 @@ def test_accuracy_runs_and_writes_every_column(vqa_checkpoint, tmp_path):
 def test_speed_runs_and_matches_phi35v_ratio(tmp_path):
     pytest.importorskip("easy_vqa")
     speed = load("speed")
-    argv = ["--sizes", "330", "--repeats", "1", "--decode-tokens", "3", "--hidden", "128", "--layers", "2", "--threads", "1"]
+    argv = ["--sizes", "330", "--repeats", "2", "--prefill-repeats", "1", "--decode-tokens", "3", "--hidden", "128", "--layers", "2", "--threads", "1"]
     out = speed.main(argv + ["--out-dir", str(tmp_path), "--quiet"])
 
     data = json.loads((tmp_path / "speed.json").read_text())
