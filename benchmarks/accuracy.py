@@ -10,7 +10,7 @@ Each image goes through the vision tower once; its features are reused for all o
 questions and all policies (the tower's output depends on neither), through
 `model.embed(..., image_features)` and `api.run_prepared`.
 
-    python benchmarks/accuracy.py                        # default: 2,000 seeded questions + the full split
+    python benchmarks/accuracy.py                        # default: 500 seeded questions + the full split
     python benchmarks/accuracy.py --limit 300 --no-full-split --story-sets 5
     python benchmarks/accuracy.py --hae thr,0.6,0.4,0.25,0.15 --baselines snapkv,h2o
 
@@ -128,8 +128,17 @@ class Record:
     kv_peak: int
     full_mean: float
     exact: bool = False
+    agree: float = 1.0  # VQA: same answer as the full cache; stories: share of the full cache's tokens reproduced
+    same_as_full: bool = True
     restored: int = 0
     binned: int = 0
+
+
+def agreement(ids: list[int], full_ids: list[int]) -> float:
+    """Share of the full cache's output tokens that this output reproduces at the same place."""
+    if not full_ids:
+        return float(not ids)
+    return sum(a == b for a, b in zip(ids, full_ids)) / len(full_ids)
 
 
 def summarize(label: str, setting: Setting, records: list[Record], full: list[Record]) -> dict:
@@ -150,6 +159,8 @@ def summarize(label: str, setting: Setting, records: list[Record], full: list[Re
         "kv_bytes_peak": statistics.fmean(r.kv_peak for r in records),
         "cut_pct": 100 * (1 - kv_mean / full_mean),
         "exact_match": sum(r.exact for r in records) / n,
+        "agree_with_full": statistics.fmean(r.agree for r in records),
+        "same_as_full": sum(r.same_as_full for r in records) / n,
         "restored": sum(r.restored for r in records),
         "binned": sum(r.binned for r in records),
     }
@@ -220,8 +231,15 @@ def vqa_question(question, plan: list[Setting], fastv_layer: int) -> dict[str, R
         outcome = run_prompt(bench.loaded, prepared, setting.policy, params, max_new_tokens=2)
         outcomes[setting.label] = outcome
         correct = bench.decode(outcome.token_ids) == question.answer
+        same = outcome.token_ids == outcomes[plan[0].label].token_ids
         records[setting.label] = Record(
-            float(correct), outcome.kv_mean, outcome.kv_peak, statistics.fmean(outcome.full_bytes_per_step), exact=correct
+            float(correct),
+            outcome.kv_mean,
+            outcome.kv_peak,
+            statistics.fmean(outcome.full_bytes_per_step),
+            exact=correct,
+            agree=float(same),
+            same_as_full=same,
         )
     return records
 
@@ -338,8 +356,10 @@ def story_set(task) -> dict[str, Record]:
     wanted = captions(bench.decode(target_ids))
     prepared = bench.prompt(easyvqa.STORY_PROMPT, list(image_ids))
     records = {}
+    full_ids: list[int] | None = None
     for setting in plan:
         outcome = run_prompt(bench.loaded, prepared, setting.policy, setting.params, len(target_ids) + 4)
+        full_ids = outcome.token_ids if full_ids is None else full_ids  # plan[0] is the full cache
         got = captions(bench.decode(outcome.token_ids))
         records[setting.label] = Record(
             sum(got.get(k) == v for k, v in wanted.items()) / max(1, len(wanted)),
@@ -347,6 +367,8 @@ def story_set(task) -> dict[str, Record]:
             outcome.kv_peak,
             statistics.fmean(outcome.full_bytes_per_step),
             exact=outcome.token_ids == target_ids,
+            agree=agreement(outcome.token_ids, full_ids),
+            same_as_full=outcome.token_ids == full_ids,
             restored=outcome.restored,
             binned=outcome.binned,
         )
@@ -407,13 +429,33 @@ def make_pool(args):
 # --------------------------------------------------------------------------- output
 
 
-VQA_COLUMNS = ("setting", "accuracy %", "drop vs full (pts)", "KV mean MiB", "KV peak MiB", "cut vs full %")
-STORY_COLUMNS = ("setting", "caption acc %", "exact %", "drop (pts)", "KV mean MiB", "KV peak MiB", "cut %", "binned", "restored")
+VQA_COLUMNS = ("setting", "accuracy %", "drop vs full (pts)", "same answer as full %", "KV mean MiB", "KV peak MiB", "cut vs full %")
+STORY_COLUMNS = (
+    "setting",
+    "caption acc %",
+    "exact %",
+    "drop (pts)",
+    "tokens as full %",
+    "same as full %",
+    "KV mean MiB",
+    "KV peak MiB",
+    "cut %",
+    "binned",
+    "restored",
+)
 
 
 def vqa_table_rows(rows: list[dict]) -> list[list]:
     return [
-        [r["setting"], 100 * r["accuracy"], r["drop_points"], common.mib(r["kv_bytes_mean"]), common.mib(r["kv_bytes_peak"]), r["cut_pct"]]
+        [
+            r["setting"],
+            100 * r["accuracy"],
+            r["drop_points"],
+            100 * r["same_as_full"],
+            common.mib(r["kv_bytes_mean"]),
+            common.mib(r["kv_bytes_peak"]),
+            r["cut_pct"],
+        ]
         for r in rows
     ]
 
@@ -425,6 +467,8 @@ def story_table_rows(rows: list[dict]) -> list[list]:
             100 * r["accuracy"],
             100 * r["exact_match"],
             r["drop_points"],
+            100 * r["agree_with_full"],
+            100 * r["same_as_full"],
             common.mib(r["kv_bytes_mean"]),
             common.mib(r["kv_bytes_peak"]),
             r["cut_pct"],
@@ -475,16 +519,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="checkpoint: demo, a folder or a hub id (default: demo)")
     parser.add_argument("--split", default="test", help="easy-VQA split (default: test)")
-    parser.add_argument("--limit", type=int, default=2000, help="seeded questions for the all-policy table (0 = all; default 2000)")
+    parser.add_argument("--limit", type=int, default=500, help="seeded questions for the all-policy table (0 = all; default 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset and the story sets")
     parser.add_argument("--hae", default="thr,0.6,0.4,0.25", help="HAE settings: thr (thresholds) or a visual_keep; options as thr:r_g=1.5:r_i=0.1")
     parser.add_argument("--baselines", default=",".join(BASELINES), help=f"baselines at matched budgets (default: {','.join(BASELINES)})")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K, the first layer without the dropped tokens (default 2)")
     parser.add_argument("--target-drop", type=float, default=0.3, help="accuracy drop (points) allowed when choosing the best HAE setting")
     parser.add_argument("--no-full-split", action="store_true", help="skip full + best HAE on the whole split")
+    parser.add_argument("--full-split-hae", default="best", help="HAE settings for the full-split pass: best (chosen on the subset) or --hae items")
     parser.add_argument("--full-split-limit", type=int, default=0, help="questions for the full-split pass (0 = the whole split)")
     parser.add_argument("--story-images", default="4,8", help="images per caption set (default 4,8)")
-    parser.add_argument("--story-sets", type=int, default=25, help="seeded caption sets per size (default 25; 0 = skip)")
+    parser.add_argument("--story-sets", type=int, default=12, help="seeded caption sets per size (default 12; 0 = skip)")
     parser.add_argument("--story-budgets", default="0.3,0.2", help="decode budgets, fractions of the prompt (default 0.3,0.2)")
     parser.add_argument("--story-buffer", type=int, default=8, help="HAE/mustdrop decoding buffer d for the caption task (default 8)")
     parser.add_argument("--story-hae", default="thr", help="HAE prefill setting for captions: a --hae item, or best (the chosen VQA setting); default thr")
@@ -529,15 +574,16 @@ def main(argv=None) -> dict:
 
         best_setting = next(s for s in hae if s.label == best["setting"])
         if not args.no_full_split:
+            chosen = [best_setting] if args.full_split_hae == "best" else hae_settings(args.full_split_hae)
             extra = common.seeded_subset(everything, args.full_split_limit or None, args.seed + 1)
             pool_questions = sorted({i: q for i, q in extra + subset}.items())
-            run_vqa(pool_questions, [plan[0], best_setting], results, pool, args, "vqa full split")
+            run_vqa(pool_questions, [plan[0], *chosen], results, pool, args, "vqa full split")
             ids = [i for i, _ in pool_questions]
             full = [results["full"][i] for i in ids]
-            split_rows = [summarize(s.label, s, [results[s.label][i] for i in ids], full) for s in (plan[0], best_setting)]
+            split_rows = [summarize(s.label, s, [results[s.label][i] for i in ids], full) for s in (plan[0], *chosen)]
             out["vqa_full_split"] = {"questions": len(ids), "rows": split_rows}
             common.print_table(
-                f"easy-VQA {args.split}, {len(ids)} questions: full vs the best HAE setting ({best_setting.label})",
+                f"easy-VQA {args.split}, {len(ids)} questions: full vs HAE ({', '.join(s.label for s in chosen)})",
                 VQA_COLUMNS,
                 vqa_table_rows(split_rows),
             )

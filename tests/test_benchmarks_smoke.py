@@ -40,13 +40,13 @@ def test_accuracy_runs_and_writes_every_column(vqa_checkpoint, tmp_path):
     rows = {r["setting"]: r for r in data["vqa"]["rows"]}
     assert {"full", "hae thr", "hae vk0.25", "snapkv @vk0.25", "h2o @vk0.25", "streaming @vk0.25", "fastv @vk0.25", "mustdrop @vk0.25"} <= set(rows)
     for row in rows.values():
-        assert {"accuracy", "drop_points", "kv_bytes_mean", "kv_bytes_peak", "cut_pct", "n"} <= set(row)
+        assert {"accuracy", "drop_points", "kv_bytes_mean", "kv_bytes_peak", "cut_pct", "n", "same_as_full"} <= set(row)
         assert row["n"] == 3 and row["kv_bytes_mean"] > 0
     assert rows["full"]["cut_pct"] == 0 and rows["full"]["drop_points"] == 0
     assert data["vqa_full_split"]["questions"] >= 3
     story = data["stories"]["by_images"]["2"]["rows"]
     assert {r["setting"] for r in story} >= {"full", "hae B=0.3", "h2o B=0.3"}
-    assert all({"restored", "binned", "exact_match"} <= set(r) for r in story)
+    assert all({"restored", "binned", "exact_match", "agree_with_full"} <= set(r) for r in story)
     assert len(data["vqa"]["equal_kv"]) == 2
 
 
