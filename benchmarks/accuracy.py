@@ -10,7 +10,7 @@ Each image goes through the vision tower once; its features are reused for all o
 questions and all policies (the tower's output depends on neither), through
 `model.embed(..., image_features)` and `api.run_prepared`.
 
-    python benchmarks/accuracy.py                        # default: 500 seeded questions + the full split
+    python benchmarks/accuracy.py                        # default: 400 seeded questions + the full split
     python benchmarks/accuracy.py --limit 300 --no-full-split --story-sets 5
     python benchmarks/accuracy.py --hae thr,0.6,0.4,0.25,0.15 --baselines snapkv,h2o
 
@@ -20,6 +20,7 @@ Writes benchmarks/results/accuracy.json and accuracy.png (accuracy vs KV cut per
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import sys
@@ -487,24 +488,24 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
 
     panels = 1 + len(stories)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
-    _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %")
+    _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
     for ax, (n, rows) in zip(axes[0][1:], sorted(stories.items())):
-        _curves(ax, rows, f"captions, {n} images (decode budgets)", "images captioned right %")
+        _curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def _curves(ax, rows: list[dict], title: str, ylabel: str) -> None:
+def _curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> None:
     by_policy: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
     for r in rows:
-        by_policy[r["policy"]].append((r["cut_pct"], 100 * r["accuracy"], r["setting"]))
+        by_policy[r["policy"]].append((r["cut_pct"], 100 * r[metric], r["setting"]))
     for policy, points in by_policy.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         style = dict(marker="*", markersize=12) if policy == "full" else dict(marker="o")
-        ax.plot(xs, ys, label=policy, linewidth=2.5 if policy == "hae" else 1.2, **style)
+        ax.plot(xs, ys, label=policy, linewidth=2.5 if policy == "hae" else 1.2, zorder=3 if policy == "hae" else 2, **style)
     ax.set_xlabel("KV cut vs full cache (%)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
@@ -519,7 +520,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="demo", help="checkpoint: demo, a folder or a hub id (default: demo)")
     parser.add_argument("--split", default="test", help="easy-VQA split (default: test)")
-    parser.add_argument("--limit", type=int, default=500, help="seeded questions for the all-policy table (0 = all; default 500)")
+    parser.add_argument("--limit", type=int, default=400, help="seeded questions for the all-policy table (0 = all; default 400)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the question subset and the story sets")
     parser.add_argument("--hae", default="thr,0.6,0.4,0.25", help="HAE settings: thr (thresholds) or a visual_keep; options as thr:r_g=1.5:r_i=0.1")
     parser.add_argument("--baselines", default=",".join(BASELINES), help=f"baselines at matched budgets (default: {','.join(BASELINES)})")
@@ -529,7 +530,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--full-split-hae", default="best", help="HAE settings for the full-split pass: best (chosen on the subset) or --hae items")
     parser.add_argument("--full-split-limit", type=int, default=0, help="questions for the full-split pass (0 = the whole split)")
     parser.add_argument("--story-images", default="4,8", help="images per caption set (default 4,8)")
-    parser.add_argument("--story-sets", type=int, default=12, help="seeded caption sets per size (default 12; 0 = skip)")
+    parser.add_argument("--story-sets", type=int, default=10, help="seeded caption sets per size (default 10; 0 = skip)")
     parser.add_argument("--story-budgets", default="0.3,0.2", help="decode budgets, fractions of the prompt (default 0.3,0.2)")
     parser.add_argument("--story-buffer", type=int, default=8, help="HAE/mustdrop decoding buffer d for the caption task (default 8)")
     parser.add_argument("--story-hae", default="thr", help="HAE prefill setting for captions: a --hae item, or best (the chosen VQA setting); default thr")
@@ -537,12 +538,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default; workers default to 1)")
     parser.add_argument("--out-dir", default=None, help="where to write accuracy.json / accuracy.png (default benchmarks/results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    parser.add_argument("--plot-only", metavar="JSON", help="redraw the PNG from a results file and exit")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.plot_only:
+        return replot(Path(args.plot_only))
     from hae_cli.data import easyvqa
 
     started = time.perf_counter()
@@ -615,6 +619,16 @@ def main(argv=None) -> dict:
         out["plot"] = str(png)
     print(f"wrote {path} in {out['seconds']} s")
     return out
+
+
+def replot(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    stories = {int(n): v["rows"] for n, v in data.get("stories", {}).get("by_images", {}).items()}
+    png = path.with_suffix(".png")
+    title = f"{data['conditions']['model']}; {common.describe_conditions(data['conditions'])}"
+    plot(png, data["vqa"]["rows"], stories, title)
+    print(f"wrote {png}")
+    return data
 
 
 def _print_comparison(comparison: list[dict], baselines: list[str]) -> None:
