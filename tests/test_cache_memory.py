@@ -8,7 +8,7 @@ import torch
 from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, tiny_lm
 from hae_cli.cache import Modality
 from hae_cli.cache.layer import EvictingLayer
-from hae_cli.cache.recycle_bin import RecycleBin
+from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
 from hae_cli.model.decoder import run_decoder
 
 BYTES_PER_TOKEN = 2 * KV_HEADS * HEAD_DIM * 4  # K and V, float32
@@ -112,3 +112,30 @@ def test_recycle_bin_bookkeeping():
     assert layer.modality[0].tolist() == [0, 1, 1, 3]
     assert layer.scores[:, 2].tolist() == [4.0, 10.0]
     assert bin_.positions.tolist() == [13]
+
+
+def test_insert_merges_rows_in_position_order_in_every_head():
+    """Heads holding different rows each get the incoming rows at their own places (rows given
+    out of position order), and every tag, score and K/V row stays with its position."""
+    layer = EvictingLayer(0)
+    keys = torch.arange(10, dtype=torch.float32)[None, None, :, None].expand(1, 2, 10, 3).contiguous()
+    tags = torch.arange(10, dtype=torch.int8), torch.arange(10, dtype=torch.int16)
+    layer.append(keys, -keys, torch.arange(10), *tags)
+    layer.scores = torch.arange(10, dtype=torch.float32).expand(2, 10) * 0.5
+    layer.compact(torch.tensor([[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]))
+    incoming = [[9, 1], [4, 0]]  # per head, not in position order
+    rows = TokenRows(
+        keys=torch.tensor(incoming, dtype=torch.float32)[None, :, :, None].expand(1, 2, 2, 3),
+        values=-torch.tensor(incoming, dtype=torch.float32)[None, :, :, None].expand(1, 2, 2, 3),
+        positions=torch.tensor(incoming),
+        modality=torch.tensor(incoming, dtype=torch.int8),
+        image_id=torch.tensor(incoming, dtype=torch.int16),
+        scores=torch.tensor(incoming, dtype=torch.float32) * 0.5,
+    )
+    layer.insert(rows)
+    expected = torch.tensor([[0, 1, 2, 4, 6, 8, 9], [0, 1, 3, 4, 5, 7, 9]])
+    assert torch.equal(layer.positions, expected)
+    assert torch.equal(layer.modality, expected.to(torch.int8)) and torch.equal(layer.image_id, expected.to(torch.int16))
+    assert torch.equal(layer.scores, expected * 0.5)
+    assert torch.equal(layer.keys[0, :, :, 0], expected.float()) and torch.equal(layer.values[0, :, :, 2], -expected.float())
+    assert layer.kv_bytes == 7 * 2 * 2 * 3 * 4

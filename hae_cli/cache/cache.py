@@ -442,9 +442,10 @@ class EvictingCache(Cache):
         restored = chosen[chosen >= pool] - pool
         evicted = sink + complement(chosen[chosen < pool], pool)
         layer.bin.age()
-        self._record(layer_idx, stage, "binned", layer.evict_to_bin(evicted).modality)
+        binned, back = layer.swap_with_bin(evicted, restored)
+        self._record(layer_idx, stage, "binned", binned.modality)
         if restored.numel():
-            self._record(layer_idx, stage, "restored", layer.restore(restored).modality)
+            self._record(layer_idx, stage, "restored", back.modality)
         deleted_positions = self._trim_bin(layer_idx, stage, follow)
         if kept_positions is None:
             return None
@@ -530,7 +531,7 @@ def _best(priority: torch.Tensor, count: int) -> torch.Tensor:
         index = torch.arange(size, device=priority.device)
         return index if priority.dim() == 1 else index.expand(priority.shape[0], size)
     order = torch.sort(priority, dim=-1, descending=True, stable=True).indices
-    return order[..., :count].sort(dim=-1).values
+    return complement(order[..., count:], size)
 
 
 def _rows_range(start: int, stop: int, like: torch.Tensor) -> torch.Tensor:

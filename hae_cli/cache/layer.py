@@ -4,7 +4,9 @@ Keys, values, positions, modality tags, image ids and running scores are owned t
 and only ever changed together (append, compact, bin, restore), so they cannot drift
 apart. Rows are kept in ascending position order in every head. Compaction builds new
 tensors (`index_select` / `gather`): the old storage is released, memory is freed, not
-masked. Every head holds the same number of rows; which rows may differ per head.
+masked. Every head holds the same number of rows; which rows may differ per head. K/V rows
+are copied whole, every head in one `index_select` over the `[H * N, D]` view; a round that
+also restores from the bin rebuilds each tensor once.
 """
 
 from __future__ import annotations
@@ -134,38 +136,59 @@ class EvictingLayer(CacheLayerMixin):
             scores=_select(self.scores, index, dim=1),
         )
 
-    def compact(self, keep: torch.Tensor) -> None:
-        """Keep only rows `keep`, ascending: `[N']` (same rows in every head) or `[H, N']`."""
-        rows = self.take(keep)
-        self.keys, self.values = rows.keys, rows.values
-        self.positions, self.modality, self.image_id = rows.positions, rows.modality, rows.image_id
-        self.scores = rows.scores
+    def compact(self, keep: torch.Tensor, incoming: TokenRows | None = None) -> None:
+        """Keep only rows `keep`, ascending: `[N']` (same rows in every head) or `[H, N']`, and merge
+        `incoming` rows in (position order). Each tensor is rebuilt by one copy."""
+        if incoming is None or len(incoming) == 0:
+            rows = self.take(keep)
+            self.keys, self.values = rows.keys, rows.values
+            self.positions, self.modality, self.image_id = rows.positions, rows.modality, rows.image_id
+            self.scores = rows.scores
+            return
+        keep = keep.to(self.device)
+        new_positions = incoming.positions.to(self.device)
+        # One merge plan for every head when they all hold the same rows (always so with a bin).
+        shared = keep.dim() == 1 and _same_in_every_head(self.positions) and _same_in_every_head(new_positions)
+        planned = 1 if shared else self.positions.shape[0]
+        plan_keep = keep.expand(planned, -1) if keep.dim() == 1 else keep
+        source, slots = _merge_plan(self.positions[:planned].gather(1, plan_keep), plan_keep, new_positions[:planned])
+        if shared:
+            source, slots = source[0], slots[0]
+
+        def merged(held: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
+            return _place(_select(held, source, dim), slots, new.to(self.device, held.dtype), dim)
+
+        self.keys, self.values = merged(self.keys, incoming.keys, 2), merged(self.values, incoming.values, 2)
+        self.positions = merged(self.positions, new_positions, 1)
+        self.modality = merged(self.modality, incoming.modality, 1)
+        self.image_id = merged(self.image_id, incoming.image_id, 1)
+        self.scores = merged(self.scores, incoming.scores, 1)
 
     def evict_to_bin(self, index: torch.Tensor) -> TokenRows:
         """Move rows `index` (`[n]`, the same in every head) to the recycle bin; returns them."""
-        rows = self.take(index)
-        self.compact(complement(index.to(self.device), self.held))
-        self.bin.add(rows)
-        return rows
+        return self.swap_with_bin(index, index[:0])[0]
 
     def restore(self, bin_index: torch.Tensor) -> TokenRows:
         """Put bin tokens `bin_index` back, at their original positions; returns them."""
-        rows = self.bin.take(bin_index, self.device)
-        self.insert(rows)
-        return rows
+        return self.swap_with_bin(bin_index[:0], bin_index)[1]
+
+    def swap_with_bin(self, evict: torch.Tensor, restore: torch.Tensor) -> tuple[TokenRows, TokenRows]:
+        """Move rows `evict` (`[n]`) to the bin and bin tokens `restore` (`[m]`, indices before this
+        call) back, at their original positions, rebuilding the layer once. The bin then holds its
+        old tokens but the restored, then the evicted. Returns (evicted, restored)."""
+        evict = evict.to(self.device)
+        evicted = self.take(evict)
+        restored = self.bin.take(restore, self.device) if restore.numel() else self.take(evict[:0])
+        if evict.numel() or restore.numel():
+            self.compact(complement(evict, self.held), restored)
+        self.bin.add(evicted)
+        return evicted, restored
 
     def insert(self, rows: TokenRows) -> None:
         """Merge rows in, keeping every head in ascending position order."""
         if len(rows) == 0:
             return
-        positions = torch.cat([self.positions, rows.positions], dim=1)
-        order = positions.argsort(dim=1)
-        self.keys = _select(torch.cat([self.keys, rows.keys.to(self.dtype)], dim=2), order, dim=2)
-        self.values = _select(torch.cat([self.values, rows.values.to(self.dtype)], dim=2), order, dim=2)
-        self.positions = positions.gather(1, order)
-        self.modality = torch.cat([self.modality, rows.modality], dim=1).gather(1, order)
-        self.image_id = torch.cat([self.image_id, rows.image_id], dim=1).gather(1, order)
-        self.scores = torch.cat([self.scores, rows.scores.float()], dim=1).gather(1, order)
+        self.compact(torch.arange(self.held, device=self.device), rows)
 
     def stash_queries(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep decode queries (`[H_q, q, D]`, post-RoPE, at `positions` `[q]`) until they are folded
@@ -186,13 +209,46 @@ class EvictingLayer(CacheLayerMixin):
         return stash
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """`index_select` for a shared `[n]` index, `gather` for a per-head `[H, n]` one (dim 1 = heads' rows)."""
-    if index.dim() == 1:
-        return tensor.index_select(dim, index)
-    if dim == 1:  # [H, N] tags
-        return tensor.gather(1, index)
-    shape = (1, index.shape[0], index.shape[1], tensor.shape[-1])
-    return tensor.gather(2, index[None, :, :, None].expand(shape))
+    """Rows `index` (`[n]` for every head, or `[H, n]` per head) of `[H, N]` tags (dim 1) or of
+    `[1, H, N, D]` K/V (dim 2). K/V rows are copied whole, every head in one `index_select`."""
+    if dim == 1:
+        return tensor.index_select(1, index) if index.dim() == 1 else tensor.gather(1, index)
+    _, heads, n, width = tensor.shape
+    rows = _flat_rows(index.expand(heads, -1) if index.dim() == 1 else index, n)
+    return tensor.reshape(heads * n, width).index_select(0, rows).view(1, heads, -1, width)
+
+
+def _place(tensor: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, dim: int) -> torch.Tensor:
+    """Write `rows` into `tensor` (contiguous) at `slots` (`[r]` for every head, or `[H, r]`), in place:
+    `[H, r]` tags into `[H, N]` (dim 1) or `[1, H, r, D]` K/V into `[1, H, N, D]` (dim 2)."""
+    if dim == 1:
+        return tensor.index_copy_(1, slots, rows) if slots.dim() == 1 else tensor.scatter_(1, slots, rows)
+    _, heads, n, width = tensor.shape
+    slots = slots.expand(heads, -1) if slots.dim() == 1 else slots
+    tensor.view(heads * n, width).index_copy_(0, _flat_rows(slots, n), rows.reshape(-1, width))
+    return tensor
+
+
+def _merge_plan(kept_positions: torch.Tensor, keep: torch.Tensor, new_positions: torch.Tensor):
+    """Where rows go when rows `keep` (`[R, k]`, at `kept_positions`, ascending) meet new rows at
+    `new_positions` (`[R, r]`, any order) in position order. Returns (`[R, k + r]` the held row each
+    output row copies, a placeholder 0 where a new row lands; `[R, r]` where each new row lands)."""
+    arriving = new_positions.shape[1]
+    ordered, by_position = new_positions.sort(dim=1)
+    # a new row lands after the kept rows and the new rows at lower positions
+    landing = torch.searchsorted(kept_positions, ordered) + torch.arange(arriving, device=keep.device)
+    slots = torch.empty_like(landing).scatter_(1, by_position, landing)
+    stays = complement(slots, keep.shape[1] + arriving)
+    return keep.new_zeros(stays.shape[0], keep.shape[1] + arriving).scatter_(1, stays, keep), slots
+
+
+def _same_in_every_head(positions: torch.Tensor) -> bool:
+    return positions.shape[0] == 1 or bool((positions == positions[:1]).all())
+
+
+def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """`[H, m]` row indices per head -> indices into the `[H * n, D]` view of a `[1, H, n, D]` tensor."""
+    return (index + n * torch.arange(index.shape[0], device=index.device)[:, None]).reshape(-1)
 
 
 def complement(index: torch.Tensor, size: int) -> torch.Tensor:
