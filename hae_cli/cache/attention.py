@@ -151,13 +151,21 @@ def decayed_attention(
     heads, steps = queries.shape[0], queries.shape[1]
     kv_heads, n_keys = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
+    query_positions = query_positions.to(key_positions.device)
     logits = queries.float().reshape(kv_heads, group * steps, -1) @ keys[0].float().transpose(-1, -2)
-    logits = logits.reshape(kv_heads, group, steps, n_keys) * scaling
-    visible = key_positions[:, None, None, :] <= query_positions.to(key_positions.device)[None, None, :, None]
-    logits = logits.masked_fill(~visible, float("-inf"))
+    logits = logits.reshape(kv_heads, group, steps, n_keys).mul_(scaling)
+    # Only keys later than the oldest query can be hidden from one: mask from the first such column on.
+    late = (key_positions > query_positions.min()).any(dim=0).nonzero()
+    if late.numel():
+        start = int(late[0])
+        hidden = key_positions[:, None, None, start:] > query_positions[None, None, :, None]
+        logits[..., start:].masked_fill_(hidden, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    probs = torch.exp(logits - lse).nan_to_num_(0.0).mean(dim=1)  # [H_kv, t, N]
-    return (probs * _decay_weights(steps, decay, probs.device)[None, :, None]).sum(dim=1), lse.reshape(heads, steps)
+    probs = logits.sub_(lse).exp_()  # in place: the logits are not needed again
+    if not bool(torch.isfinite(lse).all()):  # a query that saw no key (or an inf) attends nothing
+        probs.nan_to_num_(0.0)
+    probs = probs.mean(dim=1) if group > 1 else probs.squeeze(1)  # [H_kv, t, N]
+    return probs.mul_(_decay_weights(steps, decay, probs.device)[None, :, None]).sum(dim=1), lse.reshape(heads, steps)
 
 
 def what_if_attention(
