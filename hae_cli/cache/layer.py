@@ -31,8 +31,9 @@ class EvictingLayer(CacheLayerMixin):
         self.scores: torch.Tensor | None = None  # [H_kv, N] float32
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.bin = RecycleBin()
-        self.stashed_queries: torch.Tensor | None = None  # [H_q, t, D] post-RoPE, not yet in the scores
-        self.stashed_positions: torch.Tensor | None = None  # [t]
+        self.stashed_queries: list[torch.Tensor] = []  # [H_q, q, D] each, post-RoPE, not yet in the scores
+        self.stashed_positions: list[torch.Tensor] = []  # [q] each
+        self.stashed = 0  # queries stashed
         self.attention_scaling: float | None = None
 
     # --- transformers' CacheLayerMixin ---
@@ -192,21 +193,20 @@ class EvictingLayer(CacheLayerMixin):
 
     def stash_queries(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
         """Keep decode queries (`[H_q, q, D]`, post-RoPE, at `positions` `[q]`) until they are folded
-        into the running scores."""
-        if self.stashed_queries is None:
-            self.stashed_queries, self.stashed_positions = queries, positions
-        else:
-            self.stashed_queries = torch.cat([self.stashed_queries, queries], dim=1)
-            self.stashed_positions = torch.cat([self.stashed_positions, positions])
-
-    @property
-    def stashed(self) -> int:
-        return 0 if self.stashed_positions is None else self.stashed_positions.numel()
+        into the running scores (joined then, not at every step)."""
+        self.stashed_queries.append(queries)
+        self.stashed_positions.append(positions)
+        self.stashed += positions.numel()
 
     def take_stash(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        stash = self.stashed_queries, self.stashed_positions
-        self.stashed_queries = self.stashed_positions = None
+        """The stashed queries `[H_q, t, D]` (oldest first) and their positions `[t]`, or Nones."""
+        if not self.stashed_queries:
+            return None, None
+        queries, positions = self.stashed_queries, self.stashed_positions
+        stash = (queries[0], positions[0]) if len(queries) == 1 else (torch.cat(queries, dim=1), torch.cat(positions))
+        self.stashed_queries, self.stashed_positions, self.stashed = [], [], 0
         return stash
+
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     """Rows `index` (`[n]` for every head, or `[H, n]` per head) of `[H, N]` tags (dim 1) or of
