@@ -427,7 +427,7 @@ class EvictingCache(Cache):
             chosen = torch.isin(candidates, follow.kept.to(device)).nonzero().squeeze(-1)
 
         kept_positions = None  # what a representative layer tells the others
-        if follow is None and chosen.dim() == 1:
+        if follow is None and chosen.dim() == 1 and layer_idx == policy.representative_layer():
             kept_positions = self._pool_positions(layer, sink, n - recent, binned)[chosen]
 
         if not policy.uses_bin:
