@@ -355,7 +355,9 @@ def story_set(task) -> dict[str, Record]:
     easyvqa = bench.easyvqa
     target_ids = bench.tokenizer.encode(easyvqa.story_target(list(image_ids), bench.split), add_special_tokens=False)
     wanted = captions(bench.decode(target_ids))
-    prepared = bench.prompt(easyvqa.STORY_PROMPT, list(image_ids))
+    from hae_cli.model.prompt import story_message
+
+    prepared = bench.prompt(story_message(easyvqa.STORY_PROMPT, len(image_ids)), list(image_ids))
     records = {}
     full_ids: list[int] | None = None
     for setting in plan:

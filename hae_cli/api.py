@@ -144,14 +144,14 @@ def make_cache(loaded: LoadedModel, policy: str, policy_params: dict | None):
 
 
 def user_text_for(task: str, question: str | None, num_images: int) -> str:
-    from hae_cli.model.prompt import user_message
+    from hae_cli.model.prompt import story_message, user_message
 
     if task == "ask":
         if not question or not question.strip():
             raise InputError("a question is needed for `ask`")
         return user_message(question, num_images)
     if task == "story":
-        return user_message(question or DEFAULT_STORY_PROMPT, num_images)
+        return story_message(question or DEFAULT_STORY_PROMPT, num_images)
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 

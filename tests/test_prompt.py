@@ -15,10 +15,10 @@ from hae_cli.model.image import (
     preprocess,
     tokens_per_image,
 )
-from hae_cli.model.prompt import PromptTokens, build_prompt, user_message
+from hae_cli.model.prompt import PromptTokens, build_prompt, story_message, user_message
 from hae_cli.model.tiny_tokenizer import CHAT_TOKENS, build_tiny_tokenizer
 
-WORDS = ["Image 1: a red circle.", "what", "is", "in", "this", "picture", "?", "compare them"]
+WORDS = ["Image 1: a red circle.", "Image 2", "what", "is", "in", "this", "picture", "?", "compare them"]
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,21 @@ def test_user_message_adds_placeholders_only_when_absent():
     assert user_message("what is this?", 0) == "what is this?"
     own = "compare <|image_2|> and <|image_1|>"
     assert user_message(own, 2) == own
+
+
+def test_story_message_labels_each_image_before_its_slots(tokenizer):
+    assert story_message("Describe each image in order.", 2) == (
+        "Image 1: <|image_1|>\nImage 2: <|image_2|>\nDescribe each image in order."
+    )
+    own = "first <|image_1|> then <|image_2|>"
+    assert story_message(own, 2) == own
+    images = [fake_image(1, 1), fake_image(1, 1)]
+    prompt = build_prompt(tokenizer, story_message("go", 2), images)
+    # each image's block starts right after its own label's ": "
+    for k in (1, 2):
+        first_slot = int((prompt.input_ids == -k).nonzero()[0])
+        before = tokenizer.decode(prompt.input_ids[first_slot - 3 : first_slot].tolist())
+        assert before.replace(" ", "").lower().endswith(f"image{k}:")
 
 
 # ----------------------------------------------------------------- expansion and tags

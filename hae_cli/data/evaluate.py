@@ -14,7 +14,7 @@ import torch
 from hae_cli.data import easyvqa
 from hae_cli.model.generate import SamplingConfig, generate
 from hae_cli.model.image import ProcessedImage, load_image, preprocess
-from hae_cli.model.prompt import build_prompt, user_message
+from hae_cli.model.prompt import build_prompt, story_message, user_message
 
 
 class Runner:
@@ -79,7 +79,7 @@ def story_exact_match(runner: Runner, image_sets: Sequence[Sequence[int]], split
     for image_ids in image_sets:
         target = runner.tokenizer.encode(easyvqa.story_target(list(image_ids), split), add_special_tokens=False)
         images = [runner.image(i, split) for i in image_ids]
-        ids = runner.generate_ids(easyvqa.STORY_PROMPT, images, max_new_tokens=len(target) + 4)
+        ids = runner.generate_ids(story_message(easyvqa.STORY_PROMPT, len(images)), images, max_new_tokens=len(target) + 4)
         if ids == target:
             correct += 1
         else:

@@ -47,6 +47,18 @@ def user_message(question: str, num_images: int) -> str:
     return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + question
 
 
+def story_message(instruction: str, num_images: int) -> str:
+    """The user turn for a multi-image task: each placeholder after its label ("Image 2: "),
+    then the instruction. The labels let the caption of image k find image k's tokens by
+    what they follow rather than by counting blocks, and the demo model is trained on
+    exactly this form. An instruction that places its images itself is kept as written."""
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if IMAGE_PLACEHOLDER.search(instruction):
+        return instruction
+    return "".join(f"Image {k}: <|image_{k}|>\n" for k in range(1, num_images + 1)) + instruction
+
+
 def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> PromptTokens:
     """Render the chat template and tokenise it, expanding `<|image_k|>` to
     `images[k-1].num_tokens` slots.
