@@ -41,7 +41,11 @@ class ImageEmbedding(nn.Module):
 
         `pixel_values` is `[1 + h_crops * w_crops, 3, S, S]`, the global view first.
         """
-        features = self.crop_features(pixel_values)
+        return self.project_features(self.crop_features(pixel_values), h_crops, w_crops)
+
+    def project_features(self, features: torch.Tensor, h_crops: int, w_crops: int) -> torch.Tensor:
+        """`crop_features` -> the image's token embeddings; apart from `forward` so that a
+        trainer can keep the tower frozen and its outputs cached."""
         global_view = _merge_2x2(features[:1], 1, 1)
         crops = _merge_2x2(features[1:], h_crops, w_crops)
         tokens = torch.cat(
