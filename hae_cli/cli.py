@@ -585,7 +585,9 @@ def story(
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
 ) -> None:
-    """Tell a story over several images (<|image_1|>...<|image_n|>), streamed with the live cache panel.
+    """Tell a story over several images, streamed with the live cache panel.
+
+    Each image goes in after its label ("Image 1: <|image_1|>", ...), then your --prompt; a prompt that places <|image_k|> itself is used as written.
 
     Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
     """
