@@ -40,11 +40,7 @@ class PromptTokens:
 def user_message(question: str, num_images: int) -> str:
     """The user turn: the question as written if it places its images itself, else one
     placeholder per image on its own line before the question (the official examples)."""
-    if num_images < 0:
-        raise ValueError(f"num_images must be >= 0, got {num_images}")
-    if IMAGE_PLACEHOLDER.search(question):
-        return question
-    return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1)) + question
+    return _images_then(question, num_images, "<|image_{k}|>\n")
 
 
 def story_message(instruction: str, num_images: int) -> str:
@@ -52,11 +48,17 @@ def story_message(instruction: str, num_images: int) -> str:
     then the instruction. The labels let the caption of image k find image k's tokens by
     what they follow rather than by counting blocks, and the demo model is trained on
     exactly this form. An instruction that places its images itself is kept as written."""
+    return _images_then(instruction, num_images, "Image {k}: <|image_{k}|>\n")
+
+
+def _images_then(text: str, num_images: int, line: str) -> str:
+    """`text` as written if it places its images itself, else `line` (with `{k}`) for each
+    image 1..n, then `text`."""
     if num_images < 0:
         raise ValueError(f"num_images must be >= 0, got {num_images}")
-    if IMAGE_PLACEHOLDER.search(instruction):
-        return instruction
-    return "".join(f"Image {k}: <|image_{k}|>\n" for k in range(1, num_images + 1)) + instruction
+    if IMAGE_PLACEHOLDER.search(text):
+        return text
+    return "".join(line.format(k=k) for k in range(1, num_images + 1)) + text
 
 
 def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> PromptTokens:
