@@ -207,7 +207,7 @@ def collate(sequences: list[Sequence]):
     for b, s in enumerate(sequences):
         n = s.input_ids.numel()
         ids[b, :n], positions[b, :n], labels[b, :n] = s.input_ids, s.position_ids, s.labels
-        mask[b, :n, :n] = s.mask
+        mask[b, :n, :n] = s.mask if s.mask is not None else torch.ones(n, n, dtype=torch.bool).tril()
     return ids, positions, mask[:, None], labels
 
 
