@@ -9,15 +9,20 @@ template:
 2. Story: 2-8 labelled images (`story_message`), then `STORY_PROMPT`; the answer is
    "Image 1: a red triangle. Image 2: ...".
 
-Training runs in two stages, because trained end to end the tower learnt shape far too
+Training runs in three stages, because trained end to end the tower learnt shape far too
 slowly (one epoch in 31 min gave 77% VQA), and the decoder is where the time goes:
 
 1. vision: the CLIP tower alone (2-D sine-cosine position init, then learnt), with a
    throw-away per-patch head, learns what each patch shows: how much of it the shape
    covers, which way the shape's outline runs through it, and the shape's colour (all read
    from the pixels and the questions), on the images and their mirrors;
-2. language: the tower is frozen and its outputs cached once per image and mirror, so the
-   projection, the separators and the Phi-3 decoder train at the cost of the decoder
+2. projection: the tower is frozen and its outputs cached once per image and mirror; the
+   2x2-merge MLP projection and the separators learn, through a throw-away attention pool,
+   the image's shape and colour. This lifted VQA from 81% to 89% (1,000 test questions):
+   a probe shows the tower's outputs hold the shape (99-100% on test images), but a
+   decoder fed the raw projection memorised the 4,000 training images instead of finding
+   it; from tokens where one pooled direction says "triangle" it learns the questions;
+3. language: the projection is frozen too, and the Phi-3 decoder trains at its own cost
    alone. An image's prompt prefix (`<s><|user|>\\n` + its 313 slots + `\\n`) is the same
    for its ~10 questions, so each VQA sequence is a tree: the prefix once, then every
    question and its answer as a branch that attends to the prefix and to itself only, with
@@ -77,10 +82,16 @@ class TrainConfig:
     vision_steps: int = 300
     vision_batch: int = 32
     vision_lr: float = 3e-3
-    cached_views: int = 2  # VIEWS[:n] cached for the language stage
-    language_steps: int = 1500  # a VQA step is 4 images, a story step one set of 2-8
+    cached_views: int = 2  # VIEWS[:n] cached for the projection and language stages
+    projection_steps: int = 1200
+    projection_batch: int = 32
+    projection_lr: float = 2e-3
+    # A VQA step is 4 images, a story step one set of 2-8. 2000 steps with a story every 4th
+    # gave the shipped model (94.87%); one run of 2600 with a story every 5th gave 88.03%:
+    # the spread between runs is large and not yet measured across seeds.
+    language_steps: int = 2000
     vqa_images_per_step: int = 4
-    story_every: int = 2  # one story step after every this many VQA steps
+    story_every: int = 3  # one story step after every this many VQA steps
     lr: float = 2e-3
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
@@ -278,6 +289,8 @@ def init_2d_positions(tower) -> None:
     with torch.no_grad():
         weight.zero_()
         weight[1:, : 4 * quarter] = table * embeddings.patch_embedding.weight.std() * 14
+
+
 def train_vision(model, examples: Examples, pixels: dict, config: TrainConfig, rng, deadline: float) -> dict:
     tower = model.vision
     init_2d_positions(tower.img_processor)
@@ -311,11 +324,7 @@ def train_vision(model, examples: Examples, pixels: dict, config: TrainConfig, r
             + 10 * F.mse_loss(direction_out, direction)
             + (colour_loss * weight).sum() / weight.sum().clamp(min=1)
         )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        losses.append(loss.item())
+        losses.append(_optimizer_step(optimizer, params, loss))
         if (step + 1) % 25 == 0:
             print(f"vision step {step + 1:4d}/{config.vision_steps}  {(time.perf_counter() - start) / 60:5.1f} min  "
                   f"loss {_mean(losses[-25:]):.4f}", flush=True)
@@ -336,7 +345,59 @@ def tower_features(model, pixels: dict[int, torch.Tensor], views: tuple[str, ...
     return bank
 
 
-# --------------------------------------------------------------------------- stage 2: language
+# --------------------------------------------------------------------------- stage 2: projection
+
+
+class PoolHead(torch.nn.Module):
+    """Throw-away head for the projection stage: one learnt attention pool over an image's
+    projected tokens, then its shape and colour. Pooling by a score of each token's own
+    content is the step the decoder's answer token then has to take."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(width)
+        self.score = torch.nn.Linear(width, 1)
+        self.out = torch.nn.Linear(width, len(easyvqa.SHAPES) + len(easyvqa.COLORS))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.norm(tokens)  # [B, tokens, width]
+        pooled = (self.score(hidden).softmax(dim=1) * hidden).sum(dim=1)
+        out = self.out(pooled)
+        return out[:, : len(easyvqa.SHAPES)], out[:, len(easyvqa.SHAPES) :]
+
+
+def train_projection(model, examples: Examples, bank, config: TrainConfig, rng, deadline: float) -> dict:
+    """Train the projection and separators on the cached tower outputs, then freeze them."""
+    vision = model.vision
+    head = PoolHead(model.config.text.hidden_size)
+    params = list(vision.img_projection.parameters()) + [vision.glb_GN, vision.sub_GN] + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=config.projection_lr, weight_decay=config.weight_decay)
+    shape_index = {s: k for k, s in enumerate(easyvqa.SHAPES)}
+    colour_index = {c: k for k, c in enumerate(easyvqa.COLORS)}
+    ids = list(examples.captioned_ids)
+    losses, start = [], time.perf_counter()
+    for step in range(config.projection_steps):
+        if time.perf_counter() > deadline:
+            print(f"wall-clock cap hit in the projection stage at step {step}", flush=True)
+            break
+        batch = rng.sample(ids, config.projection_batch)
+        tokens = torch.stack([vision.project_features(rng.choice(bank[i]).expand(2, -1, -1), 1, 1) for i in batch])
+        shape_logits, colour_logits = head(tokens)
+        shapes = torch.tensor([shape_index[examples.attributes[i][1]] for i in batch])
+        colours = torch.tensor([colour_index[examples.attributes[i][0]] for i in batch])
+        for group in optimizer.param_groups:
+            group["lr"] = config.projection_lr * _schedule(step, config.projection_steps, 50, config.min_lr_ratio)
+        loss = F.cross_entropy(shape_logits, shapes) + F.cross_entropy(colour_logits, colours)
+        losses.append(_optimizer_step(optimizer, params, loss))
+        if (step + 1) % 100 == 0:
+            print(f"projection step {step + 1:4d}/{config.projection_steps}  {(time.perf_counter() - start) / 60:5.1f} min  "
+                  f"loss {_mean(losses[-100:]):.4f}", flush=True)
+    for parameter in list(vision.img_projection.parameters()) + [vision.glb_GN, vision.sub_GN]:
+        parameter.requires_grad_(False)
+    return {"steps": len(losses), "final_loss": round(_mean(losses[-100:]), 4), "minutes": round((time.perf_counter() - start) / 60, 2)}
+
+
+# --------------------------------------------------------------------------- stage 3: language
 
 
 def batch_loss(model, sequences: list[Sequence], bank, rng) -> torch.Tensor:
@@ -393,11 +454,7 @@ def train_language(model, examples: Examples, bank, config: TrainConfig, rng, de
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _schedule(step, config.language_steps, config.warmup_steps, config.min_lr_ratio)
         loss = batch_loss(model, batch, bank, rng)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-        optimizer.step()
-        running[kind].append(loss.item())
+        running[kind].append(_optimizer_step(optimizer, [p for _, p in params], loss))
         steps = step + 1
         if steps % 50 == 0:
             print(f"language step {steps:5d}/{config.language_steps}  {(time.perf_counter() - start) / 60:5.1f} min  "
@@ -408,6 +465,15 @@ def train_language(model, examples: Examples, bank, config: TrainConfig, rng, de
         "final_story_loss": round(_mean(running["story"][-50:]), 4),
         "minutes": round((time.perf_counter() - start) / 60, 2),
     }
+
+
+def _optimizer_step(optimizer, params: list, loss: torch.Tensor) -> float:
+    """Backward, clip the gradient norm at 1, step; the loss as a float."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    return loss.item()
 
 
 def _schedule(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -449,13 +515,14 @@ def train(config: TrainConfig, out: Path) -> dict:
     del pixels
     cached_minutes = (time.perf_counter() - t0) / 60
     print(f"tower outputs cached for {len(bank)} images x {config.cached_views} views in {cached_minutes:.1f} min", flush=True)
+    projection = train_projection(model, examples, bank, config, rng, deadline)
     language = train_language(model, examples, bank, config, rng, deadline)
     minutes = (time.perf_counter() - start) / 60
     model.eval()
     save_checkpoint(model, tokenizer, out, num_crops=NUM_CROPS, shards=2)
     print(f"saved {out} after {minutes:.1f} min", flush=True)
     return dict(seed=config.seed, threads=config.threads, minutes=round(minutes, 2), parameters=params,
-                vision=vision, cache_minutes=round(cached_minutes, 2), language=language)
+                vision=vision, cache_minutes=round(cached_minutes, 2), projection=projection, language=language)
 
 
 def _mean(values: list[float]) -> float:
@@ -514,6 +581,7 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=TrainConfig.minutes, help="wall-clock cap on training")
     parser.add_argument("--threads", type=int, default=TrainConfig.threads, help="torch threads")
     parser.add_argument("--vision-steps", type=int, default=TrainConfig.vision_steps, help="steps of the vision stage")
+    parser.add_argument("--projection-steps", type=int, default=TrainConfig.projection_steps, help="steps of the projection stage")
     parser.add_argument("--language-steps", type=int, default=TrainConfig.language_steps, help="steps of the language stage")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="peak learning rate of the language stage")
     parser.add_argument("--vision-lr", type=float, default=TrainConfig.vision_lr, help="peak learning rate of the vision stage")
@@ -526,7 +594,7 @@ def main() -> None:
     if not args.evaluate_only:
         summary = train(TrainConfig(
             seed=args.seed, minutes=args.minutes, threads=args.threads, vision_steps=args.vision_steps,
-            language_steps=args.language_steps, lr=args.lr, vision_lr=args.vision_lr, story_every=args.story_every,
+            projection_steps=args.projection_steps, language_steps=args.language_steps, lr=args.lr, vision_lr=args.vision_lr, story_every=args.story_every,
         ), args.out)
         print(json.dumps(summary), flush=True)
     results = evaluate(args.out, args.vqa_limit, args.stories, 1, args.workers)
