@@ -202,8 +202,11 @@ def run_prepared(
     seed: int = 0,
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
+    context_length: int | None = None,
 ) -> RunResult:
-    """Generate from a prepared prompt with a fresh cache under `policy`."""
+    """Generate from a prepared prompt with a fresh cache under `policy`. With
+    `context_length`, the prompt's first tokens are cached (and compressed) before the rest is
+    seen (`prepared.tokens.after_images()` splits right after the last image)."""
     from hae_cli.model.generate import SamplingConfig, generate
 
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
@@ -228,6 +231,7 @@ def run_prepared(
         loaded.stop_ids,
         on_token=streamer.push,
         on_step=publish_step,
+        context_length=context_length,
     )
     return RunResult(
         policy=policy,

@@ -60,3 +60,61 @@ def test_bad_options_fail_before_the_images_are_read(loaded, tmp_path):
         api.run(loaded, [missing], "q")
     with pytest.raises(InputError, match="no images"):
         api.run(loaded, [], "q")
+
+
+def _generate_split(loaded, prepared, policy, params, context_length):
+    from hae_cli.model.generate import SamplingConfig, generate
+
+    cache = api.make_cache(loaded, policy, params)
+    tokens = prepared.tokens
+    result = generate(
+        loaded.model, prepared.embeds, tokens.modality, tokens.image_id, cache,
+        SamplingConfig(max_new_tokens=6), set(), context_length=context_length,
+    )
+    return result, cache
+
+
+def test_question_after_the_cached_images_changes_nothing_under_the_full_cache(loaded, image):
+    """Feeding the question as a second forward is exact: positions and the chunk's causal
+    mask line up with a single prefill."""
+    prepared = api.prepare(loaded, [image, image], "what color is the shape?")
+    split = prepared.tokens.after_images()
+    assert 0 < split < prepared.embeds.shape[1]
+    assert int(prepared.tokens.image_id[split - 1]) == 2 and int(prepared.tokens.image_id[split:].max()) == 0
+    whole, _ = _generate_split(loaded, prepared, "full", None, None)
+    parts, cache = _generate_split(loaded, prepared, "full", None, split)
+    torch.testing.assert_close(parts.first_logits, whole.first_logits, atol=1e-5, rtol=0)
+    assert parts.token_ids == whole.token_ids
+    assert cache.layers[0].positions[0].tolist() == list(range(cache.next_position))
+
+
+def test_question_after_the_cached_images_is_kept_whole_after_pruning(loaded, image):
+    """HAE prunes the images before the question exists; the question's rows then all stay,
+    tagged as text, at their own positions after the surviving context. (r_i = 1: on a random
+    model nearly every token clears a lower bar as "needed".)"""
+    from hae_cli.cache.modality import Modality
+
+    prepared = api.prepare(loaded, [image], "what shape is in the image?")
+    split = prepared.tokens.after_images()
+    length = prepared.embeds.shape[1]
+    steps = []
+    api_result = api.run_prepared(
+        loaded, prepared, policy="hae", policy_params={"visual_keep": 0.3, "r_i": 1.0}, max_new_tokens=1,
+        context_length=split, on_step=steps.append,
+    )
+    context_held = [layer.tokens_held for layer in steps[0].layers]
+    assert max(context_held) < split, "the images should have been pruned before the question"
+    assert [layer.tokens_held for layer in steps[1].layers] == [h + length - split for h in context_held]
+    _, cache = _generate_split(loaded, prepared, "hae", {"visual_keep": 0.3, "r_i": 1.0}, split)
+    fed_after = cache.next_position - split  # the question's rows, then the generated ones
+    for layer in cache.layers:
+        assert layer.positions[0, -fed_after:].tolist() == list(range(split, cache.next_position))
+        tags = layer.modality[0, -fed_after:].tolist()
+        assert tags == [Modality.TEXT] * (length - split) + [Modality.GENERATED] * (cache.next_position - length)
+    assert api_result.token_ids
+
+
+def test_context_length_must_leave_a_question(loaded, image):
+    prepared = api.prepare(loaded, [image], "what shape?")
+    with pytest.raises(ValueError, match="context_length"):
+        _generate_split(loaded, prepared, "full", None, prepared.embeds.shape[1])

@@ -49,9 +49,10 @@ def _notify(cache, name: str, *args) -> None:
         hook(*args)
 
 
-def prefill(model, inputs_embeds, modality, image_id, cache) -> torch.Tensor:
-    """Run the prompt; returns the last position's logits `[vocab]`."""
-    positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+def prefill(model, inputs_embeds, modality, image_id, cache, start: int = 0) -> torch.Tensor:
+    """Run prompt tokens from position `start` (0: the first forward, the one policies prune);
+    returns the last position's logits `[vocab]`."""
+    positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
     _notify(cache, "begin_tokens", positions, modality, image_id)
     logits = model.forward_embeds(inputs_embeds, positions, cache).logits[0, -1]
     _notify(cache, "end_step")
@@ -97,12 +98,27 @@ def generate(
     stop_ids: set[int],
     on_token: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
+    context_length: int | None = None,
 ) -> Generation:
-    """Greedy or sampled decoding. Ctrl-C during decoding returns what was generated."""
+    """Greedy or sampled decoding. Ctrl-C during decoding returns what was generated.
+
+    `context_length`: feed the prompt's first tokens alone (the cache compresses them as a
+    prompt), then the rest as a second forward, as when a question arrives after its images
+    were cached: the question cannot steer what the cache keeps."""
     generator = torch.Generator().manual_seed(config.seed) if config.temperature > 0 else None
     result = Generation()
     start = time.perf_counter()
-    logits = prefill(model, inputs_embeds, modality, image_id, cache)
+    length = inputs_embeds.shape[1]
+    if context_length is not None and not 0 < context_length < length:
+        raise ValueError(f"context_length must be in [1, {length - 1}] for a {length}-token prompt, got {context_length}")
+    if context_length is None:
+        logits = prefill(model, inputs_embeds, modality, image_id, cache)
+    else:
+        context, rest = slice(0, context_length), slice(context_length, length)
+        prefill(model, inputs_embeds[:, context], modality[context], image_id[context], cache)
+        if on_step is not None:
+            on_step()
+        logits = prefill(model, inputs_embeds[:, rest], modality[rest], image_id[rest], cache, start=context_length)
     result.first_logits = logits.float().cpu()
     result.prefill_seconds = time.perf_counter() - start
     if on_step is not None:

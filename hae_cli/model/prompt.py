@@ -32,6 +32,14 @@ class PromptTokens:
     image_id: torch.Tensor
     image_token_counts: list[int]
 
+    def after_images(self) -> int:
+        """Rows up to and including the last image's slots: the context that a question can
+        arrive after (`generate(context_length=...)`)."""
+        slots = (self.image_id > 0).nonzero()
+        if not slots.numel():
+            raise ValueError("the prompt has no images")
+        return int(slots.max()) + 1
+
     def counts_by_modality(self) -> dict[str, int]:
         """Tokens of each modality, keyed by name, for the stats display."""
         return {MODALITY_NAMES[m]: int((self.modality == m).sum()) for m in Modality}
