@@ -50,6 +50,38 @@ def test_accuracy_runs_and_writes_every_column(vqa_checkpoint, tmp_path):
     assert len(data["vqa"]["equal_kv"]) == 2
 
 
+def test_equal_kv_verdict_leaves_out_baselines_that_never_reach_the_cut():
+    accuracy = load("accuracy")
+    hae = accuracy.hae_settings("0.25")
+    rows = [
+        {"setting": "hae vk0.25", "policy": "hae", "accuracy": 0.90, "cut_pct": 70.0},
+        {"setting": "snapkv @vk0.25", "policy": "snapkv", "accuracy": 0.88, "cut_pct": 70.0},
+        {"setting": "fastv @vk0.25", "policy": "fastv", "accuracy": 0.95, "cut_pct": 35.0},  # holds twice the KV
+    ]
+    (entry,) = accuracy.equal_kv_comparison(rows, hae, ["snapkv", "fastv"])
+    assert entry["baselines"]["snapkv"]["hae_at_or_above"]
+    assert entry["baselines"]["fastv"]["accuracy_at_equal_kv"] is None
+    assert entry["hae_at_or_above_all"] and not entry["hae_at_or_above_all_or_nearest"]
+    rows[1]["accuracy"] = 0.91  # a budget-matched baseline that is better does count
+    (entry,) = accuracy.equal_kv_comparison(rows, hae, ["snapkv", "fastv"])
+    assert not entry["hae_at_or_above_all"]
+
+
+def test_accuracy_question_after_matches_budgets_on_the_images_alone(vqa_checkpoint, tmp_path):
+    accuracy = load("accuracy")
+    argv = ["--model", str(vqa_checkpoint), "--limit", "3", "--no-full-split", "--hae", "0.25:r_i=1.0", "--baselines", "snapkv,streaming"]
+    accuracy.main(argv + ["--story-sets", "0", "--workers", "1", "--threads", "1", "--question-after", "--out-dir", str(tmp_path), "--quiet"])
+
+    data = json.loads((tmp_path / "accuracy_question_after.json").read_text())
+    assert not (tmp_path / "accuracy.json").exists()
+    rows = {r["setting"]: r for r in data["vqa"]["rows"]}
+    hae, snapkv, streaming = rows["hae vk0.25 r_i=1.0"], rows["snapkv @vk0.25 r_i=1.0"], rows["streaming @vk0.25 r_i=1.0"]
+    assert 0 < hae["cut_pct"] < 100
+    # snapkv keeps HAE's count; streaming gets the question's rows on top, so it never holds less
+    assert snapkv["kv_bytes_mean"] == pytest.approx(hae["kv_bytes_mean"], rel=0.02)
+    assert streaming["kv_bytes_mean"] >= hae["kv_bytes_mean"]
+
+
 def test_speed_runs_and_matches_phi35v_ratio(tmp_path):
     pytest.importorskip("easy_vqa")
     speed = load("speed")
