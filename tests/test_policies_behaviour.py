@@ -111,6 +111,23 @@ def test_hae_visual_keep_keeps_the_top_fraction_plus_the_needed(lm, prompt):
     assert held_visual == keep
 
 
+def test_hae_without_text_after_the_images_scores_by_the_last_row(lm):
+    """Images cached before their question: the last row is the only query. (Letting every
+    row from the first image token on vote made nearly every token "needed" by the max
+    criterion: on 300 easy-VQA train questions the cut fell from 71% to 53%.)"""
+    images_last = fake_prompt(before=6, images=30, after=0)
+    ids, modality, _ = images_last
+    _, positions = prefill_positions(lm, images_last, "hae", visual_keep=0.4, r_i=0.5)
+    attention = eager_attentions(lm, ids)[1]
+    visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    block = attention[:, -1:][:, :, visual]
+    g, m = block.sum(dim=1).mean(dim=0), block.amax(dim=(0, 1))
+    keep = set(visual[g.topk(math.ceil(0.4 * visual.numel())).indices].tolist())
+    keep |= set(visual[m >= 0.5 * m.max()].tolist())
+    held_visual = {p for p in positions[0][0].tolist() if modality[p] == Modality.IMAGE}
+    assert held_visual == keep and len(keep) < visual.numel()
+
+
 def test_fastv_drops_the_least_attended_half_by_the_last_token(lm, prompt):
     ids, modality, _ = prompt
     cache, positions = prefill_positions(lm, prompt, "fastv")
