@@ -514,7 +514,9 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
     _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
     for ax, (n, rows) in zip(axes[0][1:], sorted(stories.items())):
         _curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
-    fig.suptitle(title, fontsize=9)
+    import textwrap
+
+    fig.suptitle(textwrap.fill(title, width=int(15 * 6.5 * panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -640,17 +642,22 @@ def main(argv=None) -> dict:
     path = common.write_json("accuracy_question_after" if args.question_after else "accuracy", out, args.out_dir)
     if not args.no_plot:
         png = path.with_suffix(".png")
-        plot(png, vqa_rows, stories, f"{args.model}; {common.describe_conditions(cond)}")
+        plot(png, vqa_rows, stories, plot_title(args.model, args.question_after, cond))
         out["plot"] = str(png)
     print(f"wrote {path} in {out['seconds']} s")
     return out
+
+
+def plot_title(model: str, question_after: bool, conditions: dict) -> str:
+    protocol = ", questions fed after the compressed images" if question_after else ""
+    return f"{model}{protocol}; {common.describe_conditions(conditions)}"
 
 
 def replot(path: Path) -> dict:
     data = json.loads(path.read_text())
     stories = {int(n): v["rows"] for n, v in data.get("stories", {}).get("by_images", {}).items()}
     png = path.with_suffix(".png")
-    title = f"{data['conditions']['model']}; {common.describe_conditions(data['conditions'])}"
+    title = plot_title(data["conditions"]["model"], data["args"].get("question_after", False), data["conditions"])
     plot(png, data["vqa"]["rows"], stories, title)
     print(f"wrote {png}")
     return data
