@@ -30,6 +30,7 @@ import json
 import re
 import statistics
 import sys
+import textwrap
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -44,6 +45,7 @@ BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop")
 # Baselines that trim back to their budget while decoding: with the question fed after the
 # images they get the question's rows on top of HAE's kept size, so they never hold less.
 DECODE_TRIMMING = ("h2o", "streaming")
+QUESTION_AFTER_NOTE = ", questions fed after the compressed images"  # in table and plot titles
 
 
 @dataclass(frozen=True)
@@ -514,8 +516,6 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
     _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
     for ax, (n, rows) in zip(axes[0][1:], sorted(stories.items())):
         _curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
-    import textwrap
-
     fig.suptitle(textwrap.fill(title, width=int(15 * 6.5 * panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -598,7 +598,7 @@ def main(argv=None) -> dict:
         best = choose_best(vqa_rows, args.target_drop)
         comparison = equal_kv_comparison(vqa_rows, hae, baselines)
         out["vqa"] = {"questions": len(indices), "rows": vqa_rows, "best_hae": best["setting"], "equal_kv": comparison}
-        protocol = ", question fed after the compressed image" if args.question_after else ""
+        protocol = QUESTION_AFTER_NOTE if args.question_after else ""
         title = f"easy-VQA {args.split}, {len(indices)} seeded questions (seed {args.seed}){protocol}, model {args.model}"
         common.print_table(title, VQA_COLUMNS, vqa_table_rows(vqa_rows), caption=common.describe_conditions(cond))
         _print_comparison(comparison, baselines)
@@ -649,7 +649,7 @@ def main(argv=None) -> dict:
 
 
 def plot_title(model: str, question_after: bool, conditions: dict) -> str:
-    protocol = ", questions fed after the compressed images" if question_after else ""
+    protocol = QUESTION_AFTER_NOTE if question_after else ""
     return f"{model}{protocol}; {common.describe_conditions(conditions)}"
 
 
