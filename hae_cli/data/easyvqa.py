@@ -56,6 +56,35 @@ def image_path(image_id: int, split: str) -> Path:
 _WORD = re.compile(r"[a-z]+")
 
 
+@dataclass(frozen=True)
+class QuestionParts:
+    """What a question names (each None when it names none) and whether it is negated:
+    "is there not a red shape?" and "is no circle present?" ask about absence."""
+
+    color: str | None
+    shape: str | None
+    negated: bool
+
+    @property
+    def named(self) -> list[str]:
+        return [v for v in (self.color, self.shape) if v is not None]
+
+
+def question_parts(question: str) -> QuestionParts:
+    words = _WORD.findall(question.lower())
+    color = next((w for w in words if w in COLORS), None)
+    shape = next((w for w in words if w in SHAPES), None)
+    return QuestionParts(color, shape, "not" in words or "no" in words[1:])
+
+
+def names_what_is_there(q: Question) -> bool | None:
+    """For a yes/no question, whether what it names is in the image (the answer, unless the
+    question is negated); None for a "what" question."""
+    if q.answer not in ("yes", "no"):
+        return None
+    return (q.answer == "yes") != question_parts(q.question).negated
+
+
 @lru_cache(maxsize=None)
 def image_attributes(split: str) -> dict[int, tuple[str, str]]:
     """Image id -> (colour, shape), read from the questions that name them, for every image
@@ -70,18 +99,14 @@ def image_attributes(split: str) -> dict[int, tuple[str, str]]:
     present: dict[int, dict[str, str]] = {}
     absent: dict[int, set[str]] = {}
     for q in load_split(split):
-        words = _WORD.findall(q.question)
-        named = [w for w in words if w in COLORS or w in SHAPES]
+        named = question_parts(q.question).named
         found = present.setdefault(q.image_id, {})
         evidence = [q.answer] if q.answer in COLORS or q.answer in SHAPES else []
-        if words[0] == "what":
+        there = names_what_is_there(q)
+        if there is None or there:
             evidence += named
-        elif q.answer in ("yes", "no"):
-            negated = "not" in words or "no" in words[1:]
-            if (q.answer == "yes") != negated:
-                evidence += named
-            else:
-                absent.setdefault(q.image_id, set()).update(named)
+        else:
+            absent.setdefault(q.image_id, set()).update(named)
         for value in evidence:
             kind = "color" if value in COLORS else "shape"
             if found.setdefault(kind, value) != value:
