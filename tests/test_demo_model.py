@@ -21,8 +21,10 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 # What the shipped model scores on the 300 questions below, and the floor under which the
 # model or the runtime has regressed. Raise both when a better model ships.
-VQA_300 = 0.963  # 289/300, measured when the model was shipped (94.87% on the whole test split)
+VQA_300 = 1.0  # 300/300, measured when the model was shipped (99.91% on the whole test split)
 REGRESSION_FLOOR = 0.90  # issue 5's bar for this subset
+STORIES_30 = 1.0  # 30/30 four-image sets (seed 1), measured when shipped (189/200 on seed 0)
+STORY_FLOOR = 0.90  # issue 5's bar for captions
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +57,10 @@ def test_vqa_accuracy_on_300_seeded_test_questions_meets_the_bar(vqa_300):
     assert vqa_300["accuracy"] >= REGRESSION_FLOOR, f"{vqa_300['correct']}/300; misses: {vqa_300['wrong'][:5]}"
 
 
-@pytest.mark.xfail(reason="issue 5: the shipped demo model does not caption stories yet", strict=True)
-def test_story_captions_on_seeded_four_image_sets(runner):
-    result = story_exact_match(runner, easyvqa.story_sets("test", 5, 4, seed=1))
-    assert result["correct"] >= 4, result["wrong"]
+def test_story_captions_on_30_seeded_four_image_sets_meet_the_bar(runner):
+    # Sets other than the 200 (seed 0) the model was measured on when it shipped.
+    result = story_exact_match(runner, easyvqa.story_sets("test", 30, 4, seed=1))
+    assert result["accuracy"] >= STORY_FLOOR, f"{result['correct']}/30; misses: {result['wrong'][:3]}"
 
 
 def test_sample_images_are_answered_correctly(runner):
@@ -68,3 +70,23 @@ def test_sample_images_are_answered_correctly(runner):
         image = preprocess(load_image(SAMPLE_IMAGES / entry["image"]), runner.image_config)
         ids = runner.generate_ids(entry["question"], [image], max_new_tokens=2)
         assert runner.tokenizer.decode(ids).strip() == entry["answer"], entry
+
+
+def test_story_command_captions_the_sample_images_in_order():
+    """The README's `hae story` demo through the CLI, full cache: each sample image's caption,
+    built from its colour and shape in questions.json, in the order given. (Under the default
+    HAE thresholds the demo model misreads colours: measured in benchmarks/README.md.)"""
+    from typer.testing import CliRunner
+
+    from hae_cli import cli
+
+    known: dict[str, dict[str, str]] = {}
+    for entry in json.loads((SAMPLE_IMAGES / "questions.json").read_text()):
+        kind = "color" if "color" in entry["question"] else "shape"
+        known.setdefault(entry["image"], {})[kind] = entry["answer"]
+    names = [name for name, facts in sorted(known.items()) if len(facts) == 2][:4]
+    assert len(names) == 4
+    result = CliRunner().invoke(cli.app, ["story", *[str(SAMPLE_IMAGES / n) for n in reversed(names)], "--policy", "full", "--json"])
+    assert result.exit_code == 0, result.output
+    expected = " ".join(f"image {k}: a {known[n]['color']} {known[n]['shape']}." for k, n in enumerate(reversed(names), 1))
+    assert json.loads(result.stdout)["text"] == expected
