@@ -358,7 +358,9 @@ def captions(text: str) -> dict[int, tuple[str, str]]:
     return {int(k): (color, shape) for k, color, shape in _CAPTION.findall(text.lower())}
 
 
-def story_plan(hae_params: dict, budgets: list[float], buffer: int) -> list[Setting]:
+def story_plan(hae_params: dict, budgets: list[float], buffer: int, other_prefills: list[Setting] = ()) -> list[Setting]:
+    """full; HAE's prefill alone, then with each decode budget beside the baselines at that
+    budget; then `other_prefills` (HAE settings) alone, to show what the prefill choice costs."""
     plan = [Setting("full", "full"), Setting("hae (no budget)", "hae", dict(hae_params))]
     for budget in budgets:
         plan += [
@@ -368,6 +370,7 @@ def story_plan(hae_params: dict, budgets: list[float], buffer: int) -> list[Sett
             Setting(f"streaming B={budget}", "streaming", {"budget": budget}),
             Setting(f"snapkv B={budget}", "snapkv", {"budget": budget}),
         ]
+    plan += [Setting(f"{s.label} (no budget)", "hae", dict(s.params)) for s in other_prefills]
     return plan
 
 
@@ -560,6 +563,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--story-budgets", default="0.3,0.2", help="decode budgets, fractions of the prompt (default 0.3,0.2)")
     parser.add_argument("--story-buffer", type=int, default=8, help="HAE/mustdrop decoding buffer d for the caption task (default 8)")
     parser.add_argument("--story-hae", default="thr", help="HAE prefill setting for captions: a --hae item, or best (the chosen VQA setting); default thr")
+    parser.add_argument("--story-prefills", default="0.4,0.6", help="more HAE prefill settings (--hae items) run on the captions with no decode budget (default 0.4,0.6; empty = none)")
     parser.add_argument("--workers", type=int, default=2, help="processes sharing the prompts, 1 thread each (default 2; 1 = in this process)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0 = torch's default; workers default to 1)")
     parser.add_argument("--out-dir", default=None, help="where to write accuracy.json / accuracy.png (default benchmarks/results)")
@@ -621,7 +625,9 @@ def main(argv=None) -> dict:
 
         if args.story_sets:
             story_hae = dict(best_setting.params) if args.story_hae == "best" else hae_settings(args.story_hae)[0].params
-            story_settings = story_plan(story_hae, common.parse_list(args.story_budgets, float), args.story_buffer)
+            story_settings = story_plan(
+                story_hae, common.parse_list(args.story_budgets, float), args.story_buffer, hae_settings(args.story_prefills)
+            )
             out["stories"] = {"hae_prefill_params": story_hae, "buffer": args.story_buffer, "by_images": {}}
             for n in common.parse_list(args.story_images, int):
                 sets = easyvqa.story_sets(args.split, args.story_sets, n, seed=args.seed)

@@ -45,7 +45,7 @@ def test_accuracy_runs_and_writes_every_column(vqa_checkpoint, tmp_path):
     assert rows["full"]["cut_pct"] == 0 and rows["full"]["drop_points"] == 0
     assert data["vqa_full_split"]["questions"] >= 3
     story = data["stories"]["by_images"]["2"]["rows"]
-    assert {r["setting"] for r in story} >= {"full", "hae B=0.3", "h2o B=0.3"}
+    assert {r["setting"] for r in story} >= {"full", "hae B=0.3", "h2o B=0.3", "hae vk0.4 (no budget)", "hae vk0.6 (no budget)"}
     assert all({"restored", "binned", "exact_match", "agree_with_full"} <= set(r) for r in story)
     assert len(data["vqa"]["equal_kv"]) == 2
 
