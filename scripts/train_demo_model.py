@@ -23,7 +23,7 @@ slowly (one epoch in 31 min gave 77% VQA), and the decoder is where the time goe
    decoder fed the raw projection memorised the 4,000 training images instead of finding
    it; from tokens where one pooled direction says "triangle" it learns the questions;
 3. language: the projection is frozen too, and the Phi-3 decoder trains at its own cost
-   alone. An image's prompt prefix (`<s><|user|>\\n` + its 313 slots + `\\n`) is the same
+   alone. An image's prompt prefix (`<s><|user|>\\n` + its 313 slots + `<s>\\n`) is the same
    for its ~10 questions, so each VQA sequence is a tree: the prefix once, then every
    question and its answer as a branch that attends to the prefix and to itself only, with
    the positions a lone prompt would have (exactly the loss of the separate prompts, for
@@ -213,8 +213,9 @@ class Examples:
     def _vqa_tree(self, image_id: int) -> Sequence:
         questions = self.by_image[image_id]
         prompts = [build_prompt(self.tokenizer, user_message(q.question, 1), [self.slots]).input_ids for q in questions]
-        # The shared prefix ends with the "\n" after the image slots.
-        prefix_len = int((prompts[0] == -1).nonzero().max()) + 2
+        # The shared prefix: up to where the questions' texts part (the "\n" after the slots'
+        # chunk-opening <s>).
+        prefix_len = shared_prefix_length(prompts)
         prefix = prompts[0][:prefix_len]
         branches = []
         for prompt, q in zip(prompts, questions):
@@ -758,6 +759,14 @@ def train(config: TrainConfig, out: Path) -> dict:
     print(f"saved {out} after {minutes:.1f} min", flush=True)
     return dict(seed=config.seed, threads=config.threads, minutes=round(minutes, 2), parameters=params,
                 vision=vision, cache_minutes=round(cached_minutes, 2), projection=projection, language=language)
+
+
+def shared_prefix_length(prompts: list[torch.Tensor]) -> int:
+    """Leading ids every prompt shares (short of the shortest, so each branch has a row)."""
+    shortest = min(len(p) for p in prompts)
+    stacked = torch.stack([p[:shortest] for p in prompts])
+    differs = (stacked != stacked[0]).any(dim=0).nonzero()
+    return int(differs[0]) if differs.numel() else shortest - 1
 
 
 def _mean(values: list[float]) -> float:

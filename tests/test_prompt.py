@@ -97,18 +97,15 @@ def test_multi_image_expansion_in_order(tokenizer):
     assert (prompt.image_id[text] == 0).all() and (prompt.modality[text] == Modality.TEXT).all()
     assert torch.equal(text, prompt.image_id == 0)
 
-    # Word-level tokens do not depend on where the text was cut, so the text slots are the
-    # template rendered without placeholders, after one BOS.
-    expected = [tokenizer.bos_token_id] + tokenizer.encode(
-        "<|user|>\n\n\n\nwhat is in this picture?<|end|>\n<|assistant|>\n", add_special_tokens=False
-    )
-    assert prompt.input_ids[text].tolist() == expected
+    # The official rule: every text chunk between placeholders starts with <s> (add_bos_token).
+    expected = official_ids(tokenizer, "<|user|>\n<|image_1|>\n<|image_2|>\n<|image_3|>\nwhat is in this picture?<|end|>\n<|assistant|>\n")
+    assert prompt.input_ids[text].tolist() == [i for i in expected if i >= 0]
     first_image = int(torch.nonzero(~text)[0])
     head = tokenizer.convert_ids_to_tokens(prompt.input_ids[:first_image].tolist())
     assert head == ["<s>", "<|user|>", "\n"]
 
     by_modality = prompt.counts_by_modality()
-    assert by_modality["text"] == len(expected)
+    assert by_modality["text"] == sum(1 for i in expected if i >= 0)
     assert by_modality["image"] + by_modality["separator"] == sum(counts)
     separators = sum(int((i.modalities == Modality.SEPARATOR).sum()) for i in images)
     assert by_modality["separator"] == separators > 0
@@ -159,29 +156,59 @@ def test_bad_image_ids(tokenizer, text, num_images, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-# ----------------------------------------------------------------- BOS
+# ----------------------------------------------------------------- BOS: the official rule
 
 
-def test_bos_added_once(tokenizer):
-    prompt = build_prompt(tokenizer, "what", [])
-    assert prompt.input_ids[0] == tokenizer.bos_token_id
-    assert int((prompt.input_ids == tokenizer.bos_token_id).sum()) == 1
+def official_ids(tokenizer, rendered: str, counts: dict[int, int] | None = None) -> list[int]:
+    """What `processing_phi3_v.py` builds, computed apart from `build_prompt`: split at the
+    image tags, each chunk encoded by the backend with <s> first when the tokenizer's
+    `add_bos_token` is on, `-k` x slots for image k in between (one slot if no counts)."""
+    import re
+
+    chunks = re.split(r"<\|image_\d+\|>", rendered)
+    tags = [int(t) for t in re.findall(r"<\|image_(\d+)\|>", rendered)]
+    bos = [tokenizer.bos_token_id] if tokenizer.add_bos_token else []
+    ids: list[int] = []
+    for i, chunk in enumerate(chunks):
+        ids += bos + tokenizer.backend_tokenizer.encode(chunk, add_special_tokens=False).ids
+        if i < len(tags):
+            ids += [-tags[i]] * (counts or {}).get(tags[i], 1)
+    return ids
 
 
-def test_bos_not_doubled_when_template_has_it():
+@pytest.mark.parametrize("add_bos", [True, False])
+@pytest.mark.parametrize("num_images", [0, 1, 2, 3])
+@pytest.mark.parametrize("message", [user_message, story_message])
+def test_each_text_chunk_is_encoded_as_the_official_processor_does(add_bos, num_images, message):
     tok = build_tiny_tokenizer(WORDS)
-    tok.chat_template = "{{ bos_token }}" + tok.chat_template
-    prompt = build_prompt(tok, "what", [])
-    user = tok.convert_tokens_to_ids("<|user|>")
-    assert prompt.input_ids[:2].tolist() == [tok.bos_token_id, user]
-    assert int((prompt.input_ids == tok.bos_token_id).sum()) == 1
+    tok.add_bos_token = add_bos
+    images = [fake_image(1, k) for k in range(1, num_images + 1)]
+    user_text = message("what is in this picture?", num_images)
+    prompt = build_prompt(tok, user_text, images)
+    rendered = tok.apply_chat_template([{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True)
+    counts = {k: image.num_tokens for k, image in enumerate(images, start=1)}
+    assert prompt.input_ids.tolist() == official_ids(tok, rendered, counts)
+    bos = int((prompt.input_ids == tok.bos_token_id).sum())
+    assert bos == ((num_images + 1) if add_bos else 0)  # one per text chunk
+    # tags stay aligned with the extra BOS rows: text is text, image k is k, in order
+    for k, image in enumerate(images, start=1):
+        slots = (prompt.image_id == k).nonzero().squeeze(-1)
+        assert slots.numel() == image.num_tokens and (slots.diff() == 1).all()
+        assert (prompt.input_ids[slots] == -k).all() and torch.equal(prompt.modality[slots], image.modalities)
+        if add_bos:  # the chunk after image k opens with <s>
+            assert int(prompt.input_ids[slots[-1] + 1]) == tok.bos_token_id
+            assert prompt.modality[slots[-1] + 1] == Modality.TEXT and prompt.image_id[slots[-1] + 1] == 0
+    text = prompt.input_ids >= 0
+    assert (prompt.modality[text] == Modality.TEXT).all() and (prompt.image_id[text] == 0).all()
 
 
-def test_no_bos_when_tokenizer_has_none():
+def test_adjacent_images_get_the_empty_chunk_between_them():
+    """The official processor encodes the empty chunk between two tags too: one <s>."""
     tok = build_tiny_tokenizer(WORDS)
-    tok.bos_token = None
-    prompt = build_prompt(tok, "what", [])
-    assert prompt.input_ids[0] == tok.convert_tokens_to_ids("<|user|>")
+    prompt = build_prompt(tok, "<|image_1|><|image_2|>what", [fake_image(1, 1), fake_image(1, 1)])
+    last_of_first = int((prompt.image_id == 1).nonzero().max())
+    assert int(prompt.input_ids[last_of_first + 1]) == tok.bos_token_id
+    assert int(prompt.input_ids[last_of_first + 2]) == -2
 
 
 # ----------------------------------------------------------------- tiny tokenizer

@@ -131,7 +131,21 @@ def load_tokenizer(folder: str | Path):
         raise CheckpointError(f"cannot load the tokenizer from {folder}: {exc}") from None
     if not tokenizer.chat_template:
         raise CheckpointError(f"the tokenizer in {folder} has no chat template")
+    _apply_special_token_flags(tokenizer, folder / "tokenizer_config.json")
     return tokenizer
+
+
+def _apply_special_token_flags(tokenizer, config_file: Path) -> None:
+    """Honour `add_bos_token` / `add_eos_token` as the official files state them: transformers
+    5 leaves them to `tokenizer.json`'s post-processor, 4.x (Microsoft's code) applies them."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return
+    for flag in ("add_bos_token", "add_eos_token"):
+        value = config.get(flag)
+        if isinstance(value, bool):
+            setattr(tokenizer, flag, value)
 
 
 @dataclass

@@ -73,8 +73,12 @@ def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> Pro
     """Render the chat template and tokenise it, expanding `<|image_k|>` to
     `images[k-1].num_tokens` slots.
 
-    Text between placeholders is tokenised chunk by chunk, as the official processor does, so
-    the ids match what the model was trained on.
+    The official processor (`processing_phi3_v.py`) splits the rendered prompt at the image
+    tags and encodes every text chunk on its own with the tokenizer's default special tokens
+    (`tokenizer(chunk).input_ids`), empty chunks included; so with Phi-3.5-V's tokenizer
+    (`add_bos_token: true`) each chunk, also those after an image, starts with `<s>`, and a
+    1-image prompt holds two. `encode_chunk` is that rule, kept here alone, so the ids match
+    what the model was trained on.
     """
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": user_text}], tokenize=False, add_generation_prompt=True
@@ -87,18 +91,11 @@ def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> Pro
     modality: list[torch.Tensor] = []
     image_id: list[torch.Tensor] = []
 
-    def add_text(token_ids: list[int]) -> None:
-        n = len(token_ids)
-        input_ids.append(torch.tensor(token_ids, dtype=torch.long))
-        modality.append(torch.full((n,), int(Modality.TEXT), dtype=torch.int8))
-        image_id.append(torch.zeros(n, dtype=torch.int16))
-
-    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
-    if bos_id is not None and not (bos and rendered.startswith(bos)):
-        add_text([bos_id])
     for i, text in enumerate(texts):
-        if text:
-            add_text(tokenizer.encode(text, add_special_tokens=False))
+        token_ids = encode_chunk(tokenizer, text)
+        input_ids.append(torch.tensor(token_ids, dtype=torch.long))
+        modality.append(torch.full((len(token_ids),), int(Modality.TEXT), dtype=torch.int8))
+        image_id.append(torch.zeros(len(token_ids), dtype=torch.int16))
         if i < len(ids):
             k = ids[i]
             image = images[k - 1]
@@ -115,6 +112,12 @@ def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> Pro
         image_id=torch.cat(image_id),
         image_token_counts=[image.num_tokens for image in images],
     )
+
+
+def encode_chunk(tokenizer, text: str) -> list[int]:
+    """One text chunk as the official processor encodes it: the tokenizer's default special
+    tokens (BOS first exactly when the tokenizer adds it by default), nothing stripped."""
+    return list(tokenizer(text).input_ids)
 
 
 def _check_image_ids(ids: list[int], num_images: int) -> None:

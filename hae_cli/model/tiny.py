@@ -100,9 +100,11 @@ def official_config(vocab_size: int, bos: int, eos: int, pad: int, text: dict, v
 
 
 def preprocessor_config(num_crops: int) -> dict:
+    """Phi-3.5-V's `preprocessor_config.json`: its image processor lives in
+    `processing_phi3_v.py` (Phi-3-vision had a separate `image_processing_phi3_v.py`)."""
     return {
         "auto_map": {
-            "AutoImageProcessor": "image_processing_phi3_v.Phi3VImageProcessor",
+            "AutoImageProcessor": "processing_phi3_v.Phi3VImageProcessor",
             "AutoProcessor": "processing_phi3_v.Phi3VProcessor",
         },
         "do_convert_rgb": True,
@@ -115,6 +117,56 @@ def preprocessor_config(num_crops: int) -> dict:
     }
 
 
+PROCESSOR_CONFIG = {"auto_map": {"AutoProcessor": "processing_phi3_v.Phi3VProcessor"}, "processor_class": "Phi3VProcessor"}
+
+
+def official_tokenizer_config(tokenizer) -> dict:
+    """`tokenizer_config.json` in the shape of the official Phi-3.5-V file, which transformers
+    4.4x's `AutoTokenizer` (and the official `Phi3VProcessor`, whose tokenizer class is
+    `LlamaTokenizer(Fast)`) reads from `tokenizer.json` and this: the Llama class,
+    `add_bos_token`, every added token with its flags, and the chat template inline (4.4x
+    knows no separate `chat_template.jinja`)."""
+    added = {
+        str(index): {
+            "content": token.content,
+            "lstrip": token.lstrip,
+            "normalized": token.normalized,
+            "rstrip": token.rstrip,
+            "single_word": token.single_word,
+            "special": token.special,
+        }
+        for index, token in sorted(tokenizer.added_tokens_decoder.items())
+    }
+    return {
+        "add_bos_token": bool(tokenizer.add_bos_token),
+        "add_eos_token": bool(tokenizer.add_eos_token),
+        "added_tokens_decoder": added,
+        "bos_token": tokenizer.bos_token,
+        "chat_template": tokenizer.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": tokenizer.eos_token,
+        "legacy": False,
+        "model_max_length": 131072,
+        "pad_token": tokenizer.pad_token,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": tokenizer.unk_token,
+        "use_default_system_prompt": False,
+    }
+
+
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """The official tokenizer files: `tokenizer.json`, `tokenizer_config.json`,
+    `special_tokens_map.json` (not transformers 5's own `save_pretrained` form)."""
+    tokenizer.backend_tokenizer.save(str(folder / "tokenizer.json"))
+    config = official_tokenizer_config(tokenizer)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    special = {name: config[name] for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)  # a stale transformers-5 copy would win
+
+
 def save_checkpoint(model: Phi3VForCausalLM, tokenizer, folder: str | Path, num_crops: int, shards: int = 2) -> Path:
     """Write `model` (and its tokenizer) in the official layout; the inverse of `load_checkpoint`."""
     from safetensors.torch import save_file
@@ -123,7 +175,8 @@ def save_checkpoint(model: Phi3VForCausalLM, tokenizer, folder: str | Path, num_
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(model.config.raw, indent=2))
     (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(num_crops), indent=2))
-    tokenizer.save_pretrained(folder)
+    (folder / "processor_config.json").write_text(json.dumps(PROCESSOR_CONFIG, indent=2))
+    save_tokenizer(tokenizer, folder)
     state = {k: v.detach().contiguous().cpu() for k, v in model.official_state_dict().items()}
     groups = _split_evenly(sorted(state), state, shards)
     weight_map, total = {}, 0

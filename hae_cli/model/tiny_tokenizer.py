@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
 from tokenizers import pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -71,10 +71,6 @@ def build_tiny_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
             decoders.Replace(Regex(_NO_SPACE_AFTER), ""),
         ]
     )
-    # Like the official (Llama) tokenizer: encoding with special tokens prepends <s>.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, vocab[BOS])]
-    )
     tokenizer.add_special_tokens(
         [AddedToken(t, special=True, normalized=False) for t in [UNK, BOS, EOS, PAD, *CHAT_TOKENS]]
     )
@@ -87,6 +83,9 @@ def build_tiny_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
         pad_token=PAD,
         extra_special_tokens=CHAT_TOKENS,
         clean_up_tokenization_spaces=False,
+        # Like the official (Llama) tokenizer: encoding with special tokens prepends <s>.
+        add_bos_token=True,
+        add_eos_token=False,
     )
     fast.chat_template = PHI35V_CHAT_TEMPLATE
     return fast
