@@ -123,16 +123,18 @@ def parse_list(text: str, cast=str) -> list:
 
 
 def parse_value(text: str):
-    """"3" -> 3, "0.5" -> 0.5, "true" -> True, "none" -> None."""
+    """"3" -> 3, "0.5" -> 0.5, "true" -> True, "none" -> None, anything else as written."""
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
     if lowered == "none":
         return None
-    try:
-        return int(lowered)
-    except ValueError:
-        return float(lowered)
+    for number in (int, float):
+        try:
+            return number(lowered)
+        except ValueError:
+            pass
+    return text.strip()
 
 
 def parse_params(text: str, sep: str = ",") -> dict:

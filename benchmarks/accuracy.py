@@ -96,16 +96,29 @@ def hae_settings(spec: str) -> list[Setting]:
 def matched_params(baseline: str, hae: Setting, hae_outcome: Outcome, prompt, fastv_layer: int, fed_later: int = 0) -> dict:
     """The budget that gives `baseline` HAE's kept size on this prompt (`fed_later`: prompt
     rows fed after the compressed context, which every policy then holds)."""
-    if baseline == "mustdrop":
-        return dict(hae.params)
-    if baseline == "fastv":
-        from hae_cli.cache.modality import Modality
+    from hae_cli.cache.modality import Modality
 
-        images = int((prompt.modality == Modality.IMAGE).sum())
+    images = int((prompt.modality == Modality.IMAGE).sum())
+    if baseline == "mustdrop":
+        # the dual filter keeping as many image tokens as HAE kept: the top by g_j alone
+        # (r_i = 1: only the single most attended token is forced)
+        kept = max(1, hae_outcome.image_after_prefill)
+        return {**shared_params("mustdrop", hae.params), "visual_keep": min(1.0, (kept - 0.5) / max(1, images)), "r_i": 1.0}
+    if baseline == "fastv":
         dropped = 1.0 - hae_outcome.image_after_prefill / max(1, images)
         return {"prune_layer": fastv_layer, "drop_ratio": min(1.0, max(0.0, dropped))}
     extra = fed_later if baseline in DECODE_TRIMMING else 0
     return {"budget": max(1, hae_outcome.held_after_prefill) + extra}
+
+
+def shared_params(policy: str, params: dict) -> dict:
+    """The part of HAE's parameters that `policy` also takes (mustdrop: Stage 1's filter)."""
+    import dataclasses
+
+    from hae_cli.cache.policies import POLICIES
+
+    taken = {f.name for f in dataclasses.fields(POLICIES[policy])}
+    return {k: v for k, v in params.items() if k in taken}
 
 
 # --------------------------------------------------------------------------- running prompts
@@ -365,12 +378,12 @@ def story_plan(hae_params: dict, budgets: list[float], buffer: int, other_prefil
     for budget in budgets:
         plan += [
             Setting(f"hae B={budget}", "hae", {**hae_params, "budget": budget, "buffer": buffer}),
-            Setting(f"mustdrop B={budget}", "mustdrop", {**hae_params, "budget": budget, "buffer": buffer}),
+            Setting(f"mustdrop B={budget}", "mustdrop", {**shared_params("mustdrop", hae_params), "budget": budget, "buffer": buffer}),
             Setting(f"h2o B={budget}", "h2o", {"budget": budget}),
             Setting(f"streaming B={budget}", "streaming", {"budget": budget}),
             Setting(f"snapkv B={budget}", "snapkv", {"budget": budget}),
         ]
-    plan += [Setting(f"{s.label} (no budget)", "hae", dict(s.params)) for s in other_prefills]
+    plan += [Setting(s.label + ("" if "budget" in s.params else " (no budget)"), "hae", dict(s.params)) for s in other_prefills]
     return plan
 
 

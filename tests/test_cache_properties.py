@@ -27,6 +27,8 @@ POLICY_PARAMS = {
         gamma=d.draw(st.sampled_from([0.0, 0.5, 0.95, 1.0])),
         broadcast=d.draw(st.booleans()),
         visual_keep=d.draw(st.none() | st.sampled_from([0.3, 0.7])),
+        image_floor=d.draw(st.sampled_from([0.0, 0.2, 0.5])),
+        floor_score=d.draw(st.sampled_from(["distinct", "attention"])),
     ),
     "mustdrop": lambda d: dict(
         buffer=d.draw(st.integers(0, 6)), sink=d.draw(st.integers(0, 4)), recent=d.draw(st.integers(0, 8))
@@ -43,6 +45,9 @@ def test_cache_invariants(data):
     params = POLICY_PARAMS[policy](data)
     before, images, after = data.draw(st.tuples(st.integers(1, 6), st.integers(0, 30), st.integers(1, 8)))
     ids, modality, image_id = fake_prompt(before, images, after, sep_every=data.draw(st.integers(0, 5)))
+    num_images = data.draw(st.integers(1, 3)) if images else 0
+    for k in range(2, num_images + 1):  # split the block into contiguous images 1..n
+        image_id[before + (k - 1) * images // num_images : before + images] = k
     length = ids.numel()
     budget = data.draw(
         st.integers(1, length + 8)
@@ -59,6 +64,7 @@ def test_cache_invariants(data):
         truth_image = torch.cat([image_id, torch.zeros(steps, dtype=torch.int16)])
         previous = state["held"]
         held_now = []
+        stats = cache.stats()
         for idx, layer in enumerate(cache.layers):
             positions = layer.positions
             # rows ascending, unique, and tags that belong to their position
@@ -92,6 +98,11 @@ def test_cache_invariants(data):
             if len(bin_):
                 assert not bool(torch.isin(bin_.positions, positions).any())
                 assert torch.equal(bin_.modality, truth_modality[bin_.positions])
+            # what each image holds, as the stats (panel, --json) report it
+            per_image = [round(float((layer.image_id == k).sum(dim=1).float().mean())) for k in range(1, num_images + 1)]
+            in_bin = [int((truth_image[bin_.positions] == k).sum()) for k in range(1, num_images + 1)]
+            assert stats.layers[idx].tokens_by_image == per_image
+            assert stats.layers[idx].bin_by_image == in_bin
             # storage matches rows
             assert layer.kv_bytes == layer.held * 2 * 2 * 16 * 4
             held_now.append(layer.held)

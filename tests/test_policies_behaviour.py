@@ -84,7 +84,7 @@ def test_snapkv_does_not_evict_while_decoding(lm, prompt):
 @pytest.mark.parametrize("r_g, r_i", [(0.9, 0.05), (1.0, 0.5), (2.0, 0.9)])
 def test_hae_dual_attention_pruning_matches_its_definition(lm, prompt, r_g, r_i):
     ids, modality, _ = prompt
-    _, positions = prefill_positions(lm, prompt, "hae", score_layer=1, r_g=r_g, r_i=r_i)
+    _, positions = prefill_positions(lm, prompt, "hae", score_layer=1, r_g=r_g, r_i=r_i, image_floor=0.0)
     attention = eager_attentions(lm, ids)[1]
     visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
     text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
@@ -99,7 +99,7 @@ def test_hae_dual_attention_pruning_matches_its_definition(lm, prompt, r_g, r_i)
 
 def test_hae_visual_keep_keeps_the_top_fraction_plus_the_needed(lm, prompt):
     ids, modality, _ = prompt
-    _, positions = prefill_positions(lm, prompt, "hae", visual_keep=0.4, r_i=0.5)
+    _, positions = prefill_positions(lm, prompt, "hae", visual_keep=0.4, r_i=0.5, image_floor=0.0)
     attention = eager_attentions(lm, ids)[1]
     visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
     text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
@@ -111,13 +111,55 @@ def test_hae_visual_keep_keeps_the_top_fraction_plus_the_needed(lm, prompt):
     assert held_visual == keep
 
 
+def two_image_prompt():
+    ids, modality, image_id = fake_prompt(before=6, images=40, after=8)
+    image_id = image_id.clone()
+    image_id[(image_id == 1).nonzero().squeeze(-1)[16:]] = 2  # 16 slots of image 1, 24 of image 2
+    return ids, modality, image_id
+
+
+@pytest.mark.parametrize("floor_score", ["distinct", "attention"])
+def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_score):
+    """The hierarchical step: per image, its ceil(floor * n_k) best tokens by the floor's score
+    (value distinctness from the image's mean, computed here from a full cache's stored values;
+    or g_j), on top of the dual-attention filter's set."""
+    ids, modality, image_id = prompt = two_image_prompt()
+    r_g, r_i, floor = 2.0, 0.9, 0.4  # a filter that drops most, so the floor shows
+    _, positions = prefill_positions(lm, prompt, "hae", r_g=r_g, r_i=r_i, image_floor=floor, floor_score=floor_score)
+    attention = eager_attentions(lm, ids)[1]
+    visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
+    block = attention[:, text_after][:, :, visual]
+    g = block.sum(dim=1).mean(dim=0)
+    g_norm, m = g / g.sum(), block.amax(dim=(0, 1))
+    expected = set(visual[~((g_norm < r_g / visual.numel()) & (m < r_i * m.max()))].tolist())
+    filtered = len(expected)
+
+    full, _ = prefill_positions(lm, prompt, "full")
+    values = full.layers[1].values[0][:, visual].permute(1, 0, 2).reshape(visual.numel(), -1)
+    for k in (1, 2):
+        mine = (image_id[visual] == k).nonzero().squeeze(-1)
+        if floor_score == "distinct":
+            centre = values[mine].mean(dim=0)
+            score = 1 - F.cosine_similarity(values[mine], centre[None], dim=-1)
+        else:
+            score = g[mine]
+        best = mine[score.topk(math.ceil(floor * mine.numel())).indices]
+        expected |= set(visual[best].tolist())
+    held_visual = {p for p in positions[0][0].tolist() if modality[p] == Modality.IMAGE}
+    assert held_visual == expected and filtered < len(expected) < visual.numel()
+    for k in (1, 2):
+        n_k = int(((image_id == k) & (modality == Modality.IMAGE)).sum())
+        assert sum(1 for p in held_visual if image_id[p] == k) >= math.ceil(floor * n_k)
+
+
 def test_hae_without_text_after_the_images_scores_by_the_last_row(lm):
     """Images cached before their question: the last row is the only query. (Letting every
     row from the first image token on vote made nearly every token "needed" by the max
     criterion: on 300 easy-VQA train questions the cut fell from 71% to 53%.)"""
     images_last = fake_prompt(before=6, images=30, after=0)
     ids, modality, _ = images_last
-    _, positions = prefill_positions(lm, images_last, "hae", visual_keep=0.4, r_i=0.5)
+    _, positions = prefill_positions(lm, images_last, "hae", visual_keep=0.4, r_i=0.5, image_floor=0.0)
     attention = eager_attentions(lm, ids)[1]
     visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
     block = attention[:, -1:][:, :, visual]

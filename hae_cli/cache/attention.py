@@ -43,6 +43,14 @@ class AttentionRequest:
     need_max: bool = False  # also the maximum over rows (else only the sum)
 
 
+@dataclass(frozen=True)
+class ValueRequest:
+    """The value vectors of `rows` of this forward at a layer (`[H_kv, r, D]` float32): content
+    without RoPE, so tokens can be compared wherever they stand."""
+
+    rows: torch.Tensor
+
+
 @dataclass
 class AttentionSummary:
     """Probabilities over the requested columns, reduced over the requested rows, per query head."""

@@ -22,7 +22,13 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from hae_cli.cache.attention import decayed_attention, set_active, summarize_attention, what_if_attention
+from hae_cli.cache.attention import (
+    ValueRequest,
+    decayed_attention,
+    set_active,
+    summarize_attention,
+    what_if_attention,
+)
 from hae_cli.cache.layer import EvictingLayer, complement
 from hae_cli.cache.modality import MODALITY_NAMES, Modality
 from hae_cli.cache.policies import Policy, Rows, make_policy
@@ -101,6 +107,7 @@ class EvictingCache(Cache):
         self.policy = policy
         self.num_layers = num_layers
         self.next_position = 0  # tokens ever fed: the position of the next token
+        self.num_images = 0  # the highest image id fed
         self.step = 0  # 0 = prefill; +1 per decode step
         self.events: list[EvictionEvent] = []
         self._pending_events: list = []
@@ -188,6 +195,7 @@ class EvictingCache(Cache):
         """Empty the cache for a new sequence (the policy and its parameters stay)."""
         super().reset()
         self.next_position, self.step, self.events, self._pending_events = 0, 0, [], []
+        self.num_images = 0
         self.overhead_seconds = dict.fromkeys(self.overhead_seconds, 0.0)
         self.history = [] if self.history is not None else None
         self._forward = None
@@ -224,7 +232,10 @@ class EvictingCache(Cache):
         if self.step == 0:
             rows = self._rows(layer_idx)
             for name, request in self.policy.prefill_requests(layer_idx, rows).items():
-                summary = summarize_attention(query, key, attention_mask, scaling, request)
+                if isinstance(request, ValueRequest):
+                    summary = layer.values[0][:, rows.past + request.rows.to(layer.values.device)].float()
+                else:
+                    summary = summarize_attention(query, key, attention_mask, scaling, request)
                 fwd.observations.setdefault(layer_idx, {})[name] = summary
             request = self.policy.prefill_score_request(layer_idx, rows)
             if request is not None:
@@ -244,6 +255,9 @@ class EvictingCache(Cache):
 
     def _snapshot(self, step: int) -> CacheStats:
         counts = _gather([self._modality_counts(layer) for layer in self.layers]).tolist()
+        images = self.num_images
+        held = _gather([_image_counts(layer.image_id, images) for layer in self.layers]).tolist()
+        binned = _gather([_image_counts(layer.bin.image_id, images) for layer in self.layers]).tolist()
         layers = [
             LayerStats(
                 layer=idx,
@@ -253,6 +267,8 @@ class EvictingCache(Cache):
                 bin_tokens=len(layer.bin),
                 bytes_held=layer.kv_bytes,
                 bin_bytes=layer.bin.nbytes,
+                tokens_by_image=[int(round(c)) for c in held[idx]] if images else [],
+                bin_by_image=[int(round(c)) for c in binned[idx]] if images else [],
             )
             for idx, layer in enumerate(self.layers)
         ]
@@ -275,6 +291,8 @@ class EvictingCache(Cache):
                 f"begin_tokens: {q} positions but {modality.numel()} modality / {image_id.numel()} image tags"
             )
         self.next_position += q
+        if image_id.numel():
+            self.num_images = max(self.num_images, int(image_id.max()))
         return _Forward(positions, modality, image_id, explicit)
 
     def _implicit_forward(self, key_states, kwargs) -> _Forward:
@@ -513,6 +531,17 @@ def _count_tensor(modality: torch.Tensor) -> torch.Tensor:
     if tags.dim() == 1:
         tags = tags[None]
     one_hot = tags[..., None] == torch.arange(len(Modality), device=tags.device)
+    return one_hot.sum(dim=1).float().mean(dim=0)
+
+
+def _image_counts(image_id: torch.Tensor | None, images: int) -> torch.Tensor:
+    """Tokens of images 1..`images`, `[images]` float (for `[H, n]` tags the mean over heads)."""
+    if image_id is None or not images:
+        return torch.zeros(images)
+    tags = image_id.long()
+    if tags.dim() == 1:
+        tags = tags[None]
+    one_hot = tags[..., None] == torch.arange(1, images + 1, device=tags.device)
     return one_hot.sum(dim=1).float().mean(dim=0)
 
 

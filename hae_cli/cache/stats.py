@@ -18,6 +18,9 @@ class LayerStats:
     bin_tokens: int  # tokens in this layer's recycle bin
     bytes_held: int  # K+V bytes measured from tensor storage
     bin_bytes: int
+    # image k's tokens (features and separators) at index k-1: held, and in the bin
+    tokens_by_image: list[int] = field(default_factory=list)
+    bin_by_image: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

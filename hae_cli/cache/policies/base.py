@@ -5,7 +5,8 @@ A policy is a small `@dataclass` whose fields are its parameters (validated in
 do nothing, so `full` implements none:
 
 at prefill (once, per layer, in layer order)
-  `prefill_requests(layer_idx, rows)` -> `{name: AttentionRequest}`: attention rows to compute
+  `prefill_requests(layer_idx, rows)` -> `{name: AttentionRequest | ValueRequest}`: attention
+    rows to compute, or value vectors to read (`ValueRequest`)
   `prefill_keep(layer_idx, rows, attention)` -> `PrefillKeep | None`: which rows survive
 
 running scores (a policy with `score_decay` set)

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 import torch
 
-from hae_cli.cache.attention import AttentionRequest, AttentionSummary
+from hae_cli.cache.attention import AttentionRequest, AttentionSummary, ValueRequest
 from hae_cli.cache.layer import complement
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import (
@@ -25,11 +25,14 @@ from hae_cli.cache.policies.base import (
 from hae_cli.errors import ConfigError
 
 
+FLOOR_SCORES = ("distinct", "attention")
+
+
 @dataclass
 class HAEPolicy(Policy):
     """Hierarchical Adaptive Eviction, "Hierarchical Adaptive Eviction for KV Cache Management
-    in Multimodal Language Models", https://arxiv.org/abs/2602.02197 (rules and their sources:
-    /work/shared/HAE_METHOD.md).
+    in Multimodal Language Models", https://arxiv.org/abs/2602.02197 (the rules as built, with
+    their sources and what was measured: docs/HAE.md).
 
     Visual tokens go first, at prefill, where they are sparse; then text and visual tokens
     are evicted jointly while decoding, softly, through a recycle bin.
@@ -46,6 +49,13 @@ class HAEPolicy(Policy):
         r_i: ... and m_j < r_i * max_j m_j (no head or query needs it badly).
         visual_keep: budget mode instead of thresholds: keep this fraction of the visual
             tokens, top by g_j, plus every token with m_j >= r_i * max m. None = thresholds.
+        image_floor: the hierarchical step (per image, then per token): each image keeps at
+            least this fraction of its visual tokens, the best of that image by `floor_score`,
+            on top of what the dual-attention filter keeps. An instruction such as "Describe
+            each image in order." does not say which tokens each caption will need. 0 = off.
+        floor_score: how the floor ranks an image's tokens: "distinct" (how far a token's value
+            vector at `score_layer` is from its image's mean: what stands out from the
+            background, independent of the instruction) or "attention" (g_j).
         Text, special tokens and image separators are never dropped at prefill; kept tokens
         keep their original positions.
 
@@ -73,9 +83,11 @@ class HAEPolicy(Policy):
     name: ClassVar[str] = "hae"
 
     score_layer: int = 1
-    r_g: float = 0.9
-    r_i: float = 0.05
+    r_g: float = 1.5
+    r_i: float = 0.5
     visual_keep: float | None = None
+    image_floor: float = 0.1
+    floor_score: str = "distinct"
     budget: int | float | None = None
     gamma: float = 0.95
     buffer: int = 32
@@ -93,6 +105,9 @@ class HAEPolicy(Policy):
         check_float("r_i", self.r_i, 0.0, 1.0)
         if self.visual_keep is not None:
             check_float("visual_keep", self.visual_keep, 0.0, 1.0, low_open=True)
+        check_float("image_floor", self.image_floor, 0.0, 1.0)
+        if self.floor_score not in FLOOR_SCORES:
+            raise ConfigError(f"floor_score must be one of {', '.join(FLOOR_SCORES)}, got {self.floor_score!r}")
         check_budget(self.budget)
         check_float("gamma", self.gamma, 0.0, 1.0)
         check_int("buffer", self.buffer, 0)
@@ -115,11 +130,25 @@ class HAEPolicy(Policy):
 
     # --- Stage 1: Dual-Attention Pruning ---
 
-    def prefill_requests(self, layer_idx: int, rows: Rows) -> dict[str, AttentionRequest]:
-        return dual_attention_request(layer_idx, self.score_layer, rows)
+    def prefill_requests(self, layer_idx: int, rows: Rows) -> dict:
+        requests = dual_attention_request(layer_idx, self.score_layer, rows)
+        if requests and self.image_floor > 0 and self.floor_score == "distinct":
+            requests["values"] = ValueRequest(rows=instruction_and_visual(rows)[1])
+        return requests
 
     def prefill_keep(self, layer_idx, rows, attention) -> PrefillKeep | None:
-        return dual_attention_keep(layer_idx, rows, attention, self.r_g, self.r_i, self.visual_keep)
+        summary: AttentionSummary | None = attention.get("dual_attention")
+        if summary is None:
+            return None
+        _, visual = instruction_and_visual(rows)
+        drop = dual_attention_drop(summary.sum, summary.max, self.r_g, self.r_i, self.visual_keep)
+        if self.image_floor > 0:
+            if self.floor_score == "distinct":
+                score = distinctness(attention["values"], rows.image_id[visual])
+            else:
+                score = summary.sum.mean(dim=0)
+            drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor)
+        return keep_all_but(visual[drop], layer_idx, rows)
 
     # --- Stage 2: running scores, rounds and the bin ---
 
@@ -171,11 +200,40 @@ def dual_attention_keep(layer_idx, rows, attention, r_g, r_i, visual_keep) -> Pr
     if summary is None:
         return None
     _, visual = instruction_and_visual(rows)
-    dropped = visual[dual_attention_drop(summary.sum, summary.max, r_g, r_i, visual_keep)]
+    return keep_all_but(visual[dual_attention_drop(summary.sum, summary.max, r_g, r_i, visual_keep)], layer_idx, rows)
+
+
+def keep_all_but(dropped: torch.Tensor, layer_idx: int, rows: Rows) -> PrefillKeep | None:
+    """Every row but `dropped`, for this layer and those before it, and broadcast to the rest."""
     if dropped.numel() == 0:
         return None
     keep = complement(dropped.to(rows.positions.device), len(rows))
     return PrefillKeep(keep, layers=tuple(range(layer_idx + 1)), broadcast=True)
+
+
+def image_floor_keep(image_of: torch.Tensor, score: torch.Tensor, floor: float) -> torch.Tensor:
+    """`[N_vis]` bool: in each image, its `ceil(floor * n_k)` best-scored tokens (so no image is
+    starved, whatever share of the instruction's attention it drew)."""
+    keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
+    image_of = image_of.to(score.device)
+    for image in image_of.unique().tolist():
+        members = (image_of == image).nonzero().squeeze(-1)
+        count = math.ceil(floor * members.numel())
+        keep[members[score[members].topk(count).indices]] = True
+    return keep
+
+
+def distinctness(values: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
+    """`[N_vis]`: cosine distance of each token's values (`[H_kv, N_vis, D]`, heads joined) from
+    the mean of its own image's: background patches sit near it, what is drawn stands out."""
+    joined = values.permute(1, 0, 2).reshape(values.shape[1], -1).float()
+    image_of = image_of.to(joined.device)
+    score = torch.empty(joined.shape[0], device=joined.device)
+    for image in image_of.unique().tolist():
+        members = (image_of == image).nonzero().squeeze(-1)
+        mean = joined[members].mean(dim=0, keepdim=True)
+        score[members] = 1 - torch.nn.functional.cosine_similarity(joined[members], mean, dim=-1)
+    return score
 
 
 def dual_attention_drop(attention_sum, attention_max, r_g, r_i, visual_keep) -> torch.Tensor:
