@@ -232,6 +232,7 @@ def run_prepared(
         on_token=streamer.push,
         on_step=publish_step,
         context_length=context_length,
+        overview=tokens.overview,
     )
     return RunResult(
         policy=policy,

@@ -56,7 +56,7 @@ def fake_prompt(before: int = 6, images: int = 24, after: int = 8, sep_every: in
     return ids, modality, image_id
 
 
-def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None):
+def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None, overview=None):
     """Greedy decoding through `run_decoder`.
 
     Returns (generated ids, logits `[steps + 1, vocab]`, decoder outputs). `after_step(step,
@@ -68,7 +68,7 @@ def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None):
     positions = torch.arange(length)
     outputs, tokens = [], []
     with torch.no_grad():
-        _begin(cache, positions, modality, image_id)
+        _begin(cache, positions, modality, image_id, overview)
         outputs.append(run_decoder(lm, embed(ids)[None], positions, cache))
         _end(cache, 0, after_step, ids.tolist())
         for step in range(1, steps + 1):
@@ -165,9 +165,9 @@ def layer0_keys_values(lm, token_ids: torch.Tensor, positions: torch.Tensor):
     return keys, values
 
 
-def _begin(cache, positions, modality, image_id):
+def _begin(cache, positions, modality, image_id, overview=None):
     if hasattr(cache, "begin_tokens"):
-        cache.begin_tokens(positions, modality, image_id)
+        cache.begin_tokens(positions, modality, image_id, overview)
 
 
 def _end(cache, step, after_step, fed):

@@ -221,6 +221,23 @@ def test_image_tokens_follow_the_official_order_and_separators(tiny_loaded, grid
     assert not torch.isclose(ours[features], sub_row.expand(len(features), -1)).all(-1).any()
 
 
+@pytest.mark.parametrize("grid", [(1, 1), (2, 3)])
+def test_overview_tags_are_the_slots_the_global_view_feeds(tiny_loaded, grid):
+    """Change only the global view's pixels: exactly the slots tagged `overview` change."""
+    from hae_cli.model.image import image_token_overview
+
+    h, w = grid
+    vision = tiny_loaded.model.vision
+    torch.manual_seed(2)
+    pixels = torch.randn(1 + h * w, 3, 336, 336)
+    other = pixels.clone()
+    other[0] = torch.randn(3, 336, 336)  # index 0 is the global view
+    with torch.no_grad():
+        changed = ~torch.isclose(vision(pixels, h, w), vision(other, h, w)).all(dim=-1)
+    overview = image_token_overview(h, w, 12)
+    assert torch.equal(changed, overview) and int(overview.sum()) == 144
+
+
 def _prompt(tiny_checkpoint, tiny_loaded, sizes, question="what color is the shape?"):
     from PIL import Image
 

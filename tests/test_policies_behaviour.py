@@ -38,9 +38,9 @@ def kv_mean(per_query_head):
     return per_query_head.reshape(KV_HEADS, -1, *per_query_head.shape[1:]).mean(dim=1)
 
 
-def prefill_positions(lm, prompt, policy, **params):
+def prefill_positions(lm, prompt, policy, overview=None, **params):
     cache = evicting_cache(lm, policy, **params)
-    greedy(lm, *prompt, cache, 0)
+    greedy(lm, *prompt, cache, 0, overview=overview)
     return cache, [layer.positions for layer in cache.layers]
 
 
@@ -118,14 +118,24 @@ def two_image_prompt():
     return ids, modality, image_id
 
 
+@pytest.mark.parametrize("with_overview", [False, True])
 @pytest.mark.parametrize("floor_score", ["distinct", "attention"])
-def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_score):
+def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_score, with_overview):
     """The hierarchical step: per image, its ceil(floor * n_k) best tokens by the floor's score
     (value distinctness from the image's mean, computed here from a full cache's stored values;
-    or g_j), on top of the dual-attention filter's set."""
+    or g_j), chosen among the image's overview slots when the cache is told them, on top of
+    the dual-attention filter's set."""
     ids, modality, image_id = prompt = two_image_prompt()
+    overview = None
+    if with_overview:  # the second half of each image's slots is its "global view"
+        overview = torch.zeros(ids.numel(), dtype=torch.bool)
+        for k in (1, 2):
+            slots = ((image_id == k) & (modality == Modality.IMAGE)).nonzero().squeeze(-1)
+            overview[slots[slots.numel() // 2 :]] = True
     r_g, r_i, floor = 2.0, 0.9, 0.4  # a filter that drops most, so the floor shows
-    _, positions = prefill_positions(lm, prompt, "hae", r_g=r_g, r_i=r_i, image_floor=floor, floor_score=floor_score)
+    _, positions = prefill_positions(
+        lm, prompt, "hae", overview=overview, r_g=r_g, r_i=r_i, image_floor=floor, floor_score=floor_score
+    )
     attention = eager_attentions(lm, ids)[1]
     visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
     text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)
@@ -144,7 +154,13 @@ def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_sc
             score = 1 - F.cosine_similarity(values[mine], centre[None], dim=-1)
         else:
             score = g[mine]
-        best = mine[score.topk(math.ceil(floor * mine.numel())).indices]
+        count = math.ceil(floor * mine.numel())
+        if overview is not None:
+            in_view = overview[visual[mine]]
+            mine, score = mine[in_view], score[in_view]
+        best = mine[score.topk(min(count, mine.numel())).indices]
+        if overview is not None:
+            assert overview[visual[best]].all()
         expected |= set(visual[best].tolist())
     held_visual = {p for p in positions[0][0].tolist() if modality[p] == Modality.IMAGE}
     assert held_visual == expected and filtered < len(expected) < visual.numel()

@@ -126,6 +126,10 @@ def test_real_preprocessed_images(tokenizer):
     prompt = build_prompt(tokenizer, user_message("compare them", 2), images)
     assert prompt.image_token_counts == [i.num_tokens for i in images]
     assert int((prompt.image_id > 0).sum()) == sum(prompt.image_token_counts)
+    # each image's overview (global view) tags land on its own slots, nowhere else
+    for k, image in enumerate(images, start=1):
+        assert torch.equal(prompt.overview[prompt.image_id == k], image.overview)
+    assert int(prompt.overview.sum()) == sum(int(i.overview.sum()) for i in images) == 2 * 2 * 2
 
 
 def test_text_only_prompt(tokenizer):

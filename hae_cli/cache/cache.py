@@ -44,6 +44,7 @@ class _Forward:
     positions: torch.Tensor  # [q] int64
     modality: torch.Tensor  # [q] int8
     image_id: torch.Tensor  # [q] int16
+    overview: torch.Tensor  # [q] bool: an image's global-view features (prefill decisions only)
     explicit: bool  # announced by begin_tokens (the caller will call end_step)
     rows: torch.Tensor | None = None  # forward tokens the next layer receives (None: all)
     layer_rows: dict = field(default_factory=dict)  # layer -> forward tokens it holds (None: all)
@@ -60,10 +61,11 @@ class _Forward:
     def to(self, device: torch.device) -> None:
         """Move the tags next to the K/V once, rather than at every layer."""
         self.positions, self.modality = self.positions.to(device), self.modality.to(device)
-        self.image_id = self.image_id.to(device)
+        self.image_id, self.overview = self.image_id.to(device), self.overview.to(device)
         self.rows = None if self.rows is None else self.rows.to(device)
 
     def tags(self, rows: torch.Tensor | None):
+        """What a layer stores per row: positions, modality, image id."""
         if rows is None:
             return self.positions, self.modality, self.image_id
         return self.positions[rows], self.modality[rows], self.image_id[rows]
@@ -132,13 +134,15 @@ class EvictingCache(Cache):
         positions: torch.Tensor,
         modality: torch.Tensor | None = None,
         image_id: torch.Tensor | None = None,
+        overview: torch.Tensor | None = None,
     ) -> None:
-        """Announce the next forward's tokens: absolute positions `[q]` and their tags."""
+        """Announce the next forward's tokens: absolute positions `[q]` and their tags
+        (`overview`: which are an image's global-view features, for prefill decisions)."""
         self._settle()
         if self._forward is not None:
             raise RuntimeError("begin_tokens: the previous forward did not reach every layer")
         positions = positions.reshape(-1).long()
-        self._forward = self._new_forward(positions, modality, image_id, explicit=True)
+        self._forward = self._new_forward(positions, modality, image_id, explicit=True, overview=overview)
 
     def end_step(self) -> None:
         """Close the forward: pending prefill decisions, budgets, decode rounds; step += 1."""
@@ -277,23 +281,27 @@ class EvictingCache(Cache):
 
     # --- internals ---
 
-    def _new_forward(self, positions, modality, image_id, explicit: bool) -> _Forward:
+    def _new_forward(self, positions, modality, image_id, explicit: bool, overview=None) -> _Forward:
         q = positions.numel()
         if modality is None:
             tag = Modality.TEXT if self.step == 0 else Modality.GENERATED
             modality = torch.full((q,), int(tag), dtype=torch.int8)
         if image_id is None:
             image_id = torch.zeros(q, dtype=torch.int16)
+        if overview is None:
+            overview = torch.zeros(q, dtype=torch.bool)
         modality = modality.reshape(-1).to(positions.device, torch.int8)
         image_id = image_id.reshape(-1).to(positions.device, torch.int16)
-        if modality.numel() != q or image_id.numel() != q:
+        overview = overview.reshape(-1).to(positions.device, torch.bool)
+        if modality.numel() != q or image_id.numel() != q or overview.numel() != q:
             raise ValueError(
-                f"begin_tokens: {q} positions but {modality.numel()} modality / {image_id.numel()} image tags"
+                f"begin_tokens: {q} positions but {modality.numel()} modality / {image_id.numel()} image / "
+                f"{overview.numel()} overview tags"
             )
         self.next_position += q
         if image_id.numel():
             self.num_images = max(self.num_images, int(image_id.max()))
-        return _Forward(positions, modality, image_id, explicit)
+        return _Forward(positions, modality, image_id, overview, explicit)
 
     def _implicit_forward(self, key_states, kwargs) -> _Forward:
         q = key_states.shape[2]
@@ -317,8 +325,9 @@ class EvictingCache(Cache):
         if isinstance(rows, str):
             raise RuntimeError(f"layer {layer_idx} was compacted per head; its rows are not shared")
         positions, modality, image_id = fwd.tags(rows)
+        overview = fwd.overview if rows is None else fwd.overview[rows]
         past = self.layers[layer_idx].held - positions.numel()
-        return Rows(positions, modality, image_id, past, self.next_position, self.num_layers)
+        return Rows(positions, modality, image_id, past, self.next_position, self.num_layers, overview)
 
     def _prefill_decision(self, layer_idx: int, live: bool) -> torch.Tensor | None:
         """Ask the policy at `layer_idx`; compact; return the hidden rows to keep if live."""

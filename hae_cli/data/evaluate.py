@@ -48,6 +48,7 @@ class Runner:
             self.make_cache(),
             SamplingConfig(max_new_tokens=max_new_tokens),
             self.stop_ids,
+            overview=prompt.overview,
         )
         return result.token_ids
 

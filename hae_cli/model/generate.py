@@ -49,11 +49,11 @@ def _notify(cache, name: str, *args) -> None:
         hook(*args)
 
 
-def prefill(model, inputs_embeds, modality, image_id, cache, start: int = 0) -> torch.Tensor:
+def prefill(model, inputs_embeds, modality, image_id, cache, start: int = 0, overview=None) -> torch.Tensor:
     """Run prompt tokens from position `start` (0: the first forward, the one policies prune);
-    returns the last position's logits `[vocab]`."""
+    returns the last position's logits `[vocab]`. `overview`: the images' global-view slots."""
     positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
-    _notify(cache, "begin_tokens", positions, modality, image_id)
+    _notify(cache, "begin_tokens", positions, modality, image_id, overview)
     logits = model.forward_embeds(inputs_embeds, positions, cache).logits[0, -1]
     _notify(cache, "end_step")
     return logits
@@ -99,6 +99,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
     context_length: int | None = None,
+    overview: torch.Tensor | None = None,
 ) -> Generation:
     """Greedy or sampled decoding. Ctrl-C during decoding returns what was generated.
 
@@ -111,14 +112,18 @@ def generate(
     length = inputs_embeds.shape[1]
     if context_length is not None and not 0 < context_length < length:
         raise ValueError(f"context_length must be in [1, {length - 1}] for a {length}-token prompt, got {context_length}")
+    if overview is None:
+        overview = torch.zeros(length, dtype=torch.bool)
     if context_length is None:
-        logits = prefill(model, inputs_embeds, modality, image_id, cache)
+        logits = prefill(model, inputs_embeds, modality, image_id, cache, overview=overview)
     else:
         context, rest = slice(0, context_length), slice(context_length, length)
-        prefill(model, inputs_embeds[:, context], modality[context], image_id[context], cache)
+        prefill(model, inputs_embeds[:, context], modality[context], image_id[context], cache, overview=overview[context])
         if on_step is not None:
             on_step()
-        logits = prefill(model, inputs_embeds[:, rest], modality[rest], image_id[rest], cache, start=context_length)
+        logits = prefill(
+            model, inputs_embeds[:, rest], modality[rest], image_id[rest], cache, start=context_length, overview=overview[rest]
+        )
     result.first_logits = logits.float().cpu()
     result.prefill_seconds = time.perf_counter() - start
     if on_step is not None:

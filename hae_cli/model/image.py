@@ -263,6 +263,15 @@ def image_token_modalities(h_crops: int, w_crops: int, grid: int) -> torch.Tenso
     return layout
 
 
+def image_token_overview(h_crops: int, w_crops: int, grid: int) -> torch.Tensor:
+    """`[slots]` bool, True on the global view's features: the image's overview (the crops are
+    its detail), in the same "sub_glb" layout as `image_token_modalities`."""
+    layout = image_token_modalities(h_crops, w_crops, grid)
+    overview = torch.zeros(layout.numel(), dtype=torch.bool)
+    overview[layout.numel() - grid * (grid + 1) :] = True  # after glb_GN: grid rows + sub_GN each
+    return overview & (layout == int(Modality.IMAGE))
+
+
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -272,7 +281,8 @@ class ProcessedImage:
 
     pixel_values: [1 + h_crops*w_crops, 3, crop, crop]; index 0 is the global view, then the
         crops row-major (the official order).
-    num_tokens: slots the image takes in the prompt; `modalities` tags each of them.
+    num_tokens: slots the image takes in the prompt; `modalities` tags each of them, and
+        `overview` marks the global view's features (None: not known).
     """
 
     pixel_values: torch.Tensor
@@ -280,6 +290,7 @@ class ProcessedImage:
     w_crops: int
     num_tokens: int
     modalities: torch.Tensor
+    overview: torch.Tensor | None = None
 
 
 def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedImage:
@@ -305,4 +316,5 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedIma
         w_crops=w_crops,
         num_tokens=tokens_per_image(h_crops, w_crops, grid),
         modalities=image_token_modalities(h_crops, w_crops, grid),
+        overview=image_token_overview(h_crops, w_crops, grid),
     )

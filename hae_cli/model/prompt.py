@@ -25,12 +25,18 @@ class PromptTokens:
     modality: [L] int8 `Modality` per slot (TEXT, or IMAGE / SEPARATOR inside an image).
     image_id: [L] int16; k on image k's slots (features and separators), 0 on text.
     image_token_counts: slots per image, in image order (1..n).
+    overview: [L] bool; True on each image's global-view features (its overview).
     """
 
     input_ids: torch.Tensor
     modality: torch.Tensor
     image_id: torch.Tensor
     image_token_counts: list[int]
+    overview: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.overview is None:
+            self.overview = torch.zeros(self.input_ids.numel(), dtype=torch.bool)
 
     def after_images(self) -> int:
         """Rows up to and including the last image's slots: the context that a question can
@@ -90,12 +96,14 @@ def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> Pro
     input_ids: list[torch.Tensor] = []
     modality: list[torch.Tensor] = []
     image_id: list[torch.Tensor] = []
+    overview: list[torch.Tensor] = []
 
     for i, text in enumerate(texts):
         token_ids = encode_chunk(tokenizer, text)
         input_ids.append(torch.tensor(token_ids, dtype=torch.long))
         modality.append(torch.full((len(token_ids),), int(Modality.TEXT), dtype=torch.int8))
         image_id.append(torch.zeros(len(token_ids), dtype=torch.int16))
+        overview.append(torch.zeros(len(token_ids), dtype=torch.bool))
         if i < len(ids):
             k = ids[i]
             image = images[k - 1]
@@ -105,12 +113,15 @@ def build_prompt(tokenizer, user_text: str, images: list[ProcessedImage]) -> Pro
             input_ids.append(torch.full((image.num_tokens,), -k, dtype=torch.long))
             modality.append(image.modalities.to(torch.int8))
             image_id.append(torch.full((image.num_tokens,), k, dtype=torch.int16))
+            known = image.overview is not None
+            overview.append(image.overview.bool() if known else torch.zeros(image.num_tokens, dtype=torch.bool))
 
     return PromptTokens(
         input_ids=torch.cat(input_ids),
         modality=torch.cat(modality),
         image_id=torch.cat(image_id),
         image_token_counts=[image.num_tokens for image in images],
+        overview=torch.cat(overview),
     )
 
 

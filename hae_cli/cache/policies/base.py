@@ -45,6 +45,7 @@ class Rows:
     past: int  # tokens the layer held before this forward: row i is key `past + i`
     prompt_length: int  # tokens fed so far, this forward's included
     num_layers: int
+    overview: torch.Tensor | None = None  # [q] bool: an image's global-view features (None: unknown)
 
     def __len__(self) -> int:
         return self.positions.numel()

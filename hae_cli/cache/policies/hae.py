@@ -50,7 +50,8 @@ class HAEPolicy(Policy):
         visual_keep: budget mode instead of thresholds: keep this fraction of the visual
             tokens, top by g_j, plus every token with m_j >= r_i * max m. None = thresholds.
         image_floor: the hierarchical step (per image, then per token): each image keeps at
-            least this fraction of its visual tokens, the best of that image by `floor_score`,
+            least this fraction of its visual tokens, the best of its overview (the global
+            view; all its tokens when the cache was not told which they are) by `floor_score`,
             on top of what the dual-attention filter keeps. An instruction such as "Describe
             each image in order." does not say which tokens each caption will need. 0 = off.
         floor_score: how the floor ranks an image's tokens: "distinct" (how far a token's value
@@ -86,7 +87,7 @@ class HAEPolicy(Policy):
     r_g: float = 1.5
     r_i: float = 0.5
     visual_keep: float | None = None
-    image_floor: float = 0.1
+    image_floor: float = 0.15
     floor_score: str = "distinct"
     budget: int | float | None = None
     gamma: float = 0.95
@@ -147,7 +148,8 @@ class HAEPolicy(Policy):
                 score = distinctness(attention["values"], rows.image_id[visual])
             else:
                 score = summary.sum.mean(dim=0)
-            drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor)
+            overview = None if rows.overview is None else rows.overview[visual]
+            drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
         return keep_all_but(visual[drop], layer_idx, rows)
 
     # --- Stage 2: running scores, rounds and the bin ---
@@ -211,15 +213,18 @@ def keep_all_but(dropped: torch.Tensor, layer_idx: int, rows: Rows) -> PrefillKe
     return PrefillKeep(keep, layers=tuple(range(layer_idx + 1)), broadcast=True)
 
 
-def image_floor_keep(image_of: torch.Tensor, score: torch.Tensor, floor: float) -> torch.Tensor:
-    """`[N_vis]` bool: in each image, its `ceil(floor * n_k)` best-scored tokens (so no image is
-    starved, whatever share of the instruction's attention it drew)."""
+def image_floor_keep(image_of: torch.Tensor, score: torch.Tensor, floor: float, overview: torch.Tensor | None = None) -> torch.Tensor:
+    """`[N_vis]` bool: in each image k, `ceil(floor * n_k)` of its tokens, the best-scored of its
+    overview (global view) where the image has one, else of all its tokens; so no image is
+    starved, whatever share of the instruction's attention it drew."""
     keep = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     image_of = image_of.to(score.device)
+    overview = torch.zeros_like(keep) if overview is None else overview.to(score.device)
     for image in image_of.unique().tolist():
         members = (image_of == image).nonzero().squeeze(-1)
         count = math.ceil(floor * members.numel())
-        keep[members[score[members].topk(count).indices]] = True
+        pool = members[overview[members]] if bool(overview[members].any()) else members
+        keep[pool[score[pool].topk(min(count, pool.numel())).indices]] = True
     return keep
 
 
