@@ -129,7 +129,7 @@ def test_real_preprocessed_images(tokenizer):
     # each image's overview (global view) tags land on its own slots, nowhere else
     for k, image in enumerate(images, start=1):
         assert torch.equal(prompt.overview[prompt.image_id == k], image.overview)
-    assert int(prompt.overview.sum()) == sum(int(i.overview.sum()) for i in images) == 2 * 2 * 2
+    assert int(prompt.overview.sum()) == sum(int(i.overview.sum()) for i in images) == 2 * config.merged_grid**2
 
 
 def test_text_only_prompt(tokenizer):
