@@ -118,7 +118,7 @@ def two_image_prompt():
     return ids, modality, image_id
 
 
-@pytest.mark.parametrize("with_overview", [False, True])
+@pytest.mark.parametrize("with_overview", [False, True, "ignored"])
 @pytest.mark.parametrize("floor_score", ["distinct", "attention"])
 def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_score, with_overview):
     """The hierarchical step: per image, its ceil(floor * n_k) best tokens by the floor's score
@@ -133,9 +133,13 @@ def test_hae_image_floor_adds_each_images_best_tokens_to_the_filter(lm, floor_sc
             slots = ((image_id == k) & (modality == Modality.IMAGE)).nonzero().squeeze(-1)
             overview[slots[slots.numel() // 2 :]] = True
     r_g, r_i, floor = 2.0, 0.9, 0.4  # a filter that drops most, so the floor shows
+    floor_from = "image" if with_overview == "ignored" else "overview"
     _, positions = prefill_positions(
-        lm, prompt, "hae", overview=overview, r_g=r_g, r_i=r_i, image_floor=floor, floor_score=floor_score
+        lm, prompt, "hae", overview=overview, r_g=r_g, r_i=r_i, image_floor=floor, floor_score=floor_score,
+        floor_from=floor_from,
     )
+    if floor_from == "image":
+        overview = None  # told, but asked to choose from every slot
     attention = eager_attentions(lm, ids)[1]
     visual = (modality == Modality.IMAGE).nonzero().squeeze(-1)
     text_after = ((modality == Modality.TEXT) & (torch.arange(ids.numel()) > visual.max())).nonzero().squeeze(-1)

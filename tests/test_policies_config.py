@@ -70,7 +70,7 @@ def test_defaults_are_the_methods():
     assert set(POLICIES) == {"full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"}
     assert policy_parameters("hae") == {
         "score_layer": 1, "r_g": 1.5, "r_i": 0.5, "visual_keep": None, "image_floor": 0.15,
-        "floor_score": "distinct", "budget": None, "gamma": 0.95,
+        "floor_from": "overview", "floor_score": "distinct", "budget": None, "gamma": 0.95,
         "buffer": 32, "sink": 4, "recent": 32, "w_visual": 0.5, "w_text": 1.0, "bin_size": None,
         "bin_ttl": 4, "broadcast": False,
     }
@@ -81,6 +81,8 @@ def test_defaults_are_the_methods():
     assert policy_parameters("mustdrop")["r_g"] == 0.9 and "image_floor" not in policy_parameters("mustdrop")
     with pytest.raises(ConfigError, match="floor_score must be one of distinct, attention"):
         make_policy("hae", floor_score="norm")
+    with pytest.raises(ConfigError, match="floor_from must be one of overview, image"):
+        make_policy("hae", floor_from="crops")
     with pytest.raises(ConfigError, match="image_floor"):
         make_policy("hae", image_floor=1.5)
     for name, cls in POLICIES.items():

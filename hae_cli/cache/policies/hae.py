@@ -26,6 +26,7 @@ from hae_cli.errors import ConfigError
 
 
 FLOOR_SCORES = ("distinct", "attention")
+FLOOR_FROM = ("overview", "image")
 
 
 @dataclass
@@ -54,6 +55,8 @@ class HAEPolicy(Policy):
             view; all its tokens when the cache was not told which they are) by `floor_score`,
             on top of what the dual-attention filter keeps. An instruction such as "Describe
             each image in order." does not say which tokens each caption will need. 0 = off.
+        floor_from: "overview" (the image's global view, when the cache knows it) or "image"
+            (all its tokens, both views).
         floor_score: how the floor ranks an image's tokens: "distinct" (how far a token's value
             vector at `score_layer` is from its image's mean: what stands out from the
             background, independent of the instruction) or "attention" (g_j).
@@ -88,6 +91,7 @@ class HAEPolicy(Policy):
     r_i: float = 0.5
     visual_keep: float | None = None
     image_floor: float = 0.15
+    floor_from: str = "overview"
     floor_score: str = "distinct"
     budget: int | float | None = None
     gamma: float = 0.95
@@ -107,6 +111,8 @@ class HAEPolicy(Policy):
         if self.visual_keep is not None:
             check_float("visual_keep", self.visual_keep, 0.0, 1.0, low_open=True)
         check_float("image_floor", self.image_floor, 0.0, 1.0)
+        if self.floor_from not in FLOOR_FROM:
+            raise ConfigError(f"floor_from must be one of {', '.join(FLOOR_FROM)}, got {self.floor_from!r}")
         if self.floor_score not in FLOOR_SCORES:
             raise ConfigError(f"floor_score must be one of {', '.join(FLOOR_SCORES)}, got {self.floor_score!r}")
         check_budget(self.budget)
@@ -148,7 +154,7 @@ class HAEPolicy(Policy):
                 score = distinctness(attention["values"], rows.image_id[visual])
             else:
                 score = summary.sum.mean(dim=0)
-            overview = None if rows.overview is None else rows.overview[visual]
+            overview = None if rows.overview is None or self.floor_from == "image" else rows.overview[visual]
             drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
         return keep_all_but(visual[drop], layer_idx, rows)
 
