@@ -102,6 +102,7 @@ def test_cache_invariants(data):
             per_image = [round(float((layer.image_id == k).sum(dim=1).float().mean())) for k in range(1, num_images + 1)]
             in_bin = [int((truth_image[bin_.positions] == k).sum()) for k in range(1, num_images + 1)]
             assert stats.layers[idx].tokens_by_image == per_image
+            assert stats.image_sizes == [int((image_id == k).sum()) for k in range(1, num_images + 1)]
             assert stats.layers[idx].bin_by_image == in_bin
             # storage matches rows
             assert layer.kv_bytes == layer.held * 2 * 2 * 16 * 4

@@ -109,7 +109,7 @@ class EvictingCache(Cache):
         self.policy = policy
         self.num_layers = num_layers
         self.next_position = 0  # tokens ever fed: the position of the next token
-        self.num_images = 0  # the highest image id fed
+        self.image_sizes: list[int] = []  # slots fed of image k at index k-1
         self.step = 0  # 0 = prefill; +1 per decode step
         self.events: list[EvictionEvent] = []
         self._pending_events: list = []
@@ -199,7 +199,7 @@ class EvictingCache(Cache):
         """Empty the cache for a new sequence (the policy and its parameters stay)."""
         super().reset()
         self.next_position, self.step, self.events, self._pending_events = 0, 0, [], []
-        self.num_images = 0
+        self.image_sizes = []
         self.overhead_seconds = dict.fromkeys(self.overhead_seconds, 0.0)
         self.history = [] if self.history is not None else None
         self._forward = None
@@ -259,7 +259,7 @@ class EvictingCache(Cache):
 
     def _snapshot(self, step: int) -> CacheStats:
         counts = _gather([self._modality_counts(layer) for layer in self.layers]).tolist()
-        images = self.num_images
+        images = len(self.image_sizes)
         held = _gather([_image_counts(layer.image_id, images) for layer in self.layers]).tolist()
         binned = _gather([_image_counts(layer.bin.image_id, images) for layer in self.layers]).tolist()
         layers = [
@@ -277,7 +277,7 @@ class EvictingCache(Cache):
             for idx, layer in enumerate(self.layers)
         ]
         full = sum(self.next_position * _bytes_per_token(layer) for layer in self.layers)
-        return CacheStats(step, layers, full, [e for e in self.events if e.step == step])
+        return CacheStats(step, layers, full, [e for e in self.events if e.step == step], list(self.image_sizes))
 
     # --- internals ---
 
@@ -299,8 +299,11 @@ class EvictingCache(Cache):
                 f"{overview.numel()} overview tags"
             )
         self.next_position += q
-        if image_id.numel():
-            self.num_images = max(self.num_images, int(image_id.max()))
+        fed = torch.bincount(image_id.long().cpu()).tolist()[1:] if image_id.numel() else []
+        if len(fed) > len(self.image_sizes):
+            self.image_sizes += [0] * (len(fed) - len(self.image_sizes))
+        for k, count in enumerate(fed):
+            self.image_sizes[k] += count
         return _Forward(positions, modality, image_id, overview, explicit)
 
     def _implicit_forward(self, key_states, kwargs) -> _Forward:

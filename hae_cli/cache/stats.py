@@ -38,6 +38,7 @@ class CacheStats:
     layers: list[LayerStats]
     full_cache_bytes: int  # what a full cache would hold now (tokens seen x bytes/token, all layers)
     events: list[EvictionEvent] = field(default_factory=list)  # events of this step only
+    image_sizes: list[int] = field(default_factory=list)  # slots fed of image k at index k-1
 
     @property
     def bytes_held(self) -> int:
