@@ -21,9 +21,9 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 # What the shipped model scores on the 300 questions below, and the floor under which the
 # model or the runtime has regressed. Raise both when a better model ships.
-VQA_300 = 1.0  # 300/300, measured when the model was shipped (99.91% on the whole test split)
+VQA_300 = 298 / 300  # measured when the model was shipped (99.37% on the whole test split)
 REGRESSION_FLOOR = 0.90  # issue 5's bar for this subset
-STORIES_30 = 1.0  # 30/30 four-image sets (seed 1), measured when shipped (189/200 on seed 0)
+STORIES_30 = 29 / 30  # four-image sets (seed 1), measured when shipped (186/200 on seed 0)
 STORY_FLOOR = 0.90  # issue 5's bar for captions
 
 
