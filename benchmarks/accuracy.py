@@ -2,8 +2,9 @@
 
 Every question is answered under `full`, under each HAE setting, and under each baseline
 given the budget that matches that HAE setting's kept size *on the same question*
-(snapkv / h2o / streaming: HAE's tokens per layer after prefill; mustdrop: the same
-dual-attention selection; fastv: the same share of image tokens dropped, after its layer K).
+(snapkv / h2o / streaming: HAE's tokens per layer after prefill; mustdrop: its dual-attention
+filter keeping as many image tokens as HAE kept, the top by g_j; fastv: the same share of
+image tokens dropped, after its layer K).
 The full cache is measured in the same run, so every ratio is a ratio of two measurements.
 
 Each image goes through the vision tower once; its features are reused for all of its
