@@ -528,10 +528,14 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 1 + len(stories)
+    # a captions-only run (`--limit 10 --baselines ""`) has no VQA comparison worth a panel
+    show_vqa = not stories or len({r["policy"] for r in vqa_rows}) > 2
+    panels = int(show_vqa) + len(stories)
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
-    _curves(axes[0][0], vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
-    for ax, (n, rows) in zip(axes[0][1:], sorted(stories.items())):
+    cells = iter(axes[0])
+    if show_vqa:
+        _curves(next(cells), vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
+    for ax, (n, rows) in zip(cells, sorted(stories.items())):
         _curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
     fig.suptitle(textwrap.fill(title, width=int(15 * 6.5 * panels)), fontsize=9)
     fig.tight_layout()
@@ -540,14 +544,24 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
 
 
 def _curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> None:
+    """One line per policy over its budgets; HAE settings outside its main series (other
+    prefills, ablations) are single labelled points, not joined to the line."""
     by_policy: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+    singles: list[tuple[float, float, str]] = []
     for r in rows:
-        by_policy[r["policy"]].append((r["cut_pct"], 100 * r[metric], r["setting"]))
+        point = (r["cut_pct"], 100 * r[metric], r["setting"])
+        is_series = r["policy"] != "hae" or r["setting"] == "hae (no budget)" or r["setting"].startswith("hae B=") \
+            or not any(x["setting"].startswith("hae B=") or x["setting"] == "hae (no budget)" for x in rows)
+        (by_policy[r["policy"]] if is_series else singles).append(point)
     for policy, points in by_policy.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
         style = dict(marker="*", markersize=12) if policy == "full" else dict(marker="o")
         ax.plot(xs, ys, label=policy, linewidth=2.5 if policy == "hae" else 1.2, zorder=3 if policy == "hae" else 2, **style)
+    for x, y, label in singles:
+        ax.plot([x], [y], marker="D", color="grey", linestyle="none", zorder=4)
+        short = label.replace("hae thr ", "").replace(" (no budget)", "").replace("budget=0.25 buffer=8 ", "B=0.25 ")
+        ax.annotate(textwrap.fill(short, 28), (x, y), textcoords="offset points", xytext=(-6, 0), ha="right", va="center", fontsize=6.5)
     ax.set_xlabel("KV cut vs full cache (%)")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
