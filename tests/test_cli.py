@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hae_cli import api, cli
+from hae_cli.cli import validate
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.errors import ConfigError, ModelNotFoundError
 
@@ -141,7 +142,7 @@ class FakeApi:
 
 @pytest.fixture
 def fake_policies(monkeypatch):
-    monkeypatch.setattr(cli, "_policies", lambda: FAKE_POLICIES)
+    monkeypatch.setattr(validate, "policies", lambda: FAKE_POLICIES)
 
 
 @pytest.fixture

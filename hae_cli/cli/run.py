@@ -1,0 +1,196 @@
+"""`hae ask` and `hae story`: one run under one policy, streamed with the live cache panel
+(or as plain text, or as one JSON document)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hae_cli.cli.app import EXIT_INTERRUPTED, app
+from hae_cli.cli.options import (
+    SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag,
+    NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt,
+    VisualKeepOpt, run_options,
+)
+from hae_cli.cli.output import Progress, interruptible, json_text, library, memory_json, progress_on_stderr
+from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
+from hae_cli.errors import InputError
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae ask cat.jpg \"What color is the cat?\"[/cyan]\n\n"
+    "  [cyan]hae ask chart.png \"Summarise the trend.\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --policy h2o --budget 0.5[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --json | jq .timings[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
+)
+def ask(
+    image: Annotated[Path, typer.Argument(help="The image to ask about (PNG, JPEG, ...).", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question, quoted.", show_default=False)],
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_output: JsonFlag = False,
+    no_live: NoLiveFlag = False,
+) -> None:
+    """Answer a question about one image, streaming the answer beside a live view of the cache.
+
+    The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
+    """
+    options = run_options(**locals())
+    if not question.strip():
+        raise InputError("the question is empty")
+    generate_and_show("ask", [image], question, options, json_output, live=not no_live)
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae story p1.png p2.png p3.png[/cyan]\n\n"
+    "  [cyan]hae story frames/*.jpg --prompt \"Tell a bedtime story about these pictures.\" -n 400[/cyan]\n\n"
+    "  [cyan]hae story p1.png p2.png --budget 0.3 --num-crops 4[/cyan]   (small budget: watch the bin restore)",
+)
+def story(
+    images: Annotated[list[Path] | None, typer.Argument(help="Images, in story order.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", rich_help_panel=SAMPLING_PANEL,
+        help="The instruction after the images. Default: \"Describe each image in order.\"",
+    )] = None,
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_output: JsonFlag = False,
+    no_live: NoLiveFlag = False,
+) -> None:
+    """Tell a story over several images, streamed with the live cache panel.
+
+    Each image goes in after its label ("Image 1: <|image_1|>", ...), then your --prompt; a prompt that places <|image_k|> itself is used as written.
+
+    Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
+    """
+    options = run_options(**locals())
+    if prompt is not None and not prompt.strip():
+        raise InputError("--prompt is empty")
+    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live)
+
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
+                      as_json: bool, live: bool) -> None:
+    """Validate, load, run once, render. Exits 130 if the run was interrupted."""
+    from hae_cli.display.memory import MemoryProbe
+    from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
+
+    policy = check_policy_name(options.policy)
+    params = params_for(policy, options.policy_args)
+    check_sampling(options)
+    if not images:
+        raise InputError(f"`{task}` needs at least one image")
+    check_images(images)
+
+    stdout = Console(soft_wrap=False)
+    live = live and not as_json and stdout.is_terminal
+    title = f"{task}: " + ", ".join(p.name for p in images)
+    api = library()
+    with progress_on_stderr() as progress:
+        loaded = api.load_model(options.model, options.device, options.dtype, options.num_crops,
+                                on_progress=progress)
+        progress("starting")
+        probe = MemoryProbe()
+        state = PanelState(title=title, policy=policy)
+        watcher = RunWatcher(state, probe)
+        kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
+                      temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+        try:
+            if live:
+                progress.stop()
+                result = _run_live(api, loaded, images, question, kwargs, watcher, stdout)
+            else:
+                result = _run_plain(api, loaded, images, question, kwargs, watcher, progress, stream=not as_json)
+        finally:
+            memory = probe.snapshot()
+            probe.close()
+
+    if as_json:
+        payload = result.to_json()
+        payload["memory"] = memory_json(memory)
+        payload["model"] = loaded.name
+        sys.stdout.write(json_text(payload))
+    else:
+        final = state_from_result(result, title, memory)
+        if live:
+            stdout.print(render_panel(final))
+        else:
+            stdout.print(render_summary(final), soft_wrap=True)
+    if result.interrupted:
+        typer.echo("interrupted: showing what was generated so far", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):
+    from rich.live import Live
+
+    from hae_cli.display.panel import render_panel
+
+    watcher.start()
+    with Live(get_renderable=lambda: render_panel(watcher.state, answer_lines=6), console=stdout,
+              refresh_per_second=8, transient=True, redirect_stdout=False, redirect_stderr=False):
+        return interruptible(lambda: api.run(loaded, list(images), question, on_token=watcher.on_token,
+                                              on_step=watcher.on_step, on_progress=watcher.on_progress, **kwargs))
+
+
+def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progress, stream: bool):
+    """Stream the answer to stdout as plain text (unless JSON), progress on stderr until prefill ends."""
+    started = False
+
+    def on_step(stats) -> None:
+        watcher.on_step(stats)
+        progress.stop()
+
+    def on_token(piece: str) -> None:
+        nonlocal started
+        watcher.on_token(piece)
+        if stream:
+            progress.stop()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            started = True
+
+    watcher.start()
+    result = interruptible(lambda: api.run(loaded, list(images), question, on_token=on_token, on_step=on_step,
+                                            on_progress=progress, **kwargs))
+    progress.stop()
+    if stream:
+        if not started and result.text:
+            sys.stdout.write(result.text)
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+    return result
