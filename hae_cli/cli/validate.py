@@ -141,6 +141,6 @@ def check_images(images: Sequence[Path]) -> list[Path]:
 
 def check_sampling(options) -> None:
     """The generation loop's own checks (max_new_tokens, temperature, top_p), before the model loads."""
-    from hae_cli.model.generate import SamplingConfig
+    from hae_cli.model.sampling import SamplingConfig
 
     SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
