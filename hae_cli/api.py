@@ -17,6 +17,7 @@ import torch
 
 from hae_cli.cache.stats import CacheStats, EvictionEvent
 from hae_cli.errors import ConfigError, InputError
+from hae_cli.user_text import checked_text
 
 DEFAULT_STORY_PROMPT = "Describe each image in order."
 
@@ -147,11 +148,12 @@ def user_text_for(task: str, question: str | None, num_images: int) -> str:
     from hae_cli.model.prompt import story_message, user_message
 
     if task == "ask":
-        if not question or not question.strip():
+        if question is None:
             raise InputError("a question is needed for `ask`")
-        return user_message(question, num_images)
+        return user_message(checked_text(question, "the question"), num_images)
     if task == "story":
-        return story_message(question or DEFAULT_STORY_PROMPT, num_images)
+        prompt = DEFAULT_STORY_PROMPT if question is None else checked_text(question, "the story prompt")
+        return story_message(prompt, num_images)
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 

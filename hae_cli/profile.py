@@ -22,6 +22,7 @@ from pathlib import Path
 from hae_cli.cache.modality import MODALITY_NAMES
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
+from hae_cli.user_text import checked_text
 
 BASELINE = "baseline"  # the name a profile gives the full cache
 MODALITIES = tuple(MODALITY_NAMES.values())
@@ -68,9 +69,14 @@ def read_workload(folder: Path) -> list[Prompt]:
         question = entry.get("question") if isinstance(entry, dict) else None
         if not images or not all(isinstance(i, str) for i in images) or task not in ("ask", "story"):
             raise InputError(f"{path}: entry {number} needs an image (or images) and task ask or story")
-        if task == "ask" and not (isinstance(question, str) and question.strip()):
+        if task == "ask" and question is None:
             raise InputError(f"{path}: entry {number} has no question")
-        prompts.append(Prompt(task, tuple(folder / i for i in images), question, entry.get("answer")))
+        if question is not None:
+            checked_text(question, f"{path}: entry {number} question")
+        answer = entry.get("answer")
+        if answer is not None:
+            checked_text(answer, f"{path}: entry {number} answer")
+        prompts.append(Prompt(task, tuple(folder / i for i in images), question, answer))
     if not prompts:
         raise InputError(f"{path} holds no entries")
     return prompts

@@ -19,6 +19,7 @@ from hae_cli.cli.output import interruptible, json_text, library, progress_on_st
 from hae_cli.cli import validate
 from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
 from hae_cli.errors import ConfigError, InputError
+from hae_cli.user_text import checked_text
 
 BASELINE = "baseline"  # hae_cli.profile.BASELINE, repeated so that --help imports no torch
 FULL_POLICY = "full"
@@ -47,7 +48,7 @@ def build_workload(images: Sequence[Path] | None, question: str | None, task: Ta
         if task == Task.story:
             prompts = [Prompt("story", tuple(images), question)]
         else:
-            if not question or not question.strip():
+            if question is None:
                 raise InputError("--images with --task ask needs --question")
             prompts = [Prompt("ask", (image,), question) for image in images]
     else:
@@ -109,10 +110,15 @@ def profile(
 
     One table: KV bytes final and peak, tokens kept per modality, prefill ms, decode tokens/s, eviction overhead, and agreement with the baseline (same answer, token match %, first divergence). Policy parameters (--budget, ...) apply to every policy that has them.
     """
-    from hae_cli.display.panel import compare_table
-    from hae_cli.profile import run_profile
-
     options = run_options(**locals())
+    check_sampling(options)
+    if question is not None:
+        checked_text(question, "--question")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot writes a PNG; give a file name that ends in .png, got {str(plot)!r}")
+    for option, path in (("--plot", plot), ("--json", json_file)):
+        if path is not None and str(path) != "-" and not path.parent.is_dir():
+            raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
     policy_name = check_policy_name(options.policy)
     runs = parse_compare(compare, policy_name)
     params = {name: params_for(p, options.policy_args, strict=False) for name, p in runs}
@@ -120,14 +126,11 @@ def profile(
     unused = [key for key in options.policy_args if key not in used]
     if unused:
         raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} ({', '.join(p for _, p in runs)})")
-    check_sampling(options)
     workload = build_workload(images, question, task, samples, limit)
     check_images(sorted({p for prompt in workload for p in prompt.images}))
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise ConfigError(f"--plot writes a PNG; give a file name that ends in .png, got {str(plot)!r}")
-    for option, path in (("--plot", plot), ("--json", json_file)):
-        if path is not None and str(path) != "-" and not path.parent.is_dir():
-            raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
+
+    from hae_cli.display.panel import compare_table
+    from hae_cli.profile import run_profile
 
     api = library()
     with progress_on_stderr() as progress:

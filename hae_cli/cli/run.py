@@ -20,6 +20,7 @@ from hae_cli.cli.options import (
 from hae_cli.cli.output import Progress, interruptible, json_text, library, memory_json, progress_on_stderr
 from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
 from hae_cli.errors import InputError
+from hae_cli.user_text import checked_text
 
 
 @app.command(
@@ -54,8 +55,7 @@ def ask(
     The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
     """
     options = run_options(**locals())
-    if not question.strip():
-        raise InputError("the question is empty")
+    checked_text(question, "the question")
     generate_and_show("ask", [image], question, options, json_output, live=not no_live)
 
 
@@ -94,8 +94,8 @@ def story(
     Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
     """
     options = run_options(**locals())
-    if prompt is not None and not prompt.strip():
-        raise InputError("--prompt is empty")
+    if prompt is not None:
+        checked_text(prompt, "--prompt")
     generate_and_show("story", images or [], prompt, options, json_output, live=not no_live)
 
 
@@ -109,9 +109,9 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
 
+    check_sampling(options)
     policy = check_policy_name(options.policy)
     params = params_for(policy, options.policy_args)
-    check_sampling(options)
     if not images:
         raise InputError(f"`{task}` needs at least one image")
     check_images(images)
