@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hae_process import REPO, SAMPLE, assert_one_line_error, run_hae
+from hae_process import SAMPLE, assert_one_line_error, run_hae, start_hae
 
 
 # ----------------------------------------------------------------------------- 1. text that is not valid Unicode
@@ -54,3 +54,85 @@ def test_the_library_checks_the_same_text(tiny_checkpoint):
     for task, text in (("ask", "what \udcff color"), ("story", "caption \ud800")):
         with pytest.raises(InputError, match="not valid"):
             api.run(loaded, [SAMPLE], text, task=task, max_new_tokens=1)
+
+
+# ----------------------------------------------------------------------------- 3. a signal keeps what was generated
+
+
+@pytest.fixture(scope="module")
+def endless_checkpoint(tmp_path_factory) -> Path:
+    """A random tiny model that, under the full cache, does not stop on its own for thousands of
+    tokens (seed 1, 3 layers), so a signal always arrives mid-generation."""
+    from hae_cli.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("endless"), seed=1, text=dict(num_hidden_layers=3))
+
+
+ENDLESS = ("--policy", "full", "-n", "1000000")
+
+
+def _first_output_then(process, signum: int, timeout: float = 90) -> tuple[bytes, bytes, float]:
+    """Wait for the first byte on stdout (the answer is streaming), send `signum`, collect the rest."""
+    import os
+    import select
+    import time
+
+    start = time.monotonic()
+    ready, _, _ = select.select([process.stdout], [], [], timeout)
+    assert ready, "no output before the timeout"
+    first = os.read(process.stdout.fileno(), 1)
+    waited = time.monotonic() - start
+    process.send_signal(signum)
+    out, err = process.communicate(timeout=60)
+    return first + out, err, waited
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
+def test_a_signal_mid_generation_keeps_the_answer_and_the_summary(endless_checkpoint, signame):
+    import signal
+
+    signum = getattr(signal, signame)
+    process = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
+    out, err, _ = _first_output_then(process, signum)
+    text, stderr = out.decode(), err.decode()
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    assert "policy full  interrupted" in text and "KV cache" in text and "speed" in text, text[-2000:]
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    if signame != "SIGINT":
+        assert f"({signame})" in stderr
+
+
+def test_sigterm_under_json_prints_the_partial_result(endless_checkpoint):
+    """Nothing streams under --json, so wait for the time the plain run took to stream, twice over."""
+    import signal
+    import time
+
+    plain = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
+    _, _, waited = _first_output_then(plain, signal.SIGTERM)
+    process = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS, "--json")
+    time.sleep(2 * waited + 2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()[-2000:]
+    payload = json.loads(out)
+    assert payload["interrupted"] is True and len(payload["token_ids"]) > 0 and payload["text"]
+    assert payload["timings"]["decode_tokens"] == len(payload["token_ids"])
+
+
+def test_sigterm_during_profile_writes_the_json_file(endless_checkpoint, tmp_path):
+    import signal
+    import time
+
+    plain = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
+    _, _, waited = _first_output_then(plain, signal.SIGTERM)
+    out_file = tmp_path / "profile.json"
+    process = start_hae("profile", "--images", SAMPLE, "-q", "what color is the shape?", "--model",
+                        endless_checkpoint, "-n", "1000000", "--json", out_file)
+    time.sleep(2 * waited + 2)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 143, err.decode()[-2000:]
+    payload = json.loads(out_file.read_text())
+    assert payload["interrupted"] is True
+    assert len(payload["runs"]["baseline"][0]["token_ids"]) > 0
+    assert "baseline (full) *" in out.decode() and "(SIGTERM)" in err.decode()

@@ -353,6 +353,21 @@ def test_ctrl_c_before_decoding_exits_130(fake_api, image):
     fake_api.raise_in_load = KeyboardInterrupt()
     result = invoke("ask", image, "What color?")
     assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["raise_in_load", "raise_in_run"])
+def test_interrupted_before_any_token_under_json_is_still_one_json_document(fake_api, image, tmp_path, where):
+    setattr(fake_api, where, KeyboardInterrupt())
+    result = invoke("ask", image, "What color?", "--json")
+    assert result.exit_code == 130 and "before any token" in result.stderr
+    assert json.loads(result.stdout) == {"interrupted": True, "text": "", "token_ids": [], "model": "demo"}
+    out = tmp_path / "profile.json"
+    result = invoke("profile", "--images", image, "-q", "What color?", "--json", out)
+    assert result.exit_code == 130
+    payload = json.loads(out.read_text())
+    assert payload["interrupted"] is True and payload["summary"] == []
+    assert all(runs == [] for runs in payload["runs"].values())
 
 
 def test_help_teaches_by_example():

@@ -9,6 +9,7 @@ import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from hae_cli.cli import signals
 from hae_cli.errors import HaeError
 
 EXIT_USAGE = 2
@@ -40,7 +41,8 @@ class _OneLineErrors(TyperGroup):
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            with signals.stop_like_ctrl_c():
+                result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except TyperException as error:  # Click's errors: usage (exit 2), or `hae` alone (help)
             ctx = getattr(error, "ctx", None)
             if type(error).__name__ == "NoArgsIsHelpError" and ctx is not None:
@@ -51,8 +53,8 @@ class _OneLineErrors(TyperGroup):
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             fail(error.format_message() + hint, getattr(error, "exit_code", EXIT_USAGE))
         except typer.Abort:
-            typer.echo("interrupted", err=True)
-            sys.exit(EXIT_INTERRUPTED)
+            typer.echo(f"interrupted{signals.describe()}", err=True)
+            sys.exit(signals.exit_code())
         except HaeError as error:
             fail(error, EXIT_USAGE)
         except BaseException as error:
@@ -63,8 +65,9 @@ class _OneLineErrors(TyperGroup):
                     EXIT_FAILURE,
                 )
             raise
-        if result == EXIT_INTERRUPTED:  # Click turned a Ctrl-C outside a run into exit 130
-            typer.echo("\ninterrupted", err=True)
+        if result == EXIT_INTERRUPTED:  # Click turned a Ctrl-C (or SIGTERM, SIGHUP) outside a run into 130
+            typer.echo(f"\ninterrupted{signals.describe()}", err=True)
+            result = signals.exit_code()
         if not standalone_mode:
             return result
         sys.exit(result if isinstance(result, int) else 0)

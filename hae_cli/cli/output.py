@@ -7,12 +7,14 @@ import json
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import typer
 from rich.console import Console
 
-from hae_cli.cli.app import EXIT_INTERRUPTED
+from hae_cli.cli import signals
+from hae_cli.errors import InputError
 
 
 class Progress:
@@ -63,14 +65,19 @@ def library():
     return api
 
 
-def interruptible(call: Callable[[], Any]) -> Any:
-    """Ctrl-C before decoding starts (load, prefill) has nothing to show: say so and exit 130.
-    During decoding the API itself stops and returns the partial result."""
+def interruptible(call: Callable[[], Any], json_payload: dict | None = None, json_path: Path | None = None) -> Any:
+    """Ctrl-C (or SIGTERM, SIGHUP) before decoding starts (load, prefill) has nothing to show:
+    say so and exit 128 + the signal. Under --json the output still holds one JSON document,
+    `json_payload` (with `"interrupted": true`). During decoding the API itself stops and
+    returns the partial result."""
     try:
         return call()
     except KeyboardInterrupt:
-        typer.echo("\ninterrupted before any token was generated", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+        with signals.writing_result():
+            if json_payload is not None:
+                write_json(json_payload, json_path)
+            typer.echo(f"\ninterrupted{signals.describe()} before any token was generated", err=True)
+        sys.exit(signals.exit_code())
 
 
 def memory_json(memory) -> dict | None:
@@ -79,5 +86,14 @@ def memory_json(memory) -> dict | None:
     return asdict(memory) if memory is not None else None
 
 
-def json_text(payload: dict) -> str:
-    return json.dumps(payload, indent=2) + "\n"
+def write_json(payload: dict, path: Path | None = None) -> None:
+    """One JSON document to stdout (`path` None or '-') or to a file."""
+    text = json.dumps(payload, indent=2) + "\n"
+    if path is None or str(path) == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {error.strerror or error}") from None

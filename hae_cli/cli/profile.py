@@ -10,13 +10,13 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from hae_cli.cli.app import EXIT_INTERRUPTED, app
+from hae_cli.cli import signals, validate
+from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt, NumCropsOpt, ParamOpt,
     PolicyOpt, ScoreLayerOpt, SeedOpt, Task, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
 )
-from hae_cli.cli.output import interruptible, json_text, library, progress_on_stderr
-from hae_cli.cli import validate
+from hae_cli.cli.output import interruptible, library, progress_on_stderr, write_json
 from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
 from hae_cli.errors import ConfigError, InputError
 from hae_cli.user_text import checked_text
@@ -132,38 +132,37 @@ def profile(
     from hae_cli.display.panel import compare_table
     from hae_cli.profile import run_profile
 
+    from hae_cli.profile import ProfileReport
+
+    nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
     api = library()
     with progress_on_stderr() as progress:
         loaded = interruptible(lambda: api.load_model(
-            options.model, options.device, options.dtype, options.num_crops, on_progress=progress))
+            options.model, options.device, options.dtype, options.num_crops, on_progress=progress),
+            nothing, json_file)
         report = run_profile(
             loaded, workload, [(policy_key, params[name]) for name, policy_key in runs if name != BASELINE],
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
             seed=options.seed, on_progress=progress,
         )
     rows = report.rows
+    with signals.writing_result():
+        if json_file is not None:
+            write_json(report.to_json(loaded.name), json_file)
+        if str(json_file) != "-":
+            console = Console()
+            if not console.is_terminal:  # logs: let the table take its natural width
+                console = Console(width=max(console.width, 200))
+            console.print(compare_table(rows, BASELINE))
+        if plot is not None:
+            from hae_cli.display.plot import plot_occupancy
 
-    if json_file is not None:
-        text = json_text(report.to_json(loaded.name))
-        if str(json_file) == "-":
-            sys.stdout.write(text)
-        else:
-            try:
-                json_file.write_text(text, encoding="utf-8")
-            except OSError as error:
-                raise InputError(f"cannot write {json_file}: {error.strerror or error}") from None
-    if str(json_file) != "-":
-        console = Console()
-        if not console.is_terminal:  # logs: let the table take its natural width
-            console = Console(width=max(console.width, 200))
-        console.print(compare_table(rows, BASELINE))
-    if plot is not None:
-        from hae_cli.display.plot import plot_occupancy
-
-        first = workload[0]
-        plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
-                       title=f"tokens held per layer: {first.task} {first.label()}")
-        typer.echo(f"plot written to {plot}", err=True)
-    if report.interrupted:
-        typer.echo("interrupted: the table covers the prompts that finished under every policy", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+            first = workload[0]
+            plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
+                           title=f"tokens held per layer: {first.task} {first.label()}")
+            typer.echo(f"plot written to {plot}", err=True)
+        if report.interrupted:
+            typer.echo(f"interrupted{signals.describe()}: the table covers the prompts that finished under every "
+                       "policy", err=True)
+    if report.interrupted or signals.received():
+        sys.exit(signals.exit_code())

@@ -11,13 +11,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from hae_cli.cli.app import EXIT_INTERRUPTED, app
+from hae_cli.cli import signals
+from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag,
     NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt,
     VisualKeepOpt, run_options,
 )
-from hae_cli.cli.output import Progress, interruptible, json_text, library, memory_json, progress_on_stderr
+from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
 from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
 from hae_cli.errors import InputError
 from hae_cli.user_text import checked_text
@@ -105,24 +106,23 @@ def story(
 
 def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
                       as_json: bool, live: bool) -> None:
-    """Validate, load, run once, render. Exits 130 if the run was interrupted."""
+    """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
 
     check_sampling(options)
-    policy = check_policy_name(options.policy)
-    params = params_for(policy, options.policy_args)
     if not images:
         raise InputError(f"`{task}` needs at least one image")
-    check_images(images)
+    # Under --json, an interruption before any token still leaves one JSON document on stdout.
+    nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
+    policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
 
     stdout = Console(soft_wrap=False)
     live = live and not as_json and stdout.is_terminal
     title = f"{task}: " + ", ".join(p.name for p in images)
-    api = library()
     with progress_on_stderr() as progress:
-        loaded = api.load_model(options.model, options.device, options.dtype, options.num_crops,
-                                on_progress=progress)
+        loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
+                                                      options.num_crops, on_progress=progress), nothing)
         progress("starting")
         probe = MemoryProbe()
         state = PanelState(title=title, policy=policy)
@@ -134,25 +134,35 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                 progress.stop()
                 result = _run_live(api, loaded, images, question, kwargs, watcher, stdout)
             else:
-                result = _run_plain(api, loaded, images, question, kwargs, watcher, progress, stream=not as_json)
+                result = _run_plain(api, loaded, images, question, kwargs, watcher, progress, nothing)
         finally:
             memory = probe.snapshot()
             probe.close()
 
-    if as_json:
-        payload = result.to_json()
-        payload["memory"] = memory_json(memory)
-        payload["model"] = loaded.name
-        sys.stdout.write(json_text(payload))
-    else:
-        final = state_from_result(result, title, memory)
-        if live:
-            stdout.print(render_panel(final))
+    with signals.writing_result():
+        if as_json:
+            payload = result.to_json()
+            payload["memory"] = memory_json(memory)
+            payload["model"] = loaded.name
+            write_json(payload)
         else:
-            stdout.print(render_summary(final), soft_wrap=True)
-    if result.interrupted:
-        typer.echo("interrupted: showing what was generated so far", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+            final = state_from_result(result, title, memory)
+            if live:
+                stdout.print(render_panel(final))
+            else:
+                stdout.print(render_summary(final), soft_wrap=True)
+        if result.interrupted:
+            typer.echo(f"interrupted{signals.describe()}: showing what was generated so far", err=True)
+    if result.interrupted or signals.received():
+        sys.exit(signals.exit_code())
+
+
+def _check_policy_and_images(options: RunOptions, images: Sequence[Path]):
+    """The checks that import the library (policies, images): (policy, its parameters, the api)."""
+    policy = check_policy_name(options.policy)
+    params = params_for(policy, options.policy_args)
+    check_images(images)
+    return policy, params, library()
 
 
 def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):
@@ -164,11 +174,12 @@ def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):
     with Live(get_renderable=lambda: render_panel(watcher.state, answer_lines=6), console=stdout,
               refresh_per_second=8, transient=True, redirect_stdout=False, redirect_stderr=False):
         return interruptible(lambda: api.run(loaded, list(images), question, on_token=watcher.on_token,
-                                              on_step=watcher.on_step, on_progress=watcher.on_progress, **kwargs))
+                                             on_step=watcher.on_step, on_progress=watcher.on_progress, **kwargs))
 
 
-def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progress, stream: bool):
+def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progress, json_payload: dict | None):
     """Stream the answer to stdout as plain text (unless JSON), progress on stderr until prefill ends."""
+    stream = json_payload is None
     started = False
 
     def on_step(stats) -> None:
@@ -186,7 +197,7 @@ def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progres
 
     watcher.start()
     result = interruptible(lambda: api.run(loaded, list(images), question, on_token=on_token, on_step=on_step,
-                                            on_progress=progress, **kwargs))
+                                           on_progress=progress, **kwargs), json_payload)
     progress.stop()
     if stream:
         if not started and result.text:
