@@ -136,3 +136,82 @@ def test_sigterm_during_profile_writes_the_json_file(endless_checkpoint, tmp_pat
     assert payload["interrupted"] is True
     assert len(payload["runs"]["baseline"][0]["token_ids"]) > 0
     assert "baseline (full) *" in out.decode() and "(SIGTERM)" in err.decode()
+
+
+# ----------------------------------------------------------------------------- 2. a config the loader cannot build
+
+
+def _leaves(section: dict, prefix: tuple = ()):
+    for key, value in section.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+def _with(raw: dict, path: tuple, value) -> dict:
+    copy = json.loads(json.dumps(raw))
+    section = copy
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    return copy
+
+
+def _hostile_values(value) -> list:
+    if isinstance(value, bool):
+        return ["yes", 3]
+    if isinstance(value, int):
+        return [value * 2, 0, -1, 1.5, "x", None, 10**12]
+    if isinstance(value, float):
+        return [value * 2, -1.0, float("nan"), "x", None]
+    if isinstance(value, list):
+        return [value[:-1], [], "x", None, ["x"] * len(value)]
+    return [3, None, "nonsense"]
+
+
+def test_every_config_field_made_hostile_builds_a_model_or_is_one_line_naming_it(tiny_checkpoint):
+    """Each field of a real checkpoint's config.json, given a wrong type, zero, a negative, a
+    doubled or an absurd value: the config either builds a model (on the meta device) or fails
+    as one `CheckpointError` line that names the field (or, for sizes that the weights then
+    contradict, the weight and the sizes to check)."""
+    import torch
+
+    from hae_cli.errors import CheckpointError
+    from hae_cli.model.config import ModelConfig
+    from hae_cli.model.phi3v import Phi3VForCausalLM
+
+    raw = json.loads((tiny_checkpoint / "config.json").read_text())
+    refused = 0
+    for path, value in _leaves(raw):
+        for bad in _hostile_values(value):
+            try:
+                config = ModelConfig.from_dict(_with(raw, path, bad), source="tiny")
+                if path[-1] == "num_hidden_layers" and bad == 10**12:
+                    continue  # the loader refuses it against the weights (next test), before building
+                with torch.device("meta"):
+                    Phi3VForCausalLM(config)
+            except CheckpointError as error:
+                refused += 1
+                message = str(error)
+                assert "\n" not in message and len(message) < 400, message
+                assert path[-1] in message or path[-2:-1] and path[-2] in message, (path, bad, message)
+    assert refused > 100
+
+
+@pytest.mark.parametrize("field, value, fragments", [
+    ("hidden_size", "double", ("hidden_size", "rope_scaling.long_factor")),  # the issue's example
+    ("num_hidden_layers", 10**9, ("num_hidden_layers", "weights hold")),  # would take forever to build
+    ("intermediate_size", "double", ("intermediate_size", "weight")),
+    ("hidden_act", "swishy", ("hidden_act",)),
+    ("num_key_value_heads", 3, ("num_key_value_heads",)),
+])
+def test_a_config_the_loader_cannot_build_is_one_line_through_the_cli(tiny_checkpoint, tmp_path, field, value, fragments):
+    import shutil
+
+    folder = tmp_path / "bad_checkpoint"
+    shutil.copytree(tiny_checkpoint, folder)
+    raw = json.loads((folder / "config.json").read_text())
+    raw[field] = raw[field] * 2 if value == "double" else value
+    (folder / "config.json").write_text(json.dumps(raw))
+    assert_one_line_error(run_hae("ask", SAMPLE, "what color?", "--model", folder), "config.json", *fragments)
