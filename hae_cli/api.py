@@ -30,6 +30,7 @@ class LoadedModel:
     folder: Path
     name: str
     load_seconds: float
+    limits: object | None = None  # ModelLimits: what the checkpoint was built for (None: unchecked)
 
     @property
     def num_layers(self) -> int:
@@ -51,23 +52,34 @@ def load_model(
     num_crops: int | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache."""
+    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache.
+
+    The configs are read and `num_crops` checked against what the checkpoint was built for
+    before any weight is read."""
+    from dataclasses import replace
+
+    from hae_cli.model.config import ModelConfig
     from hae_cli.model.image import ImageProcessorConfig
-    from hae_cli.model.loading import load_checkpoint, load_tokenizer, pick_device_and_dtype, resolve_model_path
+    from hae_cli.model.loading import (
+        load_checkpoint, load_tokenizer, model_limits, pick_device_and_dtype, resolve_model_path,
+    )
 
     progress = on_progress or (lambda message: None)
     start = time.perf_counter()
     progress(f"resolving model {model}")
     folder = resolve_model_path(model)
     device_obj, dtype_obj = pick_device_and_dtype(device, dtype)
+    config = ModelConfig.from_folder(folder)
+    image_config = ImageProcessorConfig.from_files(folder, crop_size=config.crop_size, patch_size=config.patch_size)
+    limits = model_limits(folder, config, image_config.num_crops)
+    if num_crops is not None:
+        image_config = replace(image_config, num_crops=num_crops)
+        limits.check_crops(num_crops)
     progress(f"loading weights from {folder} ({device_obj}, {str(dtype_obj).removeprefix('torch.')})")
     checkpoint = load_checkpoint(folder, device_obj, dtype_obj)
     progress("loading tokenizer")
     tokenizer = load_tokenizer(folder)
-    image_config = ImageProcessorConfig.from_files(
-        folder, crop_size=checkpoint.config.crop_size, patch_size=checkpoint.config.patch_size, num_crops=num_crops
-    )
-    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start)
+    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start, limits)
 
 
 @dataclass
@@ -83,6 +95,8 @@ class RunResult:
     steps: list[CacheStats] = field(default_factory=list)
     events: list[EvictionEvent] = field(default_factory=list)
     interrupted: bool = False
+    stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
+    notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
 
     @property
     def tokens_per_second(self) -> float:
@@ -117,6 +131,8 @@ class RunResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
+            "notes": self.notes,
             "prompt_tokens": self.prompt_tokens,
             "timings": {
                 "prefill_seconds": self.prefill_seconds,
@@ -183,9 +199,13 @@ def prepare(
     if not images:
         raise InputError(f"no images given for `{task}`")
     text = user_text_for(task, question, len(images))
+    if loaded.limits is not None:
+        loaded.limits.check_images(len(images))
     progress(f"reading {len(images)} image(s)")
     processed = [preprocess(load_image(path), loaded.image_config) for path in images]
     tokens = build_prompt(loaded.tokenizer, text, processed)
+    if loaded.limits is not None:
+        loaded.limits.check_prompt(len(tokens.input_ids))
     progress(f"encoding images and prefilling {len(tokens.input_ids)} tokens")
     with torch.inference_mode():
         embeds = loaded.model.embed(tokens, processed, image_features)
@@ -211,6 +231,10 @@ def run_prepared(
     seen (`prepared.tokens.after_images()` splits right after the last image)."""
     from hae_cli.model.generate import SamplingConfig, generate
 
+    notes = []
+    if loaded.limits is not None:
+        max_new_tokens, capped = loaded.limits.answer_room(len(prepared.tokens.input_ids), max_new_tokens)
+        notes += [capped] if capped else []
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
     cache = make_cache(loaded, policy, policy_params)
     steps: list[CacheStats] = []
@@ -235,9 +259,16 @@ def run_prepared(
         on_step=publish_step,
         context_length=context_length,
     )
+    text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+    if not text and generation.stopped_by == "stop_token":
+        notes.append(
+            "no answer: the model ended its turn at once"
+            + (" (after special tokens only)" if generation.token_ids else "")
+            + "; the question may be outside what it was trained on"
+        )
     return RunResult(
         policy=policy,
-        text=loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
+        text=text,
         token_ids=generation.token_ids,
         prompt_tokens=tokens.counts_by_modality(),
         prefill_seconds=generation.prefill_seconds,
@@ -247,6 +278,8 @@ def run_prepared(
         steps=steps,
         events=list(cache.events),
         interrupted=generation.stopped_by == "interrupt",
+        stopped_by=generation.stopped_by,
+        notes=notes,
     )
 
 

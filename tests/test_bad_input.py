@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from hae_process import SAMPLE, assert_one_line_error, run_hae, start_hae
+from hae_process import REPO, SAMPLE, assert_one_line_error, run_hae, start_hae
 
 
 # ----------------------------------------------------------------------------- 1. text that is not valid Unicode
@@ -215,3 +215,67 @@ def test_a_config_the_loader_cannot_build_is_one_line_through_the_cli(tiny_check
     raw[field] = raw[field] * 2 if value == "double" else value
     (folder / "config.json").write_text(json.dumps(raw))
     assert_one_line_error(run_hae("ask", SAMPLE, "what color?", "--model", folder), "config.json", *fragments)
+
+
+# ----------------------------------------------------------------------------- 6. what the checkpoint was not built for
+
+
+SAMPLES = sorted((SAMPLE.parent).glob("easyvqa_test_*.png"))
+
+
+def test_more_crops_than_the_demo_model_was_trained_with_is_refused():
+    assert_one_line_error(run_hae("ask", SAMPLE, "what color is the shape?", "--num-crops", "100"),
+                          "--num-crops 100", "the demo model was trained with at most 1 crop")
+
+
+def test_more_crops_than_phi35v_was_trained_with_is_refused(endless_checkpoint):
+    assert_one_line_error(run_hae("ask", SAMPLE, "what?", "--model", endless_checkpoint, "--num-crops", "17"),
+                          "--num-crops 17", "at most 16 crops")
+
+
+def test_a_story_longer_than_the_demo_model_was_trained_on_is_refused():
+    from hae_cli.model.limits import DEMO_MODEL_MAX_IMAGES
+
+    images = (SAMPLES * 10)[: DEMO_MODEL_MAX_IMAGES + 1]
+    assert_one_line_error(run_hae("story", *images), f"{len(images)} images",
+                          f"at most {DEMO_MODEL_MAX_IMAGES} images")
+
+
+def test_the_demo_model_limits_are_those_of_its_training_script():
+    """If the trainer changes what the demo model sees, these constants must follow."""
+    import importlib.util
+
+    from hae_cli.model.limits import DEMO_MODEL_CROPS, DEMO_MODEL_MAX_IMAGES
+
+    spec = importlib.util.spec_from_file_location("train_demo_model", REPO / "scripts" / "train_demo_model.py")
+    trainer = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
+    spec.loader.exec_module(trainer)
+    assert (DEMO_MODEL_CROPS, DEMO_MODEL_MAX_IMAGES) == (trainer.NUM_CROPS, max(trainer.STORY_SIZES))
+
+
+def test_a_prompt_past_the_context_is_refused_saying_how_long_it_is():
+    question = "what color is the shape? " * 800  # about 20,000 characters
+    line = assert_one_line_error(run_hae("ask", SAMPLE, question), "the prompt is", "tokens",
+                                 "the demo model attends over at most 4,096")
+    assert "shorten the question" in line
+
+
+def test_an_answer_past_the_context_is_capped_with_a_note():
+    result = run_hae("ask", SAMPLE, "what color is the shape?", "-n", "5000", "--json")
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    payload = json.loads(result.stdout)
+    prompt = sum(payload["prompt_tokens"].values())
+    note = f"--max-new-tokens 5000 capped at {4096 - prompt}"
+    assert any(n.startswith(note) for n in payload["notes"]) and f"note: {note}" in result.stderr.decode()
+
+
+def test_an_empty_answer_says_why(tiny_loaded, tiny_checkpoint):
+    """A model whose first token ends its turn: the result carries a note instead of silence."""
+    from hae_cli import api
+
+    loaded = api.load_model(str(tiny_checkpoint))
+    first = api.run(loaded, [SAMPLE], "what color?", max_new_tokens=1).token_ids[0]
+    ends_at_once = type("EndsAtOnce", (api.LoadedModel,), {"stop_ids": property(lambda self: {first})})
+    result = api.run(ends_at_once(**vars(loaded)), [SAMPLE], "what color?", max_new_tokens=8)
+    assert result.text == "" and result.stopped_by == "stop_token"
+    assert any(note.startswith("no answer: the model ended its turn at once") for note in result.notes)

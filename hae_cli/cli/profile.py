@@ -161,6 +161,9 @@ def profile(
             plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
                            title=f"tokens held per layer: {first.task} {first.label()}")
             typer.echo(f"plot written to {plot}", err=True)
+        notes = dict.fromkeys(note for runs in report.results.values() for result in runs for note in result.notes)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
         if report.interrupted:
             typer.echo(f"interrupted{signals.describe()}: the table covers the prompts that finished under every "
                        "policy", err=True)

@@ -151,6 +151,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                 stdout.print(render_panel(final))
             else:
                 stdout.print(render_summary(final), soft_wrap=True)
+        for note in result.notes:
+            typer.echo(f"note: {note}", err=True)
         if result.interrupted:
             typer.echo(f"interrupted{signals.describe()}: showing what was generated so far", err=True)
     if result.interrupted or signals.received():

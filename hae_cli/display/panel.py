@@ -263,6 +263,7 @@ class PanelState:
     full_cache_bytes_peak: int | None = None
     prompt_tokens: dict[str, int] | None = None
     text: str = ""
+    notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
 
 
 def kv_line(state: PanelState) -> Text:
@@ -337,6 +338,7 @@ def header_rows(state: PanelState) -> list[tuple[str, Text]]:
     rows.append(("KV cache", kv_line(state)))
     rows.append(("memory", memory_line(state.memory)))
     rows.append(("speed", speed_line(state)))
+    rows += [("note", Text(note, style="yellow")) for note in state.notes]
     return rows
 
 
@@ -428,6 +430,7 @@ def state_from_result(result, title: str = "", memory: MemorySnapshot | None = N
         full_cache_bytes_peak=result.full_cache_bytes_peak,
         prompt_tokens=dict(result.prompt_tokens),
         text=result.text,
+        notes=list(getattr(result, "notes", [])),
     )
 
 

@@ -12,6 +12,7 @@ import torch
 
 from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 from hae_cli.model.config import ModelConfig
+from hae_cli.model.limits import ModelLimits, checkpoint_limits, demo_model_limits
 from hae_cli.model.phi3v import Phi3VForCausalLM, from_official_key
 
 OFFICIAL_MODEL_ID = "microsoft/Phi-3.5-vision-instruct"
@@ -41,6 +42,13 @@ def resolve_model_path(model: str) -> Path:
     if not _looks_like_hub_id(model):
         raise ModelNotFoundError(f"model folder not found: {model}")
     return _from_hub_cache(model)
+
+
+def model_limits(folder: Path, config: ModelConfig, file_crops: int) -> ModelLimits:
+    """What this checkpoint was built for: the demo model's own training, else Phi-3.5-V's."""
+    if folder.resolve() == DEMO_MODEL_DIR.resolve():
+        return demo_model_limits(config.text.original_max_position_embeddings)
+    return checkpoint_limits(config.text.max_position_embeddings, file_crops)
 
 
 def _looks_like_hub_id(model: str) -> bool:
