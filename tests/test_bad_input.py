@@ -279,3 +279,52 @@ def test_an_empty_answer_says_why(tiny_loaded, tiny_checkpoint):
     result = api.run(ends_at_once(**vars(loaded)), [SAMPLE], "what color?", max_new_tokens=8)
     assert result.text == "" and result.stopped_by == "stop_token"
     assert any(note.startswith("no answer: the model ended its turn at once") for note in result.notes)
+
+
+# ----------------------------------------------------------------------------- 10. version, help, checks before the load
+
+
+def test_version():
+    from importlib.metadata import version
+
+    result = run_hae("--version")
+    assert result.returncode == 0 and result.stdout.decode().strip() == f"hae {version('hae-cli')}"
+
+
+@pytest.mark.parametrize("command", [[], ["ask"], ["story"], ["profile"], ["policies"]])
+def test_help_shows_no_type_for_flags(command):
+    result = run_hae(*command, "--help", COLUMNS="140")
+    text = result.stdout.decode()
+    assert result.returncode == 0 and "--help" in text
+    assert "<bool>" not in text and "BOOLEAN" not in text
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--top-p", "0"], "top_p must be in (0, 1]"),
+    (["--top-p", "nan"], "top_p must be in (0, 1]"),
+    (["--temperature", "inf"], "temperature must be a finite number"),
+    (["--seed", str(2**70), "-t", "1"], "seed must be a whole number"),
+    (["--visual-keep", "2"], "--visual-keep must be a fraction in (0, 1]"),
+    (["--visual-keep", "0"], "--visual-keep must be a fraction in (0, 1]"),
+    (["--visual-keep", "nan"], "--visual-keep must be a fraction in (0, 1]"),
+    (["--score-layer", "-1"], "--score-layer"),
+    (["--budget", "0"], "--budget must be > 0"),
+    (["-n", "0"], "--max-new-tokens"),
+])
+def test_options_that_need_no_model_fail_before_the_library_is_imported(args, fragment):
+    """The check runs before torch is even imported, let alone the model loaded."""
+    script = (
+        "import sys\n"
+        "from hae_cli.cli import main\n"
+        f"sys.argv = ['hae', 'ask', {str(SAMPLE)!r}, 'what color?', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exit:\n    code = exit.code\n"
+        "print('torch imported' if 'torch' in sys.modules else 'no torch', code)\n"
+    )
+    import subprocess
+
+    from hae_process import hae_env
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, env=hae_env(), timeout=60)
+    assert result.stdout.decode().split() == ["no", "torch", "2"], result.stderr.decode()[-2000:]
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], lines

@@ -7,7 +7,11 @@ Thin on purpose: it parses and validates options, calls `hae_cli.api`, and rende
 `policies`).
 """
 
-from hae_cli.cli import policies, profile, run  # noqa: F401  (registers the commands)
 from hae_cli.cli.app import app, main
+
+# Importing a command module registers its commands, in the order `hae --help` lists them.
+from hae_cli.cli import run  # noqa: E402,F401  (ask, story)
+from hae_cli.cli import profile  # noqa: E402,F401,I001
+from hae_cli.cli import policies  # noqa: E402,F401,I001
 
 __all__ = ["app", "main"]

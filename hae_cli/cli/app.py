@@ -4,6 +4,7 @@ with exit code 2, out-of-memory one line with exit code 1, Ctrl-C exit code 130.
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from typer.core import TyperGroup
@@ -35,9 +36,29 @@ def _out_of_memory_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+def _hide_flag_types(command, ctx) -> None:
+    """A flag takes no value, so its help row shows none (Typer would show `<bool>`)."""
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+
+
 class _OneLineErrors(TyperGroup):
     """Runs the commands without Click's standalone handling, so that usage errors, `HaeError`s
     and out-of-memory all end as one `error:` line (exit 2, or 1 for out-of-memory)."""
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _hide_flag_types(command, ctx)
+        return command
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        for param in [*self.params, option]:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return option
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -45,10 +66,7 @@ class _OneLineErrors(TyperGroup):
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except TyperException as error:  # Click's errors: usage (exit 2), or `hae` alone (help)
             ctx = getattr(error, "ctx", None)
-            if type(error).__name__ == "NoArgsIsHelpError" and ctx is not None:
-                text = ctx.get_help()  # rich help prints itself and returns ""
-                if text:
-                    typer.echo(text)
+            if type(error).__name__ == "NoArgsIsHelpError":  # Typer has printed the help already
                 sys.exit(EXIT_USAGE)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             fail(error.format_message() + hint, getattr(error, "exit_code", EXIT_USAGE))
@@ -98,6 +116,32 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"hae {_version()}")
+        raise typer.Exit()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hae-cli")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from hae_cli import __version__
+
+        return __version__
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[bool, typer.Option(
+        "--version", callback=_print_version, is_eager=True, help="Print hae's version and exit.",
+    )] = False,
+) -> None:
+    """Options before the command."""
 
 
 def main() -> None:

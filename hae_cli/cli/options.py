@@ -51,7 +51,7 @@ VisualKeepOpt = Annotated[float | None, typer.Option(
          "instead of the threshold rule. Example: 0.4.",
 )]
 ScoreLayerOpt = Annotated[int | None, typer.Option(
-    "--score-layer", rich_help_panel=POLICY_PANEL, metavar="LAYER",
+    "--score-layer", min=0, rich_help_panel=POLICY_PANEL, metavar="LAYER",
     help="hae / mustdrop: the layer whose attention scores the visual tokens (0 = the first).",
 )]
 ParamOpt = Annotated[list[str] | None, typer.Option(

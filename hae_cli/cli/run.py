@@ -107,15 +107,14 @@ def story(
 def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
                       as_json: bool, live: bool) -> None:
     """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
-    from hae_cli.display.memory import MemoryProbe
-    from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
-
     check_sampling(options)
     if not images:
         raise InputError(f"`{task}` needs at least one image")
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
+    from hae_cli.display.memory import MemoryProbe
+    from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
 
     stdout = Console(soft_wrap=False)
     live = live and not as_json and stdout.is_terminal

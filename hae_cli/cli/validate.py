@@ -64,6 +64,8 @@ def collect_policy_args(
     if budget is not None:
         args["budget"] = parse_budget(budget)
     if visual_keep is not None:
+        if not (math.isfinite(visual_keep) and 0 < visual_keep <= 1):
+            raise ConfigError(f"--visual-keep must be a fraction in (0, 1] (e.g. 0.4), got {visual_keep}")
         args["visual_keep"] = visual_keep
     if score_layer is not None:
         args["score_layer"] = score_layer
