@@ -259,7 +259,7 @@ def test_max_new_tokens_zero(fake_api, image):
     (["-p", "gamma"], "NAME=VALUE"),
     (["-p", "gamma=fast"], "hae parameter gamma expects float"),
     (["-p", "score_layer=1.5"], "expects a whole number"),
-    (["--visual-keep", "1.5"], "visual_keep must be in (0, 1]"),
+    (["--visual-keep", "1.5"], "--visual-keep must be a fraction in (0, 1]"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature"),
