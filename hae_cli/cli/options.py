@@ -32,8 +32,10 @@ DtypeOpt = Annotated[str | None, typer.Option(
 )]
 NumCropsOpt = Annotated[int | None, typer.Option(
     "--num-crops", min=1, rich_help_panel=MODEL_PANEL,
-    help="Most 336-pixel crops per image (HD transform); fewer crops, fewer image tokens. "
-         "Default: the checkpoint's (16 for single images in the official model).",
+    help="Most 336-pixel crops per image (HD transform). The image is resized, up or down, to tile into "
+         "at most this many, and each crop adds 144 image tokens to the global view's 144: more crops, more "
+         "image tokens, even for a small image. Default: the checkpoint's; at most what it was trained with "
+         "(demo model: 1, Phi-3.5-Vision: 16).",
 )]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", "-P", rich_help_panel=POLICY_PANEL,
@@ -42,8 +44,9 @@ PolicyOpt = Annotated[str, typer.Option(
 )]
 BudgetOpt = Annotated[str | None, typer.Option(
     "--budget", "-b", rich_help_panel=POLICY_PANEL, metavar="TOKENS|FRACTION",
-    help="Tokens each layer may hold during decoding: a whole number ([bold]512[/bold]) or a "
-         "fraction of the prompt in (0, 1] ([bold]0.5[/bold]). Default: the policy's.",
+    help="Tokens each layer is brought back to while decoding: a whole number ([bold]512[/bold]) or a "
+         "fraction of the prompt in (0, 1] ([bold]0.5[/bold]). A layer holds up to budget + the policy's "
+         "buffer ([bold]-p buffer=N[/bold]) before a round evicts it back to the budget. Default: the policy's.",
 )]
 VisualKeepOpt = Annotated[float | None, typer.Option(
     "--visual-keep", rich_help_panel=POLICY_PANEL, metavar="FRACTION",
@@ -57,7 +60,7 @@ ScoreLayerOpt = Annotated[int | None, typer.Option(
 ParamOpt = Annotated[list[str] | None, typer.Option(
     "--param", "-p", rich_help_panel=POLICY_PANEL, metavar="NAME=VALUE",
     help="Any other policy parameter, repeatable: [bold]-p gamma=0.9 -p bin_ttl=8[/bold]. "
-         "See [bold]hae policies[/bold].",
+         "[bold]hae policies[/bold] lists every policy's parameters with their defaults and meanings.",
 )]
 MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, rich_help_panel=SAMPLING_PANEL, help="Most tokens to generate.",

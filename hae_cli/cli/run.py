@@ -64,7 +64,9 @@ def ask(
     epilog="[bold]Examples[/bold]\n\n"
     "  [cyan]hae story p1.png p2.png p3.png[/cyan]\n\n"
     "  [cyan]hae story frames/*.jpg --prompt \"Tell a bedtime story about these pictures.\" -n 400[/cyan]\n\n"
-    "  [cyan]hae story p1.png p2.png --budget 0.3 --num-crops 4[/cyan]   (small budget: watch the bin restore)",
+    "  [cyan]hae story sample_images/easyvqa_test_0698.png sample_images/easyvqa_test_0416.png "
+    "sample_images/easyvqa_test_0394.png sample_images/easyvqa_test_0063.png --budget 200 -p buffer=8[/cyan]   "
+    "(a tight budget: watch tokens go to the bin and come back, \"restored\")",
 )
 def story(
     images: Annotated[list[Path] | None, typer.Argument(help="Images, in story order.", show_default=False)] = None,
