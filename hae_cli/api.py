@@ -88,7 +88,7 @@ class RunResult:
     text: str
     token_ids: list[int]
     prompt_tokens: dict[str, int]
-    prefill_seconds: float
+    prefill_seconds: float  # the model's prefill of the prompt
     decode_seconds: float
     eviction_seconds: float
     decode_tokens: int
@@ -96,6 +96,7 @@ class RunResult:
     events: list[EvictionEvent] = field(default_factory=list)
     interrupted: bool = False
     stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
+    image_seconds: float = 0.0  # reading and encoding the images, before the prefill (`run` only)
     notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
 
     @property
@@ -135,6 +136,7 @@ class RunResult:
             "notes": self.notes,
             "prompt_tokens": self.prompt_tokens,
             "timings": {
+                "image_seconds": self.image_seconds,
                 "prefill_seconds": self.prefill_seconds,
                 "decode_seconds": self.decode_seconds,
                 "eviction_seconds": self.eviction_seconds,
@@ -206,7 +208,7 @@ def prepare(
     tokens = build_prompt(loaded.tokenizer, text, processed)
     if loaded.limits is not None:
         loaded.limits.check_prompt(len(tokens.input_ids))
-    progress(f"encoding images and prefilling {len(tokens.input_ids)} tokens")
+    progress(f"encoding images ({len(tokens.input_ids)} prompt tokens)")
     with torch.inference_mode():
         embeds = loaded.model.embed(tokens, processed, image_features)
     return PreparedPrompt(tokens, embeds)
@@ -298,19 +300,27 @@ def run(
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
+    on_prefill: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Answer `question` about `images` (task "ask") or caption them in order (task "story")."""
+    """Answer `question` about `images` (task "ask") or caption them in order (task "story").
+    `on_prefill` is called once the images are read and encoded, as the model's prefill starts."""
     from hae_cli.cache.policies import make_policy
     from hae_cli.model.generate import SamplingConfig
 
     # Bad options fail before any image is read or embedded.
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
     make_policy(policy, **(policy_params or {}))
+    start = time.perf_counter()
     prepared = prepare(loaded, images, question, task=task, on_progress=on_progress)
-    return run_prepared(
+    image_seconds = time.perf_counter() - start
+    if on_prefill is not None:
+        on_prefill()
+    result = run_prepared(
         loaded, prepared, policy=policy, policy_params=policy_params, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, on_step=on_step,
     )
+    result.image_seconds = image_seconds
+    return result
 
 
 class _TextStreamer:

@@ -108,12 +108,14 @@ class FakeApi:
                                load_seconds=0.0)
 
     def run(self, loaded, images, question, *, task="ask", policy="hae", policy_params=None, max_new_tokens=128,
-            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None):
+            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None):
         self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
                               policy_params=policy_params, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed))
         if on_progress:
-            on_progress("prefilling")
+            on_progress("reading images")
+        if on_prefill:
+            on_prefill()
         if self.raise_in_run is not None:
             raise self.raise_in_run
         words = ["A", " red", " circle", "."] if policy in ("full", "hae") else ["A", " blue", " square", "."]
@@ -423,6 +425,8 @@ def test_profile_table_json_and_plot(fake_api, samples, tmp_path):
     assert payload["summary"][1]["kv_bytes_final"] < payload["summary"][0]["kv_bytes_final"]
     assert len(payload["workload"]) == 3 and len(payload["runs"]["hae"]) == 3
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {png} (prompt 1 of 3: ask a.png)" in result.stderr  # says which prompt it draws
+    assert re.search(r"eviction overhead\s+│\s+-\s+│\s+\d", table)  # the full cache evicts nothing
 
 
 def test_profile_json_to_stdout_is_only_json(fake_api, image):

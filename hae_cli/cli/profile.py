@@ -158,9 +158,10 @@ def profile(
             from hae_cli.display.plot import plot_occupancy
 
             first = workload[0]
+            which = f"prompt 1 of {len(workload)}" if len(workload) > 1 else "the prompt"
             plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
-                           title=f"tokens held per layer: {first.task} {first.label()}")
-            typer.echo(f"plot written to {plot}", err=True)
+                           title=f"tokens held per layer, {which}: {first.task} {first.label()}")
+            typer.echo(f"plot written to {plot} ({which}: {first.task} {first.label()})", err=True)
         notes = dict.fromkeys(note for runs in report.results.values() for result in runs for note in result.notes)
         for note in notes:
             typer.echo(f"note: {note}", err=True)

@@ -19,7 +19,7 @@ from hae_cli.cli.options import (
     VisualKeepOpt, run_options,
 )
 from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
-from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
+from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for, policy_fields
 from hae_cli.errors import InputError
 from hae_cli.user_text import checked_text
 
@@ -116,7 +116,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
     from hae_cli.display.memory import MemoryProbe
-    from hae_cli.display.panel import PanelState, RunWatcher, render_panel, render_summary, state_from_result
+    from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
 
     stdout = Console(soft_wrap=False)
     live = live and not as_json and stdout.is_terminal
@@ -126,7 +126,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                                                       options.num_crops, on_progress=progress), nothing)
         progress("starting")
         probe = MemoryProbe()
-        state = PanelState(title=title, policy=policy)
+        buffer = _buffer(policy, params)
+        state = PanelState(title=title, policy=policy, buffer=buffer)
         watcher = RunWatcher(state, probe)
         kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
                       temperature=options.temperature, top_p=options.top_p, seed=options.seed)
@@ -148,8 +149,9 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             write_json(payload)
         else:
             final = state_from_result(result, title, memory)
+            final.buffer = buffer
             if live:
-                stdout.print(render_panel(final))
+                stdout.print(render_final(final))
             else:
                 stdout.print(render_summary(final), soft_wrap=True)
         for note in result.notes:
@@ -158,6 +160,12 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             typer.echo(f"interrupted{signals.describe()}: showing what was generated so far", err=True)
     if result.interrupted or signals.received():
         sys.exit(signals.exit_code())
+
+
+def _buffer(policy: str, params: dict) -> int | None:
+    """The policy's buffer: a layer holds up to budget + buffer before a round."""
+    field = policy_fields(policy).get("buffer")
+    return params.get("buffer", field.default if field is not None else None)
 
 
 def _check_policy_and_images(options: RunOptions, images: Sequence[Path]):
@@ -171,13 +179,14 @@ def _check_policy_and_images(options: RunOptions, images: Sequence[Path]):
 def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):
     from rich.live import Live
 
-    from hae_cli.display.panel import render_panel
+    from hae_cli.display.panel import LivePanel
 
     watcher.start()
-    with Live(get_renderable=lambda: render_panel(watcher.state, answer_lines=6), console=stdout,
+    with Live(get_renderable=lambda: LivePanel(watcher.state), console=stdout,
               refresh_per_second=8, transient=True, redirect_stdout=False, redirect_stderr=False):
         return interruptible(lambda: api.run(loaded, list(images), question, on_token=watcher.on_token,
-                                             on_step=watcher.on_step, on_progress=watcher.on_progress, **kwargs))
+                                             on_step=watcher.on_step, on_progress=watcher.on_progress,
+                                             on_prefill=watcher.on_prefill, **kwargs))
 
 
 def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progress, json_payload: dict | None):
@@ -200,7 +209,8 @@ def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progres
 
     watcher.start()
     result = interruptible(lambda: api.run(loaded, list(images), question, on_token=on_token, on_step=on_step,
-                                           on_progress=progress, **kwargs), json_payload)
+                                           on_progress=progress, on_prefill=watcher.on_prefill, **kwargs),
+                           json_payload)
     progress.stop()
     if stream:
         if not started and result.text:
