@@ -231,11 +231,17 @@ def test_profile_table_side_by_side():
     assert rows[1].to_json()["tokens_kept"]["image"] == pytest.approx(292.5)
 
 
-def test_watcher_times_prefill_and_decode():
+def started_watcher() -> tuple[PanelState, RunWatcher, list[float]]:
+    """A watcher on a hand-set clock (`now[0]`), started at 0."""
     now = [0.0]
     state = PanelState()
     watcher = RunWatcher(state, probe=None, clock=lambda: now[0])
     watcher.start()
+    return state, watcher, now
+
+
+def test_watcher_times_prefill_and_decode():
+    state, watcher, now = started_watcher()
     now[0] = 0.5
     watcher.on_step(known_stats(2, 0))
     for step in (1, 2, 3, 4):
@@ -379,10 +385,7 @@ def test_after_a_long_answer_the_header_ends_on_screen():
 
 def test_prefill_is_the_models_prefill_live_and_at_the_end():
     """Reading and encoding the images is shown apart ("images"), while running and at the end."""
-    now = [0.0]
-    state = PanelState()
-    watcher = RunWatcher(state, probe=None, clock=lambda: now[0])
-    watcher.start()
+    state, watcher, now = started_watcher()
     now[0] = 3.4
     watcher.on_prefill()
     now[0] = 6.2
