@@ -382,3 +382,24 @@ def test_no_machine_paths_in_the_code_or_docs():
         for match in pattern.finditer(path.read_text(encoding="utf-8"))
     ]
     assert found == []
+
+
+# ----------------------------------------------------------------------------- 13. the README in any POSIX shell
+
+
+def test_the_readme_commands_name_files_that_exist_without_bash_expansion():
+    """Split as a POSIX shell splits them (no brace expansion), the README's `hae` lines name
+    only sample files that exist."""
+    import re
+    import shlex
+
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```bash\n(.*?)```", text, flags=re.S)
+    commands = []
+    for block in blocks:
+        joined = block.replace("\\\n", " ")
+        commands += [line.split("#")[0] for line in joined.splitlines() if line.strip().startswith("hae ")]
+    named = [word for command in commands for word in shlex.split(command) if word.startswith("sample_images/")]
+    assert named, commands
+    assert [word for word in named if not (REPO / word).is_file()] == []
+    assert "docs/BAD_INPUT.md" in text and (REPO / "docs" / "BAD_INPUT.md").is_file()
