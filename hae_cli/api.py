@@ -17,6 +17,7 @@ import torch
 
 from hae_cli.cache.stats import CacheStats, EvictionEvent
 from hae_cli.errors import ConfigError, InputError
+from hae_cli.user_text import checked_text
 
 DEFAULT_STORY_PROMPT = "Describe each image in order."
 
@@ -29,6 +30,7 @@ class LoadedModel:
     folder: Path
     name: str
     load_seconds: float
+    limits: object | None = None  # ModelLimits: what the checkpoint was built for (None: unchecked)
 
     @property
     def num_layers(self) -> int:
@@ -50,23 +52,34 @@ def load_model(
     num_crops: int | None = None,
     on_progress: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache."""
+    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache.
+
+    The configs are read and `num_crops` checked against what the checkpoint was built for
+    before any weight is read."""
+    from dataclasses import replace
+
+    from hae_cli.model.config import ModelConfig
     from hae_cli.model.image import ImageProcessorConfig
-    from hae_cli.model.loading import load_checkpoint, load_tokenizer, pick_device_and_dtype, resolve_model_path
+    from hae_cli.model.loading import (
+        load_checkpoint, load_tokenizer, model_limits, pick_device_and_dtype, resolve_model_path,
+    )
 
     progress = on_progress or (lambda message: None)
     start = time.perf_counter()
     progress(f"resolving model {model}")
     folder = resolve_model_path(model)
     device_obj, dtype_obj = pick_device_and_dtype(device, dtype)
+    config = ModelConfig.from_folder(folder)
+    image_config = ImageProcessorConfig.from_files(folder, crop_size=config.crop_size, patch_size=config.patch_size)
+    limits = model_limits(folder, config, image_config.num_crops)
+    if num_crops is not None:
+        image_config = replace(image_config, num_crops=num_crops)
+        limits.check_crops(num_crops)
     progress(f"loading weights from {folder} ({device_obj}, {str(dtype_obj).removeprefix('torch.')})")
     checkpoint = load_checkpoint(folder, device_obj, dtype_obj)
     progress("loading tokenizer")
     tokenizer = load_tokenizer(folder)
-    image_config = ImageProcessorConfig.from_files(
-        folder, crop_size=checkpoint.config.crop_size, patch_size=checkpoint.config.patch_size, num_crops=num_crops
-    )
-    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start)
+    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start, limits)
 
 
 @dataclass
@@ -75,13 +88,16 @@ class RunResult:
     text: str
     token_ids: list[int]
     prompt_tokens: dict[str, int]
-    prefill_seconds: float
+    prefill_seconds: float  # the model's prefill of the prompt
     decode_seconds: float
     eviction_seconds: float
     decode_tokens: int
     steps: list[CacheStats] = field(default_factory=list)
     events: list[EvictionEvent] = field(default_factory=list)
     interrupted: bool = False
+    stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
+    image_seconds: float = 0.0  # reading and encoding the images, before the prefill (`run` only)
+    notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
 
     @property
     def tokens_per_second(self) -> float:
@@ -116,8 +132,11 @@ class RunResult:
             "text": self.text,
             "token_ids": self.token_ids,
             "interrupted": self.interrupted,
+            "stopped_by": self.stopped_by,
+            "notes": self.notes,
             "prompt_tokens": self.prompt_tokens,
             "timings": {
+                "image_seconds": self.image_seconds,
                 "prefill_seconds": self.prefill_seconds,
                 "decode_seconds": self.decode_seconds,
                 "eviction_seconds": self.eviction_seconds,
@@ -147,11 +166,12 @@ def user_text_for(task: str, question: str | None, num_images: int) -> str:
     from hae_cli.model.prompt import story_message, user_message
 
     if task == "ask":
-        if not question or not question.strip():
+        if question is None:
             raise InputError("a question is needed for `ask`")
-        return user_message(question, num_images)
+        return user_message(checked_text(question, "the question"), num_images)
     if task == "story":
-        return story_message(question or DEFAULT_STORY_PROMPT, num_images)
+        prompt = DEFAULT_STORY_PROMPT if question is None else checked_text(question, "the story prompt")
+        return story_message(prompt, num_images)
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 
@@ -181,10 +201,14 @@ def prepare(
     if not images:
         raise InputError(f"no images given for `{task}`")
     text = user_text_for(task, question, len(images))
+    if loaded.limits is not None:
+        loaded.limits.check_images(len(images))
     progress(f"reading {len(images)} image(s)")
     processed = [preprocess(load_image(path), loaded.image_config) for path in images]
     tokens = build_prompt(loaded.tokenizer, text, processed)
-    progress(f"encoding images and prefilling {len(tokens.input_ids)} tokens")
+    if loaded.limits is not None:
+        loaded.limits.check_prompt(len(tokens.input_ids))
+    progress(f"encoding images ({len(tokens.input_ids)} prompt tokens)")
     with torch.inference_mode():
         embeds = loaded.model.embed(tokens, processed, image_features)
     return PreparedPrompt(tokens, embeds)
@@ -209,6 +233,10 @@ def run_prepared(
     seen (`prepared.tokens.after_images()` splits right after the last image)."""
     from hae_cli.model.generate import SamplingConfig, generate
 
+    notes = []
+    if loaded.limits is not None:
+        max_new_tokens, capped = loaded.limits.answer_room(len(prepared.tokens.input_ids), max_new_tokens)
+        notes += [capped] if capped else []
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
     cache = make_cache(loaded, policy, policy_params)
     steps: list[CacheStats] = []
@@ -234,9 +262,16 @@ def run_prepared(
         context_length=context_length,
         overview=tokens.overview,
     )
+    text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+    if not text and generation.stopped_by == "stop_token":
+        notes.append(
+            "no answer: the model ended its turn at once"
+            + (" (after special tokens only)" if generation.token_ids else "")
+            + "; the question may be outside what it was trained on"
+        )
     return RunResult(
         policy=policy,
-        text=loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip(),
+        text=text,
         token_ids=generation.token_ids,
         prompt_tokens=tokens.counts_by_modality(),
         prefill_seconds=generation.prefill_seconds,
@@ -246,6 +281,8 @@ def run_prepared(
         steps=steps,
         events=list(cache.events),
         interrupted=generation.stopped_by == "interrupt",
+        stopped_by=generation.stopped_by,
+        notes=notes,
     )
 
 
@@ -264,19 +301,27 @@ def run(
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
+    on_prefill: Callable[[], None] | None = None,
 ) -> RunResult:
-    """Answer `question` about `images` (task "ask") or caption them in order (task "story")."""
+    """Answer `question` about `images` (task "ask") or caption them in order (task "story").
+    `on_prefill` is called once the images are read and encoded, as the model's prefill starts."""
     from hae_cli.cache.policies import make_policy
     from hae_cli.model.generate import SamplingConfig
 
     # Bad options fail before any image is read or embedded.
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
     make_policy(policy, **(policy_params or {}))
+    start = time.perf_counter()
     prepared = prepare(loaded, images, question, task=task, on_progress=on_progress)
-    return run_prepared(
+    image_seconds = time.perf_counter() - start
+    if on_prefill is not None:
+        on_prefill()
+    result = run_prepared(
         loaded, prepared, policy=policy, policy_params=policy_params, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, on_step=on_step,
     )
+    result.image_seconds = image_seconds
+    return result
 
 
 class _TextStreamer:

@@ -22,8 +22,10 @@ from pathlib import Path
 from hae_cli.cache.modality import MODALITY_NAMES
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
+from hae_cli.user_text import checked_text
 
 BASELINE = "baseline"  # the name a profile gives the full cache
+FULL_POLICY = "full"
 MODALITIES = tuple(MODALITY_NAMES.values())
 
 
@@ -68,9 +70,14 @@ def read_workload(folder: Path) -> list[Prompt]:
         question = entry.get("question") if isinstance(entry, dict) else None
         if not images or not all(isinstance(i, str) for i in images) or task not in ("ask", "story"):
             raise InputError(f"{path}: entry {number} needs an image (or images) and task ask or story")
-        if task == "ask" and not (isinstance(question, str) and question.strip()):
+        if task == "ask" and question is None:
             raise InputError(f"{path}: entry {number} has no question")
-        prompts.append(Prompt(task, tuple(folder / i for i in images), question, entry.get("answer")))
+        if question is not None:
+            checked_text(question, f"{path}: entry {number} question")
+        answer = entry.get("answer")
+        if answer is not None:
+            checked_text(answer, f"{path}: entry {number} answer")
+        prompts.append(Prompt(task, tuple(folder / i for i in images), question, answer))
     if not prompts:
         raise InputError(f"{path} holds no entries")
     return prompts
@@ -101,8 +108,10 @@ def tokens_kept_per_layer(stats: CacheStats | None) -> dict[str, float]:
     return {m: sum(layer.tokens_by_modality.get(m, 0) for layer in stats.layers) / n for m in MODALITIES}
 
 
-def eviction_overhead_percent(eviction_seconds: float | None, run_seconds: float | None) -> float | None:
-    if eviction_seconds is None or not run_seconds:
+def eviction_overhead_percent(policy: str, eviction_seconds: float | None, run_seconds: float | None) -> float | None:
+    """Eviction work as a share of the run; None for the full cache, which evicts nothing (its
+    bookkeeping is not eviction)."""
+    if policy == FULL_POLICY or eviction_seconds is None or not run_seconds:
         return None
     return 100.0 * eviction_seconds / run_seconds
 
@@ -163,7 +172,8 @@ def summarize(name: str, results: Sequence, baseline: Sequence | None = None, ex
         prefill_ms=_mean([r.prefill_seconds * 1000 for r in results]),
         decode_tokens_per_second=decode_tokens / decode_seconds if decode_seconds else 0.0,
         eviction_overhead_percent=eviction_overhead_percent(
-            sum(r.eviction_seconds for r in results), sum(r.prefill_seconds for r in results) + decode_seconds
+            results[0].policy if results else name,
+            sum(r.eviction_seconds for r in results), sum(r.prefill_seconds for r in results) + decode_seconds,
         ),
         same_answers=same,
         token_match_percent=match,
@@ -211,7 +221,7 @@ def run_profile(
     from hae_cli import api
 
     progress = on_progress or (lambda message: None)
-    named = [(BASELINE, "full", {})] + [(policy, policy, params) for policy, params in runs if policy != "full"]
+    named = [(BASELINE, FULL_POLICY, {})] + [(policy, policy, params) for policy, params in runs if policy != FULL_POLICY]
     results: dict[str, list] = {name: [] for name, _, _ in named}
     interrupted = False
     total, done = len(named) * len(workload), 0

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hae_cli import api, cli
+from hae_cli.cli import validate
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.errors import ConfigError, ModelNotFoundError
 
@@ -107,12 +108,14 @@ class FakeApi:
                                load_seconds=0.0)
 
     def run(self, loaded, images, question, *, task="ask", policy="hae", policy_params=None, max_new_tokens=128,
-            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None):
+            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None):
         self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
                               policy_params=policy_params, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed))
         if on_progress:
-            on_progress("prefilling")
+            on_progress("reading images")
+        if on_prefill:
+            on_prefill()
         if self.raise_in_run is not None:
             raise self.raise_in_run
         words = ["A", " red", " circle", "."] if policy in ("full", "hae") else ["A", " blue", " square", "."]
@@ -141,7 +144,7 @@ class FakeApi:
 
 @pytest.fixture
 def fake_policies(monkeypatch):
-    monkeypatch.setattr(cli, "_policies", lambda: FAKE_POLICIES)
+    monkeypatch.setattr(validate, "policies", lambda: FAKE_POLICIES)
 
 
 @pytest.fixture
@@ -258,7 +261,7 @@ def test_max_new_tokens_zero(fake_api, image):
     (["-p", "gamma"], "NAME=VALUE"),
     (["-p", "gamma=fast"], "hae parameter gamma expects float"),
     (["-p", "score_layer=1.5"], "expects a whole number"),
-    (["--visual-keep", "1.5"], "visual_keep must be in (0, 1]"),
+    (["--visual-keep", "1.5"], "--visual-keep must be a fraction in (0, 1]"),
     (["--top-p", "0"], "top_p must be in (0, 1]"),
     (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature"),
@@ -352,6 +355,21 @@ def test_ctrl_c_before_decoding_exits_130(fake_api, image):
     fake_api.raise_in_load = KeyboardInterrupt()
     result = invoke("ask", image, "What color?")
     assert result.exit_code == 130 and "interrupted" in result.stderr and "Traceback" not in result.output
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["raise_in_load", "raise_in_run"])
+def test_interrupted_before_any_token_under_json_is_still_one_json_document(fake_api, image, tmp_path, where):
+    setattr(fake_api, where, KeyboardInterrupt())
+    result = invoke("ask", image, "What color?", "--json")
+    assert result.exit_code == 130 and "before any token" in result.stderr
+    assert json.loads(result.stdout) == {"interrupted": True, "text": "", "token_ids": [], "model": "demo"}
+    out = tmp_path / "profile.json"
+    result = invoke("profile", "--images", image, "-q", "What color?", "--json", out)
+    assert result.exit_code == 130
+    payload = json.loads(out.read_text())
+    assert payload["interrupted"] is True and payload["summary"] == []
+    assert all(runs == [] for runs in payload["runs"].values())
 
 
 def test_help_teaches_by_example():
@@ -407,6 +425,8 @@ def test_profile_table_json_and_plot(fake_api, samples, tmp_path):
     assert payload["summary"][1]["kv_bytes_final"] < payload["summary"][0]["kv_bytes_final"]
     assert len(payload["workload"]) == 3 and len(payload["runs"]["hae"]) == 3
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"plot written to {png} (prompt 1 of 3: ask a.png)" in result.stderr  # says which prompt it draws
+    assert re.search(r"eviction overhead\s+│\s+-\s+│\s+\d", table)  # the full cache evicts nothing
 
 
 def test_profile_json_to_stdout_is_only_json(fake_api, image):

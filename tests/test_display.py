@@ -231,11 +231,17 @@ def test_profile_table_side_by_side():
     assert rows[1].to_json()["tokens_kept"]["image"] == pytest.approx(292.5)
 
 
-def test_watcher_times_prefill_and_decode():
+def started_watcher() -> tuple[PanelState, RunWatcher, list[float]]:
+    """A watcher on a hand-set clock (`now[0]`), started at 0."""
     now = [0.0]
     state = PanelState()
     watcher = RunWatcher(state, probe=None, clock=lambda: now[0])
     watcher.start()
+    return state, watcher, now
+
+
+def test_watcher_times_prefill_and_decode():
+    state, watcher, now = started_watcher()
     now[0] = 0.5
     watcher.on_step(known_stats(2, 0))
     for step in (1, 2, 3, 4):
@@ -340,3 +346,119 @@ def test_plot_into_a_missing_folder_is_a_one_line_error(tmp_path):
 
     with pytest.raises(HaeError, match="does not exist"):
         plot_occupancy({"hae": [known_stats(2)]}, tmp_path / "nope" / "x.png")
+
+
+# ----------------------------------------------------------------------------- issue 16: what a user sees
+
+
+def long_state(n_layers: int = 4) -> PanelState:
+    return PanelState(title="ask: cat.png", policy="hae", status="decoding", stats=known_stats(n_layers),
+                      events=list(known_stats(n_layers).events), prefill_seconds=0.2, decode_seconds=1.0,
+                      decode_tokens=300, tokens_per_second=300.0, eviction_seconds=0.01,
+                      text="word " * 3000, buffer=32)
+
+
+def render_height(renderable, width: int, height: int) -> list[str]:
+    console = Console(record=True, width=width, height=height, color_system=None, file=open("/dev/null", "w"))
+    console.print(renderable)
+    return console.export_text().rstrip("\n").splitlines()
+
+
+@pytest.mark.parametrize("width, height", [(120, 40), (80, 24), (50, 15), (40, 10)])
+def test_the_live_panel_fits_the_terminal_with_the_header_on_top(width, height):
+    from hae_cli.display.panel import LivePanel
+
+    lines = render_height(LivePanel(long_state()), width, height)
+    assert len(lines) <= max(height, 12), (len(lines), height)  # 12: header + one answer line, at the least
+    top = "\n".join(lines[:8])
+    assert "ask: cat.png" in lines[0] and "KV cache" in top and "memory" in top and "speed" in top
+    assert "word" in "\n".join(lines)
+
+
+def test_after_a_long_answer_the_header_ends_on_screen():
+    from hae_cli.display.panel import render_final
+
+    lines = render_height(render_final(long_state()), 100, 30)
+    assert "word " * 5 in "\n".join(lines[:5])  # the answer, whole, first
+    assert lines[-1].lstrip().startswith("speed") and any("KV cache" in line for line in lines[-8:])
+
+
+def test_prefill_is_the_models_prefill_live_and_at_the_end():
+    """Reading and encoding the images is shown apart ("images"), while running and at the end."""
+    state, watcher, now = started_watcher()
+    now[0] = 3.4
+    watcher.on_prefill()
+    now[0] = 6.2
+    watcher.on_step(known_stats(2, 0))
+    assert state.image_seconds == pytest.approx(3.4) and state.prefill_seconds == pytest.approx(2.8)
+    live = render(render_panel(state))
+    result = types.SimpleNamespace(policy="hae", interrupted=False, steps=[known_stats(2, 0)], events=[],
+                                   image_seconds=3.4, prefill_seconds=2.8, decode_seconds=0.0, decode_tokens=0,
+                                   tokens_per_second=0.0, eviction_seconds=0.0, kv_bytes_peak=1,
+                                   full_cache_bytes_peak=1, prompt_tokens={"text": 1}, text="", notes=[])
+    final = render(render_summary(state_from_result(result)))
+    for text in (live, final):
+        assert "images 3400 ms" in text and "prefill 2800 ms" in text
+
+
+def test_one_count_of_tokens_and_plural_words():
+    state = long_state()
+    state.decode_tokens = 1
+    text = render(render_panel(state, answer_lines=2))
+    assert "step 7" not in text.splitlines()[0]  # the title shows no second count
+    assert "1 token " in text or text.rstrip().endswith("1 token") or "1 token ·" in text
+    assert "1 tokens" not in text
+
+
+def test_event_counts_say_per_layer_or_summed():
+    state = long_state()
+    panel = render(render_panel(state, answer_lines=2), width=160)
+    assert "tokens, in each of those layers" in panel
+    summary = render(render_summary(state), width=160)
+    assert "eviction, summed over all layers: prefill evicted image 2800" in summary  # 700 in each of 4
+
+
+def test_a_cpu_machine_says_gpu_none(monkeypatch):
+    from hae_cli.display.panel import memory_line
+
+    module = fake_pynvml()
+
+    class NVMLError_LibraryNotFound(module.NVMLError):
+        pass
+
+    def init():
+        raise NVMLError_LibraryNotFound("NVML Shared Library Not Found")
+
+    module.NVMLError_LibraryNotFound = NVMLError_LibraryNotFound
+    module.nvmlInit = init
+    monkeypatch.setitem(sys.modules, "pynvml", module)
+    snap = MemoryProbe().snapshot()
+    assert snap.gpu_note == "none" and "(GPU: none)" in memory_line(snap).plain
+    monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(processes={}))  # NVML works, no device
+    assert MemoryProbe().snapshot().gpu_note == "none"
+
+
+def test_the_budget_legend_says_layers_hold_up_to_budget_plus_buffer():
+    assert "budget + 32" in render(LayerView(known_stats(4), buffer=32))
+
+
+def test_the_full_cache_shows_no_eviction_overhead():
+    rows = [summarize(name, [types.SimpleNamespace(
+        policy=policy, decode_seconds=1.0, decode_tokens=10, steps=[known_stats(2)], token_ids=[1, 2], text="a",
+        prefill_seconds=0.5, eviction_seconds=0.2, kv_bytes_final=1, kv_bytes_peak=1, full_cache_bytes_final=1,
+        full_cache_bytes_peak=1, interrupted=False)]) for name, policy in (("baseline", "full"), ("hae", "hae"))]
+    assert rows[0].eviction_overhead_percent is None and rows[1].eviction_overhead_percent == pytest.approx(100 * 0.2 / 1.5)
+    assert re.search(r"eviction overhead\s+│\s+-\s+│\s+13\.3%", render(compare_table(rows)))
+
+
+def test_the_plot_has_whole_steps_and_a_distinct_style_per_policy():
+    from hae_cli.display.plot import occupancy_figure
+
+    steps = [known_stats(4, s) for s in range(7)]
+    figure = occupancy_figure({name: steps for name in ("baseline", "hae", "snapkv", "h2o", "streaming")})
+    axes = figure.axes[0]
+    styles = [(line.get_linestyle(), line.get_marker()) for line in axes.get_lines()]
+    assert len(styles) == 5 and len(set(styles)) == 5  # identical lines, told apart by style
+    figure.canvas.draw()
+    ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import psutil
 
 
+NO_GPU = "none"  # the note when this machine has no NVIDIA GPU to read
+# NVML's errors that mean there is no NVIDIA GPU here at all (a CPU machine), not a failure.
+NO_GPU_ERRORS = ("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")
+
+
 @dataclass(frozen=True)
 class MemorySnapshot:
     host_rss_bytes: int
@@ -45,7 +50,11 @@ class MemoryProbe:
             count = pynvml.nvmlDeviceGetCount()
             self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
         except pynvml.NVMLError as error:
-            self.gpu_note = f"NVML unavailable ({error})"
+            no_gpu = tuple(getattr(pynvml, name, ()) for name in NO_GPU_ERRORS)
+            self.gpu_note = NO_GPU if no_gpu and isinstance(error, no_gpu) else f"NVML unavailable ({error})"
+            return
+        if not self._handles:
+            self.gpu_note = NO_GPU
             return
         self._nvml = pynvml
 

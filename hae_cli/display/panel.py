@@ -77,6 +77,10 @@ def layer_ranges(layers: Iterable[int], total_layers: int | None = None) -> str:
     return ",".join(parts)
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def format_counts(counts: dict[str, int]) -> str:
     items = [(m, counts[m]) for m in MODALITIES if counts.get(m)]
     items += [(m, c) for m, c in counts.items() if m not in MODALITIES and c]
@@ -130,18 +134,19 @@ def _numeric_width(layers: Sequence[LayerStats]) -> int:
 
 
 def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None = None) -> Table:
-    """One compact row per layer: the bar and the counts it draws."""
+    """One compact row per layer: the bar (none if `bar_width` is 0) and the counts it draws."""
     scale = scale if scale is not None else _bar_scale(layers)
     table = Table(box=None, padding=(0, 1), pad_edge=False, show_edge=False, header_style="bold")
     table.add_column("layer", justify="right", no_wrap=True)
-    table.add_column("tokens held", no_wrap=True, min_width=bar_width + 1, max_width=bar_width + 1)
+    if bar_width:
+        table.add_column("tokens held", no_wrap=True, min_width=bar_width + 1, max_width=bar_width + 1)
     for name in _LAYER_COLUMNS[1:]:
         table.add_column(name, justify="right", no_wrap=True)
     for l in layers:
         by = l.tokens_by_modality
         table.add_row(
             f"L{l.layer}",
-            occupancy_bar(l, scale, bar_width),
+            *([occupancy_bar(l, scale, bar_width)] if bar_width else []),
             str(l.tokens_held),
             str(l.budget) if l.budget is not None else "-",
             str(by.get("text", 0)),
@@ -153,12 +158,14 @@ def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None 
     return table
 
 
-def bar_legend() -> Text:
+def bar_legend(buffer: int | None = None) -> Text:
     legend = Text()
     for name in (*MODALITIES, "bin"):
         glyph, style = SEGMENTS[name]
         legend.append(glyph, style).append(f" {name}  ")
     legend.append(BUDGET_MARK[0], BUDGET_MARK[1]).append(" budget")
+    if buffer:
+        legend.append(f" (a layer fills to budget + {buffer}, the buffer, then a round evicts back to it)", style="dim")
     return legend
 
 
@@ -170,6 +177,7 @@ class LayerView:
     stats: CacheStats
     max_bar_width: int = 48
     min_bar_width: int = 10
+    buffer: int | None = None  # the policy's: a layer holds up to budget + buffer
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
         layers = self.stats.layers
@@ -187,10 +195,12 @@ class LayerView:
                 layer_table(layers[:half], bar, scale), layer_table(layers[half:], bar, scale)
             )
             yield grid
-        else:
-            bar = max(self.min_bar_width, min(self.max_bar_width, width - numeric - 1))
-            yield layer_table(layers, bar, scale)
-        yield bar_legend()
+        elif width - numeric - 1 >= self.min_bar_width:
+            yield layer_table(layers, min(self.max_bar_width, width - numeric - 1), scale)
+        else:  # too narrow for a bar: the counts alone
+            yield layer_table(layers, 0, scale)
+            return
+        yield bar_legend(self.buffer)
 
 
 # ----------------------------------------------------------------------------- events
@@ -205,6 +215,10 @@ class EventGroup:
     action: str
     counts: dict[str, int]
     layers: tuple[int, ...]
+
+
+EVENT_TOKENS = "tokens, in each of those layers"
+SUMMED_EVENTS = "eviction, summed over all layers"
 
 
 def group_events(events: Iterable[EvictionEvent]) -> list[EventGroup]:
@@ -225,8 +239,8 @@ def events_table(
     """The last eviction events, oldest first, folded across layers."""
     table = Table(box=None, padding=(0, 1), pad_edge=False, header_style="bold")
     for name, justify in (("step", "right"), ("stage", "left"), ("layers", "left"),
-                          ("action", "left"), ("tokens", "left")):
-        table.add_column(name, justify=justify, no_wrap=name != "tokens")
+                          ("action", "left"), (EVENT_TOKENS, "left")):
+        table.add_column(name, justify=justify, no_wrap=name != EVENT_TOKENS)
     groups = group_events(events)[-limit:] if limit else []
     for g in groups:
         table.add_row(
@@ -254,7 +268,8 @@ class PanelState:
     stats: CacheStats | None = None
     events: list[EvictionEvent] = field(default_factory=list)
     memory: MemorySnapshot | None = None
-    prefill_seconds: float | None = None
+    image_seconds: float | None = None  # reading and encoding the images
+    prefill_seconds: float | None = None  # the model's prefill of the prompt
     decode_seconds: float | None = None
     decode_tokens: int = 0
     tokens_per_second: float | None = None
@@ -263,6 +278,8 @@ class PanelState:
     full_cache_bytes_peak: int | None = None
     prompt_tokens: dict[str, int] | None = None
     text: str = ""
+    notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
+    buffer: int | None = None  # the policy's buffer: a layer holds up to budget + buffer
 
 
 def kv_line(state: PanelState) -> Text:
@@ -285,7 +302,7 @@ def kv_line(state: PanelState) -> Text:
         if state.full_cache_bytes_peak:
             line.append(f" / {format_bytes(state.full_cache_bytes_peak)}")
     tokens = sum(l.tokens_held for l in stats.layers)
-    line.append(f"  · {tokens} tokens in {len(stats.layers)} layers", style="dim")
+    line.append(f"  · {plural(tokens, 'token')} in {plural(len(stats.layers), 'layer')}", style="dim")
     return line
 
 
@@ -303,12 +320,14 @@ def memory_line(memory: MemorySnapshot | None) -> Text:
         line.append(" · ")
     line.append("host RSS ").append(format_bytes(memory.host_rss_bytes), style="bold")
     if not memory.has_gpu and memory.gpu_note:
-        line.append(f"  (GPU: {memory.gpu_note})", style="dim")
+        line.append(f"  (GPU: {memory.gpu_note})", style="dim")  # "none" on a machine without one
     return line
 
 
 def speed_line(state: PanelState) -> Text:
     line = Text()
+    if state.image_seconds is not None:
+        line.append("images ").append(f"{state.image_seconds * 1000:.0f} ms", style="bold").append(" · ")
     if state.prefill_seconds is None:
         line.append("prefill …", style="dim")
     else:
@@ -318,10 +337,10 @@ def speed_line(state: PanelState) -> Text:
         line.append(f"{state.tokens_per_second:.1f} tok/s", style="bold")
     else:
         line.append("…", style="dim")
-    line.append(f" · {state.decode_tokens} tokens")
+    line.append(f" · {plural(state.decode_tokens, 'token')}")
     if state.eviction_seconds is not None and state.prefill_seconds is not None:
         overhead = eviction_overhead_percent(
-            state.eviction_seconds, state.prefill_seconds + (state.decode_seconds or 0.0)
+            state.policy, state.eviction_seconds, state.prefill_seconds + (state.decode_seconds or 0.0)
         )
         if overhead is not None:
             line.append(f" · eviction overhead {overhead:.1f}%")
@@ -337,6 +356,7 @@ def header_rows(state: PanelState) -> list[tuple[str, Text]]:
     rows.append(("KV cache", kv_line(state)))
     rows.append(("memory", memory_line(state.memory)))
     rows.append(("speed", speed_line(state)))
+    rows += [("note", Text(note, style="yellow")) for note in state.notes]
     return rows
 
 
@@ -350,24 +370,60 @@ def header_grid(state: PanelState) -> Table:
 
 
 def render_panel(state: PanelState, answer_lines: int | None = None, event_rows: int = 6) -> Group:
-    """The full panel: header numbers, the answer so far, the last events, one row per layer."""
+    """The full panel: header numbers, the answer so far (its last `answer_lines` lines), the
+    last events, one row per layer."""
+    return Group(*_header(state), _answer(state, answer_lines), *_cache_parts(state, event_rows))
+
+
+def render_final(state: PanelState, event_rows: int = 6) -> Group:
+    """After a run: the whole answer first, then the events and the layers, and the header last,
+    so that its numbers (KV, memory, speed) end on screen however long the answer is."""
+    return Group(_answer(state, None), *_cache_parts(state, event_rows), *_header(state))
+
+
+@dataclass(frozen=True)
+class LivePanel:
+    """The panel while a run streams, sized to the terminal so the header stays on screen: the
+    answer gets the lines the rest leaves (its tail); on a short terminal the events shrink
+    first, then the layers go."""
+
+    state: PanelState
+    event_rows: int = 6
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        height = options.height or console.size.height
+        measure = options.update(height=None)
+        shrinking = [(rows, True) for rows in sorted({self.event_rows, self.event_rows // 2, 1, 0}, reverse=True)]
+        for events, layers in shrinking + [(0, False)]:
+            fixed = Group(*_header(self.state), *_cache_parts(self.state, events, layers))
+            room = height - len(console.render_lines(fixed, measure, pad=False)) - 3  # answer borders, a spare line
+            if room >= 1:
+                break
+        yield Group(*_header(self.state), _answer(self.state, max(1, room)),
+                    *_cache_parts(self.state, events, layers))
+
+
+def _header(state: PanelState) -> list:
     title = Text(state.title or "hae", style="bold")
     if state.policy:
         title.append(f"  policy {state.policy}", style="cyan")
-    if state.stats is not None:
-        title.append(f"  step {state.stats.step}", style="dim")
     if state.status:
         title.append(f"  {state.status}", style="yellow" if state.status != "done" else "green")
+    return [title, header_grid(state)]
+
+
+def _answer(state: PanelState, lines: int | None) -> Panel:
+    return Panel(_AnswerView(state.text, lines), title="answer", title_align="left", border_style="bright_black")
+
+
+def _cache_parts(state: PanelState, event_rows: int, layers: bool = True) -> list:
     total_layers = len(state.stats.layers) if state.stats else None
-    parts = [title, header_grid(state)]
-    parts.append(Panel(_AnswerView(state.text, answer_lines), title="answer", title_align="left",
-                       border_style="bright_black"))
-    parts.append(Text("eviction events", style="bold"))
-    parts.append(events_table(state.events, event_rows, total_layers))
-    if state.stats is not None:
-        parts.append(Text("per layer", style="bold"))
-        parts.append(LayerView(state.stats))
-    return Group(*parts)
+    parts: list = []
+    if event_rows:
+        parts += [Text("eviction events", style="bold"), events_table(state.events, event_rows, total_layers)]
+    if layers and state.stats is not None:
+        parts += [Text("per layer", style="bold"), LayerView(state.stats, buffer=state.buffer)]
+    return parts
 
 
 @dataclass(frozen=True)
@@ -404,7 +460,7 @@ def render_summary(state: PanelState) -> Group:
             bucket = actions.setdefault(f"{e.stage} {e.action}", {})
             for m, c in e.counts.items():
                 bucket[m] = bucket.get(m, 0) + c
-        line = Text("eviction (all layers): ", style="bold")
+        line = Text(f"{SUMMED_EVENTS}: ", style="bold")
         line.append("; ".join(f"{k} {format_counts(v)}" for k, v in actions.items()))
         parts.append(line)
     return Group(*parts)
@@ -419,6 +475,7 @@ def state_from_result(result, title: str = "", memory: MemorySnapshot | None = N
         stats=result.steps[-1] if result.steps else None,
         events=list(result.events),
         memory=memory,
+        image_seconds=getattr(result, "image_seconds", None),
         prefill_seconds=result.prefill_seconds,
         decode_seconds=result.decode_seconds,
         decode_tokens=result.decode_tokens,
@@ -428,6 +485,7 @@ def state_from_result(result, title: str = "", memory: MemorySnapshot | None = N
         full_cache_bytes_peak=result.full_cache_bytes_peak,
         prompt_tokens=dict(result.prompt_tokens),
         text=result.text,
+        notes=list(getattr(result, "notes", [])),
     )
 
 
@@ -496,14 +554,22 @@ class RunWatcher:
         self.keep_events = keep_events
         self.clock = clock
         self._started = clock()
+        self._prefill_started: float | None = None
         self._decode_started: float | None = None
         self._last_probe = float("-inf")
 
     def start(self) -> None:
-        """Call just before `run()`: prefill time counts from here."""
+        """Call just before `run()`: reading the images counts from here."""
         self._started = self.clock()
-        self.state.status = "prefill"
+        self.state.status = "reading images"
         self.sample_memory(force=True)
+
+    def on_prefill(self) -> None:
+        """The images are read and encoded; the model's prefill starts now."""
+        now = self.clock()
+        self.state.image_seconds = now - self._started
+        self._prefill_started = now
+        self.state.status = "prefill"
 
     def on_progress(self, message: str) -> None:
         self.state.status = message
@@ -518,7 +584,7 @@ class RunWatcher:
         if stats.events:
             state.events = (state.events + list(stats.events))[-self.keep_events:]
         if stats.step == 0 or self._decode_started is None:
-            state.prefill_seconds = now - self._started
+            state.prefill_seconds = now - (self._started if self._prefill_started is None else self._prefill_started)
             self._decode_started = now
             state.status = "decoding"
         else:

@@ -27,28 +27,39 @@ def occupancy_series(steps: Sequence[CacheStats]) -> tuple[list[int], list[float
     return x, mean, low, high
 
 
-def plot_occupancy(runs: Mapping[str, Sequence[CacheStats]], path: str | Path, title: str | None = None) -> Path:
-    """Write a PNG of tokens held per layer over decode steps: the mean over layers as a line,
-    the spread between the emptiest and the fullest layer as a band, one colour per policy."""
+# One (line style, marker) per policy, so policies whose lines overlap can still be told apart,
+# in print and without colour too.
+LINE_STYLES = tuple(zip(("-", "--", "-.", ":") * 2, ("o", "s", "^", "D", "v", "x", "P", "*")))
+
+
+def line_style(index: int) -> dict:
+    linestyle, marker = LINE_STYLES[index % len(LINE_STYLES)]
+    return {"linestyle": linestyle, "marker": marker}
+
+
+def occupancy_figure(runs: Mapping[str, Sequence[CacheStats]], title: str | None = None):
+    """The figure `plot_occupancy` writes: the mean over layers as a line (its own style and
+    marker per policy), the spread between the emptiest and the fullest layer as a band, whole
+    decode steps on the x axis."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise HaeError("--plot needs matplotlib: pip install 'hae-cli[plot]'") from None
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise HaeError(f"cannot write the plot: folder {str(path.parent)!r} does not exist")
 
     figure = Figure(figsize=(8, 4.5), dpi=100)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
-    for name, steps in runs.items():
+    for index, (name, steps) in enumerate(runs.items()):
         x, mean, low, high = occupancy_series(steps)
         if not x:
             continue
-        (line,) = axes.plot(x, mean, label=name, linewidth=1.6)
+        (line,) = axes.plot(x, mean, label=name, linewidth=1.6, markersize=5,
+                            markevery=max(1, len(x) // 12), **line_style(index))
         if low != high:
             axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("decode step (0 = after prefill)")
     axes.set_ylabel("tokens held per layer")
     axes.set_title(title or "KV cache occupancy (line: mean over layers; band: min to max layer)")
@@ -57,6 +68,15 @@ def plot_occupancy(runs: Mapping[str, Sequence[CacheStats]], path: str | Path, t
     if runs:
         axes.legend(loc="best")
     figure.tight_layout()
+    return figure
+
+
+def plot_occupancy(runs: Mapping[str, Sequence[CacheStats]], path: str | Path, title: str | None = None) -> Path:
+    """Write `occupancy_figure` as a PNG."""
+    path = Path(path)
+    figure = occupancy_figure(runs, title)
+    if not path.parent.is_dir():
+        raise HaeError(f"cannot write the plot: folder {str(path.parent)!r} does not exist")
     try:
         figure.savefig(path, format="png")
     except OSError as error:

@@ -14,24 +14,9 @@ from dataclasses import dataclass, field
 import torch
 
 from hae_cli.cache.modality import Modality
+from hae_cli.model.sampling import SamplingConfig
 
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        from hae_cli.errors import ConfigError
-
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+__all__ = ["Generation", "SamplingConfig", "decode_one_token", "generate", "prefill", "sample"]
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 
 from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 from hae_cli.model.config import ModelConfig
+from hae_cli.model.limits import ModelLimits, checkpoint_limits, demo_model_limits
 from hae_cli.model.phi3v import Phi3VForCausalLM, from_official_key
 
 OFFICIAL_MODEL_ID = "microsoft/Phi-3.5-vision-instruct"
@@ -40,6 +42,13 @@ def resolve_model_path(model: str) -> Path:
     if not _looks_like_hub_id(model):
         raise ModelNotFoundError(f"model folder not found: {model}")
     return _from_hub_cache(model)
+
+
+def model_limits(folder: Path, config: ModelConfig, file_crops: int) -> ModelLimits:
+    """What this checkpoint was built for: the demo model's own training, else Phi-3.5-V's."""
+    if folder.resolve() == DEMO_MODEL_DIR.resolve():
+        return demo_model_limits(config.text.original_max_position_embeddings)
+    return checkpoint_limits(config.text.max_position_embeddings, file_crops)
 
 
 def _looks_like_hub_id(model: str) -> bool:
@@ -160,9 +169,14 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     folder = Path(folder)
     device = torch.device(device)
     config = ModelConfig.from_folder(folder)
-    with torch.device("meta"):
-        model = Phi3VForCausalLM(config)
     official = read_official_weights(folder, dtype, device)
+    _check_layer_counts(folder, config, official)
+    try:
+        with torch.device("meta"):
+            model = Phi3VForCausalLM(config)
+    except Exception as exc:  # a config the checks in config.py let through but torch cannot build
+        message = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{folder}: config.json describes a model that cannot be built: {message}") from None
     state = {from_official_key(k): v for k, v in official.items()}
     expected = set(model.language_model.state_dict().keys())
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
@@ -171,13 +185,33 @@ def load_checkpoint(folder: str | Path, device: torch.device | str = "cpu", dtyp
     for key in expected:
         if state[key].shape != model.language_model.state_dict()[key].shape:
             raise CheckpointError(
-                f"{folder}: weight {key} has shape {tuple(state[key].shape)}, the config implies "
-                f"{tuple(model.language_model.state_dict()[key].shape)}"
+                f"{folder}: weight {key} has shape {tuple(state[key].shape)}, but config.json implies "
+                f"{tuple(model.language_model.state_dict()[key].shape)} (check its sizes: hidden_size, "
+                "intermediate_size, vocab_size, the heads, and the same in img_processor.vision_config)"
             )
     model.language_model.load_state_dict(state, strict=True, assign=True)
     _rebuild_buffers(model, device)
     model.eval()
     return LoadedCheckpoint(model, config, folder)
+
+
+_LAYER_KEYS = {
+    "num_hidden_layers": re.compile(r"^model\.layers\.(\d+)\."),
+    "img_processor.vision_config.num_hidden_layers": re.compile(r"\.img_processor\.vision_model\.encoder\.layers\.(\d+)\."),
+}
+
+
+def _check_layer_counts(folder: Path, config: ModelConfig, weights: dict) -> None:
+    """Layers in the config = layers in the weights, checked before the model is built (a
+    config asking for a million layers would otherwise take forever to build)."""
+    wanted = {"num_hidden_layers": config.num_layers,
+              "img_processor.vision_config.num_hidden_layers": config.vision.num_hidden_layers}
+    for field, pattern in _LAYER_KEYS.items():
+        found = {int(m.group(1)) for key in weights if (m := pattern.search(key))}
+        if found and len(found) != wanted[field]:
+            raise CheckpointError(
+                f"{folder}: config.json field {field} is {wanted[field]}, but the weights hold {len(found)} layers"
+            )
 
 
 def _key_mismatch_message(folder: Path, missing: list[str], unexpected: list[str]) -> str:

@@ -1,0 +1,118 @@
+"""The options `ask`, `story` and `profile` share, as typed Typer annotations (a command's
+signature is its help), and `RunOptions`, what they add up to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Annotated, Any
+
+import typer
+
+from hae_cli.cli.validate import collect_policy_args
+
+MODEL_PANEL = "Model"
+POLICY_PANEL = "Cache policy"
+SAMPLING_PANEL = "Generation"
+OUTPUT_PANEL = "Output"
+
+ModelOpt = Annotated[str, typer.Option(
+    "--model", "-m", rich_help_panel=MODEL_PANEL, metavar="demo|FOLDER|HUB_ID",
+    help="Which weights. [bold]demo[/bold] (default): a small model shipped with hae, trained on "
+         "easy-VQA (coloured shapes) for trying hae offline on a CPU; it knows nothing else. A folder: a checkpoint in the official "
+         "Phi-3.5-V layout. A hub id such as [bold]microsoft/Phi-3.5-vision-instruct[/bold]: "
+         "taken from the local Hugging Face cache (nothing is downloaded with HF_HUB_OFFLINE=1).",
+)]
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", rich_help_panel=MODEL_PANEL, help="cpu, cuda or cuda:N. Default: cuda if available, else cpu.",
+)]
+DtypeOpt = Annotated[str | None, typer.Option(
+    "--dtype", rich_help_panel=MODEL_PANEL,
+    help="float32, bfloat16 or float16. Default: bfloat16 on cuda, float32 on cpu.",
+)]
+NumCropsOpt = Annotated[int | None, typer.Option(
+    "--num-crops", min=1, rich_help_panel=MODEL_PANEL,
+    help="Most 336-pixel crops per image (HD transform). The image is resized, up or down, to tile into "
+         "at most this many, and each crop adds 144 image tokens to the global view's 144: more crops, more "
+         "image tokens, even for a small image. Default: the checkpoint's; at most what it was trained with "
+         "(demo model: 1, Phi-3.5-Vision: 16).",
+)]
+PolicyOpt = Annotated[str, typer.Option(
+    "--policy", "-P", rich_help_panel=POLICY_PANEL,
+    help="KV-cache policy: hae, full, streaming, h2o, snapkv, fastv, mustdrop. "
+         "[bold]hae policies[/bold] lists each with its parameters.",
+)]
+BudgetOpt = Annotated[str | None, typer.Option(
+    "--budget", "-b", rich_help_panel=POLICY_PANEL, metavar="TOKENS|FRACTION",
+    help="Tokens each layer is brought back to while decoding: a whole number ([bold]512[/bold]) or a "
+         "fraction of the prompt in (0, 1] ([bold]0.5[/bold]). A layer holds up to budget + the policy's "
+         "buffer ([bold]-p buffer=N[/bold]) before a round evicts it back to the budget. Default: the policy's.",
+)]
+VisualKeepOpt = Annotated[float | None, typer.Option(
+    "--visual-keep", rich_help_panel=POLICY_PANEL, metavar="FRACTION",
+    help="hae / mustdrop: keep this fraction of visual tokens at prefill (top by attention), "
+         "instead of the threshold rule. Example: 0.4.",
+)]
+ScoreLayerOpt = Annotated[int | None, typer.Option(
+    "--score-layer", min=0, rich_help_panel=POLICY_PANEL, metavar="LAYER",
+    help="hae / mustdrop: the layer whose attention scores the visual tokens (0 = the first).",
+)]
+ParamOpt = Annotated[list[str] | None, typer.Option(
+    "--param", "-p", rich_help_panel=POLICY_PANEL, metavar="NAME=VALUE",
+    help="Any other policy parameter, repeatable: [bold]-p gamma=0.9 -p bin_ttl=8[/bold]. "
+         "[bold]hae policies[/bold] lists every policy's parameters with their defaults and meanings.",
+)]
+MaxNewTokensOpt = Annotated[int, typer.Option(
+    "--max-new-tokens", "-n", min=1, rich_help_panel=SAMPLING_PANEL, help="Most tokens to generate.",
+)]
+TemperatureOpt = Annotated[float, typer.Option(
+    "--temperature", "-t", min=0.0, rich_help_panel=SAMPLING_PANEL, help="0 = greedy (reproducible).",
+)]
+TopPOpt = Annotated[float, typer.Option(
+    "--top-p", rich_help_panel=SAMPLING_PANEL, help="Nucleus sampling mass in (0, 1], with --temperature > 0.",
+)]
+SeedOpt = Annotated[int, typer.Option("--seed", rich_help_panel=SAMPLING_PANEL, help="Sampling seed.")]
+JsonFlag = Annotated[bool, typer.Option(
+    "--json", rich_help_panel=OUTPUT_PANEL,
+    help="Print only a JSON result on stdout: answer, timings, cache stats, eviction events.",
+)]
+NoLiveFlag = Annotated[bool, typer.Option(
+    "--no-live", rich_help_panel=OUTPUT_PANEL,
+    help="No live panel: stream the answer as plain text, then a summary. "
+         "(Automatic when stdout is not a terminal.)",
+)]
+
+
+class Task(str, Enum):
+    ask = "ask"
+    story = "story"
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    model: str
+    device: str | None
+    dtype: str | None
+    num_crops: int | None
+    policy: str
+    policy_args: dict[str, Any]  # as given on the command line, before matching to policies
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    seed: int
+
+
+def run_options(**values) -> RunOptions:
+    """A command's locals() -> RunOptions (the policy arguments parsed, not yet matched to a policy)."""
+    return RunOptions(
+        model=values["model"],
+        device=values["device"],
+        dtype=values["dtype"],
+        num_crops=values["num_crops"],
+        policy=values["policy"],
+        policy_args=collect_policy_args(values["budget"], values["visual_keep"], values["score_layer"], values["param"]),
+        max_new_tokens=values["max_new_tokens"],
+        temperature=values["temperature"],
+        top_p=values["top_p"],
+        seed=values["seed"],
+    )

@@ -1,0 +1,172 @@
+"""`hae profile`: one workload under the full cache and other policies, side by side."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hae_cli.cli import signals, validate
+from hae_cli.cli.app import app
+from hae_cli.cli.options import (
+    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt, NumCropsOpt, ParamOpt,
+    PolicyOpt, ScoreLayerOpt, SeedOpt, Task, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
+)
+from hae_cli.cli.output import interruptible, library, progress_on_stderr, write_json
+from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
+from hae_cli.errors import ConfigError, InputError
+from hae_cli.user_text import checked_text
+
+BASELINE = "baseline"  # hae_cli.profile.BASELINE, repeated so that --help imports no torch
+FULL_POLICY = "full"
+
+
+def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
+    """'baseline,snapkv' -> [(name, policy)]: the baseline (full cache) first, then --policy,
+    then the rest, without repeats."""
+    registry = validate.policies()
+    runs = [(BASELINE, FULL_POLICY)]
+    for name in [policy] + [n.strip().lower() for n in text.split(",")]:
+        if not name or name in (BASELINE, FULL_POLICY):
+            continue
+        if name not in registry:
+            raise ConfigError(f"unknown --compare name {name!r} (choose from: {BASELINE}, {', '.join(registry)})")
+        if name not in [p for _, p in runs]:
+            runs.append((name, name))
+    return runs
+
+
+def build_workload(images: Sequence[Path] | None, question: str | None, task: Task,
+                   samples: Path | None, limit: int | None) -> list:
+    from hae_cli.profile import Prompt, read_workload, sample_folder
+
+    if images:
+        if task == Task.story:
+            prompts = [Prompt("story", tuple(images), question)]
+        else:
+            if question is None:
+                raise InputError("--images with --task ask needs --question")
+            prompts = [Prompt("ask", (image,), question) for image in images]
+    else:
+        if question is not None:
+            raise InputError("--question needs --images (without --images the sample workload is used)")
+        prompts = read_workload(samples or sample_folder())
+        if task == Task.story:
+            seen = list(dict.fromkeys(p for prompt in prompts for p in prompt.images))
+            prompts = [Prompt("story", tuple(seen), None)]
+    return prompts[:limit] if limit else prompts
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae profile[/cyan]   (the samples in sample_images/: full cache vs hae)\n\n"
+    "  [cyan]hae profile --compare baseline,snapkv,h2o --budget 0.5 --json profile.json[/cyan]\n\n"
+    "  [cyan]hae profile --images cat.jpg --question \"What is it?\" --plot occupancy.png[/cyan]\n\n"
+    "  [cyan]hae profile --images p1.png --images p2.png --task story -n 200 --budget 256[/cyan]",
+)
+def profile(
+    compare: Annotated[str, typer.Option(
+        "--compare", "-c", metavar="NAMES",
+        help="Comma-separated policies to run beside --policy; [bold]baseline[/bold] is the full cache "
+             "and is always run first, as the reference for agreement.",
+    )] = BASELINE,
+    images: Annotated[list[Path] | None, typer.Option(
+        "--images", "-i", help="Use these images instead of the samples (repeat the option). "
+                               "With --task ask each image is one prompt; with --task story one prompt holds all.",
+    )] = None,
+    question: Annotated[str | None, typer.Option("--question", "-q", help="The question (or story prompt) for --images.")] = None,
+    task: Annotated[Task, typer.Option("--task", help="ask: one question per image; story: one long decode over all images.")] = Task.ask,
+    samples: Annotated[Path | None, typer.Option(
+        "--samples", help="Folder with questions.json and its images. Default: ./sample_images.",
+    )] = None,
+    limit: Annotated[int | None, typer.Option("--limit", min=1, help="Run only the first N prompts of the workload.")] = None,
+    json_file: Annotated[Path | None, typer.Option(
+        "--json", metavar="FILE", rich_help_panel=OUTPUT_PANEL,
+        help="Also write every run and the summary as JSON to FILE ('-' for stdout, then nothing else is printed there).",
+    )] = None,
+    plot: Annotated[Path | None, typer.Option(
+        "--plot", metavar="FILE.png", rich_help_panel=OUTPUT_PANEL,
+        help="Write tokens held per layer over decode steps, one line per policy (needs matplotlib).",
+    )] = None,
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 64,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Run one workload under the full cache and other policies, and compare them side by side.
+
+    One table: KV bytes final and peak, tokens kept per modality, prefill ms, decode tokens/s, eviction overhead, and agreement with the baseline (same answer, token match %, first divergence). Policy parameters (--budget, ...) apply to every policy that has them.
+    """
+    options = run_options(**locals())
+    check_sampling(options)
+    if question is not None:
+        checked_text(question, "--question")
+    if plot is not None and plot.suffix.lower() != ".png":
+        raise ConfigError(f"--plot writes a PNG; give a file name that ends in .png, got {str(plot)!r}")
+    for option, path in (("--plot", plot), ("--json", json_file)):
+        if path is not None and str(path) != "-" and not path.parent.is_dir():
+            raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
+    policy_name = check_policy_name(options.policy)
+    runs = parse_compare(compare, policy_name)
+    params = {name: params_for(p, options.policy_args, strict=False) for name, p in runs}
+    used = {key for chosen in params.values() for key in chosen}
+    unused = [key for key in options.policy_args if key not in used]
+    if unused:
+        raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} ({', '.join(p for _, p in runs)})")
+    workload = build_workload(images, question, task, samples, limit)
+    check_images(sorted({p for prompt in workload for p in prompt.images}))
+
+    from hae_cli.display.panel import compare_table
+    from hae_cli.profile import run_profile
+
+    from hae_cli.profile import ProfileReport
+
+    nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
+    api = library()
+    with progress_on_stderr() as progress:
+        loaded = interruptible(lambda: api.load_model(
+            options.model, options.device, options.dtype, options.num_crops, on_progress=progress),
+            nothing, json_file)
+        report = run_profile(
+            loaded, workload, [(policy_key, params[name]) for name, policy_key in runs if name != BASELINE],
+            max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
+            seed=options.seed, on_progress=progress,
+        )
+    rows = report.rows
+    with signals.writing_result():
+        if json_file is not None:
+            write_json(report.to_json(loaded.name), json_file)
+        if str(json_file) != "-":
+            console = Console()
+            if not console.is_terminal:  # logs: let the table take its natural width
+                console = Console(width=max(console.width, 200))
+            console.print(compare_table(rows, BASELINE))
+        if plot is not None:
+            from hae_cli.display.plot import plot_occupancy
+
+            first = workload[0]
+            which = f"prompt 1 of {len(workload)}" if len(workload) > 1 else "the prompt"
+            plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
+                           title=f"tokens held per layer, {which}: {first.task} {first.label()}")
+            typer.echo(f"plot written to {plot} ({which}: {first.task} {first.label()})", err=True)
+        notes = dict.fromkeys(note for runs in report.results.values() for result in runs for note in result.notes)
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+        if report.interrupted:
+            typer.echo(f"interrupted{signals.describe()}: the table covers the prompts that finished under every "
+                       "policy", err=True)
+    if report.interrupted or signals.received():
+        sys.exit(signals.exit_code())

@@ -1,0 +1,220 @@
+"""`hae ask` and `hae story`: one run under one policy, streamed with the live cache panel
+(or as plain text, or as one JSON document)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hae_cli.cli import signals
+from hae_cli.cli.app import app
+from hae_cli.cli.options import (
+    SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag,
+    NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt,
+    VisualKeepOpt, run_options,
+)
+from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for, policy_fields
+from hae_cli.errors import InputError
+from hae_cli.user_text import checked_text
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae ask cat.jpg \"What color is the cat?\"[/cyan]\n\n"
+    "  [cyan]hae ask chart.png \"Summarise the trend.\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --policy h2o --budget 0.5[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --json | jq .timings[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
+)
+def ask(
+    image: Annotated[Path, typer.Argument(help="The image to ask about (PNG, JPEG, ...).", show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question, quoted.", show_default=False)],
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_output: JsonFlag = False,
+    no_live: NoLiveFlag = False,
+) -> None:
+    """Answer a question about one image, streaming the answer beside a live view of the cache.
+
+    The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
+    """
+    options = run_options(**locals())
+    checked_text(question, "the question")
+    generate_and_show("ask", [image], question, options, json_output, live=not no_live)
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae story p1.png p2.png p3.png[/cyan]\n\n"
+    "  [cyan]hae story frames/*.jpg --prompt \"Tell a bedtime story about these pictures.\" -n 400[/cyan]\n\n"
+    "  [cyan]hae story sample_images/easyvqa_test_0698.png sample_images/easyvqa_test_0416.png "
+    "sample_images/easyvqa_test_0394.png sample_images/easyvqa_test_0063.png --budget 200 -p buffer=8[/cyan]   "
+    "(a tight budget: watch tokens go to the bin and come back, \"restored\")",
+)
+def story(
+    images: Annotated[list[Path] | None, typer.Argument(help="Images, in story order.", show_default=False)] = None,
+    prompt: Annotated[str | None, typer.Option(
+        "--prompt", rich_help_panel=SAMPLING_PANEL,
+        help="The instruction after the images. Default: \"Describe each image in order.\"",
+    )] = None,
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 256,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_output: JsonFlag = False,
+    no_live: NoLiveFlag = False,
+) -> None:
+    """Tell a story over several images, streamed with the live cache panel.
+
+    Each image goes in after its label ("Image 1: <|image_1|>", ...), then your --prompt; a prompt that places <|image_k|> itself is used as written.
+
+    Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
+    """
+    options = run_options(**locals())
+    if prompt is not None:
+        checked_text(prompt, "--prompt")
+    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live)
+
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
+                      as_json: bool, live: bool) -> None:
+    """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
+    check_sampling(options)
+    if not images:
+        raise InputError(f"`{task}` needs at least one image")
+    # Under --json, an interruption before any token still leaves one JSON document on stdout.
+    nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
+    policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
+    from hae_cli.display.memory import MemoryProbe
+    from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
+
+    stdout = Console(soft_wrap=False)
+    live = live and not as_json and stdout.is_terminal
+    title = f"{task}: " + ", ".join(p.name for p in images)
+    with progress_on_stderr() as progress:
+        loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
+                                                      options.num_crops, on_progress=progress), nothing)
+        progress("starting")
+        probe = MemoryProbe()
+        buffer = _buffer(policy, params)
+        state = PanelState(title=title, policy=policy, buffer=buffer)
+        watcher = RunWatcher(state, probe)
+        kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
+                      temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+        try:
+            if live:
+                progress.stop()
+                result = _run_live(api, loaded, images, question, kwargs, watcher, stdout)
+            else:
+                result = _run_plain(api, loaded, images, question, kwargs, watcher, progress, nothing)
+        finally:
+            memory = probe.snapshot()
+            probe.close()
+
+    with signals.writing_result():
+        if as_json:
+            payload = result.to_json()
+            payload["memory"] = memory_json(memory)
+            payload["model"] = loaded.name
+            write_json(payload)
+        else:
+            final = state_from_result(result, title, memory)
+            final.buffer = buffer
+            if live:
+                stdout.print(render_final(final))
+            else:
+                stdout.print(render_summary(final), soft_wrap=True)
+        for note in result.notes:
+            typer.echo(f"note: {note}", err=True)
+        if result.interrupted:
+            typer.echo(f"interrupted{signals.describe()}: showing what was generated so far", err=True)
+    if result.interrupted or signals.received():
+        sys.exit(signals.exit_code())
+
+
+def _buffer(policy: str, params: dict) -> int | None:
+    """The policy's buffer: a layer holds up to budget + buffer before a round."""
+    field = policy_fields(policy).get("buffer")
+    return params.get("buffer", field.default if field is not None else None)
+
+
+def _check_policy_and_images(options: RunOptions, images: Sequence[Path]):
+    """The checks that import the library (policies, images): (policy, its parameters, the api)."""
+    policy = check_policy_name(options.policy)
+    params = params_for(policy, options.policy_args)
+    check_images(images)
+    return policy, params, library()
+
+
+def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):
+    from rich.live import Live
+
+    from hae_cli.display.panel import LivePanel
+
+    watcher.start()
+    with Live(get_renderable=lambda: LivePanel(watcher.state), console=stdout,
+              refresh_per_second=8, transient=True, redirect_stdout=False, redirect_stderr=False):
+        return interruptible(lambda: api.run(loaded, list(images), question, on_token=watcher.on_token,
+                                             on_step=watcher.on_step, on_progress=watcher.on_progress,
+                                             on_prefill=watcher.on_prefill, **kwargs))
+
+
+def _run_plain(api, loaded, images, question, kwargs, watcher, progress: Progress, json_payload: dict | None):
+    """Stream the answer to stdout as plain text (unless JSON), progress on stderr until prefill ends."""
+    stream = json_payload is None
+    started = False
+
+    def on_step(stats) -> None:
+        watcher.on_step(stats)
+        progress.stop()
+
+    def on_token(piece: str) -> None:
+        nonlocal started
+        watcher.on_token(piece)
+        if stream:
+            progress.stop()
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+            started = True
+
+    watcher.start()
+    result = interruptible(lambda: api.run(loaded, list(images), question, on_token=on_token, on_step=on_step,
+                                           on_progress=progress, on_prefill=watcher.on_prefill, **kwargs),
+                           json_payload)
+    progress.stop()
+    if stream:
+        if not started and result.text:
+            sys.stdout.write(result.text)
+        sys.stdout.write("\n\n")
+        sys.stdout.flush()
+    return result

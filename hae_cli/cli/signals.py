@@ -1,0 +1,78 @@
+"""SIGTERM and SIGHUP end a run the way Ctrl-C does: decoding stops, and what was generated is
+written (the answer and summary, or the JSON with `"interrupted": true`), then `hae` exits with
+128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP).
+
+Each of these signals raises `KeyboardInterrupt`, the one interruption every layer already
+handles (the decode loop returns its partial result, a profile keeps the prompts that finished).
+While the result is being written the signals are only noted (`writing_result`), so a second
+one cannot cut a JSON document in half.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+STOPPING = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+class _Received:
+    signum: int | None = None
+    holding: bool = False
+
+
+_received = _Received()
+
+
+def _stop(signum: int, frame) -> None:
+    _received.signum = signum
+    if not _received.holding:
+        raise KeyboardInterrupt
+
+
+@contextmanager
+def stop_like_ctrl_c() -> Iterator[None]:
+    """For the length of a command, SIGTERM and SIGHUP (and Ctrl-C) raise `KeyboardInterrupt`."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    _received.signum, _received.holding = None, False
+    previous = {signum: signal.signal(signum, _stop) for signum in STOPPING}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextmanager
+def writing_result() -> Iterator[None]:
+    """While the result is written, a stopping signal is noted, not raised."""
+    holding, _received.holding = _received.holding, True
+    try:
+        yield
+    finally:
+        _received.holding = holding
+
+
+def received() -> int | None:
+    """The stopping signal this command received, if any."""
+    return _received.signum
+
+
+def describe() -> str:
+    """'' for Ctrl-C or nothing, else ' (SIGTERM)' for the message that says why it stopped."""
+    signum = _received.signum
+    if signum is None or signum == getattr(signal, "SIGINT", None):
+        return ""
+    return f" ({signal.Signals(signum).name})"
+
+
+def exit_code() -> int:
+    """128 + the signal's number, as a shell reports a process the signal ended; 130 (Ctrl-C) when
+    the interruption came some other way."""
+    return 128 + (_received.signum or signal.SIGINT)

@@ -1,0 +1,148 @@
+"""Options checked at the edge, before the model loads: budgets, policy names and parameters,
+sampling, images. Each mistake is a `ConfigError` or `InputError` naming the option."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from hae_cli.errors import ConfigError, HaeError
+
+
+def parse_budget(text: str) -> int | float:
+    """'512' -> 512 tokens; '0.5' -> half the prompt. Anything else is a `ConfigError`."""
+    raw = text.strip()
+    if re.fullmatch(r"[+-]?\d+", raw):
+        tokens = int(raw)
+        if tokens <= 0:
+            raise ConfigError(f"--budget must be > 0, got {text!r}")
+        return tokens
+    try:
+        fraction = float(raw)
+    except ValueError:
+        raise ConfigError(
+            f"--budget must be a token count (e.g. 512) or a fraction of the prompt in (0, 1] (e.g. 0.5), got {text!r}"
+        ) from None
+    if not math.isfinite(fraction) or fraction <= 0:
+        raise ConfigError(f"--budget must be > 0, got {text!r}")
+    if fraction > 1:
+        raise ConfigError(
+            f"--budget {text} is above 1 as a fraction; a fraction must be in (0, 1], a token count a whole number (e.g. 512)"
+        )
+    return fraction
+
+
+def _parse_value(text: str) -> Any:
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def collect_policy_args(
+    budget: str | None, visual_keep: float | None, score_layer: int | None, params: Sequence[str] | None
+) -> dict[str, Any]:
+    args: dict[str, Any] = {}
+    for item in params or ():
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name:
+            raise ConfigError(f"--param expects NAME=VALUE, got {item!r}")
+        args[name] = parse_budget(value) if name == "budget" else _parse_value(value)
+    if budget is not None:
+        args["budget"] = parse_budget(budget)
+    if visual_keep is not None:
+        if not (math.isfinite(visual_keep) and 0 < visual_keep <= 1):
+            raise ConfigError(f"--visual-keep must be a fraction in (0, 1] (e.g. 0.4), got {visual_keep}")
+        args["visual_keep"] = visual_keep
+    if score_layer is not None:
+        args["score_layer"] = score_layer
+    return args
+
+
+def policies() -> dict[str, type]:
+    from hae_cli.cache.policies import POLICIES
+
+    return POLICIES
+
+
+def check_policy_name(name: str) -> str:
+    registry = policies()
+    key = name.strip().lower()
+    if key not in registry:
+        raise ConfigError(f"unknown policy {name!r} (choose from: {', '.join(registry)})")
+    return key
+
+
+def policy_fields(policy: str) -> dict[str, Any]:
+    import dataclasses
+
+    cls = policies()[policy]
+    return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+
+
+def params_for(policy: str, args: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    """The subset of `args` this policy declares, checked by building the policy once.
+
+    `strict`: a parameter the policy does not take is an error (ask, story); otherwise it is
+    skipped (profile applies one budget to every policy that has one)."""
+    fields = policy_fields(policy)
+    unknown = [name for name in args if name not in fields]
+    if strict and unknown:
+        takes = ", ".join(fields) or "no parameters"
+        raise ConfigError(f"policy {policy} has no parameter {unknown[0]!r} (it takes: {takes})")
+    chosen = {name: value for name, value in args.items() if name in fields}
+    for name, value in chosen.items():
+        _check_type(policy, name, value, fields[name].type)
+    _build_policy(policy, chosen)
+    return chosen
+
+
+def _check_type(policy: str, name: str, value: Any, annotation: Any) -> None:
+    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    kind = str(kind)
+    wants_number = any(t in kind for t in ("int", "float"))
+    if isinstance(value, str) and "str" not in kind:
+        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
+    if isinstance(value, bool) and "bool" not in kind and wants_number:
+        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
+    if isinstance(value, float) and "float" not in kind and "int" in kind:
+        raise ConfigError(f"{policy} parameter {name} expects a whole number, got {value!r}")
+
+
+def _build_policy(policy: str, params: dict[str, Any]) -> None:
+    """Let the policy validate its own parameters (one error message, in one place)."""
+    try:
+        policies()[policy](**params)
+    except HaeError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{policy}: {error}") from None
+
+
+def check_images(images: Sequence[Path]) -> list[Path]:
+    """Decode every image before the model loads, so a bad file fails in a second, not after a minute."""
+    from hae_cli.model.image import load_image
+
+    for path in images:
+        load_image(path)
+    return list(images)
+
+
+def check_sampling(options) -> None:
+    """The generation loop's own checks (max_new_tokens, temperature, top_p), before the model loads."""
+    from hae_cli.model.sampling import SamplingConfig
+
+    SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
