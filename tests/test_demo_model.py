@@ -72,10 +72,12 @@ def test_sample_images_are_answered_correctly(runner):
         assert runner.tokenizer.decode(ids).strip() == entry["answer"], entry
 
 
-def test_story_command_captions_the_sample_images_in_order():
-    """The README's `hae story` demo through the CLI, full cache: each sample image's caption,
-    built from its colour and shape in questions.json, in the order given. (Under the default
-    HAE thresholds the demo model misreads colours: measured in benchmarks/README.md.)"""
+@pytest.mark.parametrize("policy", ["full", None])
+def test_story_command_captions_the_sample_images_in_order(policy):
+    """The README's `hae story` demo through the CLI, full cache and with no flags (the default
+    HAE): each sample image's caption, built from its colour and shape in questions.json, in
+    the order given; the JSON says what each layer holds of each image, as the cache's tags
+    count it (sums with text and generated to the layer's size)."""
     from typer.testing import CliRunner
 
     from hae_cli import cli
@@ -86,7 +88,18 @@ def test_story_command_captions_the_sample_images_in_order():
         known.setdefault(entry["image"], {})[kind] = entry["answer"]
     names = [name for name, facts in sorted(known.items()) if len(facts) == 2][:4]
     assert len(names) == 4
-    result = CliRunner().invoke(cli.app, ["story", *[str(SAMPLE_IMAGES / n) for n in reversed(names)], "--policy", "full", "--json"])
+    flags = ["--policy", policy] if policy else []
+    result = CliRunner().invoke(cli.app, ["story", *[str(SAMPLE_IMAGES / n) for n in reversed(names)], *flags, "--json"])
     assert result.exit_code == 0, result.output
     expected = " ".join(f"image {k}: a {known[n]['color']} {known[n]['shape']}." for k, n in enumerate(reversed(names), 1))
-    assert json.loads(result.stdout)["text"] == expected
+    document = json.loads(result.stdout)
+    assert document["text"] == expected
+    final = document["final_cache"]
+    assert final["image_sizes"] == [313] * 4
+    for layer in final["layers"]:
+        by = layer["tokens_by_modality"]
+        assert len(layer["tokens_by_image"]) == 4
+        assert sum(layer["tokens_by_image"]) == by["image"] + by["separator"]
+        assert layer["tokens_held"] == sum(layer["tokens_by_image"]) + by["text"] + by["generated"]
+        if policy is None:  # the default HAE keeps part of every image, none starved
+            assert all(40 <= held < 313 for held in layer["tokens_by_image"])

@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
+from hae_cli.display.images import image_rows, image_table
 from hae_cli.display.memory import MemorySnapshot
 from hae_cli.profile import MODALITIES, ProfileRow, eviction_overhead_percent
 SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
@@ -422,6 +423,9 @@ def _cache_parts(state: PanelState, event_rows: int, layers: bool = True) -> lis
     if event_rows:
         parts += [Text("eviction events", style="bold"), events_table(state.events, event_rows, total_layers)]
     if layers and state.stats is not None:
+        images = image_table(state.stats)
+        if images is not None:
+            parts += [Text("per image (tokens held)", style="bold"), images]
         parts += [Text("per layer", style="bold"), LayerView(state.stats, buffer=state.buffer)]
     return parts
 
@@ -463,6 +467,12 @@ def render_summary(state: PanelState) -> Group:
         line = Text(f"{SUMMED_EVENTS}: ", style="bold")
         line.append("; ".join(f"{k} {format_counts(v)}" for k, v in actions.items()))
         parts.append(line)
+    if state.stats is not None:
+        for label, size, fewest, most, last, binned in image_rows(state.stats):
+            held = f"{last} of {size} tokens held at the last layer"
+            if fewest != most:
+                held += f" ({fewest}-{most} across layers)"
+            parts.append(Text(f"{label:<10}", style="bold cyan").append(held + (f", {binned} in its bin" if binned else "")))
     return Group(*parts)
 
 
