@@ -543,6 +543,19 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
     plt.close(fig)
 
 
+# A marker and line style per policy, so a baseline that ties HAE (mustdrop at HAE's kept
+# count on one-word answers) still shows on top of it.
+POLICY_STYLES = {
+    "full": dict(marker="*", markersize=12, linestyle="none"),
+    "hae": dict(marker="o", linewidth=2.5, zorder=3),
+    "mustdrop": dict(marker="x", markersize=9, linewidth=1.2, linestyle="--", zorder=4),
+    "fastv": dict(marker="s", linewidth=1.2),
+    "snapkv": dict(marker="^", linewidth=1.2),
+    "h2o": dict(marker="v", linewidth=1.2),
+    "streaming": dict(marker="D", linewidth=1.2, linestyle=":"),
+}
+
+
 def _curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> None:
     """One line per policy over its budgets; HAE settings outside its main series (other
     prefills, ablations) are single labelled points, not joined to the line."""
@@ -556,8 +569,7 @@ def _curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> None:
     for policy, points in by_policy.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        style = dict(marker="*", markersize=12) if policy == "full" else dict(marker="o")
-        ax.plot(xs, ys, label=policy, linewidth=2.5 if policy == "hae" else 1.2, zorder=3 if policy == "hae" else 2, **style)
+        ax.plot(xs, ys, label=policy, **POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
     for x, y, label in singles:
         ax.plot([x], [y], marker="D", color="grey", linestyle="none", zorder=4)
         short = label.replace("hae thr ", "").replace(" (no budget)", "").replace("budget=0.25 buffer=8 ", "B=0.25 ")

@@ -265,7 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def hae_params(args) -> dict:
-    return {"visual_keep": args.visual_keep, "r_i": 1.0, **common.parse_params(args.hae_params)}
+    # no per-image floor: the kept share is `visual_keep` alone, as in the tables measured so far
+    return {"visual_keep": args.visual_keep, "r_i": 1.0, "image_floor": 0.0, **common.parse_params(args.hae_params)}
 
 
 def main(argv=None) -> dict:
