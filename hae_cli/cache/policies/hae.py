@@ -50,18 +50,17 @@ class HAEPolicy(Policy):
         r_i: ... and m_j < r_i * max_j m_j (no head or query needs it badly).
         visual_keep: budget mode instead of thresholds: keep this fraction of the visual
             tokens, top by g_j, plus every token with m_j >= r_i * max m. None = thresholds.
-        image_floor: the hierarchical step (per image, then per token): each image keeps at
-            least this fraction of its visual tokens, the best of its overview (the global
-            view; all its tokens when the cache was not told which they are) by `floor_score`,
-            on top of what the dual-attention filter keeps. An instruction such as "Describe
-            each image in order." does not say which tokens each caption will need. 0 = off.
+        image_floor: each image also keeps this fraction of its visual tokens, the best of its
+            overview by `floor_score` (0 = off).
         floor_from: "overview" (the image's global view, when the cache knows it) or "image"
             (all its tokens, both views).
-        floor_score: how the floor ranks an image's tokens: "distinct" (how far a token's value
-            vector at `score_layer` is from its image's mean: what stands out from the
-            background, independent of the instruction) or "attention" (g_j).
-        Text, special tokens and image separators are never dropped at prefill; kept tokens
-        keep their original positions.
+        floor_score: "distinct" (a token's value vectors at `score_layer` far from its image's
+            mean) or "attention" (g_j): how the floor ranks an image's tokens.
+        The floor is the hierarchical step (per image, then per view, then per token): no image
+        is starved by an instruction such as "Describe each image in order.", which does not
+        say what each caption will need; "distinct" picks what stands out from the image's
+        background, whatever the instruction. Text, special tokens and image separators are never
+        dropped at prefill; kept tokens keep their original positions.
 
     Stage 2, Dynamic Decoding Eviction with a recycle bin:
         budget: tokens per layer B; int = a count, float in (0, 1] = a fraction of the prompt,
