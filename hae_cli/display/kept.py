@@ -189,3 +189,12 @@ def _font(size: int):
         return ImageFont.load_default(size=size)
     except (TypeError, OSError):  # a Pillow without FreeType: its bitmap font
         return ImageFont.load_default()
+
+
+def write_kept_png(kept: KeptMap, layer: int, images: list, image_config, image_layouts: list[dict],
+                   path: Path, title: str) -> Path:
+    """Read the images again, as the model saw them, and write the figure for `layer`."""
+    from hae_cli.model.image import load_image, views_as_seen
+
+    pictures = [views_as_seen(load_image(image), image_config) for image in images]
+    return save_png(draw_kept(kept, layer, pictures, image_layouts, title), Path(path))
