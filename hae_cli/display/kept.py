@@ -26,7 +26,8 @@ VIEW_GAP = 44
 MARGIN = 12
 LABEL_HEIGHT = 22
 ROW_GAP = 34  # room for the views' captions
-HEADER_HEIGHT = 48
+HEADER_HEIGHT = 48  # one title line and the legend
+TITLE_LINE = 18
 
 GONE_GREY = np.array([40, 40, 40], dtype=np.float32)
 BIN_ORANGE = np.array([235, 140, 20], dtype=np.float32)
@@ -74,8 +75,8 @@ class KeptLayout:
     rows: list[ImageRow]
 
 
-def layout(image_layouts: list[dict]) -> KeptLayout:
-    rows, y, width = [], HEADER_HEIGHT, 0
+def layout(image_layouts: list[dict], header_height: int = HEADER_HEIGHT) -> KeptLayout:
+    rows, y, width = [], header_height, 0
     for entry in image_layouts:
         grid = entry["grid"]
         cols, n_rows = entry["w_crops"] * grid, entry["h_crops"] * grid
@@ -92,8 +93,10 @@ def layout(image_layouts: list[dict]) -> KeptLayout:
 def draw_kept(kept: KeptMap, layer: int, pictures: list[tuple[Image.Image, Image.Image]],
               image_layouts: list[dict], title: str) -> Image.Image:
     """The figure: `pictures` per image are (HD-transformed image, global view), `image_layouts`
-    their crop grids (`RunResult.image_layouts`)."""
-    plan = layout(image_layouts)
+    their crop grids (`RunResult.image_layouts`). A long title wraps at its " · "."""
+    font, small = _font(13), _font(11)
+    title_lines = _wrap(title, font, layout(image_layouts).width - 2 * MARGIN)
+    plan = layout(image_layouts, HEADER_HEIGHT + TITLE_LINE * (len(title_lines) - 1))
     canvas = np.full((plan.height, plan.width, 3), 255, dtype=np.float32)
     labels = []
     for i, (row, (padded, global_view), entry) in enumerate(zip(plan.rows, pictures, image_layouts)):
@@ -121,9 +124,9 @@ def draw_kept(kept: KeptMap, layer: int, pictures: list[tuple[Image.Image, Image
 
     figure = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(figure)
-    font, small = _font(13), _font(11)
-    draw.text((MARGIN, 6), title, fill=INK, font=font)
-    _legend(draw, font, MARGIN, 26)
+    for n, line in enumerate(title_lines):
+        draw.text((MARGIN, 6 + n * TITLE_LINE), line, fill=INK, font=font)
+    _legend(draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1))
     for row, label in labels:
         draw.text((MARGIN, row.y - LABEL_HEIGHT + 3), label, fill=INK, font=font)
         below = row.y + row.height + 3
@@ -182,6 +185,18 @@ def _legend(draw: ImageDraw.ImageDraw, font, x: int, y: int) -> None:
         draw.rectangle((x, y + 2, x + CELL, y + 2 + CELL), fill=fill, outline=(90, 90, 90))
         draw.text((x + CELL + 5, y), text, fill=INK, font=font)
         x += CELL + 5 + int(draw.textlength(text, font=font)) + 18
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` in lines no wider than `width`, broken after a " · " (a part wider than that stays whole)."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[str] = []
+    for part in text.split(" · "):
+        if lines and probe.textlength(lines[-1] + " · " + part, font=font) <= width:
+            lines[-1] += " · " + part
+        else:
+            lines.append(part)
+    return lines
 
 
 def _font(size: int):
