@@ -90,7 +90,9 @@ def profile(
     )] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png", rich_help_panel=OUTPUT_PANEL,
-        help="Write tokens held per layer over decode steps, one line per policy (needs matplotlib).",
+        help="Write a PNG of the first prompt: tokens held per layer over decode steps, one line per policy "
+             "(the full cache in its own panel), and bars of the tokens each policy holds of each image "
+             "(needs matplotlib).",
     )] = None,
     model: ModelOpt = "demo",
     policy: PolicyOpt = "hae",
