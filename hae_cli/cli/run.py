@@ -134,15 +134,16 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     with progress_on_stderr() as progress:
         loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
                                                       options.num_crops, on_progress=progress), nothing)
-        kept_layer = _kept_layer(kept, loaded.num_layers)
+        kept_layer = _kept_layer(kept, loaded.num_layers) if kept.path is not None else None
         progress("starting")
         probe = MemoryProbe()
         buffer = _buffer(policy, params)
         state = PanelState(title=title, policy=policy, buffer=buffer)
         watcher = RunWatcher(state, probe)
         kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
-                      temperature=options.temperature, top_p=options.top_p, seed=options.seed,
-                      show_kept=kept.path is not None, kept_step=kept.step)
+                      temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+        if kept.path is not None:
+            kwargs.update(show_kept=True, kept_step=kept.step)
         try:
             if live:
                 progress.stop()
@@ -198,6 +199,7 @@ def _check_kept_options(kept: KeptOptions, max_new_tokens: int) -> None:
 
 
 def _kept_layer(kept: KeptOptions, num_layers: int) -> int:
+    """The layer --show-kept draws, checked once the model's config says how many there are."""
     if kept.layer is not None and kept.layer >= num_layers:
         raise InputError(f"--kept-layer {kept.layer} is out of range: the model has {num_layers} layers "
                          f"(0 to {num_layers - 1})")
