@@ -11,7 +11,8 @@ from PIL import Image
 
 from hae_cli.cache import EvictingCache
 from hae_cli.cache.kept import image_slots, kept_json, kept_map
-from hae_cli.display.kept import check_writable, draw_kept, layout
+from hae_cli.cli.validate import check_writable
+from hae_cli.display.kept import draw_kept, layout
 from hae_cli.errors import InputError
 from hae_cli.model.image import CROPS_VIEW, GLOBAL_VIEW, image_token_modalities
 

@@ -80,7 +80,7 @@ def test_a_step_the_run_never_reached_is_one_line_and_exit_2(checkpoint, images,
     """A run can end before --kept-step (a stop token): the answer stands, the PNG is not written."""
     from hae_cli.cli import run
 
-    monkeypatch.setattr(run, "_check_kept_options", lambda kept, max_new_tokens: None)  # as if it stopped early
+    monkeypatch.setattr(run, "check_kept_options", lambda kept, max_new_tokens: None)  # as if it stopped early
     png = tmp_path / "kept.png"
     result = invoke("ask", images[0], "what?", "--model", checkpoint, "-n", "3", "--json",
                     "--show-kept", png, "--kept-step", "7")

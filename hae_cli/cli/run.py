@@ -19,7 +19,9 @@ from hae_cli.cli.options import (
     SeedOpt, ShowKeptOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
 )
 from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
-from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for, policy_fields
+from hae_cli.cli.validate import (
+    check_images, check_kept_options, check_policy_name, check_sampling, kept_layer_for, params_for, policy_fields,
+)
 from hae_cli.errors import InputError
 from hae_cli.user_text import checked_text
 
@@ -121,10 +123,11 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     check_sampling(options)
     if not images:
         raise InputError(f"`{task}` needs at least one image")
-    _check_kept_options(kept, options.max_new_tokens)
+    check_kept_options(kept, options.max_new_tokens)
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
+    from hae_cli.display.kept import write_run_png
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
 
@@ -134,7 +137,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     with progress_on_stderr() as progress:
         loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
                                                       options.num_crops, on_progress=progress), nothing)
-        kept_layer = _kept_layer(kept, loaded.num_layers) if kept.path is not None else None
+        kept_layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         progress("starting")
         probe = MemoryProbe()
         buffer = _buffer(policy, params)
@@ -154,7 +157,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             memory = probe.snapshot()
             probe.close()
 
-    drawn = _draw_kept(result, kept, kept_layer, images, loaded, f"{policy} · {title}")
+    drawn = write_run_png(result, kept.path, kept_layer, images, loaded, f"{policy} · {title}")
     with signals.writing_result():
         if as_json:
             payload = result.to_json()
@@ -180,43 +183,6 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         last = result.steps[-1].step if result.steps else 0
         raise InputError(f"--kept-step {kept.step} is beyond the run: it ended after decode step {last} "
                          f"(0 = after prefill); {kept.path} was not written")
-
-
-def _check_kept_options(kept: KeptOptions, max_new_tokens: int) -> None:
-    """What can be checked before the model loads: --kept-* need --show-kept, a writable PNG path,
-    and a step the run can reach (the last token is not fed back, so -n N ends at step N - 1)."""
-    from hae_cli.display.kept import check_writable
-
-    if kept.path is None:
-        for name, value in (("--kept-layer", kept.layer), ("--kept-step", kept.step)):
-            if value is not None:
-                raise InputError(f"{name} chooses what --show-kept draws; add --show-kept FILE.png")
-        return
-    check_writable(kept.path)
-    if kept.step is not None and kept.step > max_new_tokens - 1:
-        raise InputError(f"--kept-step {kept.step} is beyond the run: with --max-new-tokens {max_new_tokens} "
-                         f"the last decode step is {max_new_tokens - 1} (0 = after prefill)")
-
-
-def _kept_layer(kept: KeptOptions, num_layers: int) -> int:
-    """The layer --show-kept draws, checked once the model's config says how many there are."""
-    if kept.layer is not None and kept.layer >= num_layers:
-        raise InputError(f"--kept-layer {kept.layer} is out of range: the model has {num_layers} layers "
-                         f"(0 to {num_layers - 1})")
-    return num_layers - 1 if kept.layer is None else kept.layer
-
-
-def _draw_kept(result, kept: KeptOptions, layer: int, images: Sequence[Path], loaded, title: str):
-    """Write the --show-kept PNG; None when not asked for or the run never reached the step."""
-    if kept.path is None or result.kept is None:
-        return None
-    from hae_cli.display.kept import write_kept_png
-
-    step = result.kept.step
-    when = "after prefill" if step == 0 else f"after decode step {step}"
-    heading = f"{title} · {when} · layer {layer} of 0-{loaded.num_layers - 1}"
-    return write_kept_png(result.kept, layer, list(images), loaded.image_config, result.image_layouts,
-                          kept.path, heading)
 
 
 def _buffer(policy: str, params: dict) -> int | None:

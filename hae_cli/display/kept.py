@@ -144,21 +144,6 @@ def save_png(figure: Image.Image, path: Path) -> Path:
     return path
 
 
-def check_writable(path: Path, option: str = "--show-kept") -> None:
-    """Fail before the run, not after it, when the picture could not be written."""
-    if path.suffix.lower() != ".png":
-        raise InputError(f"{option} writes a PNG: give a file name ending in .png, not {str(path)!r}")
-    if path.is_dir():
-        raise InputError(f"{option}: {str(path)!r} is a folder; give a file name ending in .png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{option}: folder {str(parent)!r} does not exist")
-    import os
-
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"{option}: cannot write {str(path)!r} (permission denied)")
-
-
 def _cells_of(picture: Image.Image, cols: int, rows: int) -> np.ndarray:
     """The picture scaled so that each merged patch is one CELL x CELL square."""
     return np.asarray(picture.convert("RGB").resize((cols * CELL, rows * CELL), Image.Resampling.BOX),
@@ -213,3 +198,14 @@ def write_kept_png(kept: KeptMap, layer: int, images: list, image_config, image_
 
     pictures = [views_as_seen(load_image(image), image_config) for image in images]
     return save_png(draw_kept(kept, layer, pictures, image_layouts, title), Path(path))
+
+
+def write_run_png(result, path: Path | None, layer: int | None, images: list, loaded, title: str) -> Path | None:
+    """The --show-kept PNG of one run (`RunResult`); None when not asked for (`path` None) or when
+    the run never reached the step asked for (`result.kept` None)."""
+    if path is None or result.kept is None:
+        return None
+    step = result.kept.step
+    when = "after prefill" if step == 0 else f"after decode step {step}"
+    heading = f"{title} · {when} · layer {layer} of 0-{loaded.num_layers - 1}"
+    return write_kept_png(result.kept, layer, list(images), loaded.image_config, result.image_layouts, path, heading)
