@@ -88,3 +88,37 @@ def test_a_step_the_run_never_reached_is_one_line_and_exit_2(checkpoint, images,
     assert "kept" not in json.loads(result.stdout)
     assert result.stderr.strip().splitlines()[-1].startswith("error: --kept-step 7 is beyond the run: it ended after")
     assert not png.exists()
+
+
+def test_profile_draws_one_png_per_policy_of_the_first_prompt(checkpoint, images, tmp_path):  # noqa: F811
+    png, out = tmp_path / "kept.png", tmp_path / "profile.json"
+    result = ok(invoke("profile", "--model", checkpoint, "--images", images[0], "--images", images[1],
+                       "--question", "what color?", "-c", "snapkv", "--budget", "0.3", "-n", "4",
+                       "--json", out, "--show-kept", png, "--kept-step", "0"))
+    runs = json.loads(out.read_text())["runs"]
+    for name in ("baseline", "hae", "snapkv"):
+        path = tmp_path / f"kept_{name}.png"
+        assert f"kept patches of {name} written to {path}" in result.stderr
+        first, second = runs[name]
+        assert first["kept"]["step"] == 0 and "kept" not in second  # the first prompt only
+        assert len(first["kept"]["images"]) == 1
+    full = runs["baseline"][0]["kept"]["images"][0]
+    assert all(set(layer["mask"]) == {"#"} for layer in full["layers"])  # the full cache holds every slot
+    assert any("." in layer["mask"] for layer in runs["hae"][0]["kept"]["images"][0]["layers"])
+    picture = np.asarray(Image.open(tmp_path / "kept_baseline.png").convert("RGB"))
+    row = layout([full]).rows[0]
+    cells = image_slot_cells(full["h_crops"], full["w_crops"], full["grid"])
+    assert evicted_cells(picture, row, cells, full["slots"]) == set()
+    assert not png.exists()
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--kept-layer", "3"], "--kept-layer 3 is out of range"),
+    (["--kept-step", "4"], "--kept-step 4 is beyond the run"),
+])
+def test_profile_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, args, fragment):  # noqa: F811
+    result = invoke("profile", "--model", checkpoint, "--images", images[0], "--question", "what?", "-n", "4",
+                    "--show-kept", tmp_path / "kept.png", *args)
+    assert result.exit_code == 2 and result.stdout == "", result.output
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert fragment in result.stderr
