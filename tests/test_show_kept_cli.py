@@ -122,3 +122,14 @@ def test_profile_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_p
     assert result.exit_code == 2 and result.stdout == "", result.output
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert fragment in result.stderr
+
+
+def test_profile_says_which_policy_never_reached_the_step(checkpoint, images, tmp_path, monkeypatch):  # noqa: F811
+    from hae_cli.cli import profile
+
+    monkeypatch.setattr(profile, "check_kept_options", lambda kept, max_new_tokens: None)  # as if it stopped early
+    result = ok(invoke("profile", "--model", checkpoint, "--images", images[0], "--question", "what?", "-n", "3",
+                       "--show-kept", tmp_path / "kept.png", "--kept-step", "7"))
+    for name in ("baseline", "hae"):
+        assert f"note: {name} not drawn: its run ended after decode step" in result.stderr
+        assert not (tmp_path / f"kept_{name}.png").exists()
