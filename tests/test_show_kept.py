@@ -178,3 +178,13 @@ def test_json_mask_matches_the_cache():
 def test_unwritable_paths_fail_before_the_run(tmp_path, name, fragment):
     with pytest.raises(InputError, match=fragment):
         check_writable(tmp_path / name)
+
+
+def test_png_frames_each_view_and_marks_where_crops_meet(tmp_path):
+    _, png, row = read_back(tmp_path, layer=1)
+    side = GRID * 12  # CELL pixels per merged patch
+    x0, y0 = row.cell_box(CROPS_VIEW, 0, 0)[:2]
+    assert tuple(png[y0 + 30, x0 + side]) == (120, 170, 255)  # the edge between crop 1 and crop 2
+    assert tuple(png[y0 + 30, x0 + side - 6]) != (120, 170, 255)  # a cell centre is never drawn over
+    gx, gy = row.cell_box(GLOBAL_VIEW, 0, 0)[:2]
+    assert tuple(png[gy - 1, gx + 30]) == tuple(png[y0 - 1, x0 + 30]) == (150, 150, 150)  # frames, just outside

@@ -36,6 +36,8 @@ GONE_DIM = 0.78  # how far an evicted patch fades toward grey
 BIN_TINT = 0.65  # how far a patch in the bin turns orange
 BACKGROUND = (255, 255, 255)
 INK = (20, 20, 20)
+FRAME = (150, 150, 150)
+CROP_EDGE = (120, 170, 255)  # where one 336-pixel crop meets the next
 
 
 @dataclass(frozen=True)
@@ -127,6 +129,8 @@ def draw_kept(kept: KeptMap, layer: int, pictures: list[tuple[Image.Image, Image
     for n, line in enumerate(title_lines):
         draw.text((MARGIN, 6 + n * TITLE_LINE), line, fill=INK, font=font)
     _legend(draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1))
+    for row, entry in zip(plan.rows, image_layouts):
+        _frame(draw, row, entry)
     for row, label in labels:
         draw.text((MARGIN, row.y - LABEL_HEIGHT + 3), label, fill=INK, font=font)
         below = row.y + row.height + 3
@@ -142,6 +146,20 @@ def save_png(figure: Image.Image, path: Path) -> Path:
     except OSError as error:
         raise InputError(f"cannot write {path}: {error.strerror or error}") from None
     return path
+
+
+def _frame(draw: ImageDraw.ImageDraw, row: ImageRow, entry: dict) -> None:
+    """A frame around each view, just outside its cells (a kept white patch is not the page), and a
+    line where one crop meets the next (on the cells' edge pixels, never their centres)."""
+    crops_w, crops_h, side = row.crops_cols * CELL, row.crops_rows * CELL, row.grid * CELL
+    draw.rectangle((row.crops_x - 1, row.y - 1, row.crops_x + crops_w, row.y + crops_h), outline=FRAME)
+    draw.rectangle((row.global_x - 1, row.y - 1, row.global_x + side, row.y + side), outline=FRAME)
+    for k in range(1, entry["w_crops"]):
+        x = row.crops_x + k * side
+        draw.line((x, row.y, x, row.y + crops_h - 1), fill=CROP_EDGE)
+    for k in range(1, entry["h_crops"]):
+        y = row.y + k * side
+        draw.line((row.crops_x, y, row.crops_x + crops_w - 1, y), fill=CROP_EDGE)
 
 
 def _cells_of(picture: Image.Image, cols: int, rows: int) -> np.ndarray:
