@@ -329,7 +329,9 @@ def run(
     kept_step: int | None = None,
 ) -> RunResult:
     """Answer `question` about `images` (task "ask") or caption them in order (task "story").
-    `on_prefill` is called once the images are read and encoded, as the model's prefill starts."""
+    `on_prefill` is called once the images are read and encoded, as the model's prefill starts.
+    With `show_kept`, `result.kept` is what each layer held of each image after decode step
+    `kept_step` (None: at the end), as `--show-kept` draws it and `to_json()["kept"]` lists it."""
     from hae_cli.cache.policies import make_policy
     from hae_cli.model.generate import SamplingConfig
 
