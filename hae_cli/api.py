@@ -98,6 +98,8 @@ class RunResult:
     stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
     image_seconds: float = 0.0  # reading and encoding the images, before the prefill (`run` only)
     notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
+    kept: object | None = None  # KeptMap: what each layer held of each image (asked for with `show_kept`)
+    image_layouts: list[dict] = field(default_factory=list)  # per image: its crop grid (`prepare`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,6 +129,8 @@ class RunResult:
 
     def to_json(self) -> dict:
         final = self.steps[-1] if self.steps else None
+        from hae_cli.cache.kept import kept_json
+
         return {
             "policy": self.policy,
             "text": self.text,
@@ -152,6 +156,7 @@ class RunResult:
             },
             "final_cache": asdict(final) if final else None,
             "events": [asdict(e) for e in self.events],
+            **({"kept": kept_json(self.kept, self.image_layouts)} if self.kept is not None else {}),
         }
 
 
@@ -181,6 +186,7 @@ class PreparedPrompt:
 
     tokens: object  # PromptTokens
     embeds: torch.Tensor  # [1, L, hidden]
+    image_layouts: list[dict] = field(default_factory=list)  # per image: h_crops, w_crops, grid
 
 
 def prepare(
@@ -211,7 +217,9 @@ def prepare(
     progress(f"encoding images ({len(tokens.input_ids)} prompt tokens)")
     with torch.inference_mode():
         embeds = loaded.model.embed(tokens, processed, image_features)
-    return PreparedPrompt(tokens, embeds)
+    grid = loaded.image_config.merged_grid
+    layouts = [{"h_crops": p.h_crops, "w_crops": p.w_crops, "grid": grid} for p in processed]
+    return PreparedPrompt(tokens, embeds, layouts)
 
 
 def run_prepared(
@@ -227,10 +235,16 @@ def run_prepared(
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
     context_length: int | None = None,
+    show_kept: bool = False,
+    kept_step: int | None = None,
 ) -> RunResult:
     """Generate from a prepared prompt with a fresh cache under `policy`. With
     `context_length`, the prompt's first tokens are cached (and compressed) before the rest is
-    seen (`prepared.tokens.after_images()` splits right after the last image)."""
+    seen (`prepared.tokens.after_images()` splits right after the last image). With `show_kept`,
+    `result.kept` is what each layer held of each image after decode step `kept_step` (None:
+    at the end; it stays None if the run ended before that step)."""
+    from hae_cli.cache.kept import image_slots, kept_map
+
     from hae_cli.model.generate import SamplingConfig, generate
 
     notes = []
@@ -241,10 +255,15 @@ def run_prepared(
     cache = make_cache(loaded, policy, policy_params)
     steps: list[CacheStats] = []
     streamer = _TextStreamer(loaded.tokenizer, on_token)
+    slots = image_slots(prepared.tokens.image_id) if show_kept else []
+    kept = None
 
     def publish_step() -> None:
+        nonlocal kept
         stats = cache.stats()
         steps.append(stats)
+        if show_kept and stats.step == kept_step:
+            kept = kept_map(cache, slots, stats.step)
         if on_step is not None:
             on_step(stats)
 
@@ -262,6 +281,8 @@ def run_prepared(
         context_length=context_length,
         overview=tokens.overview,
     )
+    if show_kept and kept_step is None and steps:
+        kept = kept_map(cache, slots, steps[-1].step)
     text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
     if not text and generation.stopped_by == "stop_token":
         notes.append(
@@ -283,6 +304,8 @@ def run_prepared(
         interrupted=generation.stopped_by == "interrupt",
         stopped_by=generation.stopped_by,
         notes=notes,
+        kept=kept,
+        image_layouts=prepared.image_layouts,
     )
 
 
@@ -302,9 +325,13 @@ def run(
     on_step: Callable[[CacheStats], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_prefill: Callable[[], None] | None = None,
+    show_kept: bool = False,
+    kept_step: int | None = None,
 ) -> RunResult:
     """Answer `question` about `images` (task "ask") or caption them in order (task "story").
-    `on_prefill` is called once the images are read and encoded, as the model's prefill starts."""
+    `on_prefill` is called once the images are read and encoded, as the model's prefill starts.
+    With `show_kept`, `result.kept` is what each layer held of each image after decode step
+    `kept_step` (None: at the end), as `--show-kept` draws it and `to_json()["kept"]` lists it."""
     from hae_cli.cache.policies import make_policy
     from hae_cli.model.generate import SamplingConfig
 
@@ -319,6 +346,7 @@ def run(
     result = run_prepared(
         loaded, prepared, policy=policy, policy_params=policy_params, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, on_step=on_step,
+        show_kept=show_kept, kept_step=kept_step,
     )
     result.image_seconds = image_seconds
     return result

@@ -213,8 +213,12 @@ def run_profile(
     top_p: float = 1.0,
     seed: int = 0,
     on_progress: Callable[[str], None] | None = None,
+    show_kept: bool = False,
+    kept_step: int | None = None,
 ) -> ProfileReport:
     """Every prompt under the full cache (the baseline, run first) and each `(policy, params)`.
+    With `show_kept`, each policy's run of the first prompt records what it kept of each image
+    (after decode step `kept_step`, None: at the end) in its `kept`.
 
     Ctrl-C stops cleanly: what finished is kept and the report says it was interrupted.
     """
@@ -225,7 +229,8 @@ def run_profile(
     results: dict[str, list] = {name: [] for name, _, _ in named}
     interrupted = False
     total, done = len(named) * len(workload), 0
-    for prompt in workload:
+    for number, prompt in enumerate(workload):
+        kept = dict(show_kept=True, kept_step=kept_step) if show_kept and number == 0 else {}
         for name, policy, params in named:
             done += 1
             label = f"[{done}/{total}] {name} · {prompt.label()}"
@@ -234,7 +239,7 @@ def run_profile(
                 result = api.run(
                     loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
                     policy_params=params, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, on_progress=lambda message: progress(f"{label}: {message}"),
+                    top_p=top_p, seed=seed, on_progress=lambda message: progress(f"{label}: {message}"), **kept,
                 )
             except KeyboardInterrupt:
                 interrupted = True

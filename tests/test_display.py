@@ -332,6 +332,60 @@ def test_plot_writes_a_png(tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
+def per_image_stats(step: int, held: int, by_image: list[int], sizes: list[int], n_layers: int = 2) -> CacheStats:
+    """`held` tokens in each layer; layer i holds `by_image[k] + i` of image k+1."""
+    layers = [LayerStats(i, {"text": held}, held + i, None, 0, held * BYTES_PER_TOKEN, 0,
+                         tokens_by_image=[n + i for n in by_image], bin_by_image=[0] * len(by_image))
+              for i in range(n_layers)]
+    return CacheStats(step, layers, 0, image_sizes=sizes)
+
+
+def profile_figure(title: str = "tokens held per layer, the prompt: story a.png, b.png"):
+    from hae_cli.display.plot import occupancy_figure
+
+    runs = {
+        "baseline": [per_image_stats(s, 1300 + s, [313, 313], [313, 313]) for s in range(2)],
+        "hae": [per_image_stats(s, 200 + s, [60, 70], [313, 313]) for s in range(2)],
+        "snapkv": [per_image_stats(s, 210 + s, [90, 40], [313, 313]) for s in range(2)],
+    }
+    return occupancy_figure(runs, title), runs
+
+
+def test_plot_puts_the_full_cache_apart_so_compressed_policies_get_their_own_scale():
+    figure, _ = profile_figure()
+    lines, top, bars = figure.axes[0], figure.axes[1], figure.axes[2]
+    assert [line.get_label() for line in top.lines] == ["baseline"]
+    assert [line.get_label() for line in lines.lines] == ["hae", "snapkv"]
+    assert lines.get_ylim()[1] < 400 and top.get_ylim()[0] > 1000  # neither scale squashes the other
+    styles = {(line.get_color(), line.get_linestyle(), line.get_marker()) for line in top.lines + lines.lines}
+    assert len({c for c, _, _ in styles}) == 3 and len({m for _, _, m in styles}) == 3
+
+
+def test_plot_steps_are_whole_numbers_even_for_a_two_step_run():
+    figure, _ = profile_figure()
+    figure.canvas.draw()
+    low, high = figure.axes[0].get_xlim()
+    ticks = [t for t in figure.axes[0].get_xticks() if low <= t <= high]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_plot_bars_are_the_tokens_each_policy_holds_of_each_image():
+    figure, runs = profile_figure()
+    bars = figure.axes[2]
+    heights = {c.get_label(): [round(p.get_height(), 6) for p in c.patches] for c in bars.containers}
+    assert heights == {"hae": [60.5, 70.5], "snapkv": [90.5, 40.5]}  # mean over layers (i adds i)
+    assert [t.get_text() for t in bars.get_xticklabels()] == ["image 1", "image 2"]
+
+
+def test_plot_title_wraps_inside_the_figure():
+    title = "tokens held per layer, the prompt: story " + ", ".join(f"easyvqa_test_{i:04d}.png" for i in range(8))
+    figure, _ = profile_figure(title)
+    figure.canvas.draw()
+    box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert "\n" in figure._suptitle.get_text() and "easyvqa_test_0007.png" in figure._suptitle.get_text()
+    assert 0 <= box.x0 and box.x1 <= figure.bbox.width and box.y1 <= figure.bbox.height
+
+
 def test_plot_without_matplotlib_says_how_to_install(monkeypatch, tmp_path):
     from hae_cli.display.plot import plot_occupancy
 
@@ -456,8 +510,8 @@ def test_the_plot_has_whole_steps_and_a_distinct_style_per_policy():
 
     steps = [known_stats(4, s) for s in range(7)]
     figure = occupancy_figure({name: steps for name in ("baseline", "hae", "snapkv", "h2o", "streaming")})
-    axes = figure.axes[0]
-    styles = [(line.get_linestyle(), line.get_marker()) for line in axes.get_lines()]
+    axes = figure.axes[0]  # the compressed policies; the full cache (baseline) has the panel above
+    styles = [(line.get_linestyle(), line.get_marker()) for line in axes.get_lines() + figure.axes[1].get_lines()]
     assert len(styles) == 5 and len(set(styles)) == 5  # identical lines, told apart by style
     figure.canvas.draw()
     ticks = [t for t in axes.get_xticks() if axes.get_xlim()[0] <= t <= axes.get_xlim()[1]]

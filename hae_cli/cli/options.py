@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -81,6 +82,30 @@ NoLiveFlag = Annotated[bool, typer.Option(
     help="No live panel: stream the answer as plain text, then a summary. "
          "(Automatic when stdout is not a terminal.)",
 )]
+ShowKeptOpt = Annotated[Path | None, typer.Option(
+    "--show-kept", rich_help_panel=OUTPUT_PANEL, metavar="FILE.png", show_default=False,
+    help="Draw each image (its crops after the HD transform, and its global view) with every "
+         "image token shown kept, evicted or in the recycle bin, one row per image. With --json, "
+         "the same data goes in the JSON's [bold]kept[/bold] (a mask per image and layer).",
+)]
+KeptLayerOpt = Annotated[int | None, typer.Option(
+    "--kept-layer", min=0, rich_help_panel=OUTPUT_PANEL, metavar="LAYER",
+    help="The layer --show-kept draws (0 = the first). Default: the last. Per-head policies: "
+         "a patch's shade is the share of heads holding it.",
+)]
+KeptStepOpt = Annotated[int | None, typer.Option(
+    "--kept-step", min=0, rich_help_panel=OUTPUT_PANEL, metavar="STEP",
+    help="Draw the cache as it was after this decode step (0 = after prefill). Default: at the end of the run.",
+)]
+
+
+@dataclass(frozen=True)
+class KeptOptions:
+    """What --show-kept draws: where, which layer (None: the last), after which step (None: the end)."""
+
+    path: Path | None
+    layer: int | None
+    step: int | None
 
 
 class Task(str, Enum):

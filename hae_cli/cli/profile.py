@@ -13,11 +13,14 @@ from rich.console import Console
 from hae_cli.cli import signals, validate
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
-    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt, NumCropsOpt, ParamOpt,
-    PolicyOpt, ScoreLayerOpt, SeedOpt, Task, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
+    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, KeptLayerOpt, KeptOptions, KeptStepOpt, MaxNewTokensOpt,
+    ModelOpt, NumCropsOpt, ParamOpt, PolicyOpt, ScoreLayerOpt, SeedOpt, ShowKeptOpt, Task, TemperatureOpt,
+    TopPOpt, VisualKeepOpt, run_options,
 )
 from hae_cli.cli.output import interruptible, library, progress_on_stderr, write_json
-from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for
+from hae_cli.cli.validate import (
+    check_images, check_kept_options, check_policy_name, check_sampling, kept_layer_for, params_for,
+)
 from hae_cli.errors import ConfigError, InputError
 from hae_cli.user_text import checked_text
 
@@ -66,7 +69,9 @@ def build_workload(images: Sequence[Path] | None, question: str | None, task: Ta
     "  [cyan]hae profile[/cyan]   (the samples in sample_images/: full cache vs hae)\n\n"
     "  [cyan]hae profile --compare baseline,snapkv,h2o --budget 0.5 --json profile.json[/cyan]\n\n"
     "  [cyan]hae profile --images cat.jpg --question \"What is it?\" --plot occupancy.png[/cyan]\n\n"
-    "  [cyan]hae profile --images p1.png --images p2.png --task story -n 200 --budget 256[/cyan]",
+    "  [cyan]hae profile --images p1.png --images p2.png --task story -n 200 --budget 256[/cyan]\n\n"
+    "  [cyan]hae profile --images cat.jpg -q \"What is it?\" -c snapkv --show-kept kept.png[/cyan]   "
+    "(kept_baseline.png, kept_hae.png, kept_snapkv.png)",
 )
 def profile(
     compare: Annotated[str, typer.Option(
@@ -90,7 +95,9 @@ def profile(
     )] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", metavar="FILE.png", rich_help_panel=OUTPUT_PANEL,
-        help="Write tokens held per layer over decode steps, one line per policy (needs matplotlib).",
+        help="Write a PNG of the first prompt: tokens held per layer over decode steps, one line per policy "
+             "(the full cache in its own panel), and bars of the tokens each policy holds of each image "
+             "(needs matplotlib).",
     )] = None,
     model: ModelOpt = "demo",
     policy: PolicyOpt = "hae",
@@ -105,6 +112,9 @@ def profile(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    show_kept: ShowKeptOpt = None,
+    kept_layer: KeptLayerOpt = None,
+    kept_step: KeptStepOpt = None,
 ) -> None:
     """Run one workload under the full cache and other policies, and compare them side by side.
 
@@ -119,6 +129,8 @@ def profile(
     for option, path in (("--plot", plot), ("--json", json_file)):
         if path is not None and str(path) != "-" and not path.parent.is_dir():
             raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
+    kept = KeptOptions(show_kept, kept_layer, kept_step)
+    check_kept_options(kept, options.max_new_tokens)
     policy_name = check_policy_name(options.policy)
     runs = parse_compare(compare, policy_name)
     params = {name: params_for(p, options.policy_args, strict=False) for name, p in runs}
@@ -140,10 +152,12 @@ def profile(
         loaded = interruptible(lambda: api.load_model(
             options.model, options.device, options.dtype, options.num_crops, on_progress=progress),
             nothing, json_file)
+        layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         report = run_profile(
             loaded, workload, [(policy_key, params[name]) for name, policy_key in runs if name != BASELINE],
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
             seed=options.seed, on_progress=progress,
+            **(dict(show_kept=True, kept_step=kept.step) if kept.path is not None else {}),
         )
     rows = report.rows
     with signals.writing_result():
@@ -162,6 +176,8 @@ def profile(
             plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
                            title=f"tokens held per layer, {which}: {first.task} {first.label()}")
             typer.echo(f"plot written to {plot} ({which}: {first.task} {first.label()})", err=True)
+        if kept.path is not None:
+            _write_kept_per_policy(report, workload[0], kept, layer, loaded)
         notes = dict.fromkeys(note for runs in report.results.values() for result in runs for note in result.notes)
         for note in notes:
             typer.echo(f"note: {note}", err=True)
@@ -170,3 +186,22 @@ def profile(
                        "policy", err=True)
     if report.interrupted or signals.received():
         sys.exit(signals.exit_code())
+
+
+def _write_kept_per_policy(report, prompt, kept: KeptOptions, layer: int, loaded) -> None:
+    """One --show-kept PNG per policy, of the first prompt: FILE.png -> FILE_<policy>.png. A policy
+    whose run ended before --kept-step is said on stderr and drawn by none."""
+    from hae_cli.display.kept import write_run_png
+
+    for name, results in report.results.items():
+        if not results:
+            continue
+        path = kept.path.with_name(f"{kept.path.stem}_{name}{kept.path.suffix}")
+        written = write_run_png(results[0], path, layer, list(prompt.images), loaded,
+                                f"{name} · {prompt.task} {prompt.label()}")
+        if written is None:
+            last = results[0].steps[-1].step if results[0].steps else 0
+            typer.echo(f"note: {name} not drawn: its run ended after decode step {last}, before --kept-step "
+                       f"{kept.step}", err=True)
+        else:
+            typer.echo(f"kept patches of {name} written to {written}", err=True)

@@ -14,12 +14,14 @@ from rich.console import Console
 from hae_cli.cli import signals
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
-    SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag,
-    NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt,
-    VisualKeepOpt, run_options,
+    SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, KeptLayerOpt, KeptOptions, KeptStepOpt,
+    MaxNewTokensOpt, ModelOpt, NoLiveFlag, NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt,
+    SeedOpt, ShowKeptOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
 )
 from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
-from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, params_for, policy_fields
+from hae_cli.cli.validate import (
+    check_images, check_kept_options, check_policy_name, check_sampling, kept_layer_for, params_for, policy_fields,
+)
 from hae_cli.errors import InputError
 from hae_cli.user_text import checked_text
 
@@ -30,6 +32,7 @@ from hae_cli.user_text import checked_text
     "  [cyan]hae ask chart.png \"Summarise the trend.\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
     "  [cyan]hae ask cat.jpg \"What is it?\" --policy h2o --budget 0.5[/cyan]\n\n"
     "  [cyan]hae ask cat.jpg \"What is it?\" --json | jq .timings[/cyan]\n\n"
+    "  [cyan]hae ask cat.jpg \"What is it?\" --show-kept kept.png --kept-layer 0[/cyan]   (the patches each layer still holds)\n\n"
     "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
 )
 def ask(
@@ -50,6 +53,9 @@ def ask(
     dtype: DtypeOpt = None,
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
+    show_kept: ShowKeptOpt = None,
+    kept_layer: KeptLayerOpt = None,
+    kept_step: KeptStepOpt = None,
 ) -> None:
     """Answer a question about one image, streaming the answer beside a live view of the cache.
 
@@ -57,7 +63,8 @@ def ask(
     """
     options = run_options(**locals())
     checked_text(question, "the question")
-    generate_and_show("ask", [image], question, options, json_output, live=not no_live)
+    generate_and_show("ask", [image], question, options, json_output, live=not no_live,
+                      kept=KeptOptions(show_kept, kept_layer, kept_step))
 
 
 @app.command(
@@ -89,6 +96,9 @@ def story(
     dtype: DtypeOpt = None,
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
+    show_kept: ShowKeptOpt = None,
+    kept_layer: KeptLayerOpt = None,
+    kept_step: KeptStepOpt = None,
 ) -> None:
     """Tell a story over several images, streamed with the live cache panel.
 
@@ -99,7 +109,8 @@ def story(
     options = run_options(**locals())
     if prompt is not None:
         checked_text(prompt, "--prompt")
-    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live)
+    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live,
+                      kept=KeptOptions(show_kept, kept_layer, kept_step))
 
 
 
@@ -107,14 +118,16 @@ def story(
 
 
 def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
-                      as_json: bool, live: bool) -> None:
+                      as_json: bool, live: bool, kept: KeptOptions = KeptOptions(None, None, None)) -> None:
     """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
     check_sampling(options)
     if not images:
         raise InputError(f"`{task}` needs at least one image")
+    check_kept_options(kept, options.max_new_tokens)
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
+    from hae_cli.display.kept import write_run_png
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
 
@@ -124,6 +137,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     with progress_on_stderr() as progress:
         loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
                                                       options.num_crops, on_progress=progress), nothing)
+        kept_layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         progress("starting")
         probe = MemoryProbe()
         buffer = _buffer(policy, params)
@@ -131,6 +145,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         watcher = RunWatcher(state, probe)
         kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
                       temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+        if kept.path is not None:
+            kwargs.update(show_kept=True, kept_step=kept.step)
         try:
             if live:
                 progress.stop()
@@ -141,9 +157,12 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             memory = probe.snapshot()
             probe.close()
 
+    drawn = write_run_png(result, kept.path, kept_layer, images, loaded, f"{policy} · {title}")
     with signals.writing_result():
         if as_json:
             payload = result.to_json()
+            if drawn is not None:
+                payload["kept"]["drawn"] = {"layer": kept_layer, "path": str(kept.path)}
             payload["memory"] = memory_json(memory)
             payload["model"] = loaded.name
             write_json(payload)
@@ -160,6 +179,10 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             typer.echo(f"interrupted{signals.describe()}: showing what was generated so far", err=True)
     if result.interrupted or signals.received():
         sys.exit(signals.exit_code())
+    if kept.path is not None and drawn is None:
+        last = result.steps[-1].step if result.steps else 0
+        raise InputError(f"--kept-step {kept.step} is beyond the run: it ended after decode step {last} "
+                         f"(0 = after prefill); {kept.path} was not written")
 
 
 def _buffer(policy: str, params: dict) -> int | None:

@@ -4,12 +4,13 @@ sampling, images. Each mistake is a `ConfigError` or `InputError` naming the opt
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hae_cli.errors import ConfigError, HaeError
+from hae_cli.errors import ConfigError, HaeError, InputError
 
 
 def parse_budget(text: str) -> int | float:
@@ -146,3 +147,38 @@ def check_sampling(options) -> None:
     from hae_cli.model.sampling import SamplingConfig
 
     SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
+
+
+def check_kept_options(kept, max_new_tokens: int) -> None:
+    """What can be checked before the model loads: --kept-* need --show-kept, a writable PNG path,
+    and a step the run can reach (the last token is not fed back, so -n N ends at step N - 1)."""
+    if kept.path is None:
+        for name, value in (("--kept-layer", kept.layer), ("--kept-step", kept.step)):
+            if value is not None:
+                raise InputError(f"{name} chooses what --show-kept draws; add --show-kept FILE.png")
+        return
+    check_writable(kept.path)
+    if kept.step is not None and kept.step > max_new_tokens - 1:
+        raise InputError(f"--kept-step {kept.step} is beyond the run: with --max-new-tokens {max_new_tokens} "
+                         f"the last decode step is {max_new_tokens - 1} (0 = after prefill)")
+
+
+def kept_layer_for(kept, num_layers: int) -> int:
+    """The layer --show-kept draws, checked once the model's config says how many there are."""
+    if kept.layer is not None and kept.layer >= num_layers:
+        raise InputError(f"--kept-layer {kept.layer} is out of range: the model has {num_layers} layers "
+                         f"(0 to {num_layers - 1})")
+    return num_layers - 1 if kept.layer is None else kept.layer
+
+
+def check_writable(path: Path, option: str = "--show-kept") -> None:
+    """Fail before the run, not after it, when the picture could not be written."""
+    if path.suffix.lower() != ".png":
+        raise InputError(f"{option} writes a PNG: give a file name ending in .png, not {str(path)!r}")
+    if path.is_dir():
+        raise InputError(f"{option}: {str(path)!r} is a folder; give a file name ending in .png")
+    parent = path.parent
+    if not parent.is_dir():
+        raise InputError(f"{option}: folder {str(parent)!r} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise InputError(f"{option}: cannot write {str(path)!r} (permission denied)")

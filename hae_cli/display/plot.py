@@ -37,38 +37,91 @@ def line_style(index: int) -> dict:
     return {"linestyle": linestyle, "marker": marker}
 
 
-def occupancy_figure(runs: Mapping[str, Sequence[CacheStats]], title: str | None = None):
-    """The figure `plot_occupancy` writes: the mean over layers as a line (its own style and
-    marker per policy), the spread between the emptiest and the fullest layer as a band, whole
-    decode steps on the x axis."""
+def image_means(stats: CacheStats) -> list[float]:
+    """Tokens held of each image (index k-1), mean over layers."""
+    layers = [layer.tokens_by_image for layer in stats.layers if layer.tokens_by_image]
+    return [sum(held) / len(layers) for held in zip(*layers)] if layers else []
+
+
+def occupancy_figure(runs: Mapping[str, Sequence[CacheStats]], title: str | None = None, full: str | None = "baseline"):
+    """The figure `plot_occupancy` writes. Left: tokens held per layer over decode steps, the mean
+    over layers as a line (its own colour, style and marker per policy), the spread between the
+    emptiest and the fullest layer as a band, whole steps on the x axis; the full cache (run
+    `full`) in a panel of its own above, so that its scale does not flatten the compressed
+    policies. Right: tokens each policy holds of each image at the last step, as bars against
+    the image's slots. The title (which prompt this is) wraps to the figure's width."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.ticker import MaxNLocator
     except ImportError:
         raise HaeError("--plot needs matplotlib: pip install 'hae-cli[plot]'") from None
+    import textwrap
 
-    figure = Figure(figsize=(8, 4.5), dpi=100)
+    styled = {name: (index, steps) for index, (name, steps) in enumerate(runs.items()) if occupancy_series(steps)[0]}
+    apart = full if full in styled and len(styled) > 1 else None
+    figure = Figure(figsize=(12, 6), dpi=100)
     FigureCanvasAgg(figure)
-    axes = figure.add_subplot(1, 1, 1)
-    for index, (name, steps) in enumerate(runs.items()):
+    grid = figure.add_gridspec(2, 2, height_ratios=(1, 3) if apart else (0.001, 1), width_ratios=(3, 2),
+                               hspace=0.3, wspace=0.22)
+    lines = figure.add_subplot(grid[1, 0])
+    top = figure.add_subplot(grid[0, 0], sharex=lines) if apart else None
+    bars = figure.add_subplot(grid[:, 1])
+
+    for name, (index, steps) in styled.items():
+        axes = top if name == apart else lines
         x, mean, low, high = occupancy_series(steps)
-        if not x:
-            continue
-        (line,) = axes.plot(x, mean, label=name, linewidth=1.6, markersize=5,
+        (line,) = axes.plot(x, mean, label=name, color=f"C{index % 10}", linewidth=1.6, markersize=5,
                             markevery=max(1, len(x) // 12), **line_style(index))
         if low != high:
             axes.fill_between(x, low, high, color=line.get_color(), alpha=0.15, linewidth=0)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_xlabel("decode step (0 = after prefill)")
-    axes.set_ylabel("tokens held per layer")
-    axes.set_title(title or "KV cache occupancy (line: mean over layers; band: min to max layer)")
-    axes.grid(True, alpha=0.3)
-    axes.set_ylim(bottom=0)
-    if runs:
-        axes.legend(loc="best")
-    figure.tight_layout()
+    for axes in (lines, top) if top is not None else (lines,):
+        axes.grid(True, alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if axes.lines:
+            axes.legend(loc="upper left", fontsize=8, ncol=3)
+    if top is not None:
+        top.tick_params(labelbottom=False)
+        top.set_title("full cache", fontsize=9, loc="left")
+    lines.set_title("compressed policies, on their own scale (line: mean over layers; band: min to max layer)"
+                    if top is not None else "line: mean over layers; band: min to max layer", fontsize=9, loc="left")
+    lines.set_ylim(bottom=0, top=max([1.0] + [max(occupancy_series(steps)[3]) for name, (_, steps) in styled.items()
+                                              if name != apart]) * 1.25)
+    lines.set_xlabel("decode step (0 = after prefill)")
+    lines.set_ylabel("tokens held per layer")
+
+    _image_bars(bars, {name: steps[-1] for name, (_, steps) in styled.items() if name != apart},
+                {name: index for name, (index, _) in styled.items()})
+    heading = title or "KV cache occupancy"
+    figure.suptitle("\n".join(textwrap.wrap(heading, 120)), fontsize=10)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.86 if len(heading) > 120 else 0.9)
     return figure
+
+
+def _image_bars(axes, finals: Mapping[str, CacheStats], colours: Mapping[str, int]) -> None:
+    """Grouped bars: per image, tokens each policy holds of it at its last step (mean over layers)."""
+    means = {name: image_means(stats) for name, stats in finals.items()}
+    images = max((len(m) for m in means.values()), default=0)
+    axes.set_title("tokens held of each image at the last step (mean over layers)", fontsize=9, loc="left")
+    if not images:
+        axes.text(0.5, 0.5, "no images in this prompt", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    width = 0.8 / max(1, len(means))
+    for n, (name, held) in enumerate(means.items()):
+        positions = [k + 1 - 0.4 + width * (n + 0.5) for k in range(len(held))]
+        axes.bar(positions, held, width=width, label=name, color=f"C{colours[name] % 10}",
+                 hatch=("", "//", "..", "xx", "\\\\", "++")[colours[name] % 6], edgecolor="white", linewidth=0.5)
+    sizes = next((stats.image_sizes for stats in finals.values() if stats.image_sizes), [])
+    for k, size in enumerate(sizes):
+        axes.hlines(size, k + 0.55, k + 1.45, colors="black", linestyles="--", linewidth=1,
+                    label="image slots" if k == 0 else None)
+    axes.set_xticks(range(1, images + 1), [f"image {k}" for k in range(1, images + 1)])
+    axes.set_ylabel("tokens held")
+    tallest = max([max(sizes, default=0)] + [max(held, default=0) for held in means.values()])
+    axes.set_ylim(bottom=0, top=max(1.0, tallest) * 1.35)  # room for the legend above the bars
+    axes.legend(loc="upper left", fontsize=8, ncol=3)
+    axes.grid(True, axis="y", alpha=0.3)
 
 
 def plot_occupancy(runs: Mapping[str, Sequence[CacheStats]], path: str | Path, title: str | None = None) -> Path:

@@ -380,3 +380,40 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> ProcessedIma
         modalities=image_token_modalities(h_crops, w_crops, grid),
         overview=image_token_overview(h_crops, w_crops, grid),
     )
+
+
+@dataclass(frozen=True)
+class SlotCells:
+    """Where each of an image's slots sits in the picture, in the "sub_glb" layout of
+    `image_token_modalities`: `view` 0 for the crops' feature map ((h*grid) x (w*grid) merged
+    patches), 1 for the `glb_GN` between them, 2 for the global view (grid x grid); `row`, `col`
+    in that view's map, where `col` == its width marks the row's `sub_GN` (glb_GN: row 0, col 0)."""
+
+    view: np.ndarray  # [slots] int8
+    row: np.ndarray  # [slots] int32
+    col: np.ndarray  # [slots] int32
+
+
+CROPS_VIEW, GLB_GN_VIEW, GLOBAL_VIEW = 0, 1, 2
+
+
+def image_slot_cells(h_crops: int, w_crops: int, grid: int) -> SlotCells:
+    total = tokens_per_image(h_crops, w_crops, grid)
+
+    def rows(n_rows: int, row_len: int, view: int):
+        row, col = np.divmod(np.arange(n_rows * (row_len + 1)), row_len + 1)
+        return np.full(row.size, view), row, col
+
+    crops, glb, global_view = rows(h_crops * grid, w_crops * grid, CROPS_VIEW), rows(1, 0, GLB_GN_VIEW), rows(
+        grid, grid, GLOBAL_VIEW)
+    view, row, col = (np.concatenate(parts) for parts in zip(crops, glb, global_view))
+    assert view.size == total
+    return SlotCells(view.astype(np.int8), row.astype(np.int32), col.astype(np.int32))
+
+
+def views_as_seen(image: Image.Image, config: ImageProcessorConfig) -> tuple[Image.Image, Image.Image]:
+    """The pictures behind an image's tokens, as 8-bit RGB: (the HD-transformed image its crops are
+    cut from, the global view: that image resized to one crop), for showing what the cache keeps."""
+    padded = hd_transform(image, config.num_crops, config.crop_size)
+    size = (config.crop_size, config.crop_size)
+    return padded, padded.resize(size, Image.Resampling.BICUBIC)

@@ -1,0 +1,116 @@
+"""What the cache holds of each image, slot by slot: the data behind `--show-kept` and the
+JSON's `kept`, read from the layers' positions and their recycle bins at one moment.
+
+A slot is one of an image's prompt positions (its merged patches and separators, in the
+"sub_glb" order); image k's slots are contiguous, from `start` on. Per layer a slot is held
+by some number of KV heads (all or none, unless the policy chooses per head), or sits in the
+bin (bin tokens are the same in every head), or is gone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class ImageSlots:
+    """Image `index` (1-based) of the prompt: slots `start .. start + count - 1`."""
+
+    index: int
+    start: int
+    count: int
+
+
+@dataclass(frozen=True)
+class KeptMap:
+    """The cache after decode step `step` (0: after prefill).
+
+    heads_holding: per layer, per image, `[slots]` int: KV heads that hold each slot.
+    in_bin: per layer, per image, `[slots]` bool: in that layer's recycle bin.
+    heads: KV heads per layer.
+    """
+
+    step: int
+    images: list[ImageSlots]
+    heads: int
+    heads_holding: list[list[np.ndarray]]
+    in_bin: list[list[np.ndarray]]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.heads_holding)
+
+    def held_share(self, layer: int, image: int) -> np.ndarray:
+        """`[slots]` float in [0, 1]: the share of heads holding each slot of image `image` (1-based)."""
+        return self.heads_holding[layer][image - 1] / self.heads
+
+    def tokens_held(self, layer: int, image: int) -> int:
+        """Slots of the image the layer holds (in every head, or at all for per-head policies: rows
+        per head are equal in number, so this is the mean over heads, rounded)."""
+        return int(round(self.heads_holding[layer][image - 1].sum() / self.heads))
+
+    def tokens_in_bin(self, layer: int, image: int) -> int:
+        return int(self.in_bin[layer][image - 1].sum())
+
+
+def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
+    """Each image's slot range from a prompt's `[L]` image ids (k on image k's slots, 0 elsewhere)."""
+    ids = image_id.reshape(-1).cpu()
+    out = []
+    for k in range(1, int(ids.max()) + 1 if ids.numel() else 1):
+        where = (ids == k).nonzero().reshape(-1)
+        if where.numel():
+            out.append(ImageSlots(k, int(where[0]), int(where.numel())))
+    return out
+
+
+def kept_map(cache, images: list[ImageSlots], step: int) -> KeptMap:
+    """Read every layer of an `EvictingCache` (positions `[H_kv, N]` and the bin's positions `[M]`)."""
+    holding, binned, heads = [], [], 1
+    for layer in cache.layers:
+        positions = layer.positions.cpu().numpy() if layer.positions is not None else np.zeros((1, 0), np.int64)
+        heads = positions.shape[0]
+        bin_positions = layer.bin.positions.cpu().numpy()
+        layer_holding, layer_bin = [], []
+        for image in images:
+            counts = np.zeros(image.count, dtype=np.int32)
+            slot = positions - image.start
+            inside = (slot >= 0) & (slot < image.count)
+            np.add.at(counts, slot[inside], 1)
+            layer_holding.append(counts)
+            in_bin = np.zeros(image.count, dtype=bool)
+            slot = bin_positions - image.start
+            in_bin[slot[(slot >= 0) & (slot < image.count)]] = True
+            layer_bin.append(in_bin)
+        holding.append(layer_holding)
+        binned.append(layer_bin)
+    return KeptMap(step, list(images), heads, holding, binned)
+
+
+def kept_json(kept: KeptMap, layouts: list[dict] | None = None) -> dict:
+    """The JSON form: per image, per layer, a mask string with one character per slot,
+    `#` held by every head, `+` by some (then `heads_holding` lists the count per slot),
+    `b` in the recycle bin, `.` gone. `layouts` (one dict per image, e.g. its crop grid) is
+    merged into each image's entry so the picture can be redrawn from the JSON alone."""
+    images = []
+    for i, image in enumerate(kept.images):
+        layers = []
+        for layer in range(kept.num_layers):
+            counts = kept.heads_holding[layer][i]
+            mask = np.full(image.count, ".", dtype="<U1")
+            mask[kept.in_bin[layer][i]] = "b"
+            mask[counts > 0] = "+"
+            mask[counts == kept.heads] = "#"
+            entry = {"layer": layer, "held": kept.tokens_held(layer, image.index),
+                     "in_bin": kept.tokens_in_bin(layer, image.index), "mask": "".join(mask)}
+            if ((counts > 0) & (counts < kept.heads)).any():
+                entry["heads_holding"] = counts.tolist()
+            layers.append(entry)
+        entry = {"image": image.index, "first_position": image.start, "slots": image.count}
+        entry.update(layouts[i] if layouts else {})
+        entry["layers"] = layers
+        images.append(entry)
+    return {"step": kept.step, "kv_heads": kept.heads, "images": images}
