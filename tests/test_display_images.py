@@ -18,9 +18,19 @@ def test_rows_and_table_per_image():
     assert image_rows(stats) == [("image 1", 313, 61, 313, 61, 4), ("image 2", 313, 120, 313, 120, 1)]
     console = Console(record=True, width=80)
     console.print(image_table(stats))
-    text = console.export_text()
-    assert "image 1" in text and "61-313" in text and "19" in text  # 61 of 313 = 19%
-    assert "image 2" in text and "120-313" in text and "38" in text
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == ["image", "slots", "L0", "L1", "L2", "kept", "%", "bin"]
+    assert lines[1].split() == ["image", "1", "313", "313", "61", "61", "19", "4"]  # 61 of 313 = 19%
+    assert lines[2].split() == ["image", "2", "313", "313", "120", "120", "38", "1"]
+
+
+def test_deep_models_get_a_range_per_image():
+    layers = [layer(i, (313 if i == 0 else 61,)) for i in range(12)]
+    console = Console(record=True, width=80)
+    console.print(image_table(CacheStats(1, layers, 0, image_sizes=[313])))
+    lines = console.export_text().splitlines()
+    assert "held (layers)" in lines[0] and "L11" not in lines[0]
+    assert lines[1].split() == ["image", "1", "313", "61-313", "61", "19", "0"]
 
 
 def test_no_images_no_table():

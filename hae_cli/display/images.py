@@ -23,17 +23,32 @@ def image_rows(stats: CacheStats) -> list[tuple[str, int, int, int, int, int]]:
     return rows
 
 
+PER_LAYER_COLUMNS = 8  # up to this many layers, a column each; deeper models get a range
+
+
 def image_table(stats: CacheStats) -> Table | None:
-    """Per image: its slots, what the layers hold of them (fewest-most, and the last layer, which
-    index broadcasting makes equal to the scoring layer's choice), and the last layer's bin."""
+    """Per image: its slots, what each layer holds of them (a column per layer up to
+    `PER_LAYER_COLUMNS`, else fewest-most), the last layer's share (index broadcasting makes it
+    the scoring layer's choice) and the last layer's bin."""
     rows = image_rows(stats)
     if not rows:
         return None
+    per_layer = len(stats.layers) <= PER_LAYER_COLUMNS
     table = Table(box=None, pad_edge=False, show_edge=False, header_style="bold")
-    for name, justify in (("image", "left"), ("slots", "right"), ("held (layers)", "right"),
-                          ("last layer", "right"), ("kept %", "right"), ("bin", "right")):
-        table.add_column(name, justify=justify)
-    for label, size, fewest, most, last, binned in rows:
-        span = str(fewest) if fewest == most else f"{fewest}-{most}"
-        table.add_row(label, str(size), span, str(last), f"{100 * last / max(1, size):.0f}", str(binned))
+    table.add_column("image")
+    table.add_column("slots", justify="right")
+    if per_layer:
+        for layer in stats.layers:
+            table.add_column(f"L{layer.layer}", justify="right")
+    else:
+        table.add_column("held (layers)", justify="right")
+        table.add_column("last layer", justify="right")
+    table.add_column("kept %", justify="right")
+    table.add_column("bin", justify="right")
+    for k, (label, size, fewest, most, last, binned) in enumerate(rows):
+        if per_layer:
+            held = [str(layer.tokens_by_image[k]) for layer in stats.layers]
+        else:
+            held = [str(fewest) if fewest == most else f"{fewest}-{most}", str(last)]
+        table.add_row(label, str(size), *held, f"{100 * last / max(1, size):.0f}", str(binned))
     return table
