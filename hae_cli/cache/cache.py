@@ -290,6 +290,7 @@ class EvictingCache(Cache):
             image_id = torch.zeros(q, dtype=torch.int16)
         if overview is None:
             overview = torch.zeros(q, dtype=torch.bool)
+        self._count_image_slots(image_id.reshape(-1))
         modality = modality.reshape(-1).to(positions.device, torch.int8)
         image_id = image_id.reshape(-1).to(positions.device, torch.int16)
         overview = overview.reshape(-1).to(positions.device, torch.bool)
@@ -299,12 +300,17 @@ class EvictingCache(Cache):
                 f"{overview.numel()} overview tags"
             )
         self.next_position += q
-        fed = torch.bincount(image_id.long().cpu()).tolist()[1:] if image_id.numel() else []
-        if len(fed) > len(self.image_sizes):
-            self.image_sizes += [0] * (len(fed) - len(self.image_sizes))
+        return _Forward(positions, modality, image_id, overview, explicit)
+
+    def _count_image_slots(self, image_id: torch.Tensor) -> None:
+        """Add this forward's slots per image to `image_sizes`, read from the tags as the caller
+        made them (on the host for prompts and decode steps: no device sync)."""
+        if not image_id.numel():
+            return
+        fed = torch.bincount(image_id.long().cpu()).tolist()[1:]
+        self.image_sizes += [0] * max(0, len(fed) - len(self.image_sizes))
         for k, count in enumerate(fed):
             self.image_sizes[k] += count
-        return _Forward(positions, modality, image_id, overview, explicit)
 
     def _implicit_forward(self, key_states, kwargs) -> _Forward:
         q = key_states.shape[2]
@@ -539,21 +545,22 @@ class EvictingCache(Cache):
 
 def _count_tensor(modality: torch.Tensor) -> torch.Tensor:
     """Tokens per modality, `[4]` float (for `[H, n]` tags the mean over heads), without a sync."""
-    tags = modality.long()
-    if tags.dim() == 1:
-        tags = tags[None]
-    one_hot = tags[..., None] == torch.arange(len(Modality), device=tags.device)
-    return one_hot.sum(dim=1).float().mean(dim=0)
+    return _count_values(modality, 0, len(Modality))
 
 
 def _image_counts(image_id: torch.Tensor | None, images: int) -> torch.Tensor:
     """Tokens of images 1..`images`, `[images]` float (for `[H, n]` tags the mean over heads)."""
     if image_id is None or not images:
         return torch.zeros(images)
-    tags = image_id.long()
+    return _count_values(image_id, 1, images + 1)
+
+
+def _count_values(tags: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """How many tags equal each of `start..stop-1`, float (`[H, n]` tags: the mean over heads)."""
+    tags = tags.long()
     if tags.dim() == 1:
         tags = tags[None]
-    one_hot = tags[..., None] == torch.arange(1, images + 1, device=tags.device)
+    one_hot = tags[..., None] == torch.arange(start, stop, device=tags.device)
     return one_hot.sum(dim=1).float().mean(dim=0)
 
 
