@@ -23,6 +23,8 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere finds hae_cli
     sys.path.insert(0, str(REPO))
 
+from hae_cli.cli.validate import parse_value  # noqa: E402 (after the path fix above)
+
 
 def other_heavy_processes() -> list[str]:
     """Command lines of other processes known to load the CPU (the demo model's training)."""
@@ -122,28 +124,13 @@ def parse_list(text: str, cast=str) -> list:
     return [cast(part.strip()) for part in text.split(",") if part.strip()]
 
 
-def parse_value(text: str):
-    """"3" -> 3, "0.5" -> 0.5, "true" -> True, "none" -> None, anything else as written."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for number in (int, float):
-        try:
-            return number(lowered)
-        except ValueError:
-            pass
-    return text.strip()
-
-
 def parse_params(text: str, sep: str = ",") -> dict:
     """"visual_keep=0.4,buffer=8" -> {"visual_keep": 0.4, "buffer": 8}."""
     params = {}
     for item in text.split(sep):
         if item.strip():
             key, _, value = item.partition("=")
-            params[key.strip()] = parse_value(value)
+            params[key.strip()] = parse_value(value.strip())  # the CLI's -p rule, one for both
     return params
 
 

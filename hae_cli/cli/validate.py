@@ -36,7 +36,8 @@ def parse_budget(text: str) -> int | float:
     return fraction
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
+    """A policy parameter's value as written: a bool, None, an int, a float, or the string."""
     lowered = text.strip().lower()
     if lowered in ("true", "yes", "on"):
         return True
@@ -61,7 +62,7 @@ def collect_policy_args(
         name = name.strip().replace("-", "_")
         if not sep or not name:
             raise ConfigError(f"--param expects NAME=VALUE, got {item!r}")
-        args[name] = parse_budget(value) if name == "budget" else _parse_value(value)
+        args[name] = parse_budget(value) if name == "budget" else parse_value(value)
     if budget is not None:
         args["budget"] = parse_budget(budget)
     if visual_keep is not None:
