@@ -47,18 +47,19 @@ class Phi3VForCausalLM(nn.Module):
             self.vision(image.pixel_values.to(self.device), image.h_crops, image.w_crops) for image in images
         ]
 
-    def embed(self, prompt, images, image_features: list[torch.Tensor] | None = None) -> torch.Tensor:
+    def embed(self, prompt, images, image_features: list[torch.Tensor] | None = None, first_image: int = 1) -> torch.Tensor:
         """Token embeddings with image k's features at the `-k` slots: `[1, L, hidden]`.
 
         `image_features` (from `image_embeddings`) skips the vision tower, for callers that ask
-        several questions about one image.
+        several questions about one image. `first_image`: the number of `images[0]` (a later
+        turn of a conversation continues the count).
         """
         ids = prompt.input_ids.to(self.device)
         text_rows = ids >= 0
         embeds = self.language_model.model.embed_tokens(ids.clamp(min=0))
         if images:
             features = image_features if image_features is not None else self.image_embeddings(images)
-            for k, image_features in enumerate(features, start=1):
+            for k, image_features in enumerate(features, start=first_image):
                 slots = (ids == -k).nonzero().squeeze(-1)
                 if slots.numel() != image_features.shape[0]:
                     raise ValueError(f"image {k}: {slots.numel()} slots for {image_features.shape[0]} features")
