@@ -154,6 +154,9 @@ def vocabulary() -> list[str]:
     words |= set(_split_words(STORY_PROMPT.lower() + " image a an : ."))
     words |= {str(k) for k in range(1, MAX_STORY_IMAGES + 1)}
     words |= set(COLORS) | set(SHAPES)
+    from hae_cli.data.conversations import EXTRA_WORDS
+
+    words |= set(EXTRA_WORDS)
     return sorted(words)
 
 
