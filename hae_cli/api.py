@@ -254,7 +254,7 @@ def run_prepared(
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
     cache = make_cache(loaded, policy, policy_params)
     steps: list[CacheStats] = []
-    streamer = _TextStreamer(loaded.tokenizer, on_token)
+    streamer = TextStreamer(loaded.tokenizer, on_token)
     slots = image_slots(prepared.tokens.image_id) if show_kept else []
     kept = None
 
@@ -352,7 +352,7 @@ def run(
     return result
 
 
-class _TextStreamer:
+class TextStreamer:
     """Turns token ids into text pieces; decodes the whole answer each time so words join right."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None] | None) -> None:
