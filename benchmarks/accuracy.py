@@ -645,7 +645,7 @@ def main(argv=None) -> dict:
         protocol = QUESTION_AFTER_NOTE if args.question_after else ""
         title = f"easy-VQA {args.split}, {len(indices)} seeded questions (seed {args.seed}){protocol}, model {args.model}"
         common.print_table(title, VQA_COLUMNS, vqa_table_rows(vqa_rows), caption=common.describe_conditions(cond))
-        _print_comparison(comparison, baselines)
+        print_comparison(comparison, baselines)
 
         best_setting = next(s for s in hae if s.label == best["setting"])
         if not args.no_full_split:
@@ -709,7 +709,7 @@ def replot(path: Path) -> dict:
     return data
 
 
-def _print_comparison(comparison: list[dict], baselines: list[str]) -> None:
+def print_comparison(comparison: list[dict], baselines: list[str]) -> None:
     rows = []
     for entry in comparison:
         row = [entry["hae"], f"{100 * entry['hae_accuracy']:.2f} @ {entry['hae_cut_pct']:.1f}%"]

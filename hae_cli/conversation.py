@@ -91,7 +91,7 @@ class Conversation:
         self.policy, self.policy_params = policy, dict(policy_params or {})
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
         make_cache(loaded, policy, self.policy_params)  # a bad policy fails before any image is read
-        self._progress = on_progress or (lambda message: None)
+        self.on_progress = on_progress  # told what is being read and encoded; None: nobody
         self._generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
         self.image_paths: list[Path | None] = []
         self._processed: list[ProcessedImage] = []
@@ -225,15 +225,19 @@ class Conversation:
 
     # --- internals ---
 
+    def _say(self, message: str) -> None:
+        if self.on_progress is not None:
+            self.on_progress(message)
+
     def _add(self, images: Sequence[str | Path | ProcessedImage], features: Sequence[torch.Tensor] | None = None) -> None:
         """Read, preprocess and encode `images` (nothing changes if one fails)."""
         if self.loaded.limits is not None:
             self.loaded.limits.check_images(len(self._processed) + len(images))
-        self._progress(f"reading {len(images)} image(s)")
+        self._say(f"reading {len(images)} image(s)")
         processed = [image if isinstance(image, ProcessedImage) else preprocess(load_image(image), self.loaded.image_config)
                      for image in images]
         if features is None:
-            self._progress(f"encoding {len(images)} image(s)")
+            self._say(f"encoding {len(images)} image(s)")
             with torch.inference_mode():
                 features = self.loaded.model.image_embeddings(processed)
         elif len(features) != len(processed):

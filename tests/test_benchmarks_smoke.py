@@ -111,3 +111,25 @@ def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
     peak = data["prefill_peak"]
     assert peak["same_kept_set"]
     assert peak["hae_broadcasting"] < peak["hae_after_prefill"] == peak["full"]
+
+
+def test_conversation_benchmark_runs_every_policy_turn_by_turn(vqa_checkpoint, tmp_path):
+    conversation = load("conversation")
+    argv = ["--model", str(vqa_checkpoint), "--conversations", "2", "--images", "2", "--turns", "2,3",
+            "--hae", "thr", "--workers", "1", "--threads", "1", "--out-dir", str(tmp_path), "--quiet"]
+    conversation.main(argv)
+
+    data = json.loads((tmp_path / "conversation.json").read_text())
+    assert (tmp_path / "conversation.png").stat().st_size > 0
+    entry = data["by_images"]["2"]
+    rows = {r["setting"]: r for r in entry["rows"]}
+    assert set(rows) == {"full", "hae thr", "fastv @thr", "snapkv @thr", "h2o @thr", "streaming @thr", "mustdrop @thr"}
+    for row in rows.values():
+        assert row["conversations"] == 2 and 4 <= row["questions"] <= 6
+        assert sum(row["questions_by_turn"].values()) == row["questions"] and row["kv_bytes_mean"] > 0
+        assert {"accuracy_by_turn", "all_turns_right", "kv_bytes_peak", "cut_pct", "restored", "binned"} <= set(row)
+    assert rows["full"]["cut_pct"] == 0 and rows["hae thr"]["cut_pct"] > 0
+    # budgeted baselines get HAE's tokens per layer after the prefill: the same KV within a few %
+    for name in ("snapkv @thr", "h2o @thr", "streaming @thr"):
+        assert abs(rows[name]["kv_bytes_mean"] / rows["hae thr"]["kv_bytes_mean"] - 1) < 0.1, name
+    assert len(entry["equal_kv"]) == 1 and "baseline_spread" in entry

@@ -102,6 +102,7 @@ app = typer.Typer(
         "  [cyan]hae ask photo.jpg \"What is on the table?\"[/cyan]\n\n"
         "  [cyan]hae ask photo.jpg \"Describe it.\" --policy hae --budget 0.5 --visual-keep 0.4[/cyan]\n\n"
         "  [cyan]hae story p1.png p2.png p3.png --max-new-tokens 300[/cyan]\n\n"
+        "  [cyan]hae chat p1.png p2.png[/cyan]   (ask turn after turn; the compressed cache carries over)\n\n"
         "  [cyan]hae profile --compare baseline,snapkv,h2o --plot occupancy.png[/cyan]\n\n"
         "  [cyan]hae policies[/cyan]   (every policy and its parameters)\n\n"
         "The default [bold]--model demo[/bold] is a small model shipped with hae: Phi-3.5-Vision's "

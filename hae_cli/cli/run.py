@@ -126,7 +126,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
     check_kept_options(kept, options.max_new_tokens)
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
-    policy, params, api = interruptible(lambda: _check_policy_and_images(options, images), nothing)
+    policy, params, api = interruptible(lambda: check_policy_and_images(options, images), nothing)
     from hae_cli.display.kept import write_run_png
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
@@ -140,7 +140,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         kept_layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         progress("starting")
         probe = MemoryProbe()
-        buffer = _buffer(policy, params)
+        buffer = policy_buffer(policy, params)
         state = PanelState(title=title, policy=policy, buffer=buffer)
         watcher = RunWatcher(state, probe)
         kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
@@ -185,13 +185,13 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                          f"(0 = after prefill); {kept.path} was not written")
 
 
-def _buffer(policy: str, params: dict) -> int | None:
+def policy_buffer(policy: str, params: dict) -> int | None:
     """The policy's buffer: a layer holds up to budget + buffer before a round."""
     field = policy_fields(policy).get("buffer")
     return params.get("buffer", field.default if field is not None else None)
 
 
-def _check_policy_and_images(options: RunOptions, images: Sequence[Path]):
+def check_policy_and_images(options: RunOptions, images: Sequence[Path]):
     """The checks that import the library (policies, images): (policy, its parameters, the api)."""
     policy = check_policy_name(options.policy)
     params = params_for(policy, options.policy_args)

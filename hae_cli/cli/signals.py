@@ -64,6 +64,11 @@ def received() -> int | None:
     return _received.signum
 
 
+def received_ends_session() -> bool:
+    """SIGTERM or SIGHUP arrived (Ctrl-C only stops what is running)."""
+    return _received.signum is not None and _received.signum != getattr(signal, "SIGINT", None)
+
+
 def describe() -> str:
     """'' for Ctrl-C or nothing, else ' (SIGTERM)' for the message that says why it stopped."""
     signum = _received.signum
@@ -76,3 +81,41 @@ def exit_code() -> int:
     """128 + the signal's number, as a shell reports a process the signal ended; 130 (Ctrl-C) when
     the interruption came some other way."""
     return 128 + (_received.signum or signal.SIGINT)
+
+
+class StopRequest:
+    """What `answer_stops_on_signal` noted: a stopping signal arrived (and which)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def ends_session(self) -> bool:
+        """SIGTERM and SIGHUP end the whole session; Ctrl-C only the answer."""
+        return self.signum is not None and self.signum != getattr(signal, "SIGINT", None)
+
+
+@contextmanager
+def answer_stops_on_signal() -> Iterator[StopRequest]:
+    """While an answer decodes, a stopping signal is noted rather than raised, so decoding
+    stops between two steps and the cache stays whole (a `KeyboardInterrupt` in the middle of
+    a forward would leave some layers a row ahead). The generation loop polls the request."""
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def note(signum: int, frame) -> None:
+        request.signum = signum
+        if signum != getattr(signal, "SIGINT", None):
+            _received.signum = signum
+
+    previous = {signum: signal.signal(signum, note) for signum in STOPPING}
+    try:
+        yield request
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -382,6 +382,12 @@ def render_final(state: PanelState, event_rows: int = 6) -> Group:
     return Group(_answer(state, None), *_cache_parts(state, event_rows), *_header(state))
 
 
+def render_turn(state: PanelState, event_rows: int = 6) -> Group:
+    """Between the turns of a chat: the answer has streamed above it, so the cache (this turn's
+    events, per image, per layer) and the header's numbers only."""
+    return Group(*_cache_parts(state, event_rows), *_header(state))
+
+
 @dataclass(frozen=True)
 class LivePanel:
     """The panel while a run streams, sized to the terminal so the header stays on screen: the

@@ -1,0 +1,301 @@
+"""`hae chat`: a conversation over images, each turn appended to the same (compressed) cache.
+
+Questions come from a prompt on a terminal, else from `--script FILE` or stdin, one per line.
+Lines that start with "/" are commands (`CHAT_COMMANDS`). A bad command or a bad image is an
+`error:` line and the conversation goes on; Ctrl-C stops the answer being written and keeps
+the conversation; EOF, /quit, SIGTERM or SIGHUP end it, and --json then writes every turn.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import asdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from hae_cli.cli import signals
+from hae_cli.cli.app import app, one_line
+from hae_cli.cli.options import (
+    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag, NumCropsOpt,
+    ParamOpt, PolicyOpt, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
+)
+from hae_cli.cli.output import interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.run import check_policy_and_images, policy_buffer
+from hae_cli.cli.validate import check_images, check_sampling
+from hae_cli.errors import HaeError, InputError
+
+CHAT_COMMANDS = {
+    "/images": "/images PATH...  add images; they go into your next question's turn",
+    "/reset": "/reset           forget the questions and answers; every image is fed again",
+    "/stats": "/stats           the cache now: per layer, per image, memory",
+    "/quit": "/quit            end the conversation (also /exit, or Ctrl-D)",
+    "/help": "/help            this list",
+}
+
+
+@app.command(
+    epilog="[bold]Examples[/bold]\n\n"
+    "  [cyan]hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png[/cyan]\n\n"
+    "  then: [cyan]what shape is in image 1?[/cyan]  [cyan]what color is the shape in image 2?[/cyan]  "
+    "[cyan]/images sample_images/easyvqa_test_0394.png[/cyan]  [cyan]which image shows a circle?[/cyan]\n\n"
+    "  [cyan]printf 'what shape is in image 1?\\nis there a circle in image 2?\\n' | hae chat a.png b.png --budget 0.3[/cyan]\n\n"
+    "  [cyan]hae chat a.png b.png --script questions.txt --json > turns.json[/cyan]\n\n"
+    "Commands inside the chat: " + ", ".join(CHAT_COMMANDS) + ". "
+    "Ctrl-C stops the answer being written (the conversation goes on); Ctrl-D ends it.",
+)
+def chat(
+    images: Annotated[list[Path] | None, typer.Argument(help="The images to talk about, labelled Image 1, Image 2, ... in this order.", show_default=False)] = None,
+    script: Annotated[Path | None, typer.Option(
+        "--script", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
+        help="Read the questions (and /commands) from this file, one per line, instead of a prompt.",
+    )] = None,
+    model: ModelOpt = "demo",
+    policy: PolicyOpt = "hae",
+    budget: BudgetOpt = None,
+    visual_keep: VisualKeepOpt = None,
+    score_layer: ScoreLayerOpt = None,
+    param: ParamOpt = None,
+    num_crops: NumCropsOpt = None,
+    max_new_tokens: MaxNewTokensOpt = 128,
+    temperature: TemperatureOpt = 0.0,
+    top_p: TopPOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    json_output: JsonFlag = False,
+    no_live: NoLiveFlag = False,
+) -> None:
+    """Talk about images: the images are encoded and compressed once, then every question and answer is appended to the same cache.
+
+    Each answer streams as it is written; after it (on a terminal) the cache panel shows every layer's occupancy and what this turn evicted, binned and restored. Later questions can ask about what earlier ones did not: that is where eviction shows its cost.
+    """
+    options = run_options(**locals())
+    check_sampling(options)
+    if not images:
+        raise InputError("`chat` needs at least one image")
+    lines = _question_lines(script)
+    nothing = {"interrupted": True, "turns": [], "model": options.model} if json_output else None
+    policy, params, api = interruptible(lambda: check_policy_and_images(options, images), nothing)
+    from hae_cli.conversation import Conversation
+    from hae_cli.display.memory import MemoryProbe
+
+    stdout = Console(soft_wrap=False)
+    interactive = script is None and sys.stdin.isatty()
+    panels = not json_output and not no_live and stdout.is_terminal
+    with progress_on_stderr() as progress:
+        loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
+                                                      options.num_crops, on_progress=progress), nothing)
+        conversation = interruptible(lambda: Conversation(
+            loaded, list(images), policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature, top_p=options.top_p, seed=options.seed, on_progress=progress,
+        ), nothing)
+        conversation.on_progress = None  # the spinner ends here; later images are read in a blink
+    session = _Session(conversation, stdout, MemoryProbe(), policy_buffer(policy, params), panels, json_output)
+    try:
+        typer.echo(_images_line(conversation), err=True)
+        if interactive:
+            typer.echo("Ask about them (\"what shape is in image 1?\"); /help lists the commands.", err=True)
+        session.run(lines, interactive)
+    finally:
+        session.probe.close()
+    with signals.writing_result():
+        if json_output:
+            payload = session.to_json()
+            payload["model"] = loaded.name
+            write_json(payload)
+    if signals.received_ends_session():
+        typer.echo(f"conversation ended{signals.describe()}", err=True)
+        sys.exit(signals.exit_code())
+    if session.interrupted_input:
+        typer.echo("\ninterrupted", err=True)
+        sys.exit(signals.exit_code())
+
+
+class _Session:
+    """The loop: read a line, run a command or ask, show the turn."""
+
+    def __init__(self, conversation, stdout: Console, probe, buffer: int | None, panels: bool, as_json: bool) -> None:
+        self.conversation, self.stdout, self.probe = conversation, stdout, probe
+        self.buffer, self.panels, self.as_json = buffer, panels, as_json
+        self.turns: list = []  # every turn, across resets
+        self.resets = 0
+        self.interrupted_input = False
+        self.ended = False
+
+    def run(self, lines: Iterator[str], interactive: bool) -> None:
+        """Until EOF, /quit or a signal that ends the session. A Ctrl-C outside an answer (which
+        stops itself) cancels what runs at a prompt, and ends a session read from a pipe or a file."""
+        while not self.ended:
+            try:
+                line = next(lines, None)
+                if line is None:
+                    return
+                line = line.strip()
+                if not line:
+                    continue
+                if line.startswith("/"):
+                    self.command(line)
+                else:
+                    self.ask(line)
+            except HaeError as error:
+                typer.echo(f"error: {one_line(error)}", err=True)
+            except KeyboardInterrupt:
+                if interactive and not signals.received_ends_session():
+                    typer.echo("\n(cancelled)", err=True)
+                    continue
+                self.interrupted_input = not signals.received_ends_session()
+                return
+
+    def command(self, line: str) -> None:
+        name, _, rest = line.partition(" ")
+        name = name.lower()
+        if name in ("/quit", "/exit"):
+            self.ended = True
+        elif name == "/help":
+            typer.echo("\n".join(CHAT_COMMANDS.values()), err=True)
+        elif name == "/reset":
+            self.conversation.reset()
+            self.resets += 1
+            typer.echo(f"conversation reset; {_images_line(self.conversation)}", err=True)
+        elif name == "/stats":
+            self.show_cache()
+        elif name == "/images":
+            try:
+                paths = [Path(p) for p in shlex.split(rest)]
+            except ValueError as error:
+                raise InputError(f"/images: {error}") from None
+            check_images(paths)
+            first = self.conversation.num_images + 1
+            self.conversation.add_images(paths)
+            where = "the first turn" if not self.conversation.turns else "your next question"
+            for k, path in enumerate(paths, start=first):
+                typer.echo(f"image {k}: {path} (goes into {where})", err=True)
+        else:
+            raise InputError(f"unknown command {name} (commands: {', '.join(CHAT_COMMANDS)})")
+
+    def ask(self, question: str) -> None:
+        streamed = False
+
+        def on_token(piece: str) -> None:
+            nonlocal streamed
+            if self.as_json:
+                return
+            sys.stdout.write(piece.lstrip() if not streamed else piece)
+            sys.stdout.flush()
+            streamed = True
+
+        with signals.answer_stops_on_signal() as stop:
+            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop)
+        self.turns.append((self.resets, turn))
+        if not self.as_json:
+            if not streamed:
+                sys.stdout.write(turn.result.text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        if stop.ends_session:
+            typer.echo(f"(answer stopped{signals.describe()})", err=True)
+            self.ended = True
+        elif turn.result.interrupted:
+            typer.echo("(answer stopped; the conversation goes on)", err=True)
+        self.show_turn(turn)
+
+    def show_turn(self, turn) -> None:
+        if self.panels:
+            self.stdout.print(self._panel(turn.result, f"turn {turn.index}"))
+        else:
+            typer.echo(_turn_line(turn), err=True)
+
+    def show_cache(self) -> None:
+        from hae_cli.display.panel import PanelState, render_turn
+
+        turns = self.conversation.turns
+        if turns:
+            self.stdout.print(self._panel(turns[-1].result, f"after turn {turns[-1].index}"), soft_wrap=not self.panels)
+            return
+        state = PanelState(title="images only", policy=self.conversation.policy, status="done",
+                           stats=self.conversation.prefill_stats, memory=self.probe.snapshot(), buffer=self.buffer)
+        self.stdout.print(render_turn(state), soft_wrap=not self.panels)
+
+    def _panel(self, result, title: str):
+        from hae_cli.display.panel import render_summary, render_turn, state_from_result
+
+        state = state_from_result(result, title, self.probe.snapshot())
+        state.buffer = self.buffer
+        return render_turn(state) if self.panels else render_summary(state)
+
+    def to_json(self) -> dict:
+        conversation = self.conversation
+        return {
+            "policy": conversation.policy,
+            "policy_params": conversation.policy_params,
+            "images": [str(p) for p in conversation.image_paths],
+            "resets": self.resets,
+            "prefill": {"final_cache": asdict(conversation.prefill_stats),
+                        "events": [asdict(e) for e in conversation.prefill_events]},
+            "interrupted": self.interrupted_input or signals.received_ends_session(),
+            "turns": [{"conversation": resets + 1, **turn.to_json()} for resets, turn in self.turns],
+            "memory": memory_json(self.probe.snapshot()),
+        }
+
+
+def _images_line(conversation) -> str:
+    """What the cache holds once the images are in: the prefill's compression, before any question."""
+    from hae_cli.display.panel import cut_percent, format_bytes
+
+    stats = conversation.prefill_stats
+    held = max(layer.tokens_held for layer in stats.layers)
+    cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)
+    return (f"{conversation.num_images} image(s), {conversation.prefill_tokens:,} tokens "
+            f"fed; {held:,} held per layer after the prefill ({format_bytes(stats.bytes_held)}, {cut:.0f}% under "
+            f"the full cache)")
+
+
+def _turn_line(turn) -> str:
+    """One line per turn for logs: what the cache holds and what this turn did to it."""
+    from hae_cli.display.panel import cut_percent, format_bytes
+
+    stats = turn.result.steps[-1]
+    held = max(layer.tokens_held for layer in stats.layers)
+    cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)
+    done = ", ".join(f"{count} {action}" for action, count in turn.actions.items() if count) or "nothing evicted"
+    return (f"turn {turn.index}: {held:,} tokens held per layer, {format_bytes(stats.bytes_held)} "
+            f"({cut:.0f}% under the full cache); this turn: {done}")
+
+
+def _question_lines(script: Path | None) -> Iterator[str]:
+    """The lines to read: the script's (read now, so a bad file fails before the model loads),
+    else stdin's, else a prompt."""
+    if script is not None:
+        try:
+            text = script.read_bytes().decode("utf-8")
+        except OSError as error:
+            raise InputError(f"cannot read --script {script}: {error.strerror or error}") from None
+        except UnicodeDecodeError:
+            raise InputError(f"--script {script} is not UTF-8 text") from None
+        return iter(text.splitlines())
+    if sys.stdin.isatty():
+        return _prompted()
+    return (line for line in sys.stdin)
+
+
+def _prompted() -> Iterator[str]:
+    """Lines typed at a `you> ` prompt; Ctrl-C there only clears the line (SIGTERM and SIGHUP end)."""
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input("you> ")
+        except EOFError:
+            sys.stderr.write("\n")
+            return
+        except KeyboardInterrupt:
+            if signals.received_ends_session():
+                raise
+            sys.stderr.write("\n(Ctrl-C stops an answer; /quit or Ctrl-D ends the conversation)\n")
