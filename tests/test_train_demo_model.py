@@ -143,6 +143,58 @@ def test_story_guides_point_at_each_images_label_and_caption(trainer, examples):
     assert story.facts[rows, 2:].eq(-100).all()
 
 
+def test_conversation_sequences_are_the_transcript_a_conversation_feeds(trainer, examples):
+    from hae_cli.data import conversations
+    from hae_cli.model.prompt import chat_text, encode_prompt_text, story_message
+
+    rng = random.Random(3)
+    for size in (2, 5, 8):
+        image_ids = rng.sample(examples.captioned_ids, size)
+        turns = conversations.conversation(image_ids, 5, "train", rng, examples.by_image, which_share=0.4)
+        sequence = examples.conversation(image_ids, turns)
+        ids = sequence.input_ids.tolist()
+        messages = []
+        for t, turn in enumerate(turns):
+            messages += [{"role": "user", "content": story_message(turn.question, size) if t == 0 else turn.question},
+                         {"role": "assistant", "content": turn.answer}]
+        whole = encode_prompt_text(examples.tokenizer, chat_text(examples.tokenizer, messages), [examples.slots] * size)
+        assert ids == whole.input_ids.tolist()[:-1]  # the template's closing "\n" is fed with a next question
+        # loss on each answer word and the <|end|> after it, nowhere else
+        rows = (sequence.labels != -100).nonzero().squeeze(-1)
+        written = examples.tokenizer.convert_ids_to_tokens(sequence.labels[rows].tolist())
+        assert written == [w for turn in turns for w in (turn.answer, "<|end|>")]
+        assert all(int(sequence.labels[r]) == ids[r + 1] for r in rows.tolist())
+        # the guides see each answer's first row as an answer about the image its question names
+        answer_rows = rows[0::2]
+        assert sequence.answer_image[answer_rows].tolist() == [turn.about for turn in turns]
+        assert int(sequence.answer_image.count_nonzero()) == len(turns)
+        for row, turn in zip(answer_rows.tolist(), turns):
+            colour, shape = examples.attributes[image_ids[turn.about - 1]]
+            assert sequence.facts[row, :2].tolist() == [easyvqa.COLORS.index(colour), easyvqa.SHAPES.index(shape)]
+            if not turn.question.startswith("which"):
+                # the row after "image k" in the question looks back to that k
+                tokens = examples.tokenizer.convert_ids_to_tokens([max(ids[int(sequence.latest_number[row])], 0)])
+                assert tokens == [str(turn.about)]
+
+
+def test_addressed_questions_name_their_image_and_keep_the_easy_vqa_answer():
+    from hae_cli.data import conversations
+
+    assert conversations.addressed("does the image contain a circle?", 3) == "does image 3 contain a circle?"
+    assert conversations.addressed("what color is the shape?", 2) == "what color is the shape in image 2?"
+    attributes = easyvqa.image_attributes("train")
+    rng = random.Random(0)
+    for _ in range(200):
+        image_ids = rng.sample(sorted(attributes), rng.randint(2, 8))
+        turn = conversations.which_image(image_ids, "train", rng)
+        if turn is None:
+            continue
+        parts = easyvqa.question_parts(turn.question)
+        matches = [k for k, i in enumerate(image_ids, start=1)
+                   if parts.color in (None, attributes[i][0]) and parts.shape in (None, attributes[i][1])]
+        assert matches == [int(turn.answer)] == [turn.about]
+
+
 def test_slot_coverage_follows_the_image_token_layout(trainer, examples):
     mask = torch.zeros(64, 64)
     mask[:32, :32] = 1  # the top-left quarter
