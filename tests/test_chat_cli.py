@@ -152,3 +152,38 @@ def test_help_teaches_the_commands(flag):
     assert result.returncode == 0
     for command in ("/images", "/reset", "/stats", "/quit", "Ctrl-C", "--script"):
         assert command in text, command
+
+
+def test_on_a_terminal_a_prompt_the_panel_between_turns_and_ctrl_c_at_the_prompt():
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: hae chat on the terminal
+        os.chdir(REPO)
+        os.execve(str(HAE), [str(HAE), "chat", TRIANGLE, CIRCLE], {**hae_env(), "COLUMNS": "120", "LINES": "60", "TERM": "xterm"})
+
+    def read_until(needle: bytes, timeout: float = 120) -> bytes:
+        seen, deadline = b"", time.monotonic() + timeout
+        while needle not in seen:
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, f"timed out waiting for {needle!r}; got {seen[-800:]!r}"
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+        return seen
+
+    try:
+        assert b"/help lists the commands" in read_until(b"you> ")
+        os.write(fd, b"what shape is in image 1?\r")
+        turn = read_until(b"you> ")
+        for part in (b"per image (tokens held)", b"per layer", b"turn 1", b"KV cache"):
+            assert part in turn, turn[-1500:]
+        os.write(fd, b"\x03")  # Ctrl-C at the prompt clears the line; the conversation goes on
+        assert b"/quit or Ctrl-D ends the conversation" in read_until(b"you> ")
+        os.write(fd, b"/quit\r")
+        read_until(b"\x00", timeout=60)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0
