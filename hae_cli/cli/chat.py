@@ -21,7 +21,7 @@ from rich.console import Console
 from hae_cli.cli import signals
 from hae_cli.cli.app import app, one_line
 from hae_cli.cli.options import (
-    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, MaxNewTokensOpt, ModelOpt, NoLiveFlag, NumCropsOpt,
+    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt, NumCropsOpt,
     ParamOpt, PolicyOpt, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
 )
 from hae_cli.cli.output import interruptible, memory_json, progress_on_stderr, write_json
@@ -49,7 +49,9 @@ CHAT_COMMANDS = {
     "Ctrl-C stops the answer being written (the conversation goes on); Ctrl-D ends it.",
 )
 def chat(
-    images: Annotated[list[Path] | None, typer.Argument(help="The images to talk about, labelled Image 1, Image 2, ... in this order.", show_default=False)] = None,
+    images: Annotated[list[Path] | None, typer.Argument(
+        help="The images to talk about, labelled Image 1, Image 2, ... in this order.", metavar="IMAGE...",
+        show_default=False)] = None,
     script: Annotated[Path | None, typer.Option(
         "--script", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Read the questions (and /commands) from this file, one per line, instead of a prompt.",
@@ -67,8 +69,16 @@ def chat(
     seed: SeedOpt = 0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    json_output: JsonFlag = False,
-    no_live: NoLiveFlag = False,
+    json_output: Annotated[bool, typer.Option(
+        "--json", rich_help_panel=OUTPUT_PANEL,
+        help="Print only one JSON document on stdout when the conversation ends: every turn with its "
+             "answer, timings, cache stats and this turn's evictions, and the cache after the images.",
+    )] = False,
+    no_live: Annotated[bool, typer.Option(
+        "--no-live", rich_help_panel=OUTPUT_PANEL,
+        help="No cache panel between turns: one line per turn on stderr instead. "
+             "(Automatic when stdout is not a terminal.)",
+    )] = False,
 ) -> None:
     """Talk about images: the images are encoded and compressed once, then every question and answer is appended to the same cache.
 

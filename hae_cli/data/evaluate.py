@@ -86,3 +86,24 @@ def story_exact_match(runner: Runner, image_sets: Sequence[Sequence[int]], split
         else:
             wrong.append((list(image_ids), runner.tokenizer.decode(ids)))
     return {"correct": correct, "total": len(image_sets), "accuracy": correct / max(1, len(image_sets)), "wrong": wrong}
+
+
+def conversation_accuracy(runner: Runner, conversations, split: str = "test", policy: str = "full",
+                          policy_params: dict | None = None) -> dict:
+    """Share of the questions answered right in conversations (`conversations.conversation_sets`):
+    the images fed once, then each question after them into the same cache (`Conversation`)."""
+    from hae_cli.conversation import Conversation
+
+    correct = total = 0
+    wrong: list[tuple[list[int], str, str, str]] = []
+    for image_ids, turns in conversations:
+        images = [runner.image(i, split) for i in image_ids]
+        conversation = Conversation(runner.loaded, images, policy=policy, policy_params=policy_params, max_new_tokens=3)
+        for turn in turns:
+            answer = conversation.ask(turn.question).result.text
+            total += 1
+            if answer == turn.answer:
+                correct += 1
+            else:
+                wrong.append((list(image_ids), turn.question, turn.answer, answer))
+    return {"correct": correct, "total": total, "accuracy": correct / max(1, total), "wrong": wrong}
