@@ -51,7 +51,7 @@ class PeakRecordingCache(EvictingCache):
 
     def _sample(self) -> None:
         if self.step == 0:
-            self.prefill_peak = max(self.prefill_peak, sum(layer.kv_bytes for layer in self.layers))
+            self.prefill_peak = max(self.prefill_peak, sum(layer.bytes_allocated for layer in self.layers))
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         out = super().update(key_states, value_states, layer_idx, *args, **kwargs)

@@ -162,7 +162,7 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
             logits = decode_one_token(model, token, position, cache)
             step_seconds.append(time.perf_counter() - start)
             position += 1
-            kv_bytes.append(sum(layer.kv_bytes for layer in cache.layers))
+            kv_bytes.append(sum(layer.bytes_held for layer in cache.layers))
     overhead = {k: cache.overhead_seconds[k] - before.get(k, 0.0) for k in cache.overhead_seconds}
     decode_seconds = sum(step_seconds)
     return {
