@@ -96,6 +96,11 @@ def test_speed_runs_and_matches_phi35v_ratio(tmp_path):
         assert isinstance(row[key], float)
     assert row["hae"]["held_after_prefill"] < row["full"]["held_after_prefill"]  # budget mode pruned
     assert out["rows"][0]["traffic_limit"] > 1.0
+    # transformers' own Phi-3 on the same weights decodes the same greedy tokens
+    for peer in ("DynamicCache", "StaticCache"):
+        assert row[peer]["same_tokens_as_full"] and row[peer]["tokens_per_second"] > 0
+        assert isinstance(row["full_over_peer"][peer], float)
+    assert row["peers_same_tokens_as_full"]
 
 
 def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
