@@ -76,17 +76,16 @@ def matching_intermediate(tokenizer, hidden: int, layers: int, ratio: float = PH
 
 
 def build_scaled_model(hidden: int, layers: int, seed: int):
-    from hae_cli.data import easyvqa
     from hae_cli.model.tiny import build_model
     from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(_words())
+    tokenizer = build_tiny_tokenizer(story_words())
     intermediate = matching_intermediate(tokenizer, hidden, layers)
     model = build_model(tokenizer, text=text_dims(hidden, layers, intermediate), seed=seed)
-    return model, tokenizer, intermediate, easyvqa
+    return model, tokenizer, intermediate
 
 
-def _words() -> list[str]:
+def story_words() -> list[str]:
     from hae_cli.data import easyvqa
     from hae_cli.model.tiny import DEFAULT_WORDS
 
@@ -107,18 +106,25 @@ def weight_bytes(model) -> dict:
 # --------------------------------------------------------------------------- prompts
 
 
-def image_prompt(model, tokenizer, easyvqa, size: int):
-    """A story prompt with as many easy-VQA images as fit in `size` tokens (at least one)."""
+def easyvqa_pictures() -> list:
+    from hae_cli.data import easyvqa
+
+    return list(easyvqa.image_paths("test").values())
+
+
+def image_prompt(model, tokenizer, pictures: list, size: int):
+    """A story prompt with as many images as fit in `size` tokens (at least one), taken in turn
+    from `pictures` (paths or PIL images)."""
+    from hae_cli.data.easyvqa import STORY_PROMPT
     from hae_cli.model.image import ImageProcessorConfig, load_image, preprocess
     from hae_cli.model.prompt import build_prompt, user_message
 
     config = ImageProcessorConfig(num_crops=1, crop_size=model.config.crop_size, patch_size=model.config.patch_size)
-    paths = list(easyvqa.image_paths("test").values())
-    probe = preprocess(load_image(paths[0]), config)
-    text_tokens = len(build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, 0), []).input_ids)
+    probe = preprocess(load_image(pictures[0]), config)
+    text_tokens = len(build_prompt(tokenizer, user_message(STORY_PROMPT, 0), []).input_ids)
     count = max(1, round((size - text_tokens) / (probe.num_tokens + 1)))
-    images = [preprocess(load_image(paths[i % len(paths)]), config) for i in range(count)]
-    prompt = build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, count), images)
+    images = [preprocess(load_image(pictures[i % len(pictures)]), config) for i in range(count)]
+    prompt = build_prompt(tokenizer, user_message(STORY_PROMPT, count), images)
     with torch.inference_mode():
         embeds = model.embed(prompt, images)
     return prompt, embeds, count
@@ -246,11 +252,11 @@ def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int) -> d
     return {"decode_seconds": decode_seconds, "tokens_per_second": decode_tokens / decode_seconds, "tokens": tokens}
 
 
-def measure_size(model, tokenizer, easyvqa, size: int, policies: dict, args, native=None) -> dict:
+def measure_size(model, tokenizer, pictures: list, size: int, policies: dict, args, native=None) -> dict:
     """Prefill `--prefill-repeats` times and decode `--repeats` times (each from a copy of the
     last prefilled cache) per policy, and as often each peer (`native`: transformers' own model,
     decoding from the full cache's prefill), interleaved so that load drift hits all alike."""
-    prompt, embeds, images = image_prompt(model, tokenizer, easyvqa, size)
+    prompt, embeds, images = image_prompt(model, tokenizer, pictures, size)
     prefills: dict[str, list[dict]] = {name: [] for name in policies}
     decodes: dict[str, list[dict]] = {name: [] for name in policies}
     peers: dict[str, list[dict]] = {name: [] for name in (PEERS if native is not None else ())}
@@ -418,7 +424,7 @@ def main(argv=None) -> dict:
     common.set_threads(args.threads)
     started = time.perf_counter()
     cond = common.conditions(note="timings are only meaningful with demo_training_running false")
-    model, tokenizer, intermediate, easyvqa = build_scaled_model(args.hidden, args.layers, args.seed)
+    model, tokenizer, intermediate = build_scaled_model(args.hidden, args.layers, args.seed)
     weights = weight_bytes(model)
     text = model.config.text
     kv_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
@@ -448,7 +454,8 @@ def main(argv=None) -> dict:
 
     native = None if args.no_peers else native_lm(model)
 
-    warm_prompt, warm_embeds, _ = image_prompt(model, tokenizer, easyvqa, min(sizes))
+    pictures = easyvqa_pictures()
+    warm_prompt, warm_embeds, _ = image_prompt(model, tokenizer, pictures, min(sizes))
     for policy, params in policies.values():  # warm-up: allocator, kernels, lazy imports
         warm = timed_prefill(model, warm_prompt, warm_embeds, policy, params)
         timed_decode(warm, model, min(8, args.decode_tokens))
@@ -459,7 +466,7 @@ def main(argv=None) -> dict:
     for size in sizes:
         if not args.quiet:
             print(f"  measuring {size} tokens ...", file=sys.stderr, flush=True)
-        m = measure_size(model, tokenizer, easyvqa, size, policies, args, native)
+        m = measure_size(model, tokenizer, pictures, size, policies, args, native)
         rows.append(compare(size, m, weights["read_per_decoded_token"]))
     print_rows(
         f"decode and prefill, hae (visual_keep {args.visual_keep}, r_i 1.0) vs full; median of {args.repeats} decodes "

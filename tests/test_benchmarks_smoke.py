@@ -116,3 +116,22 @@ def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
     peak = data["prefill_peak"]
     assert peak["same_kept_set"]
     assert peak["hae_broadcasting"] < peak["hae_after_prefill"] == peak["full"]
+
+
+def test_speed_gpu_runs_at_tiny_size_on_cpu_and_skips_what_its_budget_cannot_fit(tmp_path):
+    speed_gpu = load("speed_gpu")
+    argv = ["--tiny", "--sizes", "330,100000", "--repeats", "1", "--decode-tokens", "34", "--budget-seconds", "120"]
+    speed_gpu.main(argv + ["--out-dir", str(tmp_path), "--quiet"])
+
+    data = json.loads((tmp_path / "speed_gpu.json").read_text())
+    (row,) = data["rows"]
+    assert [s["size"] for s in data["skipped_sizes"]] == [100000], "projected past the budget"
+    assert row["peers_same_tokens_as_full"] and row["traffic_limit"] > 1.0
+    assert row["hae"]["decode_rounds"] == 1 and row["hae"]["seconds_per_round"] > 0
+    assert data["bin_transfer"]["seconds_per_token_per_layer"] > 0
+    per_token = 2 * 2 * 64 * 4  # K and V, 2 KV heads of 64, float32, per layer
+    for name, probe in row["memory"].items():
+        assert probe["bytes_held"] % (2 * per_token) == 0 and probe["bytes_held"] <= probe["bytes_allocated"]
+        assert probe["nvml_used_delta"] is None  # no CUDA here
+    hae = row["memory"]["hae"]
+    assert hae["bytes_allocated"] == 2 * (row["hae"]["held_after_prefill"] + 32) * per_token  # budget + buffer
