@@ -109,10 +109,14 @@ def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
     memory.main(argv + ["--hae-params", "visual_keep=0.4,r_i=1.0,buffer=4", "--out-dir", str(tmp_path)])
 
     data = json.loads((tmp_path / "memory.json").read_text())
-    assert data["all_within_2pct"]
+    assert data["all_held_equal_formula"] and data["all_allocated_within_bound"]
+    summary = {s["policy"]: s for s in data["summary"]}
+    assert all(summary[p]["allocated_within_bound"] for p in ("hae", "mustdrop", "h2o", "streaming"))
+    assert all(summary[p]["allocated_within_bound"] is None for p in ("full", "snapkv", "fastv"))  # no decode budget
     layers = data["policies"]["hae"]["after_decode"]
     assert len(layers) == 3
-    assert {"bytes_measured", "bytes_formula", "deviation_pct", "bytes_by_modality", "bin_bytes_measured"} <= set(layers[0])
+    assert {"bytes_held", "bytes_formula", "deviation_pct", "bytes_allocated", "bound_bytes", "bytes_by_modality", "bin_bytes_measured"} <= set(layers[0])
+    assert all(layer["bytes_allocated"] == layer["bound_bytes"] for layer in layers)  # storage of budget + buffer rows
     peak = data["prefill_peak"]
     assert peak["same_kept_set"]
     assert peak["hae_broadcasting"] < peak["hae_after_prefill"] == peak["full"]

@@ -16,7 +16,8 @@ only. Once the prompt is in, the cache sets `row_bound`, the most rows a layer h
 between two rounds (budget + buffer): the storage is then exactly that big, the
 prompt-size storage is released, and a later forward that needs more (several tokens at
 once) grows it for as long as it needs, until the next round shrinks it back. A layer
-without a budget grows by a quarter (at least 256 rows) when full, so copies are amortised.
+without a budget grows by an eighth (at least 64 rows) when full, so copies are amortised:
+each row is copied about eight times over a run, against every held row at every step with `cat`.
 """
 
 
@@ -29,8 +30,8 @@ from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
 
 # The row dimension of each stored tensor: `[1, H, N, D]` K/V, `[H, N]` tags and scores.
 _ROW_DIM = {"keys": 2, "values": 2, "positions": 1, "modality": 1, "image_id": 1, "scores": 1}
-GROWTH_ROWS = 256  # the least a layer without a bound grows by
-GROWTH_SHARE = 0.25  # ... or this share of the rows it needs, if more
+GROWTH_ROWS = 64  # the least a layer without a bound grows by
+GROWTH_SHARE = 0.125  # ... or this share of the rows it needs, if more
 
 
 class _HeldRows:
