@@ -242,7 +242,7 @@ def main(argv=None) -> dict:
         [[s["policy"], s["max_abs_deviation_pct"], verdict(s["held_equals_formula"]), s["bytes_after_prefill"], s["bytes_after_decode"],
           s["allocated_after_decode"], s["bound_bytes"], verdict(s["allocated_within_bound"]), s["bin_bytes_after_decode"]] for s in summary],
         caption=common.describe_conditions(cond) + "\nbound: every layer, after prefill and after decoding; "
-        "'-': no decode budget, so no bound (snapkv and fastv evict at prefill only; such a layer grows by an eighth, at least 64 rows, when full)",
+        "'-': no decode budget, so no bound (snapkv and fastv evict at prefill only; such a layer gets room for an eighth more rows, at least 64, after the prompt and whenever full)",
     )
 
     same_kept = all(torch.equal(a, b) for a, b in zip(broadcast["kept_positions"], unbroadcast["kept_positions"]))

@@ -16,10 +16,11 @@ only. Once the prompt is in, the cache sets `row_bound`, the most rows a layer h
 between two rounds (budget + buffer): the storage is then exactly that big, the
 prompt-size storage is released, and a later forward that needs more (several tokens at
 once) grows it for as long as it needs, until the next round shrinks it back. A layer
-without a budget grows by an eighth (at least 64 rows) when full, so copies are amortised:
-each row is copied about eight times over a run, against every held row at every step with `cat`.
+without a budget gets room for an eighth more rows (at least 64) once the prompt is in, and
+again whenever it is full, so copies are amortised:
+a row is copied about nine times over a long run, where `cat` copied every held row at
+every step.
 """
-
 
 from __future__ import annotations
 
@@ -174,11 +175,12 @@ class EvictingLayer(CacheLayerMixin):
         return self._storage["keys"].untyped_storage().nbytes() + self._storage["values"].untyped_storage().nbytes()
 
     def limit_rows(self, bound: int | None) -> None:
-        """Once the prompt is in: size the storage to `bound` rows (None: to the rows held),
-        releasing the prompt-size storage; later compactions shrink it back to `bound`."""
+        """Once the prompt is in: size the storage to `bound` rows (None: the rows held and room
+        to grow, so the first decode step does not copy the prompt), releasing the prompt-size
+        storage; later compactions shrink it back to `bound`."""
         self.row_bound = bound
-        target = max(self._held, bound or 0)
-        if self._storage and self.capacity != target and (bound is not None or self.capacity > target):
+        target = max(self._held, bound) if bound is not None else _with_room(self._held)
+        if self._storage and self.capacity != target:
             self._resize(target)
 
     def append(self, key_states, value_states, positions, modality, image_id):
@@ -296,7 +298,7 @@ class EvictingLayer(CacheLayerMixin):
             return max(rows, self.row_bound)  # past the bound: only for as long as a forward needs
         if not self.capacity:
             return rows  # the prompt: exactly its rows
-        return rows + max(GROWTH_ROWS, int(GROWTH_SHARE * rows))
+        return _with_room(rows)
 
     def _resize(self, capacity: int) -> None:
         """Move the held rows into new storage of `capacity` rows; the old storage is released."""
@@ -312,6 +314,11 @@ class EvictingLayer(CacheLayerMixin):
         for name, part in rows.items():
             dim = _ROW_DIM[name]
             self._storage[name].narrow(dim, start, part.shape[dim]).copy_(part)
+
+
+def _with_room(rows: int) -> int:
+    """The capacity a layer without a bound gets for `rows` rows: an eighth more, at least 64."""
+    return rows + max(GROWTH_ROWS, int(GROWTH_SHARE * rows))
 
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
