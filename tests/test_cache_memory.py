@@ -93,6 +93,21 @@ def test_the_prompt_storage_is_released_and_rounds_reuse_the_storage():
     assert [layer.held for layer in cache.layers] == [12] * 4
 
 
+def test_a_prefill_decision_frees_the_pruned_rows_at_once():
+    """HAE's index broadcasting prunes the prompt at its scoring layer: the layers it compacts
+    keep storage for the kept rows only, before the prompt's forward is even done."""
+    lm = tiny_lm()
+    ids, modality, image_id = fake_prompt()
+    cache = evicting_cache(lm, "hae", score_layer=1, visual_keep=0.4, r_i=0.9)
+    with torch.no_grad():
+        cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+        run_decoder(lm, lm.model.embed_tokens(ids)[None], torch.arange(ids.numel()), cache)
+        assert cache.layers[0].held < ids.numel(), "the prompt was pruned"
+        for layer in cache.layers:
+            assert layer.capacity == layer.held and layer.bytes_allocated == layer.bytes_held
+        cache.end_step()
+
+
 def test_a_forward_past_the_bound_grows_the_storage_until_the_next_round():
     layer = EvictingLayer(0)
     keys = torch.randn(1, 2, 30, 4)

@@ -12,14 +12,17 @@ append copies the new rows into the room (a `torch.cat` would read and rewrite e
 row at every step). A compaction gathers the kept rows (K/V whole, every head in one
 `index_select` over the `[H * capacity, D]` view) into a temporary and copies it to the
 head of the same storage: that temporary, at most the rows kept, lives during the round
-only. Once the prompt is in, the cache sets `row_bound`, the most rows a layer holds
-between two rounds (budget + buffer): the storage is then exactly that big, the
-prompt-size storage is released, and a later forward that needs more (several tokens at
-once) grows it for as long as it needs, until the next round shrinks it back. A layer
-without a budget gets room for an eighth more rows (at least 64) once the prompt is in, and
-again whenever it is full, so copies are amortised:
-a row is copied about nine times over a long run, where `cat` copied every held row at
-every step.
+only. A compaction that would leave the storage larger than needed moves the rows into
+smaller storage instead (the same copy, and the rest is released), so a prefill decision
+frees the pruned rows' memory at once.
+
+Once the prompt is in, the cache sets `row_bound`, the most rows a layer holds between two
+rounds (budget + buffer): the storage is then exactly that big, the prompt-size storage is
+released, and a later forward that needs more (several tokens at once) grows it for as long
+as it needs, until the next round shrinks it back. A layer without a budget gets room for
+an eighth more rows (at least 64) once the prompt is in, and again whenever it is full, so
+copies are amortised: a row is copied about nine times over a long run, where `cat` copied
+every held row at every step.
 """
 
 from __future__ import annotations
@@ -282,13 +285,16 @@ class EvictingLayer(CacheLayerMixin):
     # --- the storage ---
 
     def _hold(self, rows: TokenRows) -> None:
-        """Make `rows` (copies, not views of the storage) the held rows, at the head of the storage."""
+        """Make `rows` (copies, not views of the storage) the held rows, at the head of the storage.
+        Storage larger than needed goes: down to the bound, or (before the prompt is done, when a
+        prefill decision prunes a layer) to exactly these rows, so pruning frees memory at once."""
         count = len(rows)
+        needed = count if self.row_bound is None else max(self.row_bound, count)
         self._held = 0  # nothing to carry over if the storage is resized
         if count > self.capacity:
             self._resize(self._grown(count))
-        elif self.row_bound is not None and self.capacity > max(self.row_bound, count):
-            self._resize(max(self.row_bound, count))
+        elif self.capacity > needed:
+            self._resize(needed)
         self._write(0, {name: getattr(rows, name) for name in _ROW_DIM})
         self._held = count
 
