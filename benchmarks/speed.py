@@ -76,17 +76,16 @@ def matching_intermediate(tokenizer, hidden: int, layers: int, ratio: float = PH
 
 
 def build_scaled_model(hidden: int, layers: int, seed: int):
-    from hae_cli.data import easyvqa
     from hae_cli.model.tiny import build_model
     from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
 
-    tokenizer = build_tiny_tokenizer(_words())
+    tokenizer = build_tiny_tokenizer(story_words())
     intermediate = matching_intermediate(tokenizer, hidden, layers)
     model = build_model(tokenizer, text=text_dims(hidden, layers, intermediate), seed=seed)
-    return model, tokenizer, intermediate, easyvqa
+    return model, tokenizer, intermediate
 
 
-def _words() -> list[str]:
+def story_words() -> list[str]:
     from hae_cli.data import easyvqa
     from hae_cli.model.tiny import DEFAULT_WORDS
 
@@ -107,18 +106,25 @@ def weight_bytes(model) -> dict:
 # --------------------------------------------------------------------------- prompts
 
 
-def image_prompt(model, tokenizer, easyvqa, size: int):
-    """A story prompt with as many easy-VQA images as fit in `size` tokens (at least one)."""
+def easyvqa_pictures() -> list:
+    from hae_cli.data import easyvqa
+
+    return list(easyvqa.image_paths("test").values())
+
+
+def image_prompt(model, tokenizer, pictures: list, size: int):
+    """A story prompt with as many images as fit in `size` tokens (at least one), taken in turn
+    from `pictures` (paths or PIL images)."""
+    from hae_cli.data.easyvqa import STORY_PROMPT
     from hae_cli.model.image import ImageProcessorConfig, load_image, preprocess
     from hae_cli.model.prompt import build_prompt, user_message
 
     config = ImageProcessorConfig(num_crops=1, crop_size=model.config.crop_size, patch_size=model.config.patch_size)
-    paths = list(easyvqa.image_paths("test").values())
-    probe = preprocess(load_image(paths[0]), config)
-    text_tokens = len(build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, 0), []).input_ids)
+    probe = preprocess(load_image(pictures[0]), config)
+    text_tokens = len(build_prompt(tokenizer, user_message(STORY_PROMPT, 0), []).input_ids)
     count = max(1, round((size - text_tokens) / (probe.num_tokens + 1)))
-    images = [preprocess(load_image(paths[i % len(paths)]), config) for i in range(count)]
-    prompt = build_prompt(tokenizer, user_message(easyvqa.STORY_PROMPT, count), images)
+    images = [preprocess(load_image(pictures[i % len(pictures)]), config) for i in range(count)]
+    prompt = build_prompt(tokenizer, user_message(STORY_PROMPT, count), images)
     with torch.inference_mode():
         embeds = model.embed(prompt, images)
     return prompt, embeds, count
@@ -127,16 +133,24 @@ def image_prompt(model, tokenizer, easyvqa, size: int):
 # --------------------------------------------------------------------------- timing
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, after the device's queued work is done (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def timed_prefill(model, prompt, embeds, policy: str, params: dict) -> dict:
     """One timed prefill into a fresh cache; returns the time and the cache with its logits."""
     from hae_cli.cache import EvictingCache
     from hae_cli.model.generate import prefill
 
-    cache = EvictingCache(policy, model.config.num_layers, **params)
+    device = model.device
+    cache = EvictingCache(policy, model.config.num_layers, sync_timing=device.type == "cuda", **params)
     with torch.inference_mode():
-        start = time.perf_counter()
+        start = clock(device)
         logits = prefill(model, embeds, prompt.modality, prompt.image_id, cache)
-        seconds = time.perf_counter() - start
+        seconds = clock(device) - start
     return {
         "prefill_seconds": seconds,
         "prefill_overhead_seconds": cache.eviction_seconds,
@@ -154,43 +168,118 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
     cache = copy.deepcopy(prefilled["cache"])
     before = dict(cache.overhead_seconds)
     logits, position = prefilled["logits"], prefilled["position"]
-    kv_bytes, step_seconds = [], []
+    kv_bytes, kv_allocated, step_seconds, tokens = [], [], [], []
     with torch.inference_mode():
         for _ in range(decode_tokens):
             token = int(logits.argmax())
-            start = time.perf_counter()
+            tokens.append(token)
+            start = clock(model.device)
             logits = decode_one_token(model, token, position, cache)
-            step_seconds.append(time.perf_counter() - start)
+            step_seconds.append(clock(model.device) - start)
             position += 1
-            kv_bytes.append(sum(layer.kv_bytes for layer in cache.layers))
+            kv_bytes.append(sum(layer.bytes_held for layer in cache.layers))
+            kv_allocated.append(sum(layer.bytes_allocated for layer in cache.layers))
     overhead = {k: cache.overhead_seconds[k] - before.get(k, 0.0) for k in cache.overhead_seconds}
     decode_seconds = sum(step_seconds)
+    rounds = sum(1 for e in cache.events if e.stage == "decode" and e.layer == 0 and e.action in ("binned", "evicted"))
     return {
         "decode_seconds": decode_seconds,
         "tokens_per_second": decode_tokens / decode_seconds,
         "decode_overhead_seconds": overhead,
         "decode_overhead_share": sum(overhead.values()) / decode_seconds,
         "kv_bytes_mean": statistics.fmean(kv_bytes),
-        "rounds": sum(1 for e in cache.events if e.stage == "decode" and e.layer == 0 and e.action in ("binned", "evicted")),
+        "kv_bytes_allocated_max": max(kv_allocated),
+        "rounds": rounds,
+        "seconds_per_round": overhead["rounds"] / rounds if rounds else None,  # every layer's part of a round
+        "tokens": tokens,
     }
 
 
-def measure_size(model, tokenizer, easyvqa, size: int, policies: dict, args) -> dict:
+# --------------------------------------------------------------------------- peers: transformers' own Phi-3
+
+
+PEERS = {"DynamicCache": "dynamic", "StaticCache": "static"}
+
+
+def native_lm(model):
+    """transformers' `Phi3ForCausalLM` with plain "sdpa" attention on our decoder's weights: the
+    very tensors, by their official names (the checkpoint layout is transformers' own for the
+    decoder). This is what a user would otherwise run."""
+    from transformers import Phi3ForCausalLM
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+
+    config = copy.deepcopy(model.config.text)
+    config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        lm = Phi3ForCausalLM(config)
+    decoder = {k: v for k, v in model.official_state_dict().items() if not k.startswith("model.vision_embed_tokens.")}
+    lm.load_state_dict(decoder, strict=True, assign=True)
+    lm.model.rotary_emb = Phi3RotaryEmbedding(config).to(model.device)  # buffers computed from the config
+    return lm.eval()
+
+
+def native_cache(lm, prefilled: dict, kind: str, decode_tokens: int):
+    """A `DynamicCache` or a `StaticCache` (sized to prompt + decode, as `generate` sizes it) holding
+    the prompt's K/V, copied from our full cache after the prefill: the same prompt forward on the
+    same weights, so the peers' prefill is not paid again; their decode is their own."""
+    from transformers import DynamicCache, StaticCache
+
+    if kind == "static":
+        cache = StaticCache(config=lm.config, max_cache_len=prefilled["position"] + decode_tokens)
+    else:
+        cache = DynamicCache(config=lm.config)
+    for idx, layer in enumerate(prefilled["cache"].layers):
+        cache.update(layer.keys.clone(), layer.values.clone(), idx)
+    return cache
+
+
+def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int) -> dict:
+    """`decode_tokens` greedy steps of transformers' own forward, from the full cache's prefill."""
+    device = lm.lm_head.weight.device
+    cache = native_cache(lm, prefilled, kind, decode_tokens)
+    logits, position = prefilled["logits"], prefilled["position"]
+    step_seconds, tokens = [], []
+    with torch.inference_mode():
+        for _ in range(decode_tokens):
+            token = int(logits.argmax())
+            tokens.append(token)
+            start = clock(device)
+            ids, positions = torch.tensor([[token]], device=device), torch.tensor([[position]], device=device)
+            logits = lm(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            step_seconds.append(clock(device) - start)
+            position += 1
+    decode_seconds = sum(step_seconds)
+    return {"decode_seconds": decode_seconds, "tokens_per_second": decode_tokens / decode_seconds, "tokens": tokens}
+
+
+def measure_size(model, tokenizer, pictures: list, size: int, policies: dict, args, native=None) -> dict:
     """Prefill `--prefill-repeats` times and decode `--repeats` times (each from a copy of the
-    last prefilled cache) per policy, interleaving the policies so load drift hits both alike."""
-    prompt, embeds, images = image_prompt(model, tokenizer, easyvqa, size)
+    last prefilled cache) per policy, and as often each peer (`native`: transformers' own model,
+    decoding from the full cache's prefill), interleaved so that load drift hits all alike."""
+    prompt, embeds, images = image_prompt(model, tokenizer, pictures, size)
     prefills: dict[str, list[dict]] = {name: [] for name in policies}
     decodes: dict[str, list[dict]] = {name: [] for name in policies}
+    peers: dict[str, list[dict]] = {name: [] for name in (PEERS if native is not None else ())}
     for rep in range(max(args.repeats, args.prefill_repeats)):
         for name, (policy, params) in policies.items():
             if rep < args.prefill_repeats or not prefills[name]:
                 prefills[name].append(timed_prefill(model, prompt, embeds, policy, params))
             if rep < args.repeats:
                 decodes[name].append(timed_decode(prefills[name][-1], model, args.decode_tokens))
+        for name, kind in PEERS.items() if rep < args.repeats and peers else ():
+            peers[name].append(timed_native_decode(native, prefills["full"][-1], kind, args.decode_tokens))
         for name in policies:  # only the newest prefilled cache is decoded from; free the others
             for old in prefills[name][:-1]:
                 old.pop("cache", None)
     summary = {"prompt_tokens": int(embeds.shape[1]), "images": images}
+    ours = [run["tokens"] for run in decodes["full"]]
+    for name, runs in peers.items():
+        summary[name] = {
+            "tokens_per_second": median_of(runs, "tokens_per_second"),
+            "decode_seconds": median_of(runs, "decode_seconds"),
+            "same_tokens_as_full": all(run["tokens"] == ours[0] for run in runs),
+            "decode_runs": runs,
+        }
     for name in policies:
         for run in prefills[name]:
             run.pop("cache", None)
@@ -208,7 +297,9 @@ def measure_size(model, tokenizer, easyvqa, size: int, policies: dict, args) -> 
                 for part in d[0]["decode_overhead_seconds"]
             },
             "kv_bytes_mean": median_of(d, "kv_bytes_mean"),
+            "kv_bytes_allocated_max": max(r["kv_bytes_allocated_max"] for r in d),
             "decode_rounds": d[0]["rounds"],
+            "seconds_per_round": statistics.median(r["seconds_per_round"] for r in d) if d[0]["rounds"] else None,
             "prefill_runs": p,
             "decode_runs": d,
         }
@@ -219,13 +310,10 @@ def median_of(runs: list[dict], key: str) -> float:
     return statistics.median(run[key] for run in runs)
 
 
-def traffic_limit(weights: int, kv_full: float, kv_hae: float, kv_passes: int = 1) -> float:
-    """(W + K_full) / (W + K_hae): the speedup if a decode step only moved its bytes once.
-
-    `kv_passes=3` counts what a step of our cache really moves: `EvictingLayer.append` grows
-    K/V with `torch.cat` (as transformers' DynamicCache does), which reads and rewrites every
-    held row, and attention reads them once more."""
-    return (weights + kv_passes * kv_full) / (weights + kv_passes * kv_hae)
+def traffic_limit(weights: int, kv_full: float, kv_hae: float) -> float:
+    """(W + K_full) / (W + K_hae): the speedup if a decode step moved each byte it needs once
+    (the weights and the held K/V; our layers append in place, so attention's read is the pass)."""
+    return (weights + kv_full) / (weights + kv_hae)
 
 
 # --------------------------------------------------------------------------- main
@@ -235,16 +323,77 @@ COLUMNS = (
     "tokens",
     "full tok/s",
     "hae tok/s",
+    "Dynamic tok/s",
+    "Static tok/s",
+    "full / Static",
     "speedup",
     "traffic limit",
     "speedup / limit",
-    "limit, 3 K passes",
+    "KV cut %",
+    "evict share %",
+    "ms / round",
     "prefill full s",
     "prefill hae s",
     "prefill hae/full",
-    "KV cut %",
-    "evict share %",
 )
+
+
+def compare(size: int, m: dict, weights_read: int) -> dict:
+    """One size's measurements and the ratios the table shows."""
+    full, hae = m["full"], m["hae"]
+    speedup = hae["tokens_per_second"] / full["tokens_per_second"]
+    limit = traffic_limit(weights_read, full["kv_bytes_mean"], hae["kv_bytes_mean"])
+    peers = {name: m[name] for name in PEERS if name in m}
+    return {
+        "size": size,
+        **m,
+        "speedup": speedup,
+        "traffic_limit": limit,
+        "speedup_over_limit": speedup / limit,
+        "full_over_peer": {name: full["tokens_per_second"] / peer["tokens_per_second"] for name, peer in peers.items()},
+        "peers_same_tokens_as_full": all(peer["same_tokens_as_full"] for peer in peers.values()),
+        "prefill_ratio": hae["prefill_seconds"] / full["prefill_seconds"],
+        "kv_cut_pct": 100 * (1 - hae["kv_bytes_mean"] / full["kv_bytes_mean"]),
+        "eviction_share_pct": 100 * hae["decode_overhead_share"],
+    }
+
+
+def print_rows(title: str, rows: list[dict], caption: str) -> None:
+    parts = [p for p in rows[0]["hae"]["decode_overhead_share_by_part"] if p != "prefill"] if rows else []
+    table = []
+    for row in rows:
+        full, hae = row["full"], row["hae"]
+        peer = {name: row[name]["tokens_per_second"] if name in row else None for name in PEERS}
+        round_ms = None if hae["seconds_per_round"] is None else 1000 * hae["seconds_per_round"]
+        table.append(
+            [
+                row["prompt_tokens"],
+                full["tokens_per_second"],
+                hae["tokens_per_second"],
+                peer["DynamicCache"],
+                peer["StaticCache"],
+                row["full_over_peer"].get("StaticCache"),
+                row["speedup"],
+                row["traffic_limit"],
+                row["speedup_over_limit"],
+                row["kv_cut_pct"],
+                row["eviction_share_pct"],
+                round_ms,
+                full["prefill_seconds"],
+                hae["prefill_seconds"],
+                row["prefill_ratio"],
+            ]
+            + [100 * hae["decode_overhead_share_by_part"][part] for part in parts]
+        )
+    same = all(row["peers_same_tokens_as_full"] for row in rows)
+    caption += (
+        "\ntraffic limit = (W + K_full) / (W + K_hae), W = weight bytes read per decoded token, K = mean KV bytes held "
+        "while decoding; Dynamic / Static = transformers' Phi3ForCausalLM (sdpa) on the same weights with DynamicCache / "
+        f"StaticCache, decoding from the full cache's prefill (greedy tokens equal to full: {'yes' if same else 'NO'}); "
+        "evict share = HAE's eviction work / decode time, ms / round = one round over every layer "
+        f"(split by the cache's overhead_seconds: {', '.join(parts)})"
+    )
+    common.print_table(title, COLUMNS + tuple(f"{part} %" for part in parts), table, caption=caption)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -260,6 +409,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out-dir", default=None, help="where to write speed.json (default benchmarks/results)")
+    parser.add_argument("--no-peers", action="store_true", help="skip transformers' own Phi-3 (DynamicCache, StaticCache)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -274,7 +424,7 @@ def main(argv=None) -> dict:
     common.set_threads(args.threads)
     started = time.perf_counter()
     cond = common.conditions(note="timings are only meaningful with demo_training_running false")
-    model, tokenizer, intermediate, easyvqa = build_scaled_model(args.hidden, args.layers, args.seed)
+    model, tokenizer, intermediate = build_scaled_model(args.hidden, args.layers, args.seed)
     weights = weight_bytes(model)
     text = model.config.text
     kv_per_token = text.num_hidden_layers * 2 * text.num_key_value_heads * (text.hidden_size // text.num_attention_heads) * 4
@@ -302,59 +452,27 @@ def main(argv=None) -> dict:
     policies = {"full": ("full", {}), "hae": ("hae", hae_params(args))}
     sizes = common.parse_list(args.sizes, int)
 
-    warm_prompt, warm_embeds, _ = image_prompt(model, tokenizer, easyvqa, min(sizes))
-    for policy, params in policies.values():  # warm-up: allocator, kernels, lazy imports
-        timed_decode(timed_prefill(model, warm_prompt, warm_embeds, policy, params), model, min(8, args.decode_tokens))
+    native = None if args.no_peers else native_lm(model)
 
-    rows, table, parts = [], [], []
-    W = weights["read_per_decoded_token"]
+    pictures = easyvqa_pictures()
+    warm_prompt, warm_embeds, _ = image_prompt(model, tokenizer, pictures, min(sizes))
+    for policy, params in policies.values():  # warm-up: allocator, kernels, lazy imports
+        warm = timed_prefill(model, warm_prompt, warm_embeds, policy, params)
+        timed_decode(warm, model, min(8, args.decode_tokens))
+        for kind in PEERS.values() if native is not None and policy == "full" else ():
+            timed_native_decode(native, warm, kind, min(8, args.decode_tokens))
+
+    rows = []
     for size in sizes:
         if not args.quiet:
             print(f"  measuring {size} tokens ...", file=sys.stderr, flush=True)
-        m = measure_size(model, tokenizer, easyvqa, size, policies, args)
-        full, hae = m["full"], m["hae"]
-        parts = [p for p in hae["decode_overhead_share_by_part"] if p != "prefill"]
-        speedup = hae["tokens_per_second"] / full["tokens_per_second"]
-        limit = traffic_limit(W, full["kv_bytes_mean"], hae["kv_bytes_mean"])
-        copy_limit = traffic_limit(W, full["kv_bytes_mean"], hae["kv_bytes_mean"], kv_passes=3)
-        row = {
-            "size": size,
-            **m,
-            "speedup": speedup,
-            "traffic_limit": limit,
-            "speedup_over_limit": speedup / limit,
-            "traffic_limit_3_kv_passes": copy_limit,
-            "prefill_ratio": hae["prefill_seconds"] / full["prefill_seconds"],
-            "kv_cut_pct": 100 * (1 - hae["kv_bytes_mean"] / full["kv_bytes_mean"]),
-            "eviction_share_pct": 100 * hae["decode_overhead_share"],
-        }
-        rows.append(row)
-        table.append(
-            [
-                m["prompt_tokens"],
-                full["tokens_per_second"],
-                hae["tokens_per_second"],
-                speedup,
-                limit,
-                speedup / limit,
-                copy_limit,
-                full["prefill_seconds"],
-                hae["prefill_seconds"],
-                row["prefill_ratio"],
-                row["kv_cut_pct"],
-                row["eviction_share_pct"],
-            ]
-            + [100 * hae["decode_overhead_share_by_part"][part] for part in parts]
-        )
-    common.print_table(
+        m = measure_size(model, tokenizer, pictures, size, policies, args, native)
+        rows.append(compare(size, m, weights["read_per_decoded_token"]))
+    print_rows(
         f"decode and prefill, hae (visual_keep {args.visual_keep}, r_i 1.0) vs full; median of {args.repeats} decodes "
         f"of {args.decode_tokens} tokens and {args.prefill_repeats} prefills",
-        COLUMNS + tuple(f"{part} %" for part in parts),
-        table,
-        caption=common.describe_conditions(cond) + "\ntraffic limit = (W + K_full) / (W + K_hae), W = weight bytes read per "
-        "decoded token, K = mean KV bytes held while decoding (3 K passes: the append's copy reads and writes K, "
-        "attention reads it); evict share = HAE's eviction work / decode time "
-        f"(split by the cache's overhead_seconds: {', '.join(parts)})",
+        rows,
+        common.describe_conditions(cond),
     )
     out = {
         "benchmark": "speed",

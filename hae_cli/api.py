@@ -114,6 +114,14 @@ class RunResult:
         return max((s.bytes_held for s in self.steps), default=0)
 
     @property
+    def kv_bytes_allocated_final(self) -> int:
+        return self.steps[-1].bytes_allocated if self.steps else 0
+
+    @property
+    def kv_bytes_allocated_peak(self) -> int:
+        return max((s.bytes_allocated for s in self.steps), default=0)
+
+    @property
     def full_cache_bytes_final(self) -> int:
         return self.steps[-1].full_cache_bytes if self.steps else 0
 
@@ -151,6 +159,8 @@ class RunResult:
             "kv_bytes": {
                 "final": self.kv_bytes_final,
                 "peak": self.kv_bytes_peak,
+                "allocated_final": self.kv_bytes_allocated_final,
+                "allocated_peak": self.kv_bytes_allocated_peak,
                 "full_cache_final": self.full_cache_bytes_final,
                 "full_cache_peak": self.full_cache_bytes_peak,
             },

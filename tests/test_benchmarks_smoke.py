@@ -96,6 +96,11 @@ def test_speed_runs_and_matches_phi35v_ratio(tmp_path):
         assert isinstance(row[key], float)
     assert row["hae"]["held_after_prefill"] < row["full"]["held_after_prefill"]  # budget mode pruned
     assert out["rows"][0]["traffic_limit"] > 1.0
+    # transformers' own Phi-3 on the same weights decodes the same greedy tokens
+    for peer in ("DynamicCache", "StaticCache"):
+        assert row[peer]["same_tokens_as_full"] and row[peer]["tokens_per_second"] > 0
+        assert isinstance(row["full_over_peer"][peer], float)
+    assert row["peers_same_tokens_as_full"]
 
 
 def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
@@ -104,10 +109,14 @@ def test_memory_runs_and_bytes_match_the_formula(vqa_checkpoint, tmp_path):
     memory.main(argv + ["--hae-params", "visual_keep=0.4,r_i=1.0,buffer=4", "--out-dir", str(tmp_path)])
 
     data = json.loads((tmp_path / "memory.json").read_text())
-    assert data["all_within_2pct"]
+    assert data["all_held_equal_formula"] and data["all_allocated_within_bound"]
+    summary = {s["policy"]: s for s in data["summary"]}
+    assert all(summary[p]["allocated_within_bound"] for p in ("hae", "mustdrop", "h2o", "streaming"))
+    assert all(summary[p]["allocated_within_bound"] is None for p in ("full", "snapkv", "fastv"))  # no decode budget
     layers = data["policies"]["hae"]["after_decode"]
     assert len(layers) == 3
-    assert {"bytes_measured", "bytes_formula", "deviation_pct", "bytes_by_modality", "bin_bytes_measured"} <= set(layers[0])
+    assert {"bytes_held", "bytes_formula", "deviation_pct", "bytes_allocated", "bound_bytes", "bytes_by_modality", "bin_bytes_measured"} <= set(layers[0])
+    assert all(layer["bytes_allocated"] == layer["bound_bytes"] for layer in layers)  # storage of budget + buffer rows
     peak = data["prefill_peak"]
     assert peak["same_kept_set"]
     assert peak["hae_broadcasting"] < peak["hae_after_prefill"] == peak["full"]
@@ -133,3 +142,22 @@ def test_conversation_benchmark_runs_every_policy_turn_by_turn(vqa_checkpoint, t
     for name in ("snapkv @thr", "h2o @thr", "streaming @thr"):
         assert abs(rows[name]["kv_bytes_mean"] / rows["hae thr"]["kv_bytes_mean"] - 1) < 0.1, name
     assert len(entry["equal_kv"]) == 1 and "baseline_spread" in entry
+
+
+def test_speed_gpu_runs_at_tiny_size_on_cpu_and_skips_what_its_budget_cannot_fit(tmp_path):
+    speed_gpu = load("speed_gpu")
+    argv = ["--tiny", "--sizes", "330,100000", "--repeats", "1", "--decode-tokens", "34", "--budget-seconds", "120"]
+    speed_gpu.main(argv + ["--out-dir", str(tmp_path), "--quiet"])
+
+    data = json.loads((tmp_path / "speed_gpu.json").read_text())
+    (row,) = data["rows"]
+    assert [s["size"] for s in data["skipped_sizes"]] == [100000], "projected past the budget"
+    assert row["peers_same_tokens_as_full"] and row["traffic_limit"] > 1.0
+    assert row["hae"]["decode_rounds"] == 1 and row["hae"]["seconds_per_round"] > 0
+    assert data["bin_transfer"]["seconds_per_token_per_layer"] > 0
+    per_token = 2 * 2 * 64 * 4  # K and V, 2 KV heads of 64, float32, per layer
+    for name, probe in row["memory"].items():
+        assert probe["bytes_held"] % (2 * per_token) == 0 and probe["bytes_held"] <= probe["bytes_allocated"]
+        assert probe["nvml_used_delta"] is None  # no CUDA here
+    hae = row["memory"]["hae"]
+    assert hae["bytes_allocated"] == 2 * (row["hae"]["held_after_prefill"] + 32) * per_token  # budget + buffer

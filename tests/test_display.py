@@ -42,6 +42,7 @@ def layer(i: int, text: int, image: int, sep: int, gen: int, budget: int | None 
         bin_tokens=bin_tokens,
         bytes_held=held * BYTES_PER_TOKEN,
         bin_bytes=bin_tokens * BYTES_PER_TOKEN,
+        bytes_allocated=(budget or held) * BYTES_PER_TOKEN,
     )
 
 
@@ -151,6 +152,7 @@ def test_header_shows_cut_memory_and_speed():
     held, full = stats.bytes_held, stats.full_cache_bytes
     assert f"{format_bytes(held)} held / {format_bytes(full)} full" in text
     assert f"({-100 * (1 - held / full):+.0f}%)" in text
+    assert f"KV allocated {format_bytes(stats.bytes_allocated)} · host RSS 3.0 GiB" in text
     assert "host RSS 3.0 GiB" in text and "NVML unavailable" in text
     full_cache = CacheStats(0, stats.layers, full_cache_bytes=stats.bytes_held)
     assert "(no cut)" in render(render_panel(PanelState(stats=full_cache)))

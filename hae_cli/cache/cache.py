@@ -163,6 +163,9 @@ class EvictingCache(Cache):
         self._fold_scores(due_only=True)
         folded = self._clock()
         self._rounds("prefill" if prefill else "decode")
+        if prefill:  # the prompt-size storage goes; from now on each layer holds at most its bound
+            for layer in self.layers:
+                layer.limit_rows(self.policy.held_bound(layer.budget))
         end = self._clock()
         self.overhead_seconds["prefill"] += middle - start
         self.overhead_seconds["scores"] += folded - middle
@@ -244,7 +247,7 @@ class EvictingCache(Cache):
             request = self.policy.prefill_score_request(layer_idx, rows)
             if request is not None:
                 summary = summarize_attention(query, key, attention_mask, scaling, request)
-                layer.scores = layer.scores + summary.sum_per_kv_head()
+                layer.scores.add_(summary.sum_per_kv_head())
         elif self.policy.wants_decode_attention(layer_idx):
             layer.stash_queries(query[0], fwd.tags(fwd.layer_rows[layer_idx])[0])
         self.overhead_seconds["observe"] += self._clock() - start
@@ -269,14 +272,15 @@ class EvictingCache(Cache):
                 tokens_held=layer.held,
                 budget=layer.budget,
                 bin_tokens=len(layer.bin),
-                bytes_held=layer.kv_bytes,
+                bytes_held=layer.bytes_held,
                 bin_bytes=layer.bin.nbytes,
                 tokens_by_image=[int(round(c)) for c in held[idx]] if images else [],
                 bin_by_image=[int(round(c)) for c in binned[idx]] if images else [],
+                bytes_allocated=layer.bytes_allocated,
             )
             for idx, layer in enumerate(self.layers)
         ]
-        full = sum(self.next_position * _bytes_per_token(layer) for layer in self.layers)
+        full = sum(self.next_position * layer.bytes_per_token for layer in self.layers)
         return CacheStats(step, layers, full, [e for e in self.events if e.step == step], list(self.image_sizes))
 
     # --- internals ---
@@ -419,7 +423,7 @@ class EvictingCache(Cache):
         queries, positions = layer.take_stash()
         seen, lse = decayed_attention(queries, positions, layer.keys, layer.positions, layer.attention_scaling, decay)
         factor = decay ** positions.numel()
-        layer.scores = factor * layer.scores + seen
+        layer.scores.mul_(factor).add_(seen)
         if len(layer.bin):
             missed = what_if_attention(queries, lse, layer.bin.keys, layer.attention_scaling, decay)
             layer.bin.scores = factor * layer.bin.scores + missed.cpu()
@@ -586,12 +590,6 @@ def _rows_range(start: int, stop: int, like: torch.Tensor) -> torch.Tensor:
     """`arange(start, stop)` shaped like `like` (`[n]`, or `[H, n]` repeated per head)."""
     rows = torch.arange(start, stop, device=like.device)
     return rows if like.dim() == 1 else rows.expand(like.shape[0], -1)
-
-
-def _bytes_per_token(layer: EvictingLayer) -> int:
-    if layer.keys is None:
-        return 0
-    return layer.keys.shape[1] * (layer.keys.shape[-1] + layer.values.shape[-1]) * layer.keys.element_size()
 
 
 def _num_layers(config) -> int:

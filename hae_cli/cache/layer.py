@@ -2,11 +2,27 @@
 
 Keys, values, positions, modality tags, image ids and running scores are owned together
 and only ever changed together (append, compact, bin, restore), so they cannot drift
-apart. Rows are kept in ascending position order in every head. Compaction builds new
-tensors (`index_select` / `gather`): the old storage is released, memory is freed, not
-masked. Every head holds the same number of rows; which rows may differ per head. K/V rows
-are copied whole, every head in one `index_select` over the `[H * N, D]` view; a round that
-also restores from the bin rebuilds each tensor once.
+apart. Rows are kept in ascending position order in every head. Every head holds the same
+number of rows; which rows may differ per head.
+
+Storage is written in place. Each of the six lives in one preallocated tensor with room for
+`capacity` rows; the public `keys`, `values`, `positions`, `modality`, `image_id` and
+`scores` are views of the `held` rows only, so attention never sees the spare room. An
+append copies the new rows into the room (a `torch.cat` would read and rewrite every held
+row at every step). A compaction gathers the kept rows (K/V whole, every head in one
+`index_select` over the `[H * capacity, D]` view) into a temporary and copies it to the
+head of the same storage: that temporary, at most the rows kept, lives during the round
+only. A compaction that would leave the storage larger than needed moves the rows into
+smaller storage instead (the same copy, and the rest is released), so a prefill decision
+frees the pruned rows' memory at once.
+
+Once the prompt is in, the cache sets `row_bound`, the most rows a layer holds between two
+rounds (budget + buffer): the storage is then exactly that big, the prompt-size storage is
+released, and a later forward that needs more (several tokens at once) grows it for as long
+as it needs, until the next round shrinks it back. A layer without a budget gets room for
+an eighth more rows (at least 64) once the prompt is in, and again whenever it is full, so
+copies are amortised: a row is copied about nine times over a long run, where `cat` copied
+every held row at every step.
 """
 
 from __future__ import annotations
@@ -16,19 +32,55 @@ from transformers.cache_utils import CacheLayerMixin
 
 from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
 
+# The row dimension of each stored tensor: `[1, H, N, D]` K/V, `[H, N]` tags and scores.
+_ROW_DIM = {"keys": 2, "values": 2, "positions": 1, "modality": 1, "image_id": 1, "scores": 1}
+GROWTH_ROWS = 64  # the least a layer without a bound grows by
+GROWTH_SHARE = 0.125  # ... or this share of the rows it needs, if more
+
+
+class _HeldRows:
+    """A layer attribute that reads as the held rows of its storage (a view, never the spare
+    room; strided while there is spare room, so `.reshape` it, not `.view`). Assigning a tensor
+    of that shape writes the held rows in place."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self.name, self.dim = name, _ROW_DIM[name]
+
+    def __get__(self, layer, owner=None):
+        if layer is None:
+            return self
+        storage = layer.__dict__.get("_storage", {}).get(self.name)
+        return None if storage is None else storage.narrow(self.dim, 0, layer._held)
+
+    def __set__(self, layer, value) -> None:
+        if value is None:  # CacheLayerMixin.__init__ clears keys and values
+            layer.__dict__.get("_storage", {}).pop(self.name, None)
+            return
+        held = self.__get__(layer)
+        if held is None or held.shape != value.shape:
+            raise ValueError(f"{self.name}: {tuple(value.shape)} given, the layer holds {None if held is None else tuple(held.shape)}")
+        if value.data_ptr() != held.data_ptr():
+            held.copy_(value)
+
 
 class EvictingLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
 
+    keys = _HeldRows()  # [1, H_kv, N, D]
+    values = _HeldRows()  # [1, H_kv, N, D_v]
+    positions = _HeldRows()  # [H_kv, N] int64
+    modality = _HeldRows()  # [H_kv, N] int8
+    image_id = _HeldRows()  # [H_kv, N] int16
+    scores = _HeldRows()  # [H_kv, N] float32
+
     def __init__(self, layer_idx: int = 0, **kwargs) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.positions: torch.Tensor | None = None  # [H_kv, N] int64
-        self.modality: torch.Tensor | None = None  # [H_kv, N] int8
-        self.image_id: torch.Tensor | None = None  # [H_kv, N] int16
-        self.scores: torch.Tensor | None = None  # [H_kv, N] float32
+        self._storage: dict[str, torch.Tensor] = {}  # the six tensors, `capacity` rows each
+        self._held = 0
+        self.row_bound: int | None = None  # the most rows held between rounds (budget + buffer)
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.bin = RecycleBin()
         self.stashed_queries: list[torch.Tensor] = []  # [H_q, q, D] each, post-RoPE, not yet in the scores
@@ -41,12 +93,15 @@ class EvictingLayer(CacheLayerMixin):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         heads = key_states.shape[1]
-        self.keys = key_states[:, :, :0].contiguous()
-        self.values = value_states[:, :, :0].contiguous()
-        self.positions = torch.empty(heads, 0, dtype=torch.int64, device=self.device)
-        self.modality = torch.empty(heads, 0, dtype=torch.int8, device=self.device)
-        self.image_id = torch.empty(heads, 0, dtype=torch.int16, device=self.device)
-        self.scores = torch.empty(heads, 0, dtype=torch.float32, device=self.device)
+        self._storage = {
+            "keys": key_states.new_empty(1, heads, 0, key_states.shape[-1]),
+            "values": value_states.new_empty(1, heads, 0, value_states.shape[-1]),
+            "positions": torch.empty(heads, 0, dtype=torch.int64, device=self.device),
+            "modality": torch.empty(heads, 0, dtype=torch.int8, device=self.device),
+            "image_id": torch.empty(heads, 0, dtype=torch.int16, device=self.device),
+            "scores": torch.empty(heads, 0, dtype=torch.float32, device=self.device),
+        }
+        self._held = 0
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, positions=None, modality=None, image_id=None, **kwargs):
@@ -62,7 +117,7 @@ class EvictingLayer(CacheLayerMixin):
         return self.append(key_states, value_states, positions, modality, image_id)
 
     def get_seq_length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[2]
+        return self._held
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.get_seq_length() + query_length, 0
@@ -95,17 +150,44 @@ class EvictingLayer(CacheLayerMixin):
     @property
     def held(self) -> int:
         """Rows per head."""
-        return self.get_seq_length()
+        return self._held
 
     @property
-    def kv_bytes(self) -> int:
-        """K+V bytes, measured from the tensors' storage."""
-        if self.keys is None:
+    def capacity(self) -> int:
+        """Rows per head the storage has room for."""
+        return self._storage["keys"].shape[2] if self._storage else 0
+
+    @property
+    def bytes_per_token(self) -> int:
+        """K+V bytes of one row in every head."""
+        if not self._storage:
             return 0
-        return self.keys.untyped_storage().nbytes() + self.values.untyped_storage().nbytes()
+        keys, values = self._storage["keys"], self._storage["values"]
+        return keys.shape[1] * (keys.shape[3] * keys.element_size() + values.shape[3] * values.element_size())
+
+    @property
+    def bytes_held(self) -> int:
+        """K+V bytes of the held rows: held x `bytes_per_token`."""
+        return self._held * self.bytes_per_token
+
+    @property
+    def bytes_allocated(self) -> int:
+        """K+V bytes of the storage (held rows and spare room), measured from the tensors."""
+        if not self._storage:
+            return 0
+        return self._storage["keys"].untyped_storage().nbytes() + self._storage["values"].untyped_storage().nbytes()
+
+    def limit_rows(self, bound: int | None) -> None:
+        """Once the prompt is in: size the storage to `bound` rows (None: the rows held and room
+        to grow, so the first decode step does not copy the prompt), releasing the prompt-size
+        storage; later compactions shrink it back to `bound`."""
+        self.row_bound = bound
+        target = max(self._held, bound) if bound is not None else _with_room(self._held)
+        if self._storage and self.capacity != target:
+            self._resize(target)
 
     def append(self, key_states, value_states, positions, modality, image_id):
-        """Add `q` rows (`[1, H, q, D]`) with their tags (`[q]` each). Returns all held K/V."""
+        """Add `q` rows (`[1, H, q, D]`) with their tags (`[q]` each). Returns all held K/V (views)."""
         if key_states.shape[0] != 1:
             raise ValueError("EvictingCache holds one sequence (batch size 1)")
         if not self.is_initialized:
@@ -116,35 +198,31 @@ class EvictingLayer(CacheLayerMixin):
         def tags(tensor, dtype):
             return tensor.to(device=device, dtype=dtype).reshape(1, q).expand(heads, q)
 
-        # cat always copies: never keep a view of the projection output (it would pin q, k and v)
-        self.keys = torch.cat([self.keys, key_states], dim=2)
-        self.values = torch.cat([self.values, value_states], dim=2)
-        self.positions = torch.cat([self.positions, tags(positions, torch.int64)], dim=1)
-        self.modality = torch.cat([self.modality, tags(modality, torch.int8)], dim=1)
-        self.image_id = torch.cat([self.image_id, tags(image_id, torch.int16)], dim=1)
-        self.scores = torch.cat([self.scores, self.scores.new_zeros(heads, q)], dim=1)
+        rows = self._held + q
+        if rows > self.capacity:
+            self._resize(self._grown(rows))
+        # copied into the storage: never a view of the projection output (it would pin q, k and v)
+        self._write(self._held, {
+            "keys": key_states,
+            "values": value_states,
+            "positions": tags(positions, torch.int64),
+            "modality": tags(modality, torch.int8),
+            "image_id": tags(image_id, torch.int16),
+            "scores": torch.zeros((), dtype=torch.float32, device=device).expand(heads, q),
+        })
+        self._held = rows
         return self.keys, self.values
 
     def take(self, index: torch.Tensor) -> TokenRows:
         """Copies of rows `index` (`[n]` for every head, or `[H, n]` per head)."""
         index = index.to(self.device)
-        return TokenRows(
-            keys=_select(self.keys, index, dim=2),
-            values=_select(self.values, index, dim=2),
-            positions=_select(self.positions, index, dim=1),
-            modality=_select(self.modality, index, dim=1),
-            image_id=_select(self.image_id, index, dim=1),
-            scores=_select(self.scores, index, dim=1),
-        )
+        return TokenRows(**{name: _select(stored, index, _ROW_DIM[name]) for name, stored in self._storage.items()})
 
     def compact(self, keep: torch.Tensor, incoming: TokenRows | None = None) -> None:
         """Keep only rows `keep`, ascending: `[N']` (same rows in every head) or `[H, N']`, and merge
-        `incoming` rows in (position order). Each tensor is rebuilt by one copy."""
+        `incoming` rows in (position order). The rows are gathered once and written back in place."""
         if incoming is None or len(incoming) == 0:
-            rows = self.take(keep)
-            self.keys, self.values = rows.keys, rows.values
-            self.positions, self.modality, self.image_id = rows.positions, rows.modality, rows.image_id
-            self.scores = rows.scores
+            self._hold(self.take(keep))
             return
         keep = keep.to(self.device)
         new_positions = incoming.positions.to(self.device)
@@ -156,14 +234,11 @@ class EvictingLayer(CacheLayerMixin):
         if shared:
             source, slots = source[0], slots[0]
 
-        def merged(held: torch.Tensor, new: torch.Tensor, dim: int) -> torch.Tensor:
-            return _place(_select(held, source, dim), slots, new.to(self.device, held.dtype), dim)
+        def merged(name: str, new: torch.Tensor) -> torch.Tensor:
+            stored, dim = self._storage[name], _ROW_DIM[name]
+            return _place(_select(stored, source, dim), slots, new.to(self.device, stored.dtype), dim)
 
-        self.keys, self.values = merged(self.keys, incoming.keys, 2), merged(self.values, incoming.values, 2)
-        self.positions = merged(self.positions, new_positions, 1)
-        self.modality = merged(self.modality, incoming.modality, 1)
-        self.image_id = merged(self.image_id, incoming.image_id, 1)
-        self.scores = merged(self.scores, incoming.scores, 1)
+        self._hold(TokenRows(**{name: merged(name, getattr(incoming, name)) for name in _ROW_DIM}))
 
     def evict_to_bin(self, index: torch.Tensor) -> TokenRows:
         """Move rows `index` (`[n]`, the same in every head) to the recycle bin; returns them."""
@@ -207,10 +282,55 @@ class EvictingLayer(CacheLayerMixin):
         self.stashed_queries, self.stashed_positions, self.stashed = [], [], 0
         return stash
 
+    # --- the storage ---
+
+    def _hold(self, rows: TokenRows) -> None:
+        """Make `rows` (copies, not views of the storage) the held rows, at the head of the storage.
+        Storage larger than needed goes: down to the bound, or (before the prompt is done, when a
+        prefill decision prunes a layer) to exactly these rows, so pruning frees memory at once."""
+        count = len(rows)
+        needed = count if self.row_bound is None else max(self.row_bound, count)
+        self._held = 0  # nothing to carry over if the storage is resized
+        if count > self.capacity:
+            self._resize(self._grown(count))
+        elif self.capacity > needed:
+            self._resize(needed)
+        self._write(0, {name: getattr(rows, name) for name in _ROW_DIM})
+        self._held = count
+
+    def _grown(self, rows: int) -> int:
+        """The capacity to give a layer that must hold `rows` rows it has no room for."""
+        if self.row_bound is not None:
+            return max(rows, self.row_bound)  # past the bound: only for as long as a forward needs
+        if not self.capacity:
+            return rows  # the prompt: exactly its rows
+        return _with_room(rows)
+
+    def _resize(self, capacity: int) -> None:
+        """Move the held rows into new storage of `capacity` rows; the old storage is released."""
+        old = self._storage
+        self._storage = {
+            name: stored.new_empty(stored.shape[: _ROW_DIM[name]] + (capacity,) + stored.shape[_ROW_DIM[name] + 1 :])
+            for name, stored in old.items()
+        }
+        self._write(0, {name: stored.narrow(_ROW_DIM[name], 0, self._held) for name, stored in old.items()})
+
+    def _write(self, start: int, rows: dict[str, torch.Tensor]) -> None:
+        """Copy `rows` into the storage from row `start` on."""
+        for name, part in rows.items():
+            dim = _ROW_DIM[name]
+            self._storage[name].narrow(dim, start, part.shape[dim]).copy_(part)
+
+
+def _with_room(rows: int) -> int:
+    """The capacity a layer without a bound gets for `rows` rows: an eighth more, at least 64."""
+    return rows + max(GROWTH_ROWS, int(GROWTH_SHARE * rows))
+
 
 def _select(tensor: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """Rows `index` (`[n]` for every head, or `[H, n]` per head) of `[H, N]` tags (dim 1) or of
-    `[1, H, N, D]` K/V (dim 2). K/V rows are copied whole, every head in one `index_select`."""
+    """Copies of rows `index` (`[n]` for every head, or `[H, n]` per head) of `[H, N]` tags (dim 1)
+    or of `[1, H, N, D]` K/V (dim 2), contiguous K/V (a layer's storage: N is its capacity).
+    K/V rows are copied whole, every head in one `index_select`."""
     if dim == 1:
         return tensor.index_select(1, index) if index.dim() == 1 else tensor.gather(1, index)
     _, heads, n, width = tensor.shape

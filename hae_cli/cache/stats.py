@@ -16,11 +16,12 @@ class LayerStats:
     tokens_held: int  # per head (every head of a layer holds the same count)
     budget: int | None  # None: no budget (full cache)
     bin_tokens: int  # tokens in this layer's recycle bin
-    bytes_held: int  # K+V bytes measured from tensor storage
+    bytes_held: int  # K+V bytes of the rows held: tokens held x bytes per token
     bin_bytes: int
     # image k's tokens (features and separators) at index k-1: held, and in the bin
     tokens_by_image: list[int] = field(default_factory=list)
     bin_by_image: list[int] = field(default_factory=list)
+    bytes_allocated: int = 0  # K+V storage, measured from the tensors: held rows and spare room
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,10 @@ class CacheStats:
     @property
     def bytes_held(self) -> int:
         return sum(layer.bytes_held for layer in self.layers)
+
+    @property
+    def bytes_allocated(self) -> int:
+        return sum(layer.bytes_allocated for layer in self.layers)
 
     @property
     def bin_bytes(self) -> int:

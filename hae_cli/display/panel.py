@@ -307,8 +307,12 @@ def kv_line(state: PanelState) -> Text:
     return line
 
 
-def memory_line(memory: MemorySnapshot | None) -> Text:
+def memory_line(memory: MemorySnapshot | None, kv_allocated: int = 0) -> Text:
+    """What the process holds; first the KV cache's storage (its held rows and the room for the
+    next ones, up to budget + buffer), when there is one."""
     line = Text()
+    if kv_allocated:
+        line.append("KV allocated ").append(format_bytes(kv_allocated), style="bold").append(" · ")
     if memory is None:
         return line.append("n/a", style="dim")
     if memory.gpu_process_bytes is not None:
@@ -317,7 +321,7 @@ def memory_line(memory: MemorySnapshot | None) -> Text:
     if memory.torch_allocated_bytes is not None:
         line.append(" torch allocated " if line else "torch allocated ")
         line.append(format_bytes(memory.torch_allocated_bytes), style="bold")
-    if line:
+    if memory.has_gpu:
         line.append(" · ")
     line.append("host RSS ").append(format_bytes(memory.host_rss_bytes), style="bold")
     if not memory.has_gpu and memory.gpu_note:
@@ -355,7 +359,7 @@ def header_rows(state: PanelState) -> list[tuple[str, Text]]:
         prompt.append(format_counts(state.prompt_tokens)).append(")")
         rows.append(("prompt", prompt))
     rows.append(("KV cache", kv_line(state)))
-    rows.append(("memory", memory_line(state.memory)))
+    rows.append(("memory", memory_line(state.memory, state.stats.bytes_allocated if state.stats else 0)))
     rows.append(("speed", speed_line(state)))
     rows += [("note", Text(note, style="yellow")) for note in state.notes]
     return rows

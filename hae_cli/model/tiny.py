@@ -204,14 +204,20 @@ def _split_evenly(keys: list[str], state: dict, shards: int) -> list[list[str]]:
 
 
 def build_model(
-    tokenizer, text: dict | None = None, vision: dict | None = None, seed: int = 0
+    tokenizer,
+    text: dict | None = None,
+    vision: dict | None = None,
+    seed: int = 0,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> Phi3VForCausalLM:
-    """A randomly initialised model whose config is a full official config.json."""
+    """A randomly initialised model whose config is a full official config.json, built on `device`
+    (`vocab_size`: embedding rows, at least the tokenizer's; Phi-3.5-V has 32064)."""
     text = {**TINY_TEXT, **(text or {})}
     vision = {**TINY_VISION, **(vision or {})}
     end_id = tokenizer.convert_tokens_to_ids("<|end|>")
     raw = official_config(
-        vocab_size=len(tokenizer),
+        vocab_size=max(vocab_size or 0, len(tokenizer)),
         bos=tokenizer.bos_token_id,
         eos=tokenizer.eos_token_id,
         pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_id,
@@ -219,7 +225,8 @@ def build_model(
         vision=vision,
     )
     torch.manual_seed(seed)
-    model = Phi3VForCausalLM(ModelConfig.from_dict(raw))
+    with torch.device(device):
+        model = Phi3VForCausalLM(ModelConfig.from_dict(raw))
     with torch.no_grad():
         # Random separators, so that tests can tell them from zero padding.
         model.vision.glb_GN.normal_(std=0.02)

@@ -108,6 +108,11 @@ class Policy:
     def needs_round(self, held: int, budget: int | None) -> bool:
         return budget is not None and held > budget and held >= budget + self.buffer
 
+    def held_bound(self, budget: int | None) -> int | None:
+        """The most rows a layer with this budget holds between two rounds: budget + buffer (a
+        one-token step appends before its round, so at least budget + 1). None: it only grows."""
+        return None if budget is None else budget + max(self.buffer, 1)
+
     def protected(self, budget: int) -> tuple[int, int]:
         """(sink, recent) rows never evicted; never more than the budget."""
         sink = min(self.sink, budget)
