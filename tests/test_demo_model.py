@@ -13,7 +13,8 @@ import pytest
 
 from hae_cli.api import load_model
 from hae_cli.data import easyvqa
-from hae_cli.data.evaluate import Runner, story_exact_match, vqa_accuracy
+from hae_cli.data.conversations import conversation_sets
+from hae_cli.data.evaluate import Runner, conversation_accuracy, story_exact_match, vqa_accuracy
 from hae_cli.model.image import load_image, preprocess
 from hae_cli.model.loading import resolve_model_path
 
@@ -21,9 +22,12 @@ SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
 MAX_CHECKPOINT_BYTES = 25 * 1024 * 1024
 # What the shipped model scores on the 300 questions below, and the floor under which the
 # model or the runtime has regressed. Raise both when a better model ships.
-VQA_300 = 298 / 300  # measured when the model was shipped (99.37% on the whole test split)
+VQA_300 = 298 / 300  # measured when the model was shipped (99.89% on the whole test split)
 REGRESSION_FLOOR = 0.90  # issue 5's bar for this subset
-STORIES_30 = 29 / 30  # four-image sets (seed 1), measured when shipped (186/200 on seed 0)
+STORIES_30 = 29 / 30  # four-image sets (seed 1), measured when shipped (191/200 on seed 0)
+# Questions in 20 seeded four-image conversations (seed 1), full cache: 94 of 99 when shipped.
+CONVERSATIONS_20 = 94 / 99
+CONVERSATION_FLOOR = 0.85
 STORY_FLOOR = 0.90  # issue 5's bar for captions
 
 
@@ -61,6 +65,13 @@ def test_story_captions_on_30_seeded_four_image_sets_meet_the_bar(runner):
     # Sets other than the 200 (seed 0) the model was measured on when it shipped.
     result = story_exact_match(runner, easyvqa.story_sets("test", 30, 4, seed=1))
     assert result["accuracy"] >= STORY_FLOOR, f"{result['correct']}/30; misses: {result['wrong'][:3]}"
+
+
+def test_questions_in_four_image_conversations_meet_the_bar(runner):
+    # Questions addressed to one image of four ("is there a circle in image 3?"), or asking
+    # which image shows something, each asked after the images into one cache.
+    result = conversation_accuracy(runner, conversation_sets("test", 20, 4, seed=1))
+    assert result["accuracy"] >= CONVERSATION_FLOOR, f"{result['correct']}/{result['total']}; misses: {result['wrong'][:3]}"
 
 
 def test_sample_images_are_answered_correctly(runner):
