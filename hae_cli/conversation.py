@@ -25,7 +25,9 @@ from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
 from hae_cli.model.generate import SamplingConfig, decode_one_token, prefill, sample
 from hae_cli.model.image import ProcessedImage, load_image, preprocess
-from hae_cli.model.prompt import PromptTokens, build_prompt, encode_prompt_text, next_turn_text, story_message
+from hae_cli.model.prompt import (
+    PromptTokens, build_prompt, encode_prompt_text, next_turn_text, story_message, user_message,
+)
 from hae_cli.user_text import checked_text
 
 # Stands for the first question while the images are fed: the ids up to the last image do
@@ -197,7 +199,7 @@ class Conversation:
         self.messages: list[dict] = []
         self._in_cache = len(self._processed)  # images fed; the rest join the next turn
         self._broken = False
-        prompt = build_prompt(self.loaded.tokenizer, story_message(_ANY_QUESTION, self._in_cache), self._processed)
+        prompt = build_prompt(self.loaded.tokenizer, first_message(_ANY_QUESTION, self._in_cache), self._processed)
         context = prompt.after_images()
         with torch.inference_mode():
             embeds = self.loaded.model.embed(prompt, self._processed, self._features)
@@ -250,7 +252,7 @@ class Conversation:
         """What this turn feeds; nothing changes until it has been fed."""
         tokenizer, model = self.loaded.tokenizer, self.loaded.model
         if not self.turns:
-            user_text = story_message(question, self._in_cache)
+            user_text = first_message(question, self._in_cache)
             prompt = build_prompt(tokenizer, user_text, self._processed[: self._in_cache])
             fed = len(self._fed)
             if prompt.input_ids[:fed].tolist() != self._fed:
@@ -275,6 +277,12 @@ class _PlannedTurn:
     tokens: PromptTokens  # the rows this turn feeds
     embeds: torch.Tensor
     images_added: list[str] = field(default_factory=list)
+
+
+def first_message(question: str, num_images: int) -> str:
+    """The first user turn: one image as `hae ask` shows it (the official examples' form), several
+    each after its label ("Image 2: <|image_2|>"), so a question can name its image."""
+    return user_message(question, 1) if num_images == 1 else story_message(question, num_images)
 
 
 def _rows_from(prompt: PromptTokens, start: int) -> PromptTokens:

@@ -10,9 +10,9 @@ import torch
 
 from hae_cli.api import load_model
 from hae_cli.cache.modality import Modality
-from hae_cli.conversation import Conversation
+from hae_cli.conversation import Conversation, first_message
 from hae_cli.errors import InputError
-from hae_cli.model.prompt import PromptTokens, chat_text, encode_prompt_text, story_message
+from hae_cli.model.prompt import PromptTokens, chat_text, encode_prompt_text
 from hae_process import REPO
 
 IMAGES = [REPO / "sample_images" / f"easyvqa_test_{n:04d}.png" for n in (63, 198, 394)]
@@ -53,7 +53,7 @@ def test_the_fed_ids_are_the_chat_templates_whole_transcript(loaded):
     messages = []
     for question in questions:
         turn = conversation.ask(question)
-        content = story_message(question, 2) if not messages else question
+        content = first_message(question, 2) if not messages else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": turn.result.text}]
     whole = encode_prompt_text(loaded.tokenizer, chat_text(loaded.tokenizer, messages), conversation._processed)
     # the template closes the last answer with "<|end|>\n", which is fed with the next question
