@@ -47,6 +47,7 @@ class ConversationOutcome:
     """One conversation under one setting."""
 
     correct: list[bool]  # per turn
+    kinds: list[str]  # per turn: "addressed" (about image k) or "which" (which image shows ...)
     kv_bytes: list[int]  # held after every step
     full_bytes: list[int]  # what the full cache would hold after the same steps
     held_after_prefill: int  # tokens per layer (max over layers)
@@ -64,7 +65,7 @@ def run_conversation(loaded, processed, features, turns, policy: str, params: di
     first = conversation.prefill_stats
     kv, full = [first.bytes_held], [first.full_cache_bytes]
     outcome = ConversationOutcome(
-        [], kv, full,
+        [], [question_kind(t.question) for t in turns], kv, full,
         held_after_prefill=max(layer.tokens_held for layer in first.layers),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first.layers),
     )
@@ -77,6 +78,10 @@ def run_conversation(loaded, processed, features, turns, policy: str, params: di
         outcome.restored += asked.actions["restored"]
         outcome.binned += asked.actions["binned"]
     return outcome
+
+
+def question_kind(question: str) -> str:
+    return "which" if question.startswith("which image") else "addressed"
 
 
 def one_conversation(task) -> dict[str, ConversationOutcome]:
@@ -112,6 +117,10 @@ def summarize(setting: accuracy.Setting, outcomes: list[ConversationOutcome], fu
     for outcome in outcomes:
         for t, ok in enumerate(outcome.correct, start=1):
             per_turn[t].append(ok)
+    by_kind = defaultdict(list)
+    for outcome in outcomes:
+        for kind, ok in zip(outcome.kinds, outcome.correct):
+            by_kind[kind].append(ok)
     answered = [ok for o in outcomes for ok in o.correct]
     full_answered = [ok for o in full for ok in o.correct]
     kv_mean = statistics.fmean(statistics.fmean(o.kv_bytes) for o in outcomes)
@@ -126,6 +135,8 @@ def summarize(setting: accuracy.Setting, outcomes: list[ConversationOutcome], fu
         "drop_points": 100 * (sum(full_answered) - sum(answered)) / len(answered),
         "accuracy_by_turn": {t: sum(v) / len(v) for t, v in sorted(per_turn.items())},
         "questions_by_turn": {t: len(v) for t, v in sorted(per_turn.items())},
+        "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
+        "questions_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
         "all_turns_right": sum(all(o.correct) for o in outcomes) / len(outcomes),
         "kv_bytes_mean": kv_mean,
         "kv_bytes_peak": statistics.fmean(max(o.kv_bytes) for o in outcomes),
@@ -212,7 +223,8 @@ def _indexed(item):
 
 # --------------------------------------------------------------------------- output
 
-COLUMNS = ("setting", "accuracy %", "drop (pts)", *(f"turn {t} %" for t in range(1, MAX_TURNS + 1)),
+COLUMNS = ("setting", "accuracy %", "drop (pts)", "about image k %", "which image %",
+           *(f"turn {t} %" for t in range(1, MAX_TURNS + 1)),
            "all right %", "KV mean MiB", "KV peak MiB", "cut %", "binned", "restored")
 
 
@@ -220,7 +232,9 @@ def table_rows(rows: list[dict]) -> list[list]:
     out = []
     for r in rows:
         by_turn = r["accuracy_by_turn"]
+        kinds = r["accuracy_by_kind"]
         out.append([r["setting"], 100 * r["accuracy"], r["drop_points"],
+                    *(100 * kinds[k] if k in kinds else None for k in ("addressed", "which")),
                     *(100 * by_turn[t] if t in by_turn else None for t in range(1, MAX_TURNS + 1)),
                     100 * r["all_turns_right"], common.mib(r["kv_bytes_mean"]), common.mib(r["kv_bytes_peak"]),
                     r["cut_pct"], r["binned"], r["restored"]])

@@ -137,6 +137,7 @@ def test_conversation_benchmark_runs_every_policy_turn_by_turn(vqa_checkpoint, t
         assert row["conversations"] == 2 and 4 <= row["questions"] <= 6
         assert sum(row["questions_by_turn"].values()) == row["questions"] and row["kv_bytes_mean"] > 0
         assert {"accuracy_by_turn", "all_turns_right", "kv_bytes_peak", "cut_pct", "restored", "binned"} <= set(row)
+        assert sum(row["questions_by_kind"].values()) == row["questions"]
     assert rows["full"]["cut_pct"] == 0 and rows["hae thr"]["cut_pct"] > 0
     # budgeted baselines get HAE's tokens per layer after the prefill: the same KV within a few %
     for name in ("snapkv @thr", "h2o @thr", "streaming @thr"):
