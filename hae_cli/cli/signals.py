@@ -35,18 +35,27 @@ def _stop(signum: int, frame) -> None:
 
 
 @contextmanager
+def _handling(handler) -> Iterator[bool]:
+    """`handler` for every stopping signal while inside, the previous handlers after. Yields
+    False (and sets nothing) off the main thread, where no handler may be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield False
+        return
+    previous = {signum: signal.signal(signum, handler) for signum in STOPPING}
+    try:
+        yield True
+    finally:
+        for signum, previous_handler in previous.items():
+            signal.signal(signum, previous_handler)
+
+
+@contextmanager
 def stop_like_ctrl_c() -> Iterator[None]:
     """For the length of a command, SIGTERM and SIGHUP (and Ctrl-C) raise `KeyboardInterrupt`."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+    with _handling(_stop) as installed:
+        if installed:
+            _received.signum, _received.holding = None, False
         yield
-        return
-    _received.signum, _received.holding = None, False
-    previous = {signum: signal.signal(signum, _stop) for signum in STOPPING}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextmanager
@@ -66,7 +75,11 @@ def received() -> int | None:
 
 def received_ends_session() -> bool:
     """SIGTERM or SIGHUP arrived (Ctrl-C only stops what is running)."""
-    return _received.signum is not None and _received.signum != getattr(signal, "SIGINT", None)
+    return _ends_session(_received.signum)
+
+
+def _ends_session(signum: int | None) -> bool:
+    return signum is not None and signum != getattr(signal, "SIGINT", None)
 
 
 def describe() -> str:
@@ -95,7 +108,7 @@ class StopRequest:
     @property
     def ends_session(self) -> bool:
         """SIGTERM and SIGHUP end the whole session; Ctrl-C only the answer."""
-        return self.signum is not None and self.signum != getattr(signal, "SIGINT", None)
+        return _ends_session(self.signum)
 
 
 @contextmanager
@@ -104,18 +117,11 @@ def answer_stops_on_signal() -> Iterator[StopRequest]:
     stops between two steps and the cache stays whole (a `KeyboardInterrupt` in the middle of
     a forward would leave some layers a row ahead). The generation loop polls the request."""
     request = StopRequest()
-    if threading.current_thread() is not threading.main_thread():
-        yield request
-        return
 
     def note(signum: int, frame) -> None:
         request.signum = signum
-        if signum != getattr(signal, "SIGINT", None):
+        if _ends_session(signum):
             _received.signum = signum
 
-    previous = {signum: signal.signal(signum, note) for signum in STOPPING}
-    try:
+    with _handling(note):
         yield request
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
