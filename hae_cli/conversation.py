@@ -122,15 +122,15 @@ class Conversation:
         planned = self._next_turn(question)
         tokens = planned.tokens
         room = self.sampling.max_new_tokens
-        if self.loaded.limits is not None:
-            context = self.loaded.limits.context_tokens
+        limits = self.loaded.limits
+        if limits is not None:
             after = self.cache.next_position + tokens.input_ids.numel()
-            if after >= context:
+            if after >= limits.context_tokens:
                 raise InputError(
-                    f"this turn would pass the {context:,} tokens {self.loaded.limits.name} attends over "
+                    f"this turn would pass the {limits.context_tokens:,} tokens {limits.name} attends over "
                     f"({self.cache.next_position:,} so far); /reset to start over"
                 )
-            room = min(room, context - after)
+            room, _ = limits.answer_room(after, room)
         self._broken = True  # until the turn is whole
         start_events, start_overhead = len(self.cache.events), self.cache.eviction_seconds
         steps: list[CacheStats] = []

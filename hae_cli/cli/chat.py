@@ -255,26 +255,23 @@ class _Session:
 
 def _images_line(conversation) -> str:
     """What the cache holds once the images are in: the prefill's compression, before any question."""
+    return (f"{conversation.num_images} image(s), {conversation.prefill_tokens:,} tokens fed; after the prefill "
+            f"{_cache_size(conversation.prefill_stats)}")
+
+
+def _cache_size(stats) -> str:
+    """"190 tokens held per layer, 760.0 KiB (71% under the full cache)"."""
     from hae_cli.display.panel import cut_percent, format_bytes
 
-    stats = conversation.prefill_stats
     held = max(layer.tokens_held for layer in stats.layers)
     cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)
-    return (f"{conversation.num_images} image(s), {conversation.prefill_tokens:,} tokens "
-            f"fed; {held:,} held per layer after the prefill ({format_bytes(stats.bytes_held)}, {cut:.0f}% under "
-            f"the full cache)")
+    return f"{held:,} tokens held per layer, {format_bytes(stats.bytes_held)} ({cut:.0f}% under the full cache)"
 
 
 def _turn_line(turn) -> str:
     """One line per turn for logs: what the cache holds and what this turn did to it."""
-    from hae_cli.display.panel import cut_percent, format_bytes
-
-    stats = turn.result.steps[-1]
-    held = max(layer.tokens_held for layer in stats.layers)
-    cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)
     done = ", ".join(f"{count} {action}" for action, count in turn.actions.items() if count) or "nothing evicted"
-    return (f"turn {turn.index}: {held:,} tokens held per layer, {format_bytes(stats.bytes_held)} "
-            f"({cut:.0f}% under the full cache); this turn: {done}")
+    return f"turn {turn.index}: {_cache_size(turn.result.steps[-1])}; this turn: {done}"
 
 
 def _question_lines(script: Path | None) -> Iterator[str]:
