@@ -433,6 +433,11 @@ def run_stories(image_sets: list[list[int]], plan: list[Setting], pool, args, ta
 _BENCH: Workbench | None = None
 
 
+def workbench() -> Workbench:
+    """This process's workbench (`make_pool` starts one in each worker), for other benchmarks' tasks."""
+    return _BENCH
+
+
 def _start_worker(model: str, split: str, threads: int) -> None:
     global _BENCH
     common.set_threads(threads)

@@ -31,6 +31,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
@@ -87,11 +88,12 @@ def question_kind(question: str) -> str:
 def one_conversation(task) -> dict[str, ConversationOutcome]:
     """A conversation under every setting (baselines after the HAE setting they match)."""
     (image_ids, turns), plan, fastv_layer = task
-    bench = _BENCH
+    bench = accuracy.workbench()
     pairs = [bench.image(i) for i in image_ids]
     processed, features = [p for p, _ in pairs], [f for _, f in pairs]
     by_label = {s.label: s for s in plan}
-    prompt_tokens = _prompt_tokens(bench, processed)
+    # what the matching counts: the image tokens the prefill compresses
+    prompt_tokens = SimpleNamespace(modality=torch.cat([p.modalities for p in processed]))
     outcomes: dict[str, ConversationOutcome] = {}
     for setting in plan:
         params = setting.params
@@ -100,16 +102,6 @@ def one_conversation(task) -> dict[str, ConversationOutcome]:
             params = accuracy.matched_params(setting.policy, hae, outcomes[hae.label], prompt_tokens, fastv_layer)
         outcomes[setting.label] = run_conversation(bench.loaded, processed, features, turns, setting.policy, params)
     return outcomes
-
-
-def _prompt_tokens(bench, processed):
-    """The images' part of the first turn (what the prefill compresses), for the matching."""
-    from hae_cli.model.prompt import build_prompt, story_message
-
-    tokens = build_prompt(bench.tokenizer, story_message("?", len(processed)), processed)
-    context = tokens.after_images()
-    tokens.modality = tokens.modality[:context]
-    return tokens
 
 
 def summarize(setting: accuracy.Setting, outcomes: list[ConversationOutcome], full: list[ConversationOutcome]) -> dict:
@@ -157,62 +149,20 @@ def baseline_spread(rows: list[dict], low: float, high: float) -> dict | None:
             "spread_points": 100 * (best["accuracy"] - worst["accuracy"])}
 
 
-# --------------------------------------------------------------------------- workers
-
-
-class Bench:
-    """The model and each image's preprocessed pixels and features, computed once."""
-
-    def __init__(self, loaded, split: str) -> None:
-        self.loaded, self.split, self.tokenizer = loaded, split, loaded.tokenizer
-        self._images: dict[int, tuple] = {}
-
-    def image(self, image_id: int):
-        from hae_cli.data import easyvqa
-        from hae_cli.model.image import load_image, preprocess
-
-        if image_id not in self._images:
-            processed = preprocess(load_image(easyvqa.image_path(image_id, self.split)), self.loaded.image_config)
-            with torch.inference_mode():
-                self._images[image_id] = (processed, self.loaded.model.image_embeddings([processed])[0])
-        return self._images[image_id]
-
-
-_BENCH: Bench | None = None
-
-
-def _start_worker(model: str, split: str, threads: int) -> None:
-    global _BENCH
-    common.set_threads(threads)
-    from hae_cli.api import load_model
-
-    _BENCH = Bench(load_model(model), split)
+# --------------------------------------------------------------------------- running
 
 
 def run_all(conversations, plan, args, tag: str) -> dict[str, list[ConversationOutcome]]:
-    """Every conversation under every setting, in input order per setting."""
-    tasks = [(c, plan, args.fastv_layer) for c in conversations]
+    """Every conversation under every setting, in input order per setting (the workers and
+    their per-image features are accuracy.py's)."""
+    tasks = list(enumerate((c, plan, args.fastv_layer) for c in conversations))
     results: dict[str, list] = defaultdict(lambda: [None] * len(tasks))
     progress = common.Progress(tag, len(tasks), quiet=args.quiet)
-    if args.workers <= 1:
-        _start_worker(args.model, args.split, args.threads)
-        answered = map(_indexed, enumerate(tasks))
-        pool = None
-    else:
-        import multiprocessing
-
-        pool = multiprocessing.get_context("spawn").Pool(
-            args.workers, initializer=_start_worker, initargs=(args.model, args.split, args.threads or 1))
-        answered = pool.imap_unordered(_indexed, list(enumerate(tasks)))
-    try:
-        for done, (index, outcomes) in enumerate(answered, start=1):
+    with accuracy.make_pool(args) as pool:
+        for done, (index, outcomes) in enumerate(pool.imap_unordered(_indexed, tasks), start=1):
             for label, outcome in outcomes.items():
                 results[label][index] = outcome
             progress.update(done)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
     return results
 
 
