@@ -42,6 +42,8 @@ import _common as common  # noqa: E402
 
 import torch  # noqa: E402
 
+from hae_cli.model.interface import UserTurn  # noqa: E402
+
 BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop")
 # Baselines that trim back to their budget while decoding: with the question fed after the
 # images they get the question's rows on top of HAE's kept size, so they never hold less.
@@ -125,9 +127,9 @@ def shared_params(policy: str, params: dict) -> dict:
 # --------------------------------------------------------------------------- running prompts
 
 
-def image_features(model, processed) -> torch.Tensor:
+def image_features(loaded, processed) -> torch.Tensor:
     with torch.inference_mode():
-        return model.image_embeddings([processed])[0]
+        return loaded.image_features([processed])[0]
 
 
 def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int, context_length: int | None = None) -> Outcome:
@@ -210,26 +212,24 @@ class Workbench:
 
     def image(self, image_id: int):
         """(processed image, its features); keeps the last few hundred."""
-        from hae_cli.model.image import load_image, preprocess
-
         if image_id not in self._images:
             if len(self._images) > 512:
                 self._images.pop(next(iter(self._images)))
-            processed = preprocess(load_image(self.easyvqa.image_path(image_id, self.split)), self.loaded.image_config)
-            self._images[image_id] = (processed, image_features(self.loaded.model, processed))
+            processed = self.loaded.read_image(self.easyvqa.image_path(image_id, self.split))
+            self._images[image_id] = (processed, image_features(self.loaded, processed))
             self.vision_calls += 1
         return self._images[image_id]
 
-    def prompt(self, text: str, image_ids: list[int]):
-        """The prompt, embedded with the cached image features (no vision-tower pass)."""
+    def prompt(self, turn, image_ids: list[int]):
+        """The prompt of a user turn (`UserTurn`), embedded with the cached image features (no
+        vision-tower pass)."""
         from hae_cli.api import PreparedPrompt
-        from hae_cli.model.prompt import build_prompt, user_message
 
         pairs = [self.image(i) for i in image_ids]
         processed = [p for p, _ in pairs]
-        tokens = build_prompt(self.tokenizer, user_message(text, len(processed)), processed)
+        tokens = self.loaded.prompt(turn, processed)
         with torch.inference_mode():
-            embeds = self.loaded.model.embed(tokens, processed, [f for _, f in pairs])
+            embeds = self.loaded.embed(tokens, processed, [f for _, f in pairs])
         return PreparedPrompt(tokens, embeds)
 
     def decode(self, ids: list[int]) -> str:
@@ -251,7 +251,7 @@ def vqa_question(question, plan: list[Setting], fastv_layer: int, question_after
     """One question under every setting of `plan` (baselines after the HAE setting they match)."""
     bench = _BENCH
     by_label = {s.label: s for s in plan}
-    prepared = bench.prompt(question.question, [question.image_id])
+    prepared = bench.prompt(UserTurn(question.question, 1), [question.image_id])
     context = prepared.tokens.after_images() if question_after else None
     fed_later = prepared.embeds.shape[1] - context if question_after else 0
     outcomes: dict[str, Outcome] = {}
@@ -395,9 +395,7 @@ def story_set(task) -> dict[str, Record]:
     easyvqa = bench.easyvqa
     target_ids = bench.tokenizer.encode(easyvqa.story_target(list(image_ids), bench.split), add_special_tokens=False)
     wanted = captions(bench.decode(target_ids))
-    from hae_cli.model.prompt import story_message
-
-    prepared = bench.prompt(story_message(easyvqa.STORY_PROMPT, len(image_ids)), list(image_ids))
+    prepared = bench.prompt(UserTurn(easyvqa.STORY_PROMPT, len(image_ids), labelled=True), list(image_ids))
     records = {}
     full_ids: list[int] | None = None
     for setting in plan:

@@ -113,21 +113,21 @@ def _deviation(measured: int, formula: int) -> float:
 
 def run_policy(loaded, prompt, embeds, policy: str, params: dict, decode_tokens: int, broadcast: bool = True):
     """Prefill (report), decode `decode_tokens` greedy steps (report); returns both and the cache."""
-    from hae_cli.model.generate import decode_one_token, prefill
+    from hae_cli.model.generate import SamplingConfig, decode, prefill
 
-    model = loaded.model
-    text = model.config.text
-    kv_heads, head_dim = text.num_key_value_heads, text.hidden_size // text.num_attention_heads
-    dtype_size = torch.finfo(model.dtype).bits // 8
-    cache = PeakRecordingCache(policy, model.config.num_layers, broadcast=broadcast, **params)
+    text = loaded.text_config
+    kv_heads = text.num_key_value_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    dtype_size = torch.finfo(loaded.dtype).bits // 8
+    cache = PeakRecordingCache(policy, loaded.num_layers, broadcast=broadcast, **params)
     with torch.inference_mode():
-        logits = prefill(model, embeds, prompt.modality, prompt.image_id, cache)
+        position_ids, position = loaded.position_ids(prompt, 0)
+        logits = prefill(loaded, embeds, prompt, position_ids, cache)
         after_prefill = layer_report(cache, kv_heads, head_dim, dtype_size)
-        kept = [layer.positions.clone() for layer in cache.layers]
-        position = embeds.shape[1]
-        for _ in range(decode_tokens):
-            logits = decode_one_token(model, int(logits.argmax()), position, cache)
-            position += 1
+        kept = [layer.token_index.clone() for layer in cache.layers]
+        if decode_tokens:
+            decode(loaded, cache, logits, position, SamplingConfig(max_new_tokens=decode_tokens), stop_ids=set(),
+                   feed_last=True)
         after_decode = layer_report(cache, kv_heads, head_dim, dtype_size)
     return {
         "after_prefill": after_prefill,
@@ -147,14 +147,13 @@ def worst(report: list[dict]) -> float:
 
 def build_prompt_for(loaded, images: int, seed: int):
     from hae_cli.data import easyvqa
-    from hae_cli.model.image import load_image, preprocess
-    from hae_cli.model.prompt import build_prompt, user_message
+    from hae_cli.model.interface import UserTurn
 
     image_ids = easyvqa.story_sets("test", 1, images, seed=seed)[0]
-    processed = [preprocess(load_image(easyvqa.image_path(i, "test")), loaded.image_config) for i in image_ids]
-    prompt = build_prompt(loaded.tokenizer, user_message(easyvqa.STORY_PROMPT, images), processed)
+    processed = [loaded.read_image(easyvqa.image_path(i, "test")) for i in image_ids]
+    prompt = loaded.prompt(UserTurn(easyvqa.STORY_PROMPT, images), processed)
     with torch.inference_mode():
-        embeds = loaded.model.embed(prompt, processed)
+        embeds = loaded.embed(prompt, processed)
     return prompt, embeds, image_ids
 
 

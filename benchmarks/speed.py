@@ -54,9 +54,9 @@ def text_dims(hidden: int, layers: int, intermediate: int) -> dict:
 
 
 def count_params(tokenizer, text: dict) -> int:
-    from hae_cli.model.config import ModelConfig
-    from hae_cli.model.phi3v import Phi3VForCausalLM
-    from hae_cli.model.tiny import TINY_VISION, official_config
+    from hae_cli.model.phi3v.config import ModelConfig
+    from hae_cli.model.phi3v.network import Phi3VForCausalLM
+    from hae_cli.model.phi3v.tiny import TINY_VISION, official_config
 
     raw = official_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, 0, text, TINY_VISION)
     with torch.device("meta"):
@@ -76,18 +76,20 @@ def matching_intermediate(tokenizer, hidden: int, layers: int, ratio: float = PH
 
 
 def build_scaled_model(hidden: int, layers: int, seed: int):
-    from hae_cli.model.tiny import build_model
-    from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+    """(the scaled model behind the model interface, its tokenizer, its MLP width)."""
+    from hae_cli.model.phi3v import Phi35Vision
+    from hae_cli.model.phi3v.tiny import build_model
+    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(story_words())
     intermediate = matching_intermediate(tokenizer, hidden, layers)
-    model = build_model(tokenizer, text=text_dims(hidden, layers, intermediate), seed=seed)
-    return model, tokenizer, intermediate
+    network = build_model(tokenizer, text=text_dims(hidden, layers, intermediate), seed=seed)
+    return Phi35Vision.of_network(network, tokenizer, name="scaled"), tokenizer, intermediate
 
 
 def story_words() -> list[str]:
     from hae_cli.data import easyvqa
-    from hae_cli.model.tiny import DEFAULT_WORDS
+    from hae_cli.model.phi3v.tiny import DEFAULT_WORDS
 
     return sorted(set(DEFAULT_WORDS) | set(easyvqa.STORY_PROMPT.lower().rstrip(".").split()))
 
@@ -95,7 +97,7 @@ def story_words() -> list[str]:
 def weight_bytes(model) -> dict:
     """All weights, and those one decoded token reads (not the vision tower, not the embedding table)."""
     total = decode = 0
-    for name, p in model.language_model.named_parameters():
+    for name, p in model.network.language_model.named_parameters():
         size = p.numel() * p.element_size()
         total += size
         if "vision_embed_tokens" not in name and "embed_tokens" not in name:
@@ -116,15 +118,13 @@ def image_prompt(model, tokenizer, pictures: list, size: int):
     """A story prompt with as many images as fit in `size` tokens (at least one), taken in turn
     from `pictures` (paths or PIL images)."""
     from hae_cli.data.easyvqa import STORY_PROMPT
-    from hae_cli.model.image import ImageProcessorConfig, load_image, preprocess
-    from hae_cli.model.prompt import build_prompt, user_message
+    from hae_cli.model.interface import UserTurn
 
-    config = ImageProcessorConfig(num_crops=1, crop_size=model.config.crop_size, patch_size=model.config.patch_size)
-    probe = preprocess(load_image(pictures[0]), config)
-    text_tokens = len(build_prompt(tokenizer, user_message(STORY_PROMPT, 0), []).input_ids)
+    probe = model.read_image(pictures[0])
+    text_tokens = len(model.prompt(UserTurn(STORY_PROMPT, 0), []))
     count = max(1, round((size - text_tokens) / (probe.num_tokens + 1)))
-    images = [preprocess(load_image(pictures[i % len(pictures)]), config) for i in range(count)]
-    prompt = build_prompt(tokenizer, user_message(STORY_PROMPT, count), images)
+    images = [model.read_image(pictures[i % len(pictures)]) for i in range(count)]
+    prompt = model.prompt(UserTurn(STORY_PROMPT, count), images)
     with torch.inference_mode():
         embeds = model.embed(prompt, images)
     return prompt, embeds, count
@@ -146,10 +146,11 @@ def timed_prefill(model, prompt, embeds, policy: str, params: dict) -> dict:
     from hae_cli.model.generate import prefill
 
     device = model.device
-    cache = EvictingCache(policy, model.config.num_layers, sync_timing=device.type == "cuda", **params)
+    cache = EvictingCache(policy, model.num_layers, sync_timing=device.type == "cuda", **params)
     with torch.inference_mode():
+        position_ids, position = model.position_ids(prompt, 0)
         start = clock(device)
-        logits = prefill(model, embeds, prompt.modality, prompt.image_id, cache)
+        logits = prefill(model, embeds, prompt, position_ids, cache)
         seconds = clock(device) - start
     return {
         "prefill_seconds": seconds,
@@ -157,28 +158,31 @@ def timed_prefill(model, prompt, embeds, policy: str, params: dict) -> dict:
         "held_after_prefill": cache.layers[-1].held,
         "cache": cache,
         "logits": logits,
-        "position": embeds.shape[1],
+        "position": position,
     }
 
 
 def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
-    """`decode_tokens` greedy steps (no stop token) from a copy of a prefilled cache, each timed."""
-    from hae_cli.model.generate import decode_one_token
+    """`decode_tokens` greedy steps (no stop token) from a copy of a prefilled cache, each timed
+    (from the token chosen to the next logits)."""
+    from hae_cli.model.generate import SamplingConfig, decode
 
     cache = copy.deepcopy(prefilled["cache"])
     before = dict(cache.overhead_seconds)
-    logits, position = prefilled["logits"], prefilled["position"]
-    kv_bytes, kv_allocated, step_seconds, tokens = [], [], [], []
+    kv_bytes, kv_allocated, step_seconds, started = [], [], [], []
+
+    def chosen(token: int) -> None:
+        started.append(clock(model.device))
+
+    def stepped() -> None:
+        step_seconds.append(clock(model.device) - started[-1])
+        kv_bytes.append(sum(layer.bytes_held for layer in cache.layers))
+        kv_allocated.append(sum(layer.bytes_allocated for layer in cache.layers))
+
     with torch.inference_mode():
-        for _ in range(decode_tokens):
-            token = int(logits.argmax())
-            tokens.append(token)
-            start = clock(model.device)
-            logits = decode_one_token(model, token, position, cache)
-            step_seconds.append(clock(model.device) - start)
-            position += 1
-            kv_bytes.append(sum(layer.bytes_held for layer in cache.layers))
-            kv_allocated.append(sum(layer.bytes_allocated for layer in cache.layers))
+        decoded = decode(model, cache, prefilled["logits"], prefilled["position"],
+                         SamplingConfig(max_new_tokens=decode_tokens), stop_ids=set(), feed_last=True,
+                         on_token=chosen, on_step=stepped)
     overhead = {k: cache.overhead_seconds[k] - before.get(k, 0.0) for k in cache.overhead_seconds}
     decode_seconds = sum(step_seconds)
     rounds = sum(1 for e in cache.events if e.stage == "decode" and e.layer == 0 and e.action in ("binned", "evicted"))
@@ -191,7 +195,7 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
         "kv_bytes_allocated_max": max(kv_allocated),
         "rounds": rounds,
         "seconds_per_round": overhead["rounds"] / rounds if rounds else None,  # every layer's part of a round
-        "tokens": tokens,
+        "tokens": decoded.token_ids,
     }
 
 
@@ -212,7 +216,7 @@ def native_lm(model):
     config._attn_implementation = "sdpa"
     with torch.device("meta"):
         lm = Phi3ForCausalLM(config)
-    decoder = {k: v for k, v in model.official_state_dict().items() if not k.startswith("model.vision_embed_tokens.")}
+    decoder = {k: v for k, v in model.network.official_state_dict().items() if not k.startswith("model.vision_embed_tokens.")}
     lm.load_state_dict(decoder, strict=True, assign=True)
     lm.model.rotary_emb = Phi3RotaryEmbedding(config).to(model.device)  # buffers computed from the config
     return lm.eval()

@@ -50,12 +50,13 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, nu
 
 
 def build_model(text: dict, device: torch.device, dtype: torch.dtype, seed: int):
-    from hae_cli.model.tiny import build_model as build_random_model
-    from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+    from hae_cli.model.phi3v import Phi35Vision
+    from hae_cli.model.phi3v.tiny import build_model as build_random_model
+    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(speed.story_words())
-    model = build_random_model(tokenizer, text=text, seed=seed, vocab_size=PHI35V_VOCAB, device=device)
-    return model.to(dtype), tokenizer
+    network = build_random_model(tokenizer, text=text, seed=seed, vocab_size=PHI35V_VOCAB, device=device)
+    return Phi35Vision.of_network(network.to(dtype), tokenizer, name="random Phi-3.5-V"), tokenizer
 
 
 def synthetic_pictures(count: int = 16, seed: int = 0) -> list:
@@ -75,7 +76,7 @@ def bin_transfer(layer_heads: int, head_dim: int, dtype: torch.dtype, device: to
         return TokenRows(
             keys=torch.randn(1, layer_heads, n, head_dim, device=device, dtype=dtype),
             values=torch.randn(1, layer_heads, n, head_dim, device=device, dtype=dtype),
-            positions=torch.arange(n, device=device).expand(layer_heads, n),
+            token_index=torch.arange(n, device=device).expand(layer_heads, n),
             modality=torch.ones(layer_heads, n, dtype=torch.int8, device=device),
             image_id=torch.ones(layer_heads, n, dtype=torch.int16, device=device),
             scores=torch.zeros(layer_heads, n, device=device),
@@ -126,7 +127,7 @@ def memory_probe(model, prompt, embeds, policies: dict, args, memory: DeviceMemo
     """Per policy: NVML's used memory with a prefilled cache (+ `decode_tokens` steps) minus
     without it, beside the bytes that cache holds and allocates (K/V; tags and scores add
     15 bytes per row and head; the bin is on the host)."""
-    from hae_cli.model.generate import decode_one_token
+    from hae_cli.model.generate import SamplingConfig, decode
 
     out = {}
     for name, (policy, params) in policies.items():
@@ -134,8 +135,8 @@ def memory_probe(model, prompt, embeds, policies: dict, args, memory: DeviceMemo
         prefilled = speed.timed_prefill(model, prompt, embeds, policy, params)
         cache, logits, position = prefilled["cache"], prefilled["logits"], prefilled["position"]
         with torch.inference_mode():
-            for step in range(args.decode_tokens):
-                logits = decode_one_token(model, int(logits.argmax()), position + step, cache)
+            decode(model, cache, logits, position, SamplingConfig(max_new_tokens=args.decode_tokens), stop_ids=set(),
+                   feed_last=True)
         after = memory.used()
         out[name] = {
             "bytes_held": sum(layer.bytes_held for layer in cache.layers),

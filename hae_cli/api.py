@@ -4,14 +4,16 @@
     loaded = load_model("demo")
     result = run(loaded, ["sample_images/easyvqa_test_0698.png"], "What color is the shape?", policy="hae")
     print(result.text, result.kv_bytes_final, result.full_cache_bytes_final)
+
+`loaded` is a `VisionLanguageModel` (`hae_cli.model.interface`), whatever the family; a policy
+is a name with its parameters, or a `Policy` object, checked once.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -22,64 +24,39 @@ from hae_cli.user_text import checked_text
 DEFAULT_STORY_PROMPT = "Describe each image in order."
 
 
-@dataclass
-class LoadedModel:
-    model: object  # Phi3VForCausalLM
-    tokenizer: object
-    image_config: object  # ImageProcessorConfig
-    folder: Path
-    name: str
-    load_seconds: float
-    limits: object | None = None  # ModelLimits: what the checkpoint was built for (None: unchecked)
-
-    @property
-    def num_layers(self) -> int:
-        return self.model.config.num_layers
-
-    @property
-    def stop_ids(self) -> set[int]:
-        ids = {self.model.config.text.eos_token_id, self.tokenizer.eos_token_id}
-        end = self.tokenizer.convert_tokens_to_ids("<|end|>")
-        if end is not None and end != self.tokenizer.unk_token_id:
-            ids.add(end)
-        return {i for i in ids if i is not None}
-
-
 def load_model(
     model: str = "demo",
     device: str | None = None,
     dtype: str | None = None,
     num_crops: int | None = None,
     on_progress: Callable[[str], None] | None = None,
-) -> LoadedModel:
-    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache.
+):
+    """Load "demo", a checkpoint folder, or a hub id already in the local HF cache, as the
+    `VisionLanguageModel` of its family (read from `config.json`'s `model_type`). Each family
+    checks what it can before any weight is read (`num_crops` against what it was built for)."""
+    from hae_cli.model.loading import load_model as load
 
-    The configs are read and `num_crops` checked against what the checkpoint was built for
-    before any weight is read."""
-    from dataclasses import replace
+    return load(model, device, dtype, num_crops=num_crops, on_progress=on_progress)
 
-    from hae_cli.model.config import ModelConfig
-    from hae_cli.model.image import ImageProcessorConfig
-    from hae_cli.model.loading import (
-        load_checkpoint, load_tokenizer, model_limits, pick_device_and_dtype, resolve_model_path,
-    )
 
-    progress = on_progress or (lambda message: None)
-    start = time.perf_counter()
-    progress(f"resolving model {model}")
-    folder = resolve_model_path(model)
-    device_obj, dtype_obj = pick_device_and_dtype(device, dtype)
-    config = ModelConfig.from_folder(folder)
-    image_config = ImageProcessorConfig.from_files(folder, crop_size=config.crop_size, patch_size=config.patch_size)
-    limits = model_limits(folder, config, image_config.num_crops)
-    if num_crops is not None:
-        image_config = replace(image_config, num_crops=num_crops)
-        limits.check_crops(num_crops)
-    progress(f"loading weights from {folder} ({device_obj}, {str(dtype_obj).removeprefix('torch.')})")
-    checkpoint = load_checkpoint(folder, device_obj, dtype_obj)
-    progress("loading tokenizer")
-    tokenizer = load_tokenizer(folder)
-    return LoadedModel(checkpoint.model, tokenizer, image_config, folder, model, time.perf_counter() - start, limits)
+def policy_of(policy, policy_params: dict | None = None):
+    """A `Policy` from a name and parameters (checked here, once), or the `Policy` given."""
+    from hae_cli.cache.policies import make_policy
+
+    if isinstance(policy, str):
+        return make_policy(policy, **(policy_params or {}))
+    if not isinstance(getattr(policy, "name", None), str):
+        raise ConfigError(f"policy must be a policy name or a Policy, got {type(policy).__name__}")
+    if policy_params:
+        raise ConfigError(f"parameters {sorted(policy_params)} given with a policy object")
+    return policy
+
+
+def policy_settings(policy) -> dict:
+    """A policy's parameters that differ from their defaults (what a report names)."""
+    import dataclasses
+
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if getattr(policy, f.name) != f.default}
 
 
 @dataclass
@@ -99,7 +76,7 @@ class RunResult:
     image_seconds: float = 0.0  # reading and encoding the images, before the prefill (`run` only)
     notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
     kept: object | None = None  # KeptMap: what each layer held of each image (asked for with `show_kept`)
-    image_layouts: list[dict] = field(default_factory=list)  # per image: its crop grid (`prepare`)
+    image_layouts: list[dict] = field(default_factory=list)  # per image: how it was cut (`prepare`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -137,7 +114,7 @@ class RunResult:
 
     def to_json(self) -> dict:
         final = self.steps[-1] if self.steps else None
-        from hae_cli.cache.kept import kept_json
+        from hae_cli.cache.kept_map import kept_json
 
         return {
             "policy": self.policy,
@@ -170,23 +147,25 @@ class RunResult:
         }
 
 
-def make_cache(loaded: LoadedModel, policy: str, policy_params: dict | None):
+def make_cache(loaded, policy, policy_params: dict | None = None):
+    """A fresh `EvictingCache` for `loaded` under `policy` (a name with `policy_params`, or a `Policy`)."""
     from hae_cli.cache import EvictingCache
-    from hae_cli.cache.policies import make_policy
 
-    return EvictingCache(make_policy(policy, **(policy_params or {})), loaded.num_layers)
+    return EvictingCache(policy_of(policy, policy_params), loaded.num_layers)
 
 
-def user_text_for(task: str, question: str | None, num_images: int) -> str:
-    from hae_cli.model.prompt import story_message, user_message
+def user_turn(task: str, question: str | None, num_images: int):
+    """What the user says for a task: "ask" (the images, then the question) or "story" (each image
+    after its label, then the instruction; by default "Describe each image in order.")."""
+    from hae_cli.model.interface import UserTurn
 
     if task == "ask":
         if question is None:
             raise InputError("a question is needed for `ask`")
-        return user_message(checked_text(question, "the question"), num_images)
+        return UserTurn(checked_text(question, "the question"), num_images)
     if task == "story":
         prompt = DEFAULT_STORY_PROMPT if question is None else checked_text(question, "the story prompt")
-        return story_message(prompt, num_images)
+        return UserTurn(prompt, num_images, labelled=True)
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 
@@ -196,12 +175,12 @@ class PreparedPrompt:
 
     tokens: object  # PromptTokens
     embeds: torch.Tensor  # [1, L, hidden]
-    image_layouts: list[dict] = field(default_factory=list)  # per image: h_crops, w_crops, grid
+    image_layouts: list[dict] = field(default_factory=list)  # per image: how the family cut it
 
 
 def prepare(
-    loaded: LoadedModel,
-    images: list[str | Path],
+    loaded,
+    images: Sequence,
     question: str | None,
     *,
     task: str = "ask",
@@ -209,34 +188,28 @@ def prepare(
     on_progress: Callable[[str], None] | None = None,
 ) -> PreparedPrompt:
     """Read the images, build the chat prompt and embed it. The result does not depend on the
-    policy, so one prepared prompt can be run under many (`run_prepared`)."""
-    from hae_cli.model.image import load_image, preprocess
-    from hae_cli.model.prompt import build_prompt
-
+    policy, so one prepared prompt can be run under many (`run_prepared`). `images`: paths, PIL
+    images, or images the model has read already (`loaded.read_image`)."""
     progress = on_progress or (lambda message: None)
     if not images:
         raise InputError(f"no images given for `{task}`")
-    text = user_text_for(task, question, len(images))
-    if loaded.limits is not None:
-        loaded.limits.check_images(len(images))
+    turn = user_turn(task, question, len(images))
+    loaded.limits.check_images(len(images))
     progress(f"reading {len(images)} image(s)")
-    processed = [preprocess(load_image(path), loaded.image_config) for path in images]
-    tokens = build_prompt(loaded.tokenizer, text, processed)
-    if loaded.limits is not None:
-        loaded.limits.check_prompt(len(tokens.input_ids))
-    progress(f"encoding images ({len(tokens.input_ids)} prompt tokens)")
+    read = [loaded.read_image(image) for image in images]
+    tokens = loaded.prompt(turn, read)
+    loaded.limits.check_prompt(len(tokens))
+    progress(f"encoding images ({len(tokens)} prompt tokens)")
     with torch.inference_mode():
-        embeds = loaded.model.embed(tokens, processed, image_features)
-    grid = loaded.image_config.merged_grid
-    layouts = [{"h_crops": p.h_crops, "w_crops": p.w_crops, "grid": grid} for p in processed]
-    return PreparedPrompt(tokens, embeds, layouts)
+        embeds = loaded.embed(tokens, read, image_features)
+    return PreparedPrompt(tokens, embeds, [loaded.image_layout(image) for image in read])
 
 
 def run_prepared(
-    loaded: LoadedModel,
+    loaded,
     prepared: PreparedPrompt,
     *,
-    policy: str = "hae",
+    policy="hae",
     policy_params: dict | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -253,19 +226,18 @@ def run_prepared(
     seen (`prepared.tokens.after_images()` splits right after the last image). With `show_kept`,
     `result.kept` is what each layer held of each image after decode step `kept_step` (None:
     at the end; it stays None if the run ended before that step)."""
-    from hae_cli.cache.kept import image_slots, kept_map
-
+    from hae_cli.cache.kept_map import image_slots, kept_map
     from hae_cli.model.generate import SamplingConfig, generate
 
     notes = []
-    if loaded.limits is not None:
-        max_new_tokens, capped = loaded.limits.answer_room(len(prepared.tokens.input_ids), max_new_tokens)
-        notes += [capped] if capped else []
+    tokens = prepared.tokens
+    max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
+    notes += [capped] if capped else []
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
     cache = make_cache(loaded, policy, policy_params)
     steps: list[CacheStats] = []
-    streamer = TextStreamer(loaded.tokenizer, on_token)
-    slots = image_slots(prepared.tokens.image_id) if show_kept else []
+    streamer = TextStreamer(loaded, on_token)
+    slots = image_slots(tokens.image_id) if show_kept else []
     kept = None
 
     def publish_step() -> None:
@@ -277,23 +249,11 @@ def run_prepared(
         if on_step is not None:
             on_step(stats)
 
-    tokens = prepared.tokens
-    generation = generate(
-        loaded.model,
-        prepared.embeds,
-        tokens.modality,
-        tokens.image_id,
-        cache,
-        sampling,
-        loaded.stop_ids,
-        on_token=streamer.push,
-        on_step=publish_step,
-        context_length=context_length,
-        overview=tokens.overview,
-    )
+    generation = generate(loaded, tokens, prepared.embeds, cache, sampling, on_token=streamer.push,
+                          on_step=publish_step, context_length=context_length)
     if show_kept and kept_step is None and steps:
         kept = kept_map(cache, slots, steps[-1].step)
-    text = loaded.tokenizer.decode(generation.token_ids, skip_special_tokens=True).strip()
+    text = loaded.decode_text(generation.token_ids).strip()
     if not text and generation.stopped_by == "stop_token":
         notes.append(
             "no answer: the model ended its turn at once"
@@ -301,7 +261,7 @@ def run_prepared(
             + "; the question may be outside what it was trained on"
         )
     return RunResult(
-        policy=policy,
+        policy=cache.policy.name,
         text=text,
         token_ids=generation.token_ids,
         prompt_tokens=tokens.counts_by_modality(),
@@ -320,12 +280,12 @@ def run_prepared(
 
 
 def run(
-    loaded: LoadedModel,
-    images: list[str | Path],
+    loaded,
+    images: Sequence,
     question: str | None,
     *,
     task: str = "ask",
-    policy: str = "hae",
+    policy="hae",
     policy_params: dict | None = None,
     max_new_tokens: int = 128,
     temperature: float = 0.0,
@@ -342,21 +302,19 @@ def run(
     `on_prefill` is called once the images are read and encoded, as the model's prefill starts.
     With `show_kept`, `result.kept` is what each layer held of each image after decode step
     `kept_step` (None: at the end), as `--show-kept` draws it and `to_json()["kept"]` lists it."""
-    from hae_cli.cache.policies import make_policy
     from hae_cli.model.generate import SamplingConfig
 
     # Bad options fail before any image is read or embedded.
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
-    make_policy(policy, **(policy_params or {}))
+    policy = policy_of(policy, policy_params)
     start = time.perf_counter()
     prepared = prepare(loaded, images, question, task=task, on_progress=on_progress)
     image_seconds = time.perf_counter() - start
     if on_prefill is not None:
         on_prefill()
     result = run_prepared(
-        loaded, prepared, policy=policy, policy_params=policy_params, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, on_token=on_token, on_step=on_step,
-        show_kept=show_kept, kept_step=kept_step,
+        loaded, prepared, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+        seed=seed, on_token=on_token, on_step=on_step, show_kept=show_kept, kept_step=kept_step,
     )
     result.image_seconds = image_seconds
     return result
@@ -365,8 +323,8 @@ def run(
 class TextStreamer:
     """Turns token ids into text pieces; decodes the whole answer each time so words join right."""
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None) -> None:
-        self.tokenizer, self.on_text = tokenizer, on_text
+    def __init__(self, loaded, on_text: Callable[[str], None] | None) -> None:
+        self.loaded, self.on_text = loaded, on_text
         self.ids: list[int] = []
         self.sent = ""
 
@@ -374,7 +332,7 @@ class TextStreamer:
         self.ids.append(token_id)
         if self.on_text is None:
             return
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        text = self.loaded.decode_text(self.ids)
         if text.startswith(self.sent):
             piece, self.sent = text[len(self.sent) :], text
             if piece:

@@ -63,13 +63,20 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hae_cli.api import load_model
 from hae_cli.cache.modality import Modality
-from hae_cli.data import conversations, easyvqa
+from hae_cli.data import conversation_sets, easyvqa
 from hae_cli.data.evaluate import Runner, story_exact_match, vqa_accuracy
-from hae_cli.model.image import ImageProcessorConfig, load_image, preprocess
+from hae_cli.model.phi3v.image import ImageProcessorConfig, preprocess
+from hae_cli.model.image_file import load_image
 from hae_cli.model.loading import DEMO_MODEL_DIR
-from hae_cli.model.prompt import build_prompt, encode_prompt_text, next_turn_text, story_message, user_message
-from hae_cli.model.tiny import TINY_VISION, build_model, save_checkpoint
-from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+from hae_cli.model.phi3v.prompt import (
+    build_prompt,
+    encode_prompt_text,
+    next_turn_text,
+    story_message,
+    user_message,
+)
+from hae_cli.model.phi3v.tiny import TINY_VISION, build_model, save_checkpoint
+from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
 
 SEED = 1234
 NUM_CROPS = 1  # a 64x64 image -> one 336x336 crop + the global view (the same pixels) -> 313 slots
@@ -253,7 +260,7 @@ class Examples:
                 facts[row, :2] = torch.tensor(self.image_facts(image_ids[k - 1]))
         return Sequence(ids, positions, mask, labels, image_ids, latest_number, answer_image, facts)
 
-    def conversation(self, image_ids: list[int], turns: list[conversations.Turn]) -> Sequence:
+    def conversation(self, image_ids: list[int], turns: list[conversation_sets.ConversationQuestion]) -> Sequence:
         """Labelled images, then the turns as the chat template renders a conversation (each
         later turn fed after the answer before it, as `Conversation` feeds it); loss on every
         answer and its `<|end|>`; the guides see each answer row as a VQA answer about the
@@ -728,7 +735,7 @@ def train_language(model, examples: Examples, bank, coverage, config: TrainConfi
             if kind == "story":
                 batch = [examples.story(image_ids)]
             else:
-                turns = conversations.conversation(image_ids, rng.randint(*config.conversation_turns), examples.split, rng, examples.by_image)
+                turns = conversation_sets.conversation(image_ids, rng.randint(*config.conversation_turns), examples.split, rng, examples.by_image)
                 batch = [examples.conversation(image_ids, turns)]
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _schedule(step, config.language_steps, config.warmup_steps, config.min_lr_ratio)

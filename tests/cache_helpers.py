@@ -167,7 +167,7 @@ def layer0_keys_values(lm, token_ids: torch.Tensor, positions: torch.Tensor):
 
 def _begin(cache, positions, modality, image_id, overview=None):
     if hasattr(cache, "begin_tokens"):
-        cache.begin_tokens(positions, modality, image_id, overview)
+        cache.begin_tokens(modality, image_id, overview)
 
 
 def _end(cache, step, after_step, fed):

@@ -30,9 +30,10 @@ def test_run_is_prepare_then_run_prepared(loaded, image):
 
 
 def test_precomputed_image_features_give_the_same_embeddings(loaded, image):
-    from hae_cli.model.image import load_image, preprocess
+    from hae_cli.model.image_file import load_image
+    from hae_cli.model.phi3v.image import preprocess
 
-    features = loaded.model.image_embeddings([preprocess(load_image(image), loaded.image_config)])
+    features = loaded.network.image_embeddings([preprocess(load_image(image), loaded.image_config)])
     fresh = api.prepare(loaded, [image], "what shape is it?")
     reused = api.prepare(loaded, [image], "what shape is it?", image_features=features)
     assert torch.equal(fresh.embeds, reused.embeds)
@@ -71,10 +72,8 @@ def _generate_split(loaded, prepared, policy, params, context_length):
 
     cache = api.make_cache(loaded, policy, params)
     tokens = prepared.tokens
-    result = generate(
-        loaded.model, prepared.embeds, tokens.modality, tokens.image_id, cache,
-        SamplingConfig(max_new_tokens=6), set(), context_length=context_length,
-    )
+    result = generate(loaded, tokens, prepared.embeds, cache, SamplingConfig(max_new_tokens=6), stop_ids=set(),
+                      context_length=context_length)
     return result, cache
 
 
@@ -89,7 +88,7 @@ def test_question_after_the_cached_images_changes_nothing_under_the_full_cache(l
     parts, cache = _generate_split(loaded, prepared, "full", None, split)
     torch.testing.assert_close(parts.first_logits, whole.first_logits, atol=1e-5, rtol=0)
     assert parts.token_ids == whole.token_ids
-    assert cache.layers[0].positions[0].tolist() == list(range(cache.next_position))
+    assert cache.layers[0].token_index[0].tolist() == list(range(cache.tokens_fed))
 
 
 def test_question_after_the_cached_images_is_kept_whole_after_pruning(loaded, image):
@@ -110,11 +109,11 @@ def test_question_after_the_cached_images_is_kept_whole_after_pruning(loaded, im
     assert max(context_held) < split, "the images should have been pruned before the question"
     assert [layer.tokens_held for layer in steps[1].layers] == [h + length - split for h in context_held]
     _, cache = _generate_split(loaded, prepared, "hae", {"visual_keep": 0.3, "r_i": 1.0}, split)
-    fed_after = cache.next_position - split  # the question's rows, then the generated ones
+    fed_after = cache.tokens_fed - split  # the question's rows, then the generated ones
     for layer in cache.layers:
-        assert layer.positions[0, -fed_after:].tolist() == list(range(split, cache.next_position))
+        assert layer.token_index[0, -fed_after:].tolist() == list(range(split, cache.tokens_fed))
         tags = layer.modality[0, -fed_after:].tolist()
-        assert tags == [Modality.TEXT] * (length - split) + [Modality.GENERATED] * (cache.next_position - length)
+        assert tags == [Modality.TEXT] * (length - split) + [Modality.GENERATED] * (cache.tokens_fed - length)
     assert api_result.token_ids
 
 

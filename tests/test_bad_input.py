@@ -63,7 +63,7 @@ def test_the_library_checks_the_same_text(tiny_checkpoint):
 def endless_checkpoint(tmp_path_factory) -> Path:
     """A random tiny model that, under the full cache, does not stop on its own for thousands of
     tokens (seed 1, 3 layers), so a signal always arrives mid-generation."""
-    from hae_cli.model.tiny import write_tiny_checkpoint
+    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("endless"), seed=1, text=dict(num_hidden_layers=3))
 
@@ -178,8 +178,8 @@ def test_every_config_field_made_hostile_builds_a_model_or_is_one_line_naming_it
     import torch
 
     from hae_cli.errors import CheckpointError
-    from hae_cli.model.config import ModelConfig
-    from hae_cli.model.phi3v import Phi3VForCausalLM
+    from hae_cli.model.phi3v.config import ModelConfig
+    from hae_cli.model.phi3v.network import Phi3VForCausalLM
 
     raw = json.loads((tiny_checkpoint / "config.json").read_text())
     refused = 0
@@ -234,7 +234,7 @@ def test_more_crops_than_phi35v_was_trained_with_is_refused(endless_checkpoint):
 
 
 def test_a_story_longer_than_the_demo_model_was_trained_on_is_refused():
-    from hae_cli.model.limits import DEMO_MODEL_MAX_IMAGES
+    from hae_cli.model.phi3v.limits import DEMO_MODEL_MAX_IMAGES
 
     images = (SAMPLES * 10)[: DEMO_MODEL_MAX_IMAGES + 1]
     assert_one_line_error(run_hae("story", *images), f"{len(images)} images",
@@ -245,7 +245,7 @@ def test_the_demo_model_limits_are_those_of_its_training_script():
     """If the trainer changes what the demo model sees, these constants must follow."""
     import importlib.util
 
-    from hae_cli.model.limits import DEMO_MODEL_CROPS, DEMO_MODEL_MAX_IMAGES
+    from hae_cli.model.phi3v.limits import DEMO_MODEL_CROPS, DEMO_MODEL_MAX_IMAGES
 
     spec = importlib.util.spec_from_file_location("train_demo_model", REPO / "scripts" / "train_demo_model.py")
     trainer = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))
@@ -275,8 +275,8 @@ def test_an_empty_answer_says_why(tiny_loaded, tiny_checkpoint):
 
     loaded = api.load_model(str(tiny_checkpoint))
     first = api.run(loaded, [SAMPLE], "what color?", max_new_tokens=1).token_ids[0]
-    ends_at_once = type("EndsAtOnce", (api.LoadedModel,), {"stop_ids": property(lambda self: {first})})
-    result = api.run(ends_at_once(**vars(loaded)), [SAMPLE], "what color?", max_new_tokens=8)
+    loaded.__class__ = type("EndsAtOnce", (type(loaded),), {"stop_ids": property(lambda self: {first})})
+    result = api.run(loaded, [SAMPLE], "what color?", max_new_tokens=8)
     assert result.text == "" and result.stopped_by == "stop_token"
     assert any(note.startswith("no answer: the model ended its turn at once") for note in result.notes)
 
@@ -336,10 +336,9 @@ def test_options_that_need_no_model_fail_before_the_library_is_imported(args, fr
 def test_every_policy_parameter_is_listed_with_its_default_and_a_meaning():
     import dataclasses
 
-    from hae_cli.cache.policies import POLICIES
-    from hae_cli.cli.policies import all_meanings
+    from hae_cli.cache.policies import POLICIES, parameter_help
 
-    meanings = all_meanings()
+    meanings = {name: parameter_help(cls) for name, cls in POLICIES.items()}
     text = run_hae("policies", COLUMNS="400").stdout.decode()
     lines = [" ".join(line.replace("│", " ").split()) for line in text.splitlines()]
     for name, cls in POLICIES.items():

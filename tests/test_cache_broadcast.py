@@ -21,7 +21,7 @@ def test_hidden_rows_after_the_scoring_layer_are_the_kept_set(lm, score_layer):
     cache = evicting_cache(lm, "hae", score_layer=score_layer, visual_keep=0.4, r_i=0.9)
     _, _, outputs = greedy(lm, ids, modality, image_id, cache, 2)
     prefill = outputs[0]
-    held = cache.layers[0].positions[0]
+    held = cache.layers[0].token_index[0]
     kept = held[held < length]
     n_kept = kept.numel()
     n_visual = int((modality == Modality.IMAGE).sum())
@@ -30,12 +30,12 @@ def test_hidden_rows_after_the_scoring_layer_are_the_kept_set(lm, score_layer):
     assert prefill.hidden_lengths == [length] * (score_layer + 1) + [n_kept] * (3 - score_layer)
     assert torch.equal(prefill.kept_rows, kept)
     for layer in cache.layers:
-        positions = layer.positions[:, :n_kept]  # the prompt part (two generated tokens follow)
+        positions = layer.token_index[:, :n_kept]  # the prompt part (two generated tokens follow)
         assert torch.equal(positions, kept.expand_as(positions)), "the same kept set in every layer and head"
-        assert layer.positions[0, n_kept:].tolist() == [length, length + 1], "decoding continues at the prompt length"
+        assert layer.token_index[0, n_kept:].tolist() == [length, length + 1], "decoding continues at the prompt length"
     dropped = set(range(length)) - set(kept.tolist())
     assert all(modality[p] == Modality.IMAGE for p in dropped), "text and separators are never dropped"
-    assert cache.next_position == length + 2
+    assert cache.tokens_fed == length + 2
     prefill_events = [e for e in cache.events if e.stage == "prefill"]
     assert sorted(e.layer for e in prefill_events) == [0, 1, 2, 3]
     assert all(e.counts["image"] == n_dropped and e.action == "evicted" for e in prefill_events)
@@ -57,12 +57,12 @@ def test_without_after_layer_the_kept_set_is_applied_at_end_step(lm):
     ours = evicting_cache(lm, "hae", visual_keep=0.4, r_i=0.9)
     greedy(lm, ids, modality, image_id, ours, 0)
     theirs = evicting_cache(lm, "hae", visual_keep=0.4, r_i=0.9)
-    theirs.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+    theirs.begin_tokens(modality, image_id)
     with torch.no_grad():
         lm(ids[None], cache=theirs, use_cache=True)
     theirs.end_step()
     for a, b in zip(ours.layers, theirs.layers):
-        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.token_index, b.token_index)
         assert torch.equal(a.modality, b.modality)
     # layers up to the scoring layer computed the same rows either way
     torch.testing.assert_close(theirs.layers[0].keys, ours.layers[0].keys)

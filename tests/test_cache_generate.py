@@ -34,7 +34,7 @@ def test_full_cache_under_generate_matches_dynamic_cache(lm, prompt):
     tokens, scores = _generate(lm, ids, cache)
     assert tokens == ref_tokens
     torch.testing.assert_close(scores, ref_scores, atol=1e-5, rtol=0)
-    assert cache.step == NEW and cache.next_position == ids.numel() + NEW - 1
+    assert cache.step == NEW and cache.tokens_fed == ids.numel() + NEW - 1
     assert [layer.held for layer in cache.layers] == [ids.numel() + NEW - 1] * 4
 
 
@@ -51,10 +51,10 @@ def test_decode_evicting_policy_under_generate_keeps_absolute_positions(lm, prom
     budget = params["budget"]
     for theirs, mine in zip(cache.layers, ours.layers):
         assert theirs.held == budget
-        assert torch.equal(theirs.positions, mine.positions)
-        assert int(theirs.positions.max()) == ids.numel() + NEW - 2
+        assert torch.equal(theirs.token_index, mine.token_index)
+        assert int(theirs.token_index.max()) == ids.numel() + NEW - 2
     if policy == "streaming":
-        assert cache.layers[0].positions[0, :4].tolist() == [0, 1, 2, 3]
+        assert cache.layers[0].token_index[0, :4].tolist() == [0, 1, 2, 3]
 
 
 def test_plain_sdpa_generate_ends_steps_lazily(prompt):
@@ -92,13 +92,13 @@ def test_tags_given_before_generate_reach_the_prefill_decision(lm):
     ids, modality, image_id = fake_prompt(before=6, images=24, after=8)
     params = dict(budget=500, visual_keep=0.4, r_i=0.9)
     cache = evicting_cache(lm, "hae", **params)
-    cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+    cache.begin_tokens(modality, image_id)
     _generate(lm, ids, cache)
     ours = evicting_cache(lm, "hae", **params)
     greedy(lm, ids, modality, image_id, ours, 0)
-    kept = ours.layers[0].positions
+    kept = ours.layers[0].token_index
     assert kept.shape[1] < ids.numel()
     for layer in cache.layers:  # no hidden pruning under generate: every layer compacted at the end
-        assert torch.equal(layer.positions[:, : kept.shape[1]], kept)
-        assert layer.positions[0, kept.shape[1] :].tolist() == list(range(ids.numel(), ids.numel() + NEW - 1))
+        assert torch.equal(layer.token_index[:, : kept.shape[1]], kept)
+        assert layer.token_index[0, kept.shape[1] :].tolist() == list(range(ids.numel(), ids.numel() + NEW - 1))
     assert cache.step == NEW

@@ -26,7 +26,7 @@ def prompt():
 def _drop_positions(cache, dropped):
     dropped = torch.tensor(sorted(dropped))
     for layer in cache.layers:
-        keep = (~torch.isin(layer.positions[0], dropped)).nonzero().squeeze(-1)
+        keep = (~torch.isin(layer.token_index[0], dropped)).nonzero().squeeze(-1)
         layer.compact(keep)
 
 
@@ -45,7 +45,7 @@ def test_eviction_after_prefill_equals_masking(lm, prompt):
             _drop_positions(cache, dropped)
 
     result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=evict)
-    reference = masked_greedy(lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, dropped) if s else None)
+    reference = masked_greedy(lm, prompt[0], STEPS, lambda s, layer, q, kv: hide_keys(q, kv, dropped) if s else None)
     _assert_same(result, reference)
     assert result[0] != greedy(lm, *prompt, evicting_cache(lm), STEPS)[0], "eviction should matter"
 
@@ -60,7 +60,7 @@ def test_eviction_mid_decode_equals_masking(lm, prompt):
 
     result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=evict)
     reference = masked_greedy(
-        lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, dropped) if s > 6 else None
+        lm, prompt[0], STEPS, lambda s, layer, q, kv: hide_keys(q, kv, dropped) if s > 6 else None
     )
     _assert_same(result, reference)
 
@@ -72,7 +72,7 @@ def test_per_head_eviction_equals_per_head_masking(lm, prompt):
         if step == 0:
             for layer in cache.layers:
                 keep = [
-                    (~torch.isin(layer.positions[h], torch.tensor(sorted(per_head[h])))).nonzero().squeeze(-1)
+                    (~torch.isin(layer.token_index[h], torch.tensor(sorted(per_head[h])))).nonzero().squeeze(-1)
                     for h in range(KV_HEADS)
                 ]
                 layer.compact(torch.stack(keep))
@@ -95,16 +95,16 @@ def test_bin_round_trip_equals_masking_while_out(lm, prompt):
     def move(step, cache, fed):
         for layer in cache.layers:
             if step == out_from:
-                layer.evict_to_bin(torch.isin(layer.positions[0], torch.tensor(sorted(binned))).nonzero().squeeze(-1))
+                layer.evict_to_bin(torch.isin(layer.token_index[0], torch.tensor(sorted(binned))).nonzero().squeeze(-1))
                 assert layer.held == prompt[0].numel() + step - len(binned)
             if step == back_after:
                 layer.restore(torch.arange(len(layer.bin)))
                 assert len(layer.bin) == 0 and layer.held == prompt[0].numel() + step
-                assert bool((layer.positions[:, 1:] > layer.positions[:, :-1]).all())
+                assert bool((layer.token_index[:, 1:] > layer.token_index[:, :-1]).all())
 
     result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=move)
     reference = masked_greedy(
-        lm, prompt[0], STEPS, lambda s, l, q, kv: hide_keys(q, kv, binned) if out_from < s <= back_after else None
+        lm, prompt[0], STEPS, lambda s, layer, q, kv: hide_keys(q, kv, binned) if out_from < s <= back_after else None
     )
     _assert_same(result, reference)
 
@@ -114,7 +114,7 @@ def test_index_broadcasting_equals_masking_from_the_scoring_layer_on(lm, prompt,
     """HAE's Stage 1: layers after `score_layer` never see the dropped tokens; at decode, no layer does."""
     cache = evicting_cache(lm, "hae", score_layer=score_layer, budget=500, visual_keep=0.4, r_i=0.9)
     result = greedy(lm, *prompt, cache, STEPS)
-    kept = set(cache.layers[0].positions[0].tolist())
+    kept = set(cache.layers[0].token_index[0].tolist())
     dropped = set(range(prompt[0].numel())) - kept
     assert dropped, "DAP should drop some visual tokens"
     assert all(prompt[1][p] == 1 for p in dropped), "only image tokens may be dropped at prefill"
@@ -131,7 +131,7 @@ def test_fastv_pruning_equals_masking_in_later_layers_only(lm, prompt):
     """FastV: layers before `prune_layer` keep every token; later layers never see the dropped ones."""
     cache = evicting_cache(lm, "fastv", prune_layer=2, drop_ratio=0.5)
     result = greedy(lm, *prompt, cache, STEPS)
-    dropped = set(range(prompt[0].numel())) - set(cache.layers[3].positions[0].tolist())
+    dropped = set(range(prompt[0].numel())) - set(cache.layers[3].token_index[0].tolist())
     assert len(dropped) == int(0.5 * int((prompt[1] == 1).sum()))
     assert cache.layers[0].held == cache.layers[1].held == prompt[0].numel() + STEPS
 

@@ -20,7 +20,7 @@ def _storage_refs(layer):
 
 
 def _addresses(layer):
-    return layer.keys.data_ptr(), layer.values.data_ptr(), layer.positions.data_ptr(), layer.scores.data_ptr()
+    return layer.keys.data_ptr(), layer.values.data_ptr(), layer.token_index.data_ptr(), layer.scores.data_ptr()
 
 
 def test_bytes_held_match_tokens_held_at_every_step():
@@ -56,7 +56,7 @@ def test_many_rounds_write_in_place_within_the_bound():
         for idx, layer in enumerate(cache.layers):
             assert layer.capacity == 16 + 4 and layer.bytes_allocated == (16 + 4) * BYTES_PER_TOKEN
             assert layer.bytes_held == layer.held * BYTES_PER_TOKEN <= layer.bytes_allocated
-            assert layer.keys.shape[2] == layer.values.shape[2] == layer.positions.shape[1] == layer.held
+            assert layer.keys.shape[2] == layer.values.shape[2] == layer.token_index.shape[1] == layer.held
             assert addresses.setdefault(idx, _addresses(layer)) == _addresses(layer), f"layer {idx} reallocated at step {step}"
 
     greedy(lm, *fake_prompt(), cache, 60, after_step=check)
@@ -71,7 +71,7 @@ def test_the_prompt_storage_is_released_and_rounds_reuse_the_storage():
     cache = evicting_cache(lm, "streaming", budget=12, sink=2, buffer=3)
     embed = lm.model.embed_tokens
     with torch.no_grad():
-        cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+        cache.begin_tokens(modality, image_id)
         run_decoder(lm, embed(ids)[None], torch.arange(ids.numel()), cache)
         refs = [_storage_refs(layer) for layer in cache.layers]
         assert all(layer.capacity == 38 for layer in cache.layers), "the prompt, exactly"
@@ -86,7 +86,7 @@ def test_the_prompt_storage_is_released_and_rounds_reuse_the_storage():
         # decode: 12 -> 15 rows, then one round back to 12, all in the same storage
         for step in range(3):
             position = torch.tensor([ids.numel() + step])
-            cache.begin_tokens(position, torch.tensor([int(Modality.GENERATED)], dtype=torch.int8))
+            cache.begin_tokens(torch.tensor([int(Modality.GENERATED)], dtype=torch.int8))
             run_decoder(lm, embed(torch.tensor([[5]])), position, cache)
             cache.end_step()
             assert [_addresses(layer) for layer in cache.layers] == addresses
@@ -100,7 +100,7 @@ def test_a_prefill_decision_frees_the_pruned_rows_at_once():
     ids, modality, image_id = fake_prompt()
     cache = evicting_cache(lm, "hae", score_layer=1, visual_keep=0.4, r_i=0.9)
     with torch.no_grad():
-        cache.begin_tokens(torch.arange(ids.numel()), modality, image_id)
+        cache.begin_tokens(modality, image_id)
         run_decoder(lm, lm.model.embed_tokens(ids)[None], torch.arange(ids.numel()), cache)
         assert cache.layers[0].held < ids.numel(), "the prompt was pruned"
         for layer in cache.layers:
@@ -121,7 +121,7 @@ def test_a_forward_past_the_bound_grows_the_storage_until_the_next_round():
     layer.compact(torch.arange(6, 16))
     assert layer.capacity == 12 and layer.held == 10, "back to the bound"
     torch.testing.assert_close(layer.keys, keys[:, :, 6:16])
-    assert layer.positions[0].tolist() == list(range(6, 16))
+    assert layer.token_index[0].tolist() == list(range(6, 16))
 
 
 def test_a_layer_without_a_bound_grows_in_chunks():
@@ -137,7 +137,7 @@ def test_a_layer_without_a_bound_grows_in_chunks():
         grown.add(layer.capacity)
         assert layer.held <= layer.capacity <= layer.held + max(GROWTH_ROWS, layer.held * GROWTH_SHARE) + 1
     assert len(grown) <= 16, f"{len(grown)} reallocations for 1,000 appends"
-    assert layer.positions[0].tolist() == list(range(1100))
+    assert layer.token_index[0].tolist() == list(range(1100))
 
 
 def test_compact_and_bin_write_into_the_same_storage():
@@ -156,7 +156,7 @@ def test_compact_and_bin_write_into_the_same_storage():
     torch.testing.assert_close(layer.bin.keys, keys[:, :, [2, 6]])
     layer.restore(torch.tensor([1]))
     assert _addresses(layer) == addresses
-    assert layer.positions[0].tolist() == [0, 4, 6, 8] and layer.bin.positions.tolist() == [2]
+    assert layer.token_index[0].tolist() == [0, 4, 6, 8] and layer.bin.token_index.tolist() == [2]
     torch.testing.assert_close(layer.keys, keys[:, :, [0, 4, 6, 8]])
     torch.testing.assert_close(layer.values, keys[:, :, [0, 4, 6, 8]] + 1)
 
@@ -170,18 +170,18 @@ def test_recycle_bin_bookkeeping():
     layer.evict_to_bin(torch.tensor([1, 3, 4]))
     bin_ = layer.bin
     assert isinstance(bin_, RecycleBin) and not bin_.keys.is_cuda
-    assert bin_.positions.tolist() == [11, 13, 14]
+    assert bin_.token_index.tolist() == [11, 13, 14]
     assert bin_.modality.tolist() == [1, 2, 1] and bin_.image_id.tolist() == [1, 1, 1]
     assert bin_.scores.tolist() == [[1.0, 3.0, 4.0], [7.0, 9.0, 10.0]]
     bin_.age()
     assert bin_.rounds.tolist() == [1, 1, 1]
     assert bin_.delete(torch.tensor([0])).tolist() == [1]
     rows = layer.restore(torch.tensor([1]))
-    assert rows.positions[:, 0].tolist() == [14, 14]
-    assert layer.positions[0].tolist() == [10, 12, 14, 15]
+    assert rows.token_index[:, 0].tolist() == [14, 14]
+    assert layer.token_index[0].tolist() == [10, 12, 14, 15]
     assert layer.modality[0].tolist() == [0, 1, 1, 3]
     assert layer.scores[:, 2].tolist() == [4.0, 10.0]
-    assert bin_.positions.tolist() == [13]
+    assert bin_.token_index.tolist() == [13]
 
 
 def test_insert_merges_rows_in_position_order_in_every_head():
@@ -197,14 +197,14 @@ def test_insert_merges_rows_in_position_order_in_every_head():
     rows = TokenRows(
         keys=torch.tensor(incoming, dtype=torch.float32)[None, :, :, None].expand(1, 2, 2, 3),
         values=-torch.tensor(incoming, dtype=torch.float32)[None, :, :, None].expand(1, 2, 2, 3),
-        positions=torch.tensor(incoming),
+        token_index=torch.tensor(incoming),
         modality=torch.tensor(incoming, dtype=torch.int8),
         image_id=torch.tensor(incoming, dtype=torch.int16),
         scores=torch.tensor(incoming, dtype=torch.float32) * 0.5,
     )
     layer.insert(rows)
     expected = torch.tensor([[0, 1, 2, 4, 6, 8, 9], [0, 1, 3, 4, 5, 7, 9]])
-    assert torch.equal(layer.positions, expected)
+    assert torch.equal(layer.token_index, expected)
     assert torch.equal(layer.modality, expected.to(torch.int8)) and torch.equal(layer.image_id, expected.to(torch.int16))
     assert torch.equal(layer.scores, expected * 0.5)
     assert torch.equal(layer.keys[0, :, :, 0], expected.float()) and torch.equal(layer.values[0, :, :, 2], -expected.float())

@@ -66,7 +66,7 @@ def test_cache_invariants(data):
         held_now = []
         stats = cache.stats()
         for idx, layer in enumerate(cache.layers):
-            positions = layer.positions
+            positions = layer.token_index
             # rows ascending, unique, and tags that belong to their position
             assert bool((positions[:, 1:] > positions[:, :-1]).all())
             assert torch.equal(layer.modality, truth_modality[positions])
@@ -96,11 +96,11 @@ def test_cache_invariants(data):
             capacity = cache.policy.bin_capacity(layer.budget) if layer.budget is not None else 0
             assert len(bin_) <= capacity
             if len(bin_):
-                assert not bool(torch.isin(bin_.positions, positions.reshape(-1)).any())  # a strided view
-                assert torch.equal(bin_.modality, truth_modality[bin_.positions])
+                assert not bool(torch.isin(bin_.token_index, positions.reshape(-1)).any())  # a strided view
+                assert torch.equal(bin_.modality, truth_modality[bin_.token_index])
             # what each image holds, as the stats (panel, --json) report it
             per_image = [round(float((layer.image_id == k).sum(dim=1).float().mean())) for k in range(1, num_images + 1)]
-            in_bin = [int((truth_image[bin_.positions] == k).sum()) for k in range(1, num_images + 1)]
+            in_bin = [int((truth_image[bin_.token_index] == k).sum()) for k in range(1, num_images + 1)]
             assert stats.layers[idx].tokens_by_image == per_image
             assert stats.image_sizes == [int((image_id == k).sum()) for k in range(1, num_images + 1)]
             assert stats.layers[idx].bin_by_image == in_bin
@@ -113,15 +113,15 @@ def test_cache_invariants(data):
         # K/V rows travel with their positions (layer 0 depends only on token and position)
         layer0 = cache.layers[0]
         tokens = torch.tensor(fed)
-        for head in range(layer0.positions.shape[0]):
-            keys, values = layer0_keys_values(LM, tokens[layer0.positions[head]], layer0.positions[head])
+        for head in range(layer0.token_index.shape[0]):
+            keys, values = layer0_keys_values(LM, tokens[layer0.token_index[head]], layer0.token_index[head])
             torch.testing.assert_close(layer0.keys[0, head], keys[0, head], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(layer0.values[0, head], values[0, head], atol=1e-5, rtol=1e-5)
         if len(layer0.bin):
-            keys, _ = layer0_keys_values(LM, tokens[layer0.bin.positions], layer0.bin.positions)
+            keys, _ = layer0_keys_values(LM, tokens[layer0.bin.token_index], layer0.bin.token_index)
             torch.testing.assert_close(layer0.bin.keys, keys, atol=1e-5, rtol=1e-5)
         state["held"] = held_now
-        state["positions"] = [layer.positions.clone() for layer in cache.layers]
+        state["positions"] = [layer.token_index.clone() for layer in cache.layers]
 
     greedy(LM, ids, modality, image_id, cache, steps, after_step=check)
 

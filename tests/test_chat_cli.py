@@ -183,11 +183,27 @@ def test_on_a_terminal_a_prompt_the_panel_between_turns_and_ctrl_c_at_the_prompt
         turn = read_until(b"you> ")
         for part in (b"per image (tokens held)", b"per layer", b"turn 1", b"KV cache"):
             assert part in turn, turn[-1500:]
-        os.write(fd, b"\x03")  # Ctrl-C at the prompt clears the line; the conversation goes on
+        # Ctrl-C at the prompt clears the line; the conversation goes on. Sent once readline waits:
+        # a SIGINT between its prompt and its select() is only seen at the next key (CPython's readline).
+        time.sleep(0.5)
+        os.write(fd, b"\x03")
         assert b"/quit or Ctrl-D ends the conversation" in read_until(b"you> ")
         os.write(fd, b"/quit\r")
         read_until(b"\x00", timeout=60)
     finally:
-        _, status = os.waitpid(pid, 0)
+        status = _reap(pid)
         os.close(fd)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _reap(pid: int, grace: float = 10) -> int:
+    """The child's wait status; a child still running after `grace` seconds (a step that failed
+    left it waiting) is killed rather than waited on forever."""
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return os.waitpid(pid, 0)[1]

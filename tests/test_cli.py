@@ -12,8 +12,11 @@ import json
 import re
 import struct
 import zlib
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 from typer.testing import CliRunner
@@ -35,11 +38,14 @@ ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 class FullPolicy:
     """No eviction."""
 
+    name: ClassVar[str] = "full"
+
 
 @dataclass
 class HaePolicy:
     """Fake HAE: the parameters the CLI names."""
 
+    name: ClassVar[str] = "hae"
     budget: int | float | None = None
     visual_keep: float | None = None
     score_layer: int = 1
@@ -55,20 +61,32 @@ class HaePolicy:
 class BudgetPolicy:
     """A decode-time policy with a budget."""
 
+    name: ClassVar[str] = "snapkv"
     budget: int | float | None = None
     window: int = 32
+
+
+@dataclass
+class OtherBudgetPolicy(BudgetPolicy):
+    name: ClassVar[str] = "h2o"
 
 
 @dataclass
 class StreamingPolicy:
     """Sinks and a recent window."""
 
+    name: ClassVar[str] = "streaming"
     sink: int = 4
     recent: int = 256
 
 
-FAKE_POLICIES = {"full": FullPolicy, "hae": HaePolicy, "snapkv": BudgetPolicy, "h2o": BudgetPolicy,
+FAKE_POLICIES = {"full": FullPolicy, "hae": HaePolicy, "snapkv": BudgetPolicy, "h2o": OtherBudgetPolicy,
                  "streaming": StreamingPolicy}
+
+
+def settings(policy) -> dict:
+    """The parameters a policy object was given (those off their defaults), as the CLI passed them."""
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if getattr(policy, f.name) != f.default}
 
 
 def stats_at(step: int, policy: str) -> CacheStats:
@@ -104,11 +122,11 @@ class FakeApi:
             on_progress("loading weights")
         if self.raise_in_load is not None:
             raise self.raise_in_load
-        return api.LoadedModel(model=None, tokenizer=None, image_config=None, folder=Path("."), name=model,
-                               load_seconds=0.0)
+        return SimpleNamespace(name=model, num_layers=N_LAYERS, folder=Path("."), load_seconds=0.0)
 
-    def run(self, loaded, images, question, *, task="ask", policy="hae", policy_params=None, max_new_tokens=128,
+    def run(self, loaded, images, question, *, task="ask", policy=None, max_new_tokens=128,
             temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None):
+        policy_params, policy = settings(policy), policy.name
         self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
                               policy_params=policy_params, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, seed=seed))

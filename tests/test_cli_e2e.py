@@ -10,12 +10,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-pytest.importorskip("hae_cli.model.tiny", reason="needs hae_cli.model.tiny (write_tiny_checkpoint)")
-pytest.importorskip("hae_cli.api", reason="needs hae_cli.api (load_model, run)")
-pytest.importorskip("hae_cli.cache.cache", reason="needs hae_cli.cache.cache (EvictingCache)")
-
-from hae_cli import cli  # noqa: E402
-from hae_cli.model.tiny import write_tiny_checkpoint  # noqa: E402
+from hae_cli import cli
+from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
 
 runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -3,6 +3,7 @@ logit for logit; answers stay in the cache at their positions; stops and failure
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -10,9 +11,10 @@ import torch
 
 from hae_cli.api import load_model
 from hae_cli.cache.modality import Modality
-from hae_cli.conversation import Conversation, first_message
+from hae_cli.conversation import Conversation
 from hae_cli.errors import InputError
-from hae_cli.model.prompt import PromptTokens, chat_text, encode_prompt_text
+from hae_cli.model.interface import PromptTokens, UserTurn
+from hae_cli.model.phi3v.prompt import chat_text, encode_prompt_text
 from hae_process import REPO
 
 IMAGES = [REPO / "sample_images" / f"easyvqa_test_{n:04d}.png" for n in (63, 198, 394)]
@@ -28,8 +30,8 @@ def one_forward(loaded, conversation: Conversation) -> torch.Tensor:
     ids = torch.tensor(conversation.fed_ids)
     rows = PromptTokens(ids, torch.zeros(len(ids), dtype=torch.int8), torch.zeros(len(ids), dtype=torch.int16), [])
     with torch.inference_mode():
-        embeds = loaded.model.embed(rows, [None] * conversation.num_images, conversation.image_features)
-        return loaded.model.forward_embeds(embeds, torch.arange(len(ids)), None, logits_rows=len(ids)).logits[0].float()
+        embeds = loaded.network.embed(rows, [None] * conversation.num_images, conversation.image_features)
+        return loaded.network.forward_embeds(embeds, torch.arange(len(ids)), None, logits_rows=len(ids)).logits[0].float()
 
 
 def test_full_cache_turns_equal_one_forward_over_the_transcript(loaded):
@@ -53,9 +55,9 @@ def test_the_fed_ids_are_the_chat_templates_whole_transcript(loaded):
     messages = []
     for question in questions:
         turn = conversation.ask(question)
-        content = first_message(question, 2) if not messages else question
+        content = loaded.render(UserTurn(question, 2, labelled=True)) if not messages else question
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": turn.result.text}]
-    whole = encode_prompt_text(loaded.tokenizer, chat_text(loaded.tokenizer, messages), conversation._processed)
+    whole = encode_prompt_text(loaded.tokenizer, chat_text(loaded.tokenizer, messages), conversation._images)
     # the template closes the last answer with "<|end|>\n", which is fed with the next question
     assert conversation.fed_ids == whole.input_ids.tolist()[:-2]
 
@@ -69,7 +71,7 @@ def test_the_cache_after_turn_two_holds_turn_ones_answer_at_its_positions(loaded
     assert answer_positions, "the demo model answers"
     assert second.start_position == answer_positions[-1] + 1
     for layer in conversation.cache.layers:
-        positions = layer.positions[0].tolist()
+        positions = layer.token_index[0].tolist()
         assert positions == list(range(len(conversation.fed_ids)))
         modality = layer.modality[0]
         assert all(int(modality[p]) == Modality.GENERATED for p in answer_positions)
@@ -85,9 +87,9 @@ def test_an_evicting_cache_holds_its_budget_through_every_turn(loaded):
         for step in turn.result.steps:
             for layer in step.layers:
                 assert layer.tokens_held <= layer.budget + 8
-    assert conversation.cache.next_position == len(conversation.fed_ids)
+    assert conversation.cache.tokens_fed == len(conversation.fed_ids)
     for layer in conversation.cache.layers:
-        held = layer.positions[0]
+        held = layer.token_index[0]
         assert bool((held[1:] > held[:-1]).all()), "rows stay in position order"
     assert sum(turn.actions["binned"] for turn in conversation.turns) > 0
 
@@ -104,7 +106,7 @@ def test_a_stop_request_ends_the_answer_and_the_conversation_goes_on_exactly(loa
 
 def test_an_interruption_inside_a_step_refuses_to_go_on_until_reset(loaded, monkeypatch):
     conversation = Conversation(loaded, IMAGES[:2], policy="hae", max_new_tokens=4)
-    layers = loaded.model.language_model.model.layers
+    layers = loaded.network.language_model.model.layers
     original = type(layers[1]).forward
 
     def interrupted(self, *args, **kwargs):
@@ -124,7 +126,9 @@ def test_an_interruption_inside_a_step_refuses_to_go_on_until_reset(loaded, monk
 
 def test_a_turn_past_the_context_is_refused_and_changes_nothing(loaded):
     small = dataclasses.replace(loaded.limits, context_tokens=700)
-    conversation = Conversation(dataclasses.replace(loaded, limits=small), IMAGES[:2], policy="full", max_new_tokens=4)
+    tight = copy.copy(loaded)
+    tight.limits = small
+    conversation = Conversation(tight, IMAGES[:2], policy="full", max_new_tokens=4)
     conversation.ask("what shape is in image 1?")
     fed = conversation.fed_ids
     conversation.add_images(IMAGES[2:])  # 313 more slots: past 700

@@ -13,9 +13,9 @@ import pytest
 
 from hae_cli.api import load_model
 from hae_cli.data import easyvqa
-from hae_cli.data.conversations import conversation_sets
+from hae_cli.data.conversation_sets import conversation_sets
 from hae_cli.data.evaluate import Runner, conversation_accuracy, story_exact_match, vqa_accuracy
-from hae_cli.model.image import load_image, preprocess
+from hae_cli.model.interface import UserTurn
 from hae_cli.model.loading import resolve_model_path
 
 SAMPLE_IMAGES = Path(__file__).resolve().parent.parent / "sample_images"
@@ -78,8 +78,8 @@ def test_sample_images_are_answered_correctly(runner):
     entries = json.loads((SAMPLE_IMAGES / "questions.json").read_text())
     assert entries
     for entry in entries:
-        image = preprocess(load_image(SAMPLE_IMAGES / entry["image"]), runner.image_config)
-        ids = runner.generate_ids(entry["question"], [image], max_new_tokens=2)
+        image = runner.loaded.read_image(SAMPLE_IMAGES / entry["image"])
+        ids = runner.generate_ids(UserTurn(entry["question"], 1), [image], max_new_tokens=2)
         assert runner.tokenizer.decode(ids).strip() == entry["answer"], entry
 
 

@@ -27,7 +27,7 @@ from hae_cli.display.panel import (
     state_from_result,
 )
 from hae_cli.errors import HaeError
-from hae_cli.profile import agreement, holds_answer, summarize
+from hae_cli.compare import agreement, holds_answer, summarize
 
 BYTES_PER_TOKEN = 2 * 4 * 16 * 4  # K+V x kv_heads x head_dim x float32
 
@@ -74,9 +74,9 @@ def render(renderable, width: int = 120) -> str:
     return console.export_text()
 
 
-def expected_row(l: LayerStats) -> tuple[int, ...]:
-    by = l.tokens_by_modality
-    return (l.tokens_held, l.budget, by["text"], by["image"], by["separator"], by["generated"], l.bin_tokens)
+def expected_row(stats: LayerStats) -> tuple[int, ...]:
+    by = stats.tokens_by_modality
+    return (stats.tokens_held, stats.budget, by["text"], by["image"], by["separator"], by["generated"], stats.bin_tokens)
 
 
 # ----------------------------------------------------------------------------- layers
@@ -89,8 +89,8 @@ def test_panel_shows_one_row_per_layer_with_its_counts(width):
     text = render(render_panel(state), width)
     rows = layer_rows(text)
     assert sorted(rows) == list(range(32))
-    for l in stats.layers:
-        assert rows[l.layer] == expected_row(l)
+    for one in stats.layers:
+        assert rows[one.layer] == expected_row(one)
     if width == 100:  # narrow: one layer per line
         assert sum(1 for line in text.splitlines() if re.match(r"\s*L\d+\s", line)) == 32
     else:  # wide: two columns of 16
@@ -106,8 +106,8 @@ def test_few_layers_stay_in_one_column_and_lines_fit_the_width():
 
 
 def test_bar_is_stacked_in_modality_order_with_the_budget_mark():
-    l = layer(0, text=10, image=20, sep=0, gen=10, budget=50, bin_tokens=5)
-    bar = occupancy_bar(l, scale=50, width=50).plain
+    stats = layer(0, text=10, image=20, sep=0, gen=10, budget=50, bin_tokens=5)
+    bar = occupancy_bar(stats, scale=50, width=50).plain
     assert bar == "█" * 10 + "▓" * 20 + "▞" * 10 + "░" * 5 + "·" * 5 + "│"
     no_budget = occupancy_bar(layer(0, 5, 5, 0, 0, budget=None), scale=20, width=20).plain
     assert no_budget.startswith("█" * 5 + "▓" * 5) and "│" not in no_budget and len(no_budget) == 21
@@ -306,7 +306,9 @@ def test_memory_sums_this_process_over_gpus(monkeypatch):
     import os
 
     me, other = os.getpid(), os.getpid() + 1
-    proc = lambda pid, used: types.SimpleNamespace(pid=pid, usedGpuMemory=used)
+    def proc(pid, used):
+        return types.SimpleNamespace(pid=pid, usedGpuMemory=used)
+
     processes = {0: [proc(me, 100), proc(other, 999)], 1: [proc(me, 50)]}
     monkeypatch.setitem(sys.modules, "pynvml", fake_pynvml(processes=processes))
     assert MemoryProbe().snapshot().gpu_process_bytes == 150
@@ -355,7 +357,7 @@ def profile_figure(title: str = "tokens held per layer, the prompt: story a.png,
 
 def test_plot_puts_the_full_cache_apart_so_compressed_policies_get_their_own_scale():
     figure, _ = profile_figure()
-    lines, top, bars = figure.axes[0], figure.axes[1], figure.axes[2]
+    lines, top = figure.axes[0], figure.axes[1]
     assert [line.get_label() for line in top.lines] == ["baseline"]
     assert [line.get_label() for line in lines.lines] == ["hae", "snapkv"]
     assert lines.get_ylim()[1] < 400 and top.get_ylim()[0] > 1000  # neither scale squashes the other

@@ -15,15 +15,15 @@ from PIL import Image, ImageFile
 
 from hae_cli.cache.modality import Modality
 from hae_cli.errors import CheckpointError, ConfigError, InputError
-from hae_cli.model.image import (
+from hae_cli.model.phi3v.image import (
     ImageProcessorConfig,
     crop_grid,
     hd_transform,
     image_token_modalities,
-    load_image,
     preprocess,
     tokens_per_image,
 )
+from hae_cli.model.image_file import load_image
 
 OFFICIAL_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OFFICIAL_STD = [0.26862954, 0.26130258, 0.27577711]

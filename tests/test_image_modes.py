@@ -12,7 +12,7 @@ import pytest
 from PIL import Image, ImageCms
 
 from hae_cli.errors import InputError
-from hae_cli.model.image import largest_image_pixels, load_image
+from hae_cli.model.image_file import largest_image_pixels, load_image
 
 W, H = 32, 24
 RAMP = np.tile(np.linspace(0, 1, W), (H, 1))  # 0 at the left edge, 1 at the right

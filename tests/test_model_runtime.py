@@ -10,10 +10,12 @@ from transformers import DynamicCache
 from hae_cli.cache.modality import Modality
 from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 from hae_cli.model import loading
-from hae_cli.model.config import OFFICIAL_CLIP, ModelConfig
+from hae_cli.model.phi3v import Phi35Vision
+from hae_cli.model.phi3v.config import OFFICIAL_CLIP, ModelConfig
 from hae_cli.model.generate import SamplingConfig, generate
-from hae_cli.model.loading import load_checkpoint, pick_device_and_dtype, resolve_model_path
-from hae_cli.model.tiny import official_config
+from hae_cli.model.phi3v.checkpoint import load_checkpoint
+from hae_cli.model.loading import pick_device_and_dtype, resolve_model_path
+from hae_cli.model.phi3v.tiny import official_config
 
 OFFICIAL_TEXT = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
 
@@ -68,8 +70,8 @@ def test_checkpoint_uses_official_key_names(tiny_checkpoint):
 
 
 def test_round_trip_is_exact(tiny_checkpoint, tiny_loaded, tmp_path):
-    from hae_cli.model.loading import load_tokenizer
-    from hae_cli.model.tiny import save_checkpoint
+    from hae_cli.model.phi3v.checkpoint import load_tokenizer
+    from hae_cli.model.phi3v.tiny import save_checkpoint
 
     again = save_checkpoint(tiny_loaded.model, load_tokenizer(tiny_checkpoint), tmp_path / "again", 1)
     reloaded = load_checkpoint(again).model.official_state_dict()
@@ -195,7 +197,7 @@ def _official_merge(features, h_crop, w_crop, sub_gn, glb_gn):
 
 @pytest.mark.parametrize("grid", [(1, 1), (2, 3), (3, 1)])
 def test_image_tokens_follow_the_official_order_and_separators(tiny_loaded, grid):
-    from hae_cli.model.image import image_token_modalities, tokens_per_image
+    from hae_cli.model.phi3v.image import image_token_modalities, tokens_per_image
 
     h, w = grid
     vision = tiny_loaded.model.vision
@@ -224,7 +226,7 @@ def test_image_tokens_follow_the_official_order_and_separators(tiny_loaded, grid
 @pytest.mark.parametrize("grid", [(1, 1), (2, 3)])
 def test_overview_tags_are_the_slots_the_global_view_feeds(tiny_loaded, grid):
     """Change only the global view's pixels: exactly the slots tagged `overview` change."""
-    from hae_cli.model.image import image_token_overview
+    from hae_cli.model.phi3v.image import image_token_overview
 
     h, w = grid
     vision = tiny_loaded.model.vision
@@ -241,9 +243,9 @@ def test_overview_tags_are_the_slots_the_global_view_feeds(tiny_loaded, grid):
 def _prompt(tiny_checkpoint, tiny_loaded, sizes, question="what color is the shape?"):
     from PIL import Image
 
-    from hae_cli.model.loading import load_tokenizer
-    from hae_cli.model.image import ImageProcessorConfig, preprocess
-    from hae_cli.model.prompt import build_prompt, user_message
+    from hae_cli.model.phi3v.checkpoint import load_tokenizer
+    from hae_cli.model.phi3v.image import ImageProcessorConfig, preprocess
+    from hae_cli.model.phi3v.prompt import build_prompt, user_message
 
     tokenizer = load_tokenizer(tiny_checkpoint)
     config = ImageProcessorConfig.from_files(tiny_checkpoint, crop_size=336, patch_size=14)
@@ -266,13 +268,12 @@ def test_multi_image_features_land_at_their_slots(tiny_checkpoint, tiny_loaded):
 
 
 def test_greedy_generation_equals_the_argmax_chain_of_one_full_forward(tiny_checkpoint, tiny_loaded):
-    _, images, prompt = _prompt(tiny_checkpoint, tiny_loaded, [(64, 64)])
+    tokenizer, images, prompt = _prompt(tiny_checkpoint, tiny_loaded, [(64, 64)])
     model = tiny_loaded.model
     with torch.no_grad():
         embeds = model.embed(prompt, images)
-    result = generate(
-        model, embeds, prompt.modality, prompt.image_id, DynamicCache(), SamplingConfig(max_new_tokens=12), stop_ids=set()
-    )
+    result = generate(Phi35Vision.of_network(model, tokenizer), prompt, embeds, DynamicCache(),
+                      SamplingConfig(max_new_tokens=12), stop_ids=set())
     assert len(result.token_ids) == 12
     lm = model.language_model
     with torch.no_grad():
@@ -300,14 +301,15 @@ def test_explicit_positions_are_used(tiny_loaded):
 
 
 def test_sampling_is_seeded_and_validated(tiny_checkpoint, tiny_loaded):
-    _, images, prompt = _prompt(tiny_checkpoint, tiny_loaded, [(64, 64)])
+    tokenizer, images, prompt = _prompt(tiny_checkpoint, tiny_loaded, [(64, 64)])
     model = tiny_loaded.model
     with torch.no_grad():
         embeds = model.embed(prompt, images)
 
     def sampled(seed):
         config = SamplingConfig(max_new_tokens=8, temperature=1.5, top_p=0.9, seed=seed)
-        return generate(model, embeds, prompt.modality, prompt.image_id, DynamicCache(), config, set()).token_ids
+        return generate(Phi35Vision.of_network(model, tokenizer), prompt, embeds, DynamicCache(), config,
+                        stop_ids=set()).token_ids
 
     assert sampled(1) == sampled(1)
     assert any(sampled(1) != sampled(s) for s in (2, 3, 4))
@@ -317,7 +319,7 @@ def test_sampling_is_seeded_and_validated(tiny_checkpoint, tiny_loaded):
 
 
 def test_tokenizer_loads_without_remote_code_prompt(tiny_checkpoint, tmp_path):
-    from hae_cli.model.loading import load_tokenizer
+    from hae_cli.model.phi3v.checkpoint import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_checkpoint)  # config.json has an auto_map: must not prompt
     assert tokenizer.chat_template

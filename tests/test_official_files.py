@@ -7,11 +7,12 @@ import json
 import pytest
 import torch
 
-from hae_cli.model.image import ProcessedImage, image_token_modalities, tokens_per_image
-from hae_cli.model.loading import DEMO_MODEL_DIR, load_tokenizer
-from hae_cli.model.prompt import build_prompt, user_message
-from hae_cli.model.tiny import write_tiny_checkpoint
-from hae_cli.model.tiny_tokenizer import CHAT_TOKENS
+from hae_cli.model.phi3v.image import ProcessedImage, image_token_modalities, tokens_per_image
+from hae_cli.model.loading import DEMO_MODEL_DIR
+from hae_cli.model.phi3v.checkpoint import load_tokenizer
+from hae_cli.model.phi3v.prompt import build_prompt, user_message
+from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+from hae_cli.model.phi3v.tiny_tokenizer import CHAT_TOKENS
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, layer0_qkv, tiny_lm
 from hae_cli.cache import Modality
+from hae_cli.cache.policies import LayerView
 
 STEPS = 24
 
@@ -41,7 +42,7 @@ def kv_mean(per_query_head):
 def prefill_positions(lm, prompt, policy, overview=None, **params):
     cache = evicting_cache(lm, policy, **params)
     greedy(lm, *prompt, cache, 0, overview=overview)
-    return cache, [layer.positions for layer in cache.layers]
+    return cache, [layer.token_index for layer in cache.layers]
 
 
 def test_streaming_keeps_sinks_and_the_recent_window(lm, prompt):
@@ -229,7 +230,7 @@ def test_bin_scores_continue_with_the_attention_they_would_have_received(lm, pro
         if step == 0:
             layer = cache.layers[0]
             kept_scores["initial"] = layer.scores.clone()
-            layer.evict_to_bin(torch.isin(layer.positions[0], binned).nonzero().squeeze(-1))
+            layer.evict_to_bin(torch.isin(layer.token_index[0], binned).nonzero().squeeze(-1))
 
     cache = evicting_cache(lm, "hae", r_g=0.0, gamma=gamma, budget=500, buffer=2)
     tokens, _, _ = greedy(lm, *prompt, cache, steps, after_step=to_bin)
@@ -249,7 +250,7 @@ def test_bin_scores_continue_with_the_attention_they_would_have_received(lm, pro
             lse = torch.logsumexp(logits[visible], dim=0)
             per_head.append(torch.exp(logits[binned] - lse))
         bin_scores = gamma * bin_scores + kv_mean(torch.stack(per_head))
-    assert cache.layers[0].bin.positions.tolist() == binned.tolist()
+    assert cache.layers[0].bin.token_index.tolist() == binned.tolist()
     torch.testing.assert_close(cache.layers[0].bin.scores, bin_scores, atol=1e-5, rtol=1e-4)
 
 
@@ -263,8 +264,8 @@ def test_hae_rounds_keep_the_best_and_restore_from_the_bin(lm, prompt):
             rounded = any(e.step == step and e.layer == layer.layer_idx and e.action == "binned" for e in cache.events)
             if rounded and len(layer.bin):
                 sink, recent = cache.policy.protected(layer.budget)
-                active = cache.policy.priority(layer)[sink : layer.held - recent]
-                assert float(active.min()) >= float(cache.policy.bin_priority(layer).max())
+                active = cache.policy.priority(LayerView.of(layer))[sink : layer.held - recent]
+                assert float(active.min()) >= float(cache.policy.bin_priority(LayerView.of(layer)).max())
                 checked.append(step)
 
     cache = evicting_cache(lm, "hae", **policy_params)
@@ -288,8 +289,8 @@ def test_broadcast_makes_every_layer_follow_the_scoring_layer(lm, prompt):
     greedy(lm, *prompt, cache, STEPS)
     first = cache.layers[0]
     for layer in cache.layers[1:]:
-        assert torch.equal(layer.positions, first.positions)
-        assert torch.equal(layer.bin.positions, first.bin.positions)
+        assert torch.equal(layer.token_index, first.token_index)
+        assert torch.equal(layer.bin.token_index, first.bin.token_index)
     assert [float(layer.scores.abs().sum()) > 0 for layer in cache.layers] == [False, True, False, False]
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from hae_cli import api
 from hae_cli.errors import InputError
-from hae_cli.profile import BASELINE, Prompt, read_workload, run_profile
+from hae_cli.compare import BASELINE, Prompt, read_workload, run_profile
 
 
 def test_workload_file(tmp_path):
@@ -36,10 +36,10 @@ def test_ctrl_c_keeps_the_prompts_that_finished(monkeypatch):
     calls = []
 
     def fake_run(loaded, images, question, *, policy, **kwargs):
-        calls.append(policy)
+        calls.append(policy.name)
         if len(calls) == 5:  # prompt 3, baseline
             raise KeyboardInterrupt
-        return api.RunResult(policy, "red", [1, 2], {}, 0.1, 0.2, 0.0, 2)
+        return api.RunResult(policy.name, "red", [1, 2], {}, 0.1, 0.2, 0.0, 2)
 
     monkeypatch.setattr(api, "run", fake_run)
     workload = [Prompt("ask", (), f"q{i}") for i in range(4)]

@@ -8,15 +8,16 @@ from transformers import AutoTokenizer
 
 from hae_cli.cache.modality import Modality
 from hae_cli.errors import InputError
-from hae_cli.model.image import (
+from hae_cli.model.phi3v.image import (
     ImageProcessorConfig,
     ProcessedImage,
     image_token_modalities,
     preprocess,
     tokens_per_image,
 )
-from hae_cli.model.prompt import PromptTokens, build_prompt, story_message, user_message
-from hae_cli.model.tiny_tokenizer import CHAT_TOKENS, build_tiny_tokenizer
+from hae_cli.model.interface import PromptTokens
+from hae_cli.model.phi3v.prompt import build_prompt, story_message, user_message
+from hae_cli.model.phi3v.tiny_tokenizer import CHAT_TOKENS, build_tiny_tokenizer
 
 WORDS = ["Image 1: a red circle.", "Image 2", "what", "is", "in", "this", "picture", "?", "compare them"]
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from hae_cli.cache import EvictingCache
-from hae_cli.cache.kept import image_slots, kept_json, kept_map
+from hae_cli.cache.kept_map import image_slots, kept_json, kept_map
 from hae_cli.cli.validate import check_writable
-from hae_cli.display.kept import draw_kept, layout
+from hae_cli.display.kept_png import draw_kept, layout
 from hae_cli.errors import InputError
-from hae_cli.model.image import CROPS_VIEW, GLOBAL_VIEW, image_token_modalities
+from hae_cli.model.phi3v.image import CROPS_VIEW, GLOBAL_VIEW, image_cells, image_token_modalities
 
 GRID = 12
 H_CROPS, W_CROPS = 1, 2  # image 1: a 1x2 crop grid
@@ -66,7 +66,7 @@ def known_cache() -> tuple[EvictingCache, torch.Tensor]:
         layer.append(keys, keys.clone(), torch.arange(length), modality, image_id)
         if index == 1:
             layer.evict_to_bin(torch.tensor(sorted(start + s for s in binned)))
-            held = layer.positions[0].tolist()
+            held = layer.token_index[0].tolist()
             layer.compact(torch.tensor([i for i, p in enumerate(held) if p in keep_rows]))
         else:
             extra = [start + slot_of(GLOBAL_VIEW, 0, c) for c in range(1, GRID)]
@@ -84,6 +84,12 @@ def known_cache() -> tuple[EvictingCache, torch.Tensor]:
 
 
 LAYOUTS = [{"h_crops": H_CROPS, "w_crops": W_CROPS, "grid": GRID}, {"h_crops": 1, "w_crops": 1, "grid": GRID}]
+
+
+def phi_cells(layouts, pictures=None):
+    """Phi-3.5-V's views of each image (`layouts` as `RunResult.image_layouts` gives them)."""
+    pictures = pictures or [(None, None)] * len(layouts)
+    return [image_cells(e["h_crops"], e["w_crops"], e["grid"], *views) for e, views in zip(layouts, pictures)]
 
 
 def white_pictures():
@@ -107,9 +113,9 @@ def read_back(tmp_path, layer: int):
     cache, image_id = known_cache()
     kept = kept_map(cache, image_slots(image_id), step=0)
     path = tmp_path / "kept.png"
-    draw_kept(kept, layer, white_pictures(), LAYOUTS, "test").save(path)
+    draw_kept(kept, layer, phi_cells(LAYOUTS, white_pictures()), "test").save(path)
     png = np.asarray(Image.open(path).convert("RGB"))
-    return kept, png, layout(LAYOUTS).rows[0]
+    return kept, png, layout(phi_cells(LAYOUTS)).rows[0]
 
 
 def test_png_cells_of_image_1_are_exactly_the_kept_patches(tmp_path):
@@ -153,12 +159,12 @@ def test_json_mask_matches_the_cache():
             mask = layer_entry["mask"]
             assert len(mask) == entry["slots"]
             for head in range(KV_HEADS):
-                held = {p - entry["first_position"] for p in layer.positions[head].tolist()
+                held = {p - entry["first_position"] for p in layer.token_index[head].tolist()
                         if 0 <= p - entry["first_position"] < entry["slots"]}
                 assert all(mask[s] in "#+" for s in held)
                 if "heads_holding" not in layer_entry:
                     assert {s for s, ch in enumerate(mask) if ch == "#"} == held
-            binned = {p - entry["first_position"] for p in layer.bin.positions.tolist()
+            binned = {p - entry["first_position"] for p in layer.bin.token_index.tolist()
                       if 0 <= p - entry["first_position"] < entry["slots"]}
             assert {s for s, ch in enumerate(mask) if ch == "b"} == binned
             assert layer_entry["held"] == sum(ch == "#" for ch in mask) or "heads_holding" in layer_entry

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hae_cli.display.kept import layout
-from hae_cli.model.image import image_slot_cells
+from hae_cli.display.kept_png import layout
+from hae_cli.model.phi3v.image import image_cells, image_slot_cells
 from test_cli_e2e import TINY_LAYERS, checkpoint, images, invoke, ok  # noqa: F401  (fixtures)
 
 
@@ -49,8 +49,9 @@ def test_png_and_json_agree_with_the_cache(checkpoint, images, tmp_path, command
             assert layer_entry["held"] == stats["tokens_by_image"][i] == sum(c in "#" for c in layer_entry["mask"])
             assert layer_entry["in_bin"] == stats["bin_by_image"][i] == layer_entry["mask"].count("b")
     png = np.asarray(Image.open(png_path).convert("RGB"))
-    rows = layout(kept["images"]).rows
-    assert png.shape[:2] == (layout(kept["images"]).height, layout(kept["images"]).width)
+    plan = layout([image_cells(e["h_crops"], e["w_crops"], e["grid"]) for e in kept["images"]])
+    rows = plan.rows
+    assert png.shape[:2] == (plan.height, plan.width)
     for entry, row in zip(kept["images"], rows):
         cells = image_slot_cells(entry["h_crops"], entry["w_crops"], entry["grid"])
         mask = entry["layers"][drawn]["mask"]
@@ -106,7 +107,7 @@ def test_profile_draws_one_png_per_policy_of_the_first_prompt(checkpoint, images
     assert all(set(layer["mask"]) == {"#"} for layer in full["layers"])  # the full cache holds every slot
     assert any("." in layer["mask"] for layer in runs["hae"][0]["kept"]["images"][0]["layers"])
     picture = np.asarray(Image.open(tmp_path / "kept_baseline.png").convert("RGB"))
-    row = layout([full]).rows[0]
+    row = layout([image_cells(full["h_crops"], full["w_crops"], full["grid"])]).rows[0]
     cells = image_slot_cells(full["h_crops"], full["w_crops"], full["grid"])
     assert evicted_cells(picture, row, cells, full["slots"]) == set()
     assert not png.exists()

@@ -15,9 +15,9 @@ import torch
 
 from hae_cli.cache.modality import Modality
 from hae_cli.data import easyvqa
-from hae_cli.model.image import ImageProcessorConfig
-from hae_cli.model.tiny import build_model
-from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+from hae_cli.model.phi3v.image import ImageProcessorConfig
+from hae_cli.model.phi3v.tiny import build_model
+from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 
@@ -144,13 +144,13 @@ def test_story_guides_point_at_each_images_label_and_caption(trainer, examples):
 
 
 def test_conversation_sequences_are_the_transcript_a_conversation_feeds(trainer, examples):
-    from hae_cli.data import conversations
-    from hae_cli.model.prompt import chat_text, encode_prompt_text, story_message
+    from hae_cli.data import conversation_sets
+    from hae_cli.model.phi3v.prompt import chat_text, encode_prompt_text, story_message
 
     rng = random.Random(3)
     for size in (2, 5, 8):
         image_ids = rng.sample(examples.captioned_ids, size)
-        turns = conversations.conversation(image_ids, 5, "train", rng, examples.by_image, which_share=0.4)
+        turns = conversation_sets.conversation(image_ids, 5, "train", rng, examples.by_image, which_share=0.4)
         sequence = examples.conversation(image_ids, turns)
         ids = sequence.input_ids.tolist()
         messages = []
@@ -178,15 +178,15 @@ def test_conversation_sequences_are_the_transcript_a_conversation_feeds(trainer,
 
 
 def test_addressed_questions_name_their_image_and_keep_the_easy_vqa_answer():
-    from hae_cli.data import conversations
+    from hae_cli.data import conversation_sets
 
-    assert conversations.addressed("does the image contain a circle?", 3) == "does image 3 contain a circle?"
-    assert conversations.addressed("what color is the shape?", 2) == "what color is the shape in image 2?"
+    assert conversation_sets.addressed("does the image contain a circle?", 3) == "does image 3 contain a circle?"
+    assert conversation_sets.addressed("what color is the shape?", 2) == "what color is the shape in image 2?"
     attributes = easyvqa.image_attributes("train")
     rng = random.Random(0)
     for _ in range(200):
         image_ids = rng.sample(sorted(attributes), rng.randint(2, 8))
-        turn = conversations.which_image(image_ids, "train", rng)
+        turn = conversation_sets.which_image(image_ids, "train", rng)
         if turn is None:
             continue
         parts = easyvqa.question_parts(turn.question)

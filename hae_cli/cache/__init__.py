@@ -1,14 +1,15 @@
 """The KV cache: an evicting transformers `Cache`, its attention hook, and the policies.
 
-Importing this package registers the "hae_sdpa" attention function with transformers.
+The cache knows nothing of any model: a model reaches it through transformers' `Cache`
+protocol and the "hae_sdpa" attention function (`register_attention`), and tells it what
+each forward carries (`begin_tokens`, `end_step`, `after_layer`).
 """
 
-from hae_cli.cache import attention  # noqa: F401  (registers "hae_sdpa")
-from hae_cli.cache.attention import ATTENTION_NAME
+from hae_cli.cache.attention import ATTENTION_NAME, register_attention
 from hae_cli.cache.cache import EvictingCache
 from hae_cli.cache.layer import EvictingLayer
 from hae_cli.cache.modality import Modality
-from hae_cli.cache.policies import POLICIES, Policy, make_policy, policy_parameters
+from hae_cli.cache.policies import POLICIES, Policy, make_policy, policy_parameters, register_policy
 from hae_cli.cache.recycle_bin import RecycleBin
 
 __all__ = [
@@ -21,4 +22,6 @@ __all__ = [
     "RecycleBin",
     "make_policy",
     "policy_parameters",
+    "register_attention",
+    "register_policy",
 ]

@@ -143,30 +143,30 @@ def _masked_logits(query, key, attention_mask, scaling, rows) -> torch.Tensor:
 
 def decayed_attention(
     queries: torch.Tensor,
-    query_positions: torch.Tensor,
+    query_index: torch.Tensor,
     keys: torch.Tensor,
-    key_positions: torch.Tensor,
+    key_index: torch.Tensor,
     scaling: float,
     decay: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention `t` past queries paid to the held keys, summed with decay.
 
-    queries `[H_q, t, D]` (post-RoPE, oldest first) at `query_positions` `[t]`; keys
-    `[1, H_kv, N, D]` at `key_positions` `[H_kv, N]`. Query k saw the keys at positions up
-    to its own. Returns (`sum_k decay^(t-1-k) a_k`, `[H_kv, N]`, head-group mean) and each
+    queries `[H_q, t, D]` (post-RoPE, oldest first) with their token indices `query_index` `[t]`;
+    keys `[1, H_kv, N, D]` with theirs, `key_index` `[H_kv, N]`. Query k saw the keys fed up to
+    itself. Returns (`sum_k decay^(t-1-k) a_k`, `[H_kv, N]`, head-group mean) and each
     query's log-sum-exp `[H_q, t]` (for scoring tokens it did not see, `what_if_attention`).
     """
     heads, steps = queries.shape[0], queries.shape[1]
     kv_heads, n_keys = keys.shape[1], keys.shape[2]
     group = heads // kv_heads
-    query_positions = query_positions.to(key_positions.device)
+    query_index = query_index.to(key_index.device)
     logits = queries.float().reshape(kv_heads, group * steps, -1) @ keys[0].float().transpose(-1, -2)
     logits = logits.reshape(kv_heads, group, steps, n_keys).mul_(scaling)
-    # Only keys later than the oldest query can be hidden from one: mask from the first such column on.
-    late = (key_positions > query_positions.min()).any(dim=0).nonzero()
+    # Only keys fed after the oldest query can be hidden from one: mask from the first such column on.
+    late = (key_index > query_index.min()).any(dim=0).nonzero()
     if late.numel():
         start = int(late[0])
-        hidden = key_positions[:, None, None, start:] > query_positions[None, None, :, None]
+        hidden = key_index[:, None, None, start:] > query_index[None, None, :, None]
         logits[..., start:].masked_fill_(hidden, float("-inf"))
     lse = torch.logsumexp(logits, dim=-1, keepdim=True)
     probs = logits.sub_(lse).exp_()  # in place: the logits are not needed again
@@ -206,6 +206,10 @@ def _decay_weights(steps: int, decay: float, device) -> torch.Tensor:
     return torch.pow(torch.tensor(float(decay), device=device), ages)
 
 
-AttentionInterface.register(ATTENTION_NAME, hae_sdpa_attention)
-# Masks are built exactly as for "sdpa" (so padding and multi-token feeds keep working).
-AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+def register_attention() -> str:
+    """Make "hae_sdpa" known to transformers (idempotent); returns its name, for a config's
+    `_attn_implementation`. Masks are built exactly as for "sdpa" (so padding and multi-token
+    feeds keep working)."""
+    AttentionInterface.register(ATTENTION_NAME, hae_sdpa_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return ATTENTION_NAME

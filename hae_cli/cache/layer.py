@@ -1,12 +1,13 @@
 """One layer of the evicting cache: K/V and everything that must travel with each row.
 
-Keys, values, positions, modality tags, image ids and running scores are owned together
+Keys, values, token indices, modality tags, image ids and running scores are owned together
 and only ever changed together (append, compact, bin, restore), so they cannot drift
-apart. Rows are kept in ascending position order in every head. Every head holds the same
+apart. A token's index is its place in feed order (unique; the rotary position is the
+model's business and is not stored). Rows are kept in ascending index order in every head. Every head holds the same
 number of rows; which rows may differ per head.
 
 Storage is written in place. Each of the six lives in one preallocated tensor with room for
-`capacity` rows; the public `keys`, `values`, `positions`, `modality`, `image_id` and
+`capacity` rows; the public `keys`, `values`, `token_index`, `modality`, `image_id` and
 `scores` are views of the `held` rows only, so attention never sees the spare room. An
 append copies the new rows into the room (a `torch.cat` would read and rewrite every held
 row at every step). A compaction gathers the kept rows (K/V whole, every head in one
@@ -33,7 +34,7 @@ from transformers.cache_utils import CacheLayerMixin
 from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
 
 # The row dimension of each stored tensor: `[1, H, N, D]` K/V, `[H, N]` tags and scores.
-_ROW_DIM = {"keys": 2, "values": 2, "positions": 1, "modality": 1, "image_id": 1, "scores": 1}
+_ROW_DIM = {"keys": 2, "values": 2, "token_index": 1, "modality": 1, "image_id": 1, "scores": 1}
 GROWTH_ROWS = 64  # the least a layer without a bound grows by
 GROWTH_SHARE = 0.125  # ... or this share of the rows it needs, if more
 
@@ -70,7 +71,7 @@ class EvictingLayer(CacheLayerMixin):
 
     keys = _HeldRows()  # [1, H_kv, N, D]
     values = _HeldRows()  # [1, H_kv, N, D_v]
-    positions = _HeldRows()  # [H_kv, N] int64
+    token_index = _HeldRows()  # [H_kv, N] int64: each token's index in feed order
     modality = _HeldRows()  # [H_kv, N] int8
     image_id = _HeldRows()  # [H_kv, N] int16
     scores = _HeldRows()  # [H_kv, N] float32
@@ -84,7 +85,7 @@ class EvictingLayer(CacheLayerMixin):
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.bin = RecycleBin()
         self.stashed_queries: list[torch.Tensor] = []  # [H_q, q, D] each, post-RoPE, not yet in the scores
-        self.stashed_positions: list[torch.Tensor] = []  # [q] each
+        self.stashed_token_index: list[torch.Tensor] = []  # [q] each
         self.stashed = 0  # queries stashed
         self.attention_scaling: float | None = None
 
@@ -96,7 +97,7 @@ class EvictingLayer(CacheLayerMixin):
         self._storage = {
             "keys": key_states.new_empty(1, heads, 0, key_states.shape[-1]),
             "values": value_states.new_empty(1, heads, 0, value_states.shape[-1]),
-            "positions": torch.empty(heads, 0, dtype=torch.int64, device=self.device),
+            "token_index": torch.empty(heads, 0, dtype=torch.int64, device=self.device),
             "modality": torch.empty(heads, 0, dtype=torch.int8, device=self.device),
             "image_id": torch.empty(heads, 0, dtype=torch.int16, device=self.device),
             "scores": torch.empty(heads, 0, dtype=torch.float32, device=self.device),
@@ -104,17 +105,17 @@ class EvictingLayer(CacheLayerMixin):
         self._held = 0
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, positions=None, modality=None, image_id=None, **kwargs):
-        """Append; without tags the rows continue after the last held position, tagged text."""
+    def update(self, key_states, value_states, *args, token_index=None, modality=None, image_id=None, **kwargs):
+        """Append; without tags the rows continue after the last held index, tagged text."""
         q = key_states.shape[2]
-        if positions is None:
-            start = int(self.positions.max()) + 1 if self.get_seq_length() else 0
-            positions = torch.arange(start, start + q, device=key_states.device)
+        if token_index is None:
+            start = int(self.token_index.max()) + 1 if self.get_seq_length() else 0
+            token_index = torch.arange(start, start + q, device=key_states.device)
         if modality is None:
             modality = torch.zeros(q, dtype=torch.int8)
         if image_id is None:
             image_id = torch.zeros(q, dtype=torch.int16)
-        return self.append(key_states, value_states, positions, modality, image_id)
+        return self.append(key_states, value_states, token_index, modality, image_id)
 
     def get_seq_length(self) -> int:
         return self._held
@@ -186,7 +187,7 @@ class EvictingLayer(CacheLayerMixin):
         if self._storage and self.capacity != target:
             self._resize(target)
 
-    def append(self, key_states, value_states, positions, modality, image_id):
+    def append(self, key_states, value_states, token_index, modality, image_id):
         """Add `q` rows (`[1, H, q, D]`) with their tags (`[q]` each). Returns all held K/V (views)."""
         if key_states.shape[0] != 1:
             raise ValueError("EvictingCache holds one sequence (batch size 1)")
@@ -205,7 +206,7 @@ class EvictingLayer(CacheLayerMixin):
         self._write(self._held, {
             "keys": key_states,
             "values": value_states,
-            "positions": tags(positions, torch.int64),
+            "token_index": tags(token_index, torch.int64),
             "modality": tags(modality, torch.int8),
             "image_id": tags(image_id, torch.int16),
             "scores": torch.zeros((), dtype=torch.float32, device=device).expand(heads, q),
@@ -220,17 +221,17 @@ class EvictingLayer(CacheLayerMixin):
 
     def compact(self, keep: torch.Tensor, incoming: TokenRows | None = None) -> None:
         """Keep only rows `keep`, ascending: `[N']` (same rows in every head) or `[H, N']`, and merge
-        `incoming` rows in (position order). The rows are gathered once and written back in place."""
+        `incoming` rows in (index order). The rows are gathered once and written back in place."""
         if incoming is None or len(incoming) == 0:
             self._hold(self.take(keep))
             return
         keep = keep.to(self.device)
-        new_positions = incoming.positions.to(self.device)
+        new_index = incoming.token_index.to(self.device)
         # One merge plan for every head when they all hold the same rows (always so with a bin).
-        shared = keep.dim() == 1 and _same_in_every_head(self.positions) and _same_in_every_head(new_positions)
-        planned = 1 if shared else self.positions.shape[0]
+        shared = keep.dim() == 1 and _same_in_every_head(self.token_index) and _same_in_every_head(new_index)
+        planned = 1 if shared else self.token_index.shape[0]
         plan_keep = keep.expand(planned, -1) if keep.dim() == 1 else keep
-        source, slots = _merge_plan(self.positions[:planned].gather(1, plan_keep), plan_keep, new_positions[:planned])
+        source, slots = _merge_plan(self.token_index[:planned].gather(1, plan_keep), plan_keep, new_index[:planned])
         if shared:
             source, slots = source[0], slots[0]
 
@@ -245,12 +246,12 @@ class EvictingLayer(CacheLayerMixin):
         return self.swap_with_bin(index, index[:0])[0]
 
     def restore(self, bin_index: torch.Tensor) -> TokenRows:
-        """Put bin tokens `bin_index` back, at their original positions; returns them."""
+        """Put bin tokens `bin_index` back, at their original index; returns them."""
         return self.swap_with_bin(bin_index[:0], bin_index)[1]
 
     def swap_with_bin(self, evict: torch.Tensor, restore: torch.Tensor) -> tuple[TokenRows, TokenRows]:
         """Move rows `evict` (`[n]`) to the bin and bin tokens `restore` (`[m]`, indices before this
-        call) back, at their original positions, rebuilding the layer once. The bin then holds its
+        call) back, at their original index, rebuilding the layer once. The bin then holds its
         old tokens but the restored, then the evicted. Returns (evicted, restored)."""
         evict = evict.to(self.device)
         evicted = self.take(evict)
@@ -261,25 +262,25 @@ class EvictingLayer(CacheLayerMixin):
         return evicted, restored
 
     def insert(self, rows: TokenRows) -> None:
-        """Merge rows in, keeping every head in ascending position order."""
+        """Merge rows in, keeping every head in ascending index order."""
         if len(rows) == 0:
             return
         self.compact(torch.arange(self.held, device=self.device), rows)
 
-    def stash_queries(self, queries: torch.Tensor, positions: torch.Tensor) -> None:
-        """Keep decode queries (`[H_q, q, D]`, post-RoPE, at `positions` `[q]`) until they are folded
+    def stash_queries(self, queries: torch.Tensor, token_index: torch.Tensor) -> None:
+        """Keep decode queries (`[H_q, q, D]`, post-RoPE, with their token indices `[q]`) until they are folded
         into the running scores (joined then, not at every step)."""
         self.stashed_queries.append(queries)
-        self.stashed_positions.append(positions)
-        self.stashed += positions.numel()
+        self.stashed_token_index.append(token_index)
+        self.stashed += token_index.numel()
 
     def take_stash(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The stashed queries `[H_q, t, D]` (oldest first) and their positions `[t]`, or Nones."""
+        """The stashed queries `[H_q, t, D]` (oldest first) and their token indices `[t]`, or Nones."""
         if not self.stashed_queries:
             return None, None
-        queries, positions = self.stashed_queries, self.stashed_positions
-        stash = (queries[0], positions[0]) if len(queries) == 1 else (torch.cat(queries, dim=1), torch.cat(positions))
-        self.stashed_queries, self.stashed_positions, self.stashed = [], [], 0
+        queries, token_index = self.stashed_queries, self.stashed_token_index
+        stash = (queries[0], token_index[0]) if len(queries) == 1 else (torch.cat(queries, dim=1), torch.cat(token_index))
+        self.stashed_queries, self.stashed_token_index, self.stashed = [], [], 0
         return stash
 
     # --- the storage ---
@@ -349,21 +350,21 @@ def _place(tensor: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor, dim: i
     return tensor
 
 
-def _merge_plan(kept_positions: torch.Tensor, keep: torch.Tensor, new_positions: torch.Tensor):
-    """Where rows go when rows `keep` (`[R, k]`, at `kept_positions`, ascending) meet new rows at
-    `new_positions` (`[R, r]`, any order) in position order. Returns (`[R, k + r]` the held row each
+def _merge_plan(kept_index: torch.Tensor, keep: torch.Tensor, new_index: torch.Tensor):
+    """Where rows go when rows `keep` (`[R, k]`, at `kept_index`, ascending) meet new rows at
+    `new_index` (`[R, r]`, any order) in index order. Returns (`[R, k + r]` the held row each
     output row copies, a placeholder 0 where a new row lands; `[R, r]` where each new row lands)."""
-    arriving = new_positions.shape[1]
-    ordered, by_position = new_positions.sort(dim=1)
-    # a new row lands after the kept rows and the new rows at lower positions
-    landing = torch.searchsorted(kept_positions, ordered) + torch.arange(arriving, device=keep.device)
-    slots = torch.empty_like(landing).scatter_(1, by_position, landing)
+    arriving = new_index.shape[1]
+    ordered, by_index = new_index.sort(dim=1)
+    # a new row lands after the kept rows and the new rows of lower index
+    landing = torch.searchsorted(kept_index, ordered) + torch.arange(arriving, device=keep.device)
+    slots = torch.empty_like(landing).scatter_(1, by_index, landing)
     stays = complement(slots, keep.shape[1] + arriving)
     return keep.new_zeros(stays.shape[0], keep.shape[1] + arriving).scatter_(1, stays, keep), slots
 
 
-def _same_in_every_head(positions: torch.Tensor) -> bool:
-    return positions.shape[0] == 1 or bool((positions == positions[:1]).all())
+def _same_in_every_head(token_index: torch.Tensor) -> bool:
+    return token_index.shape[0] == 1 or bool((token_index == token_index[:1]).all())
 
 
 def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:

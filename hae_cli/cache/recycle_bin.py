@@ -2,7 +2,7 @@
 
 An HAE eviction round moves a token here instead of deleting it (the paper's OS-style bin,
 arXiv 2602.02197): it is never attended, and a later round may put it back, with its
-original position and modality, if the recent queries want it again. On CUDA the bin lives
+original index and modality, if the recent queries want it again. On CUDA the bin lives
 in pinned host memory, so eviction really frees device memory and restoring is one async
 copy. Tokens in the bin are the same in every head (only policies that choose per token,
 not per head, use a bin), so their tags are kept once, their K/V and scores per head.
@@ -21,7 +21,7 @@ class TokenRows:
 
     keys: torch.Tensor  # [1, H_kv, n, D]
     values: torch.Tensor  # [1, H_kv, n, D_v]
-    positions: torch.Tensor  # [H_kv, n] int64: original RoPE positions
+    token_index: torch.Tensor  # [H_kv, n] int64: each token's index in feed order
     modality: torch.Tensor  # [H_kv, n] int8
     image_id: torch.Tensor  # [H_kv, n] int16
     scores: torch.Tensor  # [H_kv, n] float32: running scores
@@ -34,7 +34,7 @@ class RecycleBin:
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None  # [1, H_kv, M, D], on the host
         self.values: torch.Tensor | None = None
-        self.positions = torch.empty(0, dtype=torch.int64)  # [M]
+        self.token_index = torch.empty(0, dtype=torch.int64)  # [M]
         self.modality = torch.empty(0, dtype=torch.int8)  # [M]
         self.image_id = torch.empty(0, dtype=torch.int16)  # [M]
         self.scores: torch.Tensor | None = None  # [H_kv, M] float32
@@ -42,7 +42,7 @@ class RecycleBin:
         self.pinned = False
 
     def __len__(self) -> int:
-        return self.positions.numel()
+        return self.token_index.numel()
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +62,7 @@ class RecycleBin:
         self.keys = self._host_cat([self.keys, rows.keys], dim=2)
         self.values = self._host_cat([self.values, rows.values], dim=2)
         self.scores = self._host_cat([self.scores, rows.scores.float()], dim=1)
-        self.positions = torch.cat([self.positions, rows.positions[0].cpu()])
+        self.token_index = torch.cat([self.token_index, rows.token_index[0].cpu()])
         self.modality = torch.cat([self.modality, rows.modality[0].cpu()])
         self.image_id = torch.cat([self.image_id, rows.image_id[0].cpu()])
         self.rounds = torch.cat([self.rounds, torch.zeros(len(rows), dtype=torch.int32)])
@@ -74,7 +74,7 @@ class RecycleBin:
         rows = TokenRows(
             keys=self.keys.index_select(2, index).to(device, non_blocking=True),
             values=self.values.index_select(2, index).to(device, non_blocking=True),
-            positions=self.positions[index].to(device).expand(heads, -1).contiguous(),
+            token_index=self.token_index[index].to(device).expand(heads, -1).contiguous(),
             modality=self.modality[index].to(device).expand(heads, -1).contiguous(),
             image_id=self.image_id[index].to(device).expand(heads, -1).contiguous(),
             scores=self.scores[:, index].to(device),
@@ -96,7 +96,7 @@ class RecycleBin:
         self.keys = self._host_index(self.keys, keep, dim=2)
         self.values = self._host_index(self.values, keep, dim=2)
         self.scores = self.scores[:, keep]
-        self.positions, self.modality = self.positions[keep], self.modality[keep]
+        self.token_index, self.modality = self.token_index[keep], self.modality[keep]
         self.image_id, self.rounds = self.image_id[keep], self.rounds[keep]
 
     def _host_cat(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import asdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -20,13 +19,10 @@ from rich.console import Console
 
 from hae_cli.cli import signals
 from hae_cli.cli.app import app, one_line
-from hae_cli.cli.options import (
-    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, MaxNewTokensOpt, ModelOpt, NumCropsOpt,
-    ParamOpt, PolicyOpt, ScoreLayerOpt, SeedOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
-)
+from hae_cli.cli.options import OUTPUT_PANEL, RunOptions, run_command_options
 from hae_cli.cli.output import interruptible, memory_json, progress_on_stderr, write_json
-from hae_cli.cli.run import check_policy_and_images, policy_buffer
-from hae_cli.cli.validate import check_images, check_sampling
+from hae_cli.cli.prepare import check_run, load
+from hae_cli.cli.validate import check_images
 from hae_cli.errors import HaeError, InputError
 
 CHAT_COMMANDS = {
@@ -48,6 +44,7 @@ CHAT_COMMANDS = {
     "Commands inside the chat: " + ", ".join(CHAT_COMMANDS) + ". "
     "Ctrl-C stops the answer being written (the conversation goes on); Ctrl-D ends it.",
 )
+@run_command_options(max_new_tokens=128)
 def chat(
     images: Annotated[list[Path] | None, typer.Argument(
         help="The images to talk about, labelled Image 1, Image 2, ... in this order.", metavar="IMAGE...",
@@ -56,19 +53,6 @@ def chat(
         "--script", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Read the questions (and /commands) from this file, one per line, instead of a prompt.",
     )] = None,
-    model: ModelOpt = "demo",
-    policy: PolicyOpt = "hae",
-    budget: BudgetOpt = None,
-    visual_keep: VisualKeepOpt = None,
-    score_layer: ScoreLayerOpt = None,
-    param: ParamOpt = None,
-    num_crops: NumCropsOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 128,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     json_output: Annotated[bool, typer.Option(
         "--json", rich_help_panel=OUTPUT_PANEL,
         help="Print only one JSON document on stdout when the conversation ends: every turn with its "
@@ -79,18 +63,16 @@ def chat(
         help="No cache panel between turns: one line per turn on stderr instead. "
              "(Automatic when stdout is not a terminal.)",
     )] = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Talk about images: the images are encoded and compressed once, then every question and answer is appended to the same cache.
 
     Each answer streams as it is written; after it (on a terminal) the cache panel shows every layer's occupancy and what this turn evicted, binned and restored. Later questions can ask about what earlier ones did not: that is where eviction shows its cost.
     """
-    options = run_options(**locals())
-    check_sampling(options)
-    if not images:
-        raise InputError("`chat` needs at least one image")
-    lines = _question_lines(script)
     nothing = {"interrupted": True, "turns": [], "model": options.model} if json_output else None
-    policy, params, api = interruptible(lambda: check_policy_and_images(options, images), nothing)
+    checked = check_run("chat", options, images or [], nothing)
+    lines = _question_lines(script)
     from hae_cli.conversation import Conversation
     from hae_cli.display.memory import MemoryProbe
 
@@ -98,14 +80,13 @@ def chat(
     interactive = script is None and sys.stdin.isatty()
     panels = not json_output and not no_live and stdout.is_terminal
     with progress_on_stderr() as progress:
-        loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
-                                                      options.num_crops, on_progress=progress), nothing)
+        loaded = load(checked, options, progress, nothing)
         conversation = interruptible(lambda: Conversation(
-            loaded, list(images), policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
+            loaded, list(images), policy=checked.policy, max_new_tokens=options.max_new_tokens,
             temperature=options.temperature, top_p=options.top_p, seed=options.seed, on_progress=progress,
         ), nothing)
         conversation.on_progress = None  # the spinner ends here; later images are read in a blink
-    session = _Session(conversation, stdout, MemoryProbe(), policy_buffer(policy, params), panels, json_output)
+    session = _Session(conversation, stdout, MemoryProbe(), checked.buffer, panels, json_output)
     try:
         typer.echo(_images_line(conversation), err=True)
         if interactive:
@@ -132,8 +113,6 @@ class _Session:
     def __init__(self, conversation, stdout: Console, probe, buffer: int | None, panels: bool, as_json: bool) -> None:
         self.conversation, self.stdout, self.probe = conversation, stdout, probe
         self.buffer, self.panels, self.as_json = buffer, panels, as_json
-        self.turns: list = []  # every turn, across resets
-        self.resets = 0
         self.interrupted_input = False
         self.ended = False
 
@@ -170,7 +149,6 @@ class _Session:
             typer.echo("\n".join(CHAT_COMMANDS.values()), err=True)
         elif name == "/reset":
             self.conversation.reset()
-            self.resets += 1
             typer.echo(f"conversation reset; {_images_line(self.conversation)}", err=True)
         elif name == "/stats":
             self.show_cache()
@@ -201,7 +179,6 @@ class _Session:
 
         with signals.answer_stops_on_signal() as stop:
             turn = self.conversation.ask(question, on_token=on_token, should_stop=stop)
-        self.turns.append((self.resets, turn))
         if not self.as_json:
             if not streamed:
                 sys.stdout.write(turn.result.text)
@@ -239,16 +216,9 @@ class _Session:
         return render_turn(state) if self.panels else render_summary(state)
 
     def to_json(self) -> dict:
-        conversation = self.conversation
         return {
-            "policy": conversation.policy,
-            "policy_params": conversation.policy_params,
-            "images": [str(p) for p in conversation.image_paths],
-            "resets": self.resets,
-            "prefill": {"final_cache": asdict(conversation.prefill_stats),
-                        "events": [asdict(e) for e in conversation.prefill_events]},
+            **self.conversation.to_json(),
             "interrupted": self.interrupted_input or signals.received_ends_session(),
-            "turns": [{"conversation": resets + 1, **turn.to_json()} for resets, turn in self.turns],
             "memory": memory_json(self.probe.snapshot()),
         }
 

@@ -1,8 +1,14 @@
-"""The options `ask`, `story` and `profile` share, as typed Typer annotations (a command's
-signature is its help), and `RunOptions`, what they add up to."""
+"""The options every run command shares (`ask`, `story`, `chat`, `profile`), declared once.
+
+`@run_command_options(...)` adds them to a Typer command's signature (which is its help) and
+hands them to the command as one object: `options: RunOptions` (and, with `kept=True`,
+`kept: KeptOptions`). A command declares only what is its own.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -39,9 +45,9 @@ NumCropsOpt = Annotated[int | None, typer.Option(
          "(demo model: 1, Phi-3.5-Vision: 16).",
 )]
 PolicyOpt = Annotated[str, typer.Option(
-    "--policy", "-P", rich_help_panel=POLICY_PANEL,
-    help="KV-cache policy: hae, full, streaming, h2o, snapkv, fastv, mustdrop. "
-         "[bold]hae policies[/bold] lists each with its parameters.",
+    "--policy", "-P", rich_help_panel=POLICY_PANEL, metavar="NAME",
+    help="KV-cache policy: [bold]hae[/bold] (default), [bold]full[/bold] (no eviction) or a baseline; "
+         "[bold]hae policies[/bold] lists every policy there is, with its parameters.",
 )]
 BudgetOpt = Annotated[str | None, typer.Option(
     "--budget", "-b", rich_help_panel=POLICY_PANEL, metavar="TOKENS|FRACTION",
@@ -108,6 +114,9 @@ class KeptOptions:
     step: int | None
 
 
+NO_KEPT = KeptOptions(None, None, None)
+
+
 class Task(str, Enum):
     ask = "ask"
     story = "story"
@@ -127,8 +136,57 @@ class RunOptions:
     seed: int
 
 
+def _shared(max_new_tokens: int) -> list[tuple[str, Any, Any]]:
+    """(parameter, annotation, default) of the shared options, in the order --help lists them."""
+    return [
+        ("model", ModelOpt, "demo"),
+        ("policy", PolicyOpt, "hae"),
+        ("budget", BudgetOpt, None),
+        ("visual_keep", VisualKeepOpt, None),
+        ("score_layer", ScoreLayerOpt, None),
+        ("param", ParamOpt, None),
+        ("num_crops", NumCropsOpt, None),
+        ("max_new_tokens", MaxNewTokensOpt, max_new_tokens),
+        ("temperature", TemperatureOpt, 0.0),
+        ("top_p", TopPOpt, 1.0),
+        ("seed", SeedOpt, 0),
+        ("device", DeviceOpt, None),
+        ("dtype", DtypeOpt, None),
+    ]
+
+
+_KEPT = [("show_kept", ShowKeptOpt, None), ("kept_layer", KeptLayerOpt, None), ("kept_step", KeptStepOpt, None)]
+
+
+def run_command_options(*, max_new_tokens: int = 128, kept: bool = False):
+    """Give a command the shared options: its signature gains them (after its own parameters),
+    and it is called with `options=RunOptions(...)` (and `kept=KeptOptions(...)`) instead."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for name, p in signature.parameters.items() if name not in ("options", "kept")]
+        shared = _shared(max_new_tokens) + (_KEPT if kept else [])
+        added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                 for name, annotation, default in shared]
+
+        @functools.wraps(command)
+        def with_options(**values):
+            given = {name: values.pop(name) for name, _, _ in shared}
+            if kept:
+                values["kept"] = KeptOptions(given.pop("show_kept"), given.pop("kept_layer"), given.pop("kept_step"))
+            return command(**values, options=run_options(**given))
+
+        parameters = own + added
+        with_options.__signature__ = signature.replace(parameters=parameters)
+        with_options.__annotations__ = {p.name: p.annotation for p in parameters}
+        del with_options.__wrapped__
+        return with_options
+
+    return decorate
+
+
 def run_options(**values) -> RunOptions:
-    """A command's locals() -> RunOptions (the policy arguments parsed, not yet matched to a policy)."""
+    """The shared options' values -> RunOptions (the policy arguments parsed, not yet matched to a policy)."""
     return RunOptions(
         model=values["model"],
         device=values["device"],

@@ -12,19 +12,15 @@ from rich.console import Console
 
 from hae_cli.cli import signals, validate
 from hae_cli.cli.app import app
-from hae_cli.cli.options import (
-    OUTPUT_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, KeptLayerOpt, KeptOptions, KeptStepOpt, MaxNewTokensOpt,
-    ModelOpt, NumCropsOpt, ParamOpt, PolicyOpt, ScoreLayerOpt, SeedOpt, ShowKeptOpt, Task, TemperatureOpt,
-    TopPOpt, VisualKeepOpt, run_options,
-)
+from hae_cli.cli.options import OUTPUT_PANEL, KeptOptions, RunOptions, Task, run_command_options
 from hae_cli.cli.output import interruptible, library, progress_on_stderr, write_json
 from hae_cli.cli.validate import (
-    check_images, check_kept_options, check_policy_name, check_sampling, kept_layer_for, params_for,
+    check_images, check_kept_options, check_policy_name, check_sampling, checked_policy, kept_layer_for,
 )
 from hae_cli.errors import ConfigError, InputError
 from hae_cli.user_text import checked_text
 
-BASELINE = "baseline"  # hae_cli.profile.BASELINE, repeated so that --help imports no torch
+BASELINE = "baseline"  # hae_cli.compare.BASELINE, repeated so that --help imports no torch
 FULL_POLICY = "full"
 
 
@@ -45,7 +41,7 @@ def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
 
 def build_workload(images: Sequence[Path] | None, question: str | None, task: Task,
                    samples: Path | None, limit: int | None) -> list:
-    from hae_cli.profile import Prompt, read_workload, sample_folder
+    from hae_cli.compare import Prompt, read_workload, sample_folder
 
     if images:
         if task == Task.story:
@@ -73,6 +69,7 @@ def build_workload(images: Sequence[Path] | None, question: str | None, task: Ta
     "  [cyan]hae profile --images cat.jpg -q \"What is it?\" -c snapkv --show-kept kept.png[/cyan]   "
     "(kept_baseline.png, kept_hae.png, kept_snapkv.png)",
 )
+@run_command_options(max_new_tokens=64, kept=True)
 def profile(
     compare: Annotated[str, typer.Option(
         "--compare", "-c", metavar="NAMES",
@@ -99,28 +96,14 @@ def profile(
              "(the full cache in its own panel), and bars of the tokens each policy holds of each image "
              "(needs matplotlib).",
     )] = None,
-    model: ModelOpt = "demo",
-    policy: PolicyOpt = "hae",
-    budget: BudgetOpt = None,
-    visual_keep: VisualKeepOpt = None,
-    score_layer: ScoreLayerOpt = None,
-    param: ParamOpt = None,
-    num_crops: NumCropsOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 64,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    show_kept: ShowKeptOpt = None,
-    kept_layer: KeptLayerOpt = None,
-    kept_step: KeptStepOpt = None,
+    *,
+    options: RunOptions,
+    kept: KeptOptions,
 ) -> None:
     """Run one workload under the full cache and other policies, and compare them side by side.
 
     One table: KV bytes final and peak, tokens kept per modality, prefill ms, decode tokens/s, eviction overhead, and agreement with the baseline (same answer, token match %, first divergence). Policy parameters (--budget, ...) apply to every policy that has them.
     """
-    options = run_options(**locals())
     check_sampling(options)
     if question is not None:
         checked_text(question, "--question")
@@ -129,12 +112,11 @@ def profile(
     for option, path in (("--plot", plot), ("--json", json_file)):
         if path is not None and str(path) != "-" and not path.parent.is_dir():
             raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
-    kept = KeptOptions(show_kept, kept_layer, kept_step)
     check_kept_options(kept, options.max_new_tokens)
     policy_name = check_policy_name(options.policy)
     runs = parse_compare(compare, policy_name)
-    params = {name: params_for(p, options.policy_args, strict=False) for name, p in runs}
-    used = {key for chosen in params.values() for key in chosen}
+    built = {name: checked_policy(p, options.policy_args, strict=False) for name, p in runs}
+    used = {key for name, p in runs for key in options.policy_args if key in validate.policy_fields(p)}
     unused = [key for key in options.policy_args if key not in used]
     if unused:
         raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} ({', '.join(p for _, p in runs)})")
@@ -142,9 +124,9 @@ def profile(
     check_images(sorted({p for prompt in workload for p in prompt.images}))
 
     from hae_cli.display.panel import compare_table
-    from hae_cli.profile import run_profile
+    from hae_cli.compare import run_profile
 
-    from hae_cli.profile import ProfileReport
+    from hae_cli.compare import ProfileReport
 
     nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
     api = library()
@@ -154,7 +136,7 @@ def profile(
             nothing, json_file)
         layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         report = run_profile(
-            loaded, workload, [(policy_key, params[name]) for name, policy_key in runs if name != BASELINE],
+            loaded, workload, [built[name] for name, _ in runs if name != BASELINE],
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
             seed=options.seed, on_progress=progress,
             **(dict(show_kept=True, kept_step=kept.step) if kept.path is not None else {}),
@@ -191,7 +173,7 @@ def profile(
 def _write_kept_per_policy(report, prompt, kept: KeptOptions, layer: int, loaded) -> None:
     """One --show-kept PNG per policy, of the first prompt: FILE.png -> FILE_<policy>.png. A policy
     whose run ended before --kept-step is said on stderr and drawn by none."""
-    from hae_cli.display.kept import write_run_png
+    from hae_cli.display.kept_png import write_run_png
 
     for name, results in report.results.items():
         if not results:

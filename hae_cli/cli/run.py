@@ -14,14 +14,11 @@ from rich.console import Console
 from hae_cli.cli import signals
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
-    SAMPLING_PANEL, BudgetOpt, DeviceOpt, DtypeOpt, JsonFlag, KeptLayerOpt, KeptOptions, KeptStepOpt,
-    MaxNewTokensOpt, ModelOpt, NoLiveFlag, NumCropsOpt, ParamOpt, PolicyOpt, RunOptions, ScoreLayerOpt,
-    SeedOpt, ShowKeptOpt, TemperatureOpt, TopPOpt, VisualKeepOpt, run_options,
+    NO_KEPT, SAMPLING_PANEL, JsonFlag, KeptOptions, NoLiveFlag, RunOptions, run_command_options,
 )
-from hae_cli.cli.output import Progress, interruptible, library, memory_json, progress_on_stderr, write_json
-from hae_cli.cli.validate import (
-    check_images, check_kept_options, check_policy_name, check_sampling, kept_layer_for, params_for, policy_fields,
-)
+from hae_cli.cli.output import Progress, interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.prepare import check_run, load
+from hae_cli.cli.validate import check_kept_options, kept_layer_for
 from hae_cli.errors import InputError
 from hae_cli.user_text import checked_text
 
@@ -35,36 +32,22 @@ from hae_cli.user_text import checked_text
     "  [cyan]hae ask cat.jpg \"What is it?\" --show-kept kept.png --kept-layer 0[/cyan]   (the patches each layer still holds)\n\n"
     "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
 )
+@run_command_options(max_new_tokens=128, kept=True)
 def ask(
     image: Annotated[Path, typer.Argument(help="The image to ask about (PNG, JPEG, ...).", show_default=False)],
     question: Annotated[str, typer.Argument(help="The question, quoted.", show_default=False)],
-    model: ModelOpt = "demo",
-    policy: PolicyOpt = "hae",
-    budget: BudgetOpt = None,
-    visual_keep: VisualKeepOpt = None,
-    score_layer: ScoreLayerOpt = None,
-    param: ParamOpt = None,
-    num_crops: NumCropsOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 128,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
-    show_kept: ShowKeptOpt = None,
-    kept_layer: KeptLayerOpt = None,
-    kept_step: KeptStepOpt = None,
+    *,
+    options: RunOptions,
+    kept: KeptOptions,
 ) -> None:
     """Answer a question about one image, streaming the answer beside a live view of the cache.
 
     The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
     """
-    options = run_options(**locals())
     checked_text(question, "the question")
-    generate_and_show("ask", [image], question, options, json_output, live=not no_live,
-                      kept=KeptOptions(show_kept, kept_layer, kept_step))
+    generate_and_show("ask", [image], question, options, json_output, live=not no_live, kept=kept)
 
 
 @app.command(
@@ -75,30 +58,18 @@ def ask(
     "sample_images/easyvqa_test_0394.png sample_images/easyvqa_test_0063.png --budget 200 -p buffer=8[/cyan]   "
     "(a tight budget: watch tokens go to the bin and come back, \"restored\")",
 )
+@run_command_options(max_new_tokens=256, kept=True)
 def story(
     images: Annotated[list[Path] | None, typer.Argument(help="Images, in story order.", show_default=False)] = None,
     prompt: Annotated[str | None, typer.Option(
         "--prompt", rich_help_panel=SAMPLING_PANEL,
         help="The instruction after the images. Default: \"Describe each image in order.\"",
     )] = None,
-    model: ModelOpt = "demo",
-    policy: PolicyOpt = "hae",
-    budget: BudgetOpt = None,
-    visual_keep: VisualKeepOpt = None,
-    score_layer: ScoreLayerOpt = None,
-    param: ParamOpt = None,
-    num_crops: NumCropsOpt = None,
-    max_new_tokens: MaxNewTokensOpt = 256,
-    temperature: TemperatureOpt = 0.0,
-    top_p: TopPOpt = 1.0,
-    seed: SeedOpt = 0,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
-    show_kept: ShowKeptOpt = None,
-    kept_layer: KeptLayerOpt = None,
-    kept_step: KeptStepOpt = None,
+    *,
+    options: RunOptions,
+    kept: KeptOptions,
 ) -> None:
     """Tell a story over several images, streamed with the live cache panel.
 
@@ -106,11 +77,9 @@ def story(
 
     Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
     """
-    options = run_options(**locals())
     if prompt is not None:
         checked_text(prompt, "--prompt")
-    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live,
-                      kept=KeptOptions(show_kept, kept_layer, kept_step))
+    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live, kept=kept)
 
 
 
@@ -118,35 +87,32 @@ def story(
 
 
 def generate_and_show(task: str, images: Sequence[Path], question: str | None, options: RunOptions,
-                      as_json: bool, live: bool, kept: KeptOptions = KeptOptions(None, None, None)) -> None:
+                      as_json: bool, live: bool, kept: KeptOptions = NO_KEPT) -> None:
     """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
-    check_sampling(options)
-    if not images:
-        raise InputError(f"`{task}` needs at least one image")
     check_kept_options(kept, options.max_new_tokens)
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
-    policy, params, api = interruptible(lambda: check_policy_and_images(options, images), nothing)
-    from hae_cli.display.kept import write_run_png
+    checked = check_run(task, options, images, nothing)
+    from hae_cli.display.kept_png import write_run_png
     from hae_cli.display.memory import MemoryProbe
     from hae_cli.display.panel import PanelState, RunWatcher, render_final, render_summary, state_from_result
 
     stdout = Console(soft_wrap=False)
     live = live and not as_json and stdout.is_terminal
     title = f"{task}: " + ", ".join(p.name for p in images)
+    policy = checked.policy
     with progress_on_stderr() as progress:
-        loaded = interruptible(lambda: api.load_model(options.model, options.device, options.dtype,
-                                                      options.num_crops, on_progress=progress), nothing)
+        loaded = load(checked, options, progress, nothing)
         kept_layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
         progress("starting")
         probe = MemoryProbe()
-        buffer = policy_buffer(policy, params)
-        state = PanelState(title=title, policy=policy, buffer=buffer)
+        state = PanelState(title=title, policy=policy.name, buffer=checked.buffer)
         watcher = RunWatcher(state, probe)
-        kwargs = dict(task=task, policy=policy, policy_params=params, max_new_tokens=options.max_new_tokens,
+        kwargs = dict(task=task, policy=policy, max_new_tokens=options.max_new_tokens,
                       temperature=options.temperature, top_p=options.top_p, seed=options.seed)
         if kept.path is not None:
             kwargs.update(show_kept=True, kept_step=kept.step)
+        api = checked.api
         try:
             if live:
                 progress.stop()
@@ -157,7 +123,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             memory = probe.snapshot()
             probe.close()
 
-    drawn = write_run_png(result, kept.path, kept_layer, images, loaded, f"{policy} · {title}")
+    drawn = write_run_png(result, kept.path, kept_layer, images, loaded, f"{policy.name} · {title}")
     with signals.writing_result():
         if as_json:
             payload = result.to_json()
@@ -168,7 +134,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
             write_json(payload)
         else:
             final = state_from_result(result, title, memory)
-            final.buffer = buffer
+            final.buffer = checked.buffer
             if live:
                 stdout.print(render_final(final))
             else:
@@ -183,20 +149,6 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         last = result.steps[-1].step if result.steps else 0
         raise InputError(f"--kept-step {kept.step} is beyond the run: it ended after decode step {last} "
                          f"(0 = after prefill); {kept.path} was not written")
-
-
-def policy_buffer(policy: str, params: dict) -> int | None:
-    """The policy's buffer: a layer holds up to budget + buffer before a round."""
-    field = policy_fields(policy).get("buffer")
-    return params.get("buffer", field.default if field is not None else None)
-
-
-def check_policy_and_images(options: RunOptions, images: Sequence[Path]):
-    """The checks that import the library (policies, images): (policy, its parameters, the api)."""
-    policy = check_policy_name(options.policy)
-    params = params_for(policy, options.policy_args)
-    check_images(images)
-    return policy, params, library()
 
 
 def _run_live(api, loaded, images, question, kwargs, watcher, stdout: Console):

@@ -75,9 +75,17 @@ def collect_policy_args(
 
 
 def policies() -> dict[str, type]:
-    from hae_cli.cache.policies import POLICIES
+    """Every policy: the package's own and those `HAE_POLICY_MODULES` names."""
+    from hae_cli.cache.policies import POLICIES, load_plugins
 
+    global _plugins_loaded
+    if not _plugins_loaded:
+        load_plugins()
+        _plugins_loaded = True
     return POLICIES
+
+
+_plugins_loaded = False
 
 
 def check_policy_name(name: str) -> str:
@@ -95,11 +103,12 @@ def policy_fields(policy: str) -> dict[str, Any]:
     return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
 
 
-def params_for(policy: str, args: dict[str, Any], strict: bool = True) -> dict[str, Any]:
-    """The subset of `args` this policy declares, checked by building the policy once.
+def checked_policy(policy: str, args: dict[str, Any], strict: bool = True):
+    """The policy built from the parameters in `args` it declares, each checked against its type
+    and by the policy itself: built here, once, and handed to the library as it is.
 
-    `strict`: a parameter the policy does not take is an error (ask, story); otherwise it is
-    skipped (profile applies one budget to every policy that has one)."""
+    `strict`: a parameter the policy does not take is an error (ask, story, chat); otherwise it
+    is skipped (profile applies one budget to every policy that has one)."""
     fields = policy_fields(policy)
     unknown = [name for name in args if name not in fields]
     if strict and unknown:
@@ -108,8 +117,12 @@ def params_for(policy: str, args: dict[str, Any], strict: bool = True) -> dict[s
     chosen = {name: value for name, value in args.items() if name in fields}
     for name, value in chosen.items():
         _check_type(policy, name, value, fields[name].type)
-    _build_policy(policy, chosen)
-    return chosen
+    try:
+        return policies()[policy](**chosen)
+    except HaeError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{policy}: {error}") from None
 
 
 def _check_type(policy: str, name: str, value: Any, annotation: Any) -> None:
@@ -124,19 +137,9 @@ def _check_type(policy: str, name: str, value: Any, annotation: Any) -> None:
         raise ConfigError(f"{policy} parameter {name} expects a whole number, got {value!r}")
 
 
-def _build_policy(policy: str, params: dict[str, Any]) -> None:
-    """Let the policy validate its own parameters (one error message, in one place)."""
-    try:
-        policies()[policy](**params)
-    except HaeError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{policy}: {error}") from None
-
-
 def check_images(images: Sequence[Path]) -> list[Path]:
     """Decode every image before the model loads, so a bad file fails in a second, not after a minute."""
-    from hae_cli.model.image import load_image
+    from hae_cli.model.image_file import load_image
 
     for path in images:
         load_image(path)

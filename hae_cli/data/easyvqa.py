@@ -18,6 +18,8 @@ SPLITS = ("train", "test")
 COLORS = ("red", "green", "blue", "yellow", "black", "gray", "teal", "brown")
 SHAPES = ("circle", "rectangle", "triangle")
 STORY_PROMPT = "Describe each image in order."
+# Words the questions addressed to an image add to the vocabulary (`conversation_sets.py`).
+CONVERSATION_WORDS = ("which", "shows", "in", "image")
 MAX_STORY_IMAGES = 8
 
 
@@ -154,9 +156,7 @@ def vocabulary() -> list[str]:
     words |= set(_split_words(STORY_PROMPT.lower() + " image a an : ."))
     words |= {str(k) for k in range(1, MAX_STORY_IMAGES + 1)}
     words |= set(COLORS) | set(SHAPES)
-    from hae_cli.data.conversations import EXTRA_WORDS
-
-    words |= set(EXTRA_WORDS)
+    words |= set(CONVERSATION_WORDS)
     return sorted(words)
 
 

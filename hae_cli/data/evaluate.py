@@ -13,8 +13,7 @@ import torch
 
 from hae_cli.data import easyvqa
 from hae_cli.model.generate import SamplingConfig, generate
-from hae_cli.model.image import ProcessedImage, load_image, preprocess
-from hae_cli.model.prompt import build_prompt, story_message, user_message
+from hae_cli.model.interface import UserTurn
 
 
 class Runner:
@@ -23,33 +22,21 @@ class Runner:
 
     def __init__(self, loaded, make_cache: Callable[[], object] | None = None) -> None:
         self.loaded = loaded
-        self.model = loaded.model
         self.tokenizer = loaded.tokenizer
-        self.image_config = loaded.image_config
-        self.stop_ids = loaded.stop_ids
         self.make_cache = make_cache or _dynamic_cache
-        self._images: dict[tuple[str, int], ProcessedImage] = {}
+        self._images: dict[tuple[str, int], object] = {}
 
-    def image(self, image_id: int, split: str) -> ProcessedImage:
+    def image(self, image_id: int, split: str):
         key = (split, image_id)
         if key not in self._images:
-            self._images[key] = preprocess(load_image(easyvqa.image_path(image_id, split)), self.image_config)
+            self._images[key] = self.loaded.read_image(easyvqa.image_path(image_id, split))
         return self._images[key]
 
-    def generate_ids(self, user_text: str, images: list[ProcessedImage], max_new_tokens: int) -> list[int]:
-        prompt = build_prompt(self.tokenizer, user_message(user_text, len(images)), images)
+    def generate_ids(self, turn: UserTurn, images: list, max_new_tokens: int) -> list[int]:
+        prompt = self.loaded.prompt(turn, images)
         with torch.inference_mode():
-            embeds = self.model.embed(prompt, images)
-        result = generate(
-            self.model,
-            embeds,
-            prompt.modality,
-            prompt.image_id,
-            self.make_cache(),
-            SamplingConfig(max_new_tokens=max_new_tokens),
-            self.stop_ids,
-            overview=prompt.overview,
-        )
+            embeds = self.loaded.embed(prompt, images)
+        result = generate(self.loaded, prompt, embeds, self.make_cache(), SamplingConfig(max_new_tokens=max_new_tokens))
         return result.token_ids
 
 
@@ -64,7 +51,7 @@ def vqa_accuracy(runner: Runner, questions: Sequence[easyvqa.Question], split: s
     correct = 0
     wrong: list[tuple[easyvqa.Question, str]] = []
     for q in questions:
-        ids = runner.generate_ids(q.question, [runner.image(q.image_id, split)], max_new_tokens=2)
+        ids = runner.generate_ids(UserTurn(q.question, 1), [runner.image(q.image_id, split)], max_new_tokens=2)
         answer = runner.tokenizer.decode(ids).strip()
         if answer == q.answer:
             correct += 1
@@ -80,7 +67,8 @@ def story_exact_match(runner: Runner, image_sets: Sequence[Sequence[int]], split
     for image_ids in image_sets:
         target = runner.tokenizer.encode(easyvqa.story_target(list(image_ids), split), add_special_tokens=False)
         images = [runner.image(i, split) for i in image_ids]
-        ids = runner.generate_ids(story_message(easyvqa.STORY_PROMPT, len(images)), images, max_new_tokens=len(target) + 4)
+        turn = UserTurn(easyvqa.STORY_PROMPT, len(images), labelled=True)
+        ids = runner.generate_ids(turn, images, max_new_tokens=len(target) + 4)
         if ids == target:
             correct += 1
         else:

@@ -20,7 +20,7 @@ from rich.text import Text
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.display.images import image_rows, image_table
 from hae_cli.display.memory import MemorySnapshot
-from hae_cli.profile import MODALITIES, ProfileRow, eviction_overhead_percent
+from hae_cli.compare import MODALITIES, ProfileRow, eviction_overhead_percent
 SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
 
 # glyph and colour per bar segment; the glyphs differ so the bar reads without colour too
@@ -117,7 +117,7 @@ def occupancy_bar(layer: LayerStats, scale: int, width: int) -> Text:
 
 
 def _bar_scale(layers: Sequence[LayerStats]) -> int:
-    return max([1] + [max(l.tokens_held + l.bin_tokens, l.budget or 0) for l in layers])
+    return max([1] + [max(layer.tokens_held + layer.bin_tokens, layer.budget or 0) for layer in layers])
 
 
 _LAYER_COLUMNS = ("layer", "held", "budget", "text", "image", "sep", "gen", "bin")
@@ -126,9 +126,9 @@ _LAYER_COLUMNS = ("layer", "held", "budget", "text", "image", "sep", "gen", "bin
 def _numeric_width(layers: Sequence[LayerStats]) -> int:
     """Width of the non-bar columns (with their padding) for these rows."""
     widest = {name: len(name) for name in _LAYER_COLUMNS}
-    for l in layers:
-        values = [f"L{l.layer}", l.tokens_held, l.budget if l.budget is not None else "-"]
-        values += [l.tokens_by_modality.get(m, 0) for m in MODALITIES] + [l.bin_tokens]
+    for layer in layers:
+        values = [f"L{layer.layer}", layer.tokens_held, layer.budget if layer.budget is not None else "-"]
+        values += [layer.tokens_by_modality.get(m, 0) for m in MODALITIES] + [layer.bin_tokens]
         for name, value in zip(_LAYER_COLUMNS, values):
             widest[name] = max(widest[name], len(str(value)))
     return sum(widest.values()) + 2 * (len(_LAYER_COLUMNS) + 1)
@@ -143,18 +143,18 @@ def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None 
         table.add_column("tokens held", no_wrap=True, min_width=bar_width + 1, max_width=bar_width + 1)
     for name in _LAYER_COLUMNS[1:]:
         table.add_column(name, justify="right", no_wrap=True)
-    for l in layers:
-        by = l.tokens_by_modality
+    for layer in layers:
+        by = layer.tokens_by_modality
         table.add_row(
-            f"L{l.layer}",
-            *([occupancy_bar(l, scale, bar_width)] if bar_width else []),
-            str(l.tokens_held),
-            str(l.budget) if l.budget is not None else "-",
+            f"L{layer.layer}",
+            *([occupancy_bar(layer, scale, bar_width)] if bar_width else []),
+            str(layer.tokens_held),
+            str(layer.budget) if layer.budget is not None else "-",
             str(by.get("text", 0)),
             str(by.get("image", 0)),
             str(by.get("separator", 0)),
             str(by.get("generated", 0)),
-            Text(str(l.bin_tokens), style="red" if l.bin_tokens else ""),
+            Text(str(layer.bin_tokens), style="red" if layer.bin_tokens else ""),
         )
     return table
 
@@ -302,7 +302,7 @@ def kv_line(state: PanelState) -> Text:
         line.append(f"  peak {format_bytes(state.kv_bytes_peak)}")
         if state.full_cache_bytes_peak:
             line.append(f" / {format_bytes(state.full_cache_bytes_peak)}")
-    tokens = sum(l.tokens_held for l in stats.layers)
+    tokens = sum(layer.tokens_held for layer in stats.layers)
     line.append(f"  · {plural(tokens, 'token')} in {plural(len(stats.layers), 'layer')}", style="dim")
     return line
 

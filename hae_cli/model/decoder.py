@@ -1,16 +1,20 @@
 """The decoder loop, written out so that a cache can prune tokens between layers.
 
-transformers' `Phi3Model.forward` runs every layer on the same rows. HAE's index
-broadcasting drops visual tokens after the scoring layer so later layers never compute
-them; that needs a hook between layers, so we run the native Phi3 layers ourselves.
+transformers' text models run every layer on the same rows. Index broadcasting drops visual
+tokens after the scoring layer so later layers never compute them; that needs a hook between
+layers, so the native layers are run here, one by one. Any family whose text model has the
+usual transformers shape (decoder layers, a rotary embedding, a final norm, an LM head) walks
+through this one function: rotary position ids of any shape work, as long as the sequence is
+their last dimension (Phi-3's `[1, L]`, Qwen2-VL's multimodal `[3, 1, L]`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import Phi3ForCausalLM
+from torch import nn
 
 
 @dataclass
@@ -20,27 +24,49 @@ class DecoderOutput:
     hidden_lengths: list[int] = field(default_factory=list)  # rows computed by each layer
 
 
+@dataclass
+class TextBackbone:
+    """The parts of a text decoder the walk needs. `layer_position_ids` maps the rotary position
+    ids to what the layers take as `position_ids` (the same, unless a family says otherwise)."""
+
+    layers: nn.ModuleList
+    rotary_emb: nn.Module
+    norm: nn.Module
+    lm_head: nn.Module
+    embed_tokens: nn.Module
+    layer_position_ids: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda ids: ids)
+
+    @classmethod
+    def of_causal_lm(cls, lm) -> "TextBackbone":
+        """A transformers `*ForCausalLM` (`lm.model.layers`, ..., `lm.lm_head`)."""
+        inner = lm.model
+        return cls(inner.layers, inner.rotary_emb, inner.norm, lm.lm_head, inner.embed_tokens)
+
+
 def run_decoder(
-    lm: Phi3ForCausalLM,
+    backbone,
     inputs_embeds: torch.Tensor,
     position_ids: torch.Tensor,
     cache=None,
     attention_mask: torch.Tensor | None = None,
     logits_rows: int | None = 1,
 ) -> DecoderOutput:
-    """Run the language model on embeddings with explicit absolute positions.
+    """Run the decoder on embeddings with explicit rotary position ids (sequence last; a 1-D
+    `[L]` is read as `[1, L]`).
 
-    `cache` may be any transformers `Cache`. If it has `after_layer(layer_idx, hidden)`,
-    a returned index tensor prunes the rows (and positions, and mask) seen by later layers.
-    `attention_mask`, when given, is a bool `[1, 1, q, kv]` (True = attend) for tests that
-    compare eviction against masking; otherwise prefill is causal and decode attends all.
-    `logits_rows=None` returns logits for every surviving row.
+    `backbone`: a `TextBackbone`, or a transformers `*ForCausalLM`. `cache` may be any
+    transformers `Cache`. If it has `after_layer(layer_idx, hidden)`, a returned index tensor
+    prunes the rows (and positions, and mask) seen by later layers. `attention_mask`, when
+    given, is a bool `[1, 1, q, kv]` (True = attend) for tests that compare eviction against
+    masking; otherwise prefill is causal and decode attends all. `logits_rows=None` returns
+    logits for every surviving row.
     """
+    if not isinstance(backbone, TextBackbone):
+        backbone = TextBackbone.of_causal_lm(backbone)
     if inputs_embeds.shape[0] != 1:
         raise ValueError("hae runs one sequence at a time (batch size 1)")
     if position_ids.dim() == 1:
         position_ids = position_ids.unsqueeze(0)
-    backbone = lm.model
     hidden = inputs_embeds
     cos, sin = backbone.rotary_emb(hidden, position_ids=position_ids)
     kept_rows = torch.arange(hidden.shape[1], device=hidden.device)
@@ -51,7 +77,7 @@ def run_decoder(
         hidden = decoder_layer(
             hidden,
             attention_mask=attention_mask if attention_mask is not None else _chunk_mask(cache, layer_idx, hidden),
-            position_ids=position_ids,
+            position_ids=backbone.layer_position_ids(position_ids),
             cache=cache,
             use_cache=cache is not None,
             position_embeddings=(cos, sin),
@@ -60,15 +86,15 @@ def run_decoder(
         if keep is not None:
             keep = keep.to(hidden.device)
             hidden = hidden[:, keep]
-            position_ids = position_ids[:, keep]
-            cos, sin = cos[:, keep], sin[:, keep]
+            position_ids = position_ids[..., keep]
+            cos, sin = cos[..., keep, :], sin[..., keep, :]
             kept_rows = kept_rows[keep]
             if attention_mask is not None:
                 attention_mask = _prune_mask(attention_mask, keep)
     hidden = backbone.norm(hidden)
     if logits_rows is not None:
         hidden = hidden[:, -logits_rows:]
-    return DecoderOutput(lm.lm_head(hidden), kept_rows, hidden_lengths)
+    return DecoderOutput(backbone.lm_head(hidden), kept_rows, hidden_lengths)
 
 
 def _chunk_mask(cache, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor | None:

@@ -1,8 +1,13 @@
-"""Prefill, one decode step, and the loop around them (gpt-fast style).
+"""Prefill, one decode step, and the one loop around them (gpt-fast style).
 
-Positions are always passed explicitly: after eviction the cache's length is not the
-next position. A cache that has `begin_tokens` / `end_step` (our `EvictingCache`) is told
-what each forward carries and when a step ends; a plain `DynamicCache` works too.
+Rotary positions are always passed explicitly, in the model's own shape: after eviction the
+cache's length is not the next position, and some models' positions are not a count at all.
+A cache that has `begin_tokens` / `end_step` (our `EvictingCache`) is told what each forward
+carries and when a step ends; a plain `DynamicCache` works too.
+
+`decode` is the loop every caller uses (`generate` here, conversations, the benchmarks):
+whether the last token is fed, how a stop is asked for, and what Ctrl-C does are the
+caller's choices.
 """
 
 from __future__ import annotations
@@ -16,16 +21,7 @@ import torch
 from hae_cli.cache.modality import Modality
 from hae_cli.model.sampling import SamplingConfig
 
-__all__ = ["Generation", "SamplingConfig", "decode_one_token", "generate", "prefill", "sample"]
-
-
-@dataclass
-class Generation:
-    token_ids: list[int] = field(default_factory=list)
-    prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
-    first_logits: torch.Tensor | None = None  # logits after prefill, for agreement checks
+__all__ = ["Decoded", "Generation", "SamplingConfig", "decode", "decode_one_token", "generate", "prefill", "sample"]
 
 
 def _notify(cache, name: str, *args) -> None:
@@ -34,28 +30,20 @@ def _notify(cache, name: str, *args) -> None:
         hook(*args)
 
 
-def prefill(model, inputs_embeds, modality, image_id, cache, start: int = 0, overview=None) -> torch.Tensor:
-    """Run prompt tokens from position `start` (0: the first forward, the one policies prune);
-    returns the last position's logits `[vocab]`. `overview`: the images' global-view slots."""
-    positions = torch.arange(start, start + inputs_embeds.shape[1], device=inputs_embeds.device)
-    _notify(cache, "begin_tokens", positions, modality, image_id, overview)
-    logits = model.forward_embeds(inputs_embeds, positions, cache).logits[0, -1]
+def prefill(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """Run prompt rows (`tokens`: their `PromptTokens`, for the tags) at `position_ids`; returns
+    the last row's logits `[vocab]`. The cache's first forward is the one policies prune."""
+    _notify(cache, "begin_tokens", tokens.modality, tokens.image_id, tokens.overview)
+    logits = model.forward(embeds, position_ids, cache).logits[0, -1]
     _notify(cache, "end_step")
     return logits
 
 
 def decode_one_token(model, token_id: int, position: int, cache) -> torch.Tensor:
-    device = model.device
-    embeds = model.language_model.model.embed_tokens(torch.tensor([[token_id]], device=device))
-    positions = torch.tensor([position], device=device)
-    _notify(
-        cache,
-        "begin_tokens",
-        positions,
-        torch.tensor([Modality.GENERATED], dtype=torch.int8),
-        torch.zeros(1, dtype=torch.int16),
-    )
-    logits = model.forward_embeds(embeds, positions, cache).logits[0, -1]
+    """Feed one generated token at rotary `position`; returns the next logits `[vocab]`."""
+    embeds = model.embed_ids(torch.tensor([token_id]))
+    _notify(cache, "begin_tokens", torch.tensor([Modality.GENERATED], dtype=torch.int8), torch.zeros(1, dtype=torch.int16))
+    logits = model.forward(embeds, model.decode_position_ids(position), cache).logits[0, -1]
     _notify(cache, "end_step")
     return logits
 
@@ -72,65 +60,117 @@ def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Genera
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+@dataclass
+class Decoded:
+    """What `decode` produced so far (filled in place, so a caller that catches an interruption
+    still has it)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
+    position: int = 0  # the rotary position of the next token to feed
+
+
+def decode(
+    model,
+    cache,
+    logits: torch.Tensor,
+    position: int,
+    sampling: SamplingConfig,
+    *,
+    stop_ids: set[int],
+    generator: torch.Generator | None = None,
+    max_new_tokens: int | None = None,
+    feed_last: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+    on_token: Callable[[int], None] | None = None,
+    on_step: Callable[[], None] | None = None,
+    decoded: Decoded | None = None,
+) -> Decoded:
+    """Sample from `logits`, feed the token at `position`, repeat: until a stop id, `max_new_tokens`
+    (default: the sampling's), or `should_stop()` after a step.
+
+    `feed_last`: also feed the last token (a conversation keeps its whole transcript in the
+    cache); otherwise the loop ends without feeding it. `on_token(id)` runs for each token
+    kept, `on_step()` after each step. Results go into `decoded` (a new one by default)."""
+    out = decoded if decoded is not None else Decoded()
+    out.position = position
+    limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
+    while len(out.token_ids) < limit:
+        token = sample(logits, sampling, generator)
+        if token in stop_ids:
+            out.stopped_by = "stop_token"
+            break
+        out.token_ids.append(token)
+        if on_token is not None:
+            on_token(token)
+        if len(out.token_ids) == limit and not feed_last:
+            break
+        logits = decode_one_token(model, token, out.position, cache)
+        out.position += 1
+        if on_step is not None:
+            on_step()
+        if should_stop is not None and should_stop():
+            out.stopped_by = "interrupt"
+            break
+    return out
+
+
+@dataclass
+class Generation:
+    token_ids: list[int] = field(default_factory=list)
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
+    first_logits: torch.Tensor | None = None  # logits after prefill, for agreement checks
+
+
 @torch.inference_mode()
 def generate(
     model,
-    inputs_embeds: torch.Tensor,
-    modality: torch.Tensor,
-    image_id: torch.Tensor,
+    tokens,
+    embeds: torch.Tensor,
     cache,
     config: SamplingConfig,
-    stop_ids: set[int],
+    *,
+    stop_ids: set[int] | None = None,
     on_token: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
     context_length: int | None = None,
-    overview: torch.Tensor | None = None,
 ) -> Generation:
-    """Greedy or sampled decoding. Ctrl-C during decoding returns what was generated.
+    """Greedy or sampled decoding of a prompt (`tokens`, `embeds`). Ctrl-C during decoding
+    returns what was generated.
 
     `context_length`: feed the prompt's first tokens alone (the cache compresses them as a
     prompt), then the rest as a second forward, as when a question arrives after its images
     were cached: the question cannot steer what the cache keeps."""
     generator = torch.Generator().manual_seed(config.seed) if config.temperature > 0 else None
+    stop_ids = model.stop_ids if stop_ids is None else stop_ids
     result = Generation()
     start = time.perf_counter()
-    length = inputs_embeds.shape[1]
+    length = embeds.shape[1]
     if context_length is not None and not 0 < context_length < length:
         raise ValueError(f"context_length must be in [1, {length - 1}] for a {length}-token prompt, got {context_length}")
-    if overview is None:
-        overview = torch.zeros(length, dtype=torch.bool)
+    position_ids, position = model.position_ids(tokens, 0)
     if context_length is None:
-        logits = prefill(model, inputs_embeds, modality, image_id, cache, overview=overview)
+        logits = prefill(model, embeds, tokens, position_ids, cache)
     else:
-        context, rest = slice(0, context_length), slice(context_length, length)
-        prefill(model, inputs_embeds[:, context], modality[context], image_id[context], cache, overview=overview[context])
+        prefill(model, embeds[:, :context_length], tokens.rows(0, context_length),
+                position_ids[..., :context_length], cache)
         if on_step is not None:
             on_step()
-        logits = prefill(
-            model, inputs_embeds[:, rest], modality[rest], image_id[rest], cache, start=context_length, overview=overview[rest]
-        )
+        logits = prefill(model, embeds[:, context_length:], tokens.rows(context_length),
+                         position_ids[..., context_length:], cache)
     result.first_logits = logits.float().cpu()
     result.prefill_seconds = time.perf_counter() - start
     if on_step is not None:
         on_step()
-    position = inputs_embeds.shape[1]
     start = time.perf_counter()
+    decoded = Decoded()
     try:
-        for _ in range(config.max_new_tokens):
-            token = sample(logits, config, generator)
-            if token in stop_ids:
-                result.stopped_by = "stop_token"
-                break
-            result.token_ids.append(token)
-            if on_token is not None:
-                on_token(token)
-            if len(result.token_ids) == config.max_new_tokens:
-                break
-            logits = decode_one_token(model, token, position, cache)
-            position += 1
-            if on_step is not None:
-                on_step()
+        decode(model, cache, logits, position, config, stop_ids=stop_ids, generator=generator,
+               on_token=on_token, on_step=on_step, decoded=decoded)
     except KeyboardInterrupt:
-        result.stopped_by = "interrupt"
+        decoded.stopped_by = "interrupt"
+    result.token_ids, result.stopped_by = decoded.token_ids, decoded.stopped_by
     result.decode_seconds = time.perf_counter() - start
     return result

@@ -1,14 +1,9 @@
 """What a checkpoint was built for, so that a request it was not built for is refused (or, for
 the answer's length, capped with a note) instead of answered wrong in silence.
 
-Three limits: crops per image (`--num-crops`), images per prompt, and the context: the most
-tokens, prompt and answer together, the model attends over as it was trained.
-
-Phi-3.5-Vision was trained with up to 16 crops per image (its model card advises 16 for one
-image, 4 for several) and a 128K context. The shipped demo model was trained on much less, read
-from `scripts/train_demo_model.py`: every image as 1 crop (`NUM_CROPS`), stories of 2-8 images
-(`STORY_SIZES`), and sequences under 2,700 tokens, inside LongRoPE's original 4,096 positions;
-past those, every position is rotated by the long factors, which the demo model never saw.
+Three limits: crops per image (`--num-crops`, where a family has crops), images per prompt,
+and the context: the most tokens, prompt and answer together, the model attends over as it
+was trained. Each family reads its own from its checkpoint (`phi3v/limits.py`, ...).
 """
 
 from __future__ import annotations
@@ -16,10 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hae_cli.errors import ConfigError, InputError
-
-PHI35V_MAX_CROPS = 16
-DEMO_MODEL_CROPS = 1  # scripts/train_demo_model.py: NUM_CROPS
-DEMO_MODEL_MAX_IMAGES = 8  # scripts/train_demo_model.py: max(STORY_SIZES)
 
 
 @dataclass(frozen=True)
@@ -63,23 +54,3 @@ class ModelLimits:
             f"--max-new-tokens {max_new_tokens} capped at {room}: the prompt's {prompt_tokens:,} tokens leave "
             f"{room} of the {self.context_tokens:,} that {self.name} attends over"
         )
-
-
-def demo_model_limits(original_positions: int) -> ModelLimits:
-    return ModelLimits(
-        name="the demo model",
-        max_crops=DEMO_MODEL_CROPS,
-        max_images=DEMO_MODEL_MAX_IMAGES,
-        context_tokens=original_positions,
-        context_reason="the LongRoPE positions it was trained inside",
-    )
-
-
-def checkpoint_limits(max_positions: int, file_crops: int) -> ModelLimits:
-    return ModelLimits(
-        name="this checkpoint",
-        max_crops=max(PHI35V_MAX_CROPS, file_crops),
-        max_images=None,
-        context_tokens=max_positions,
-        context_reason="its max_position_embeddings",
-    )

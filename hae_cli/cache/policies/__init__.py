@@ -1,17 +1,24 @@
-"""The eviction policies, one file each; a new file with a `Policy` subclass is picked up here.
+"""The eviction policies, one file each; a new file here with a `Policy` subclass is picked up.
 
 `POLICIES` maps a policy's `name` to its class; `make_policy(name, **params)` builds one and
-turns a bad name or parameter into a one-line `ConfigError`.
+turns a bad name or parameter into a one-line `ConfigError`. A policy written elsewhere joins
+with `@register_policy`, or, for the command line, by naming its module in the environment
+variable `HAE_POLICY_MODULES` (comma-separated importable modules, imported at start-up).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 import pkgutil
 
-from hae_cli.cache.policies.base import Policy, PrefillKeep, Rows
+from hae_cli.cache.policies.base import LayerView, Policy, PrefillKeep, Rows, param, parameter_help
+from hae_cli.cache.policies.scorer import ScorerPolicy
 from hae_cli.errors import ConfigError
+
+PLUGIN_VARIABLE = "HAE_POLICY_MODULES"
+_ORDER = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"]  # then new ones, by name
 
 
 def _discover() -> dict[str, type[Policy]]:
@@ -24,24 +31,55 @@ def _discover() -> dict[str, type[Policy]]:
         stack.extend(cls.__subclasses__())
         if cls.name and cls.__module__.startswith(__name__):
             found[cls.name] = cls
-    order = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"]  # then new ones, by name
+    return found
 
+
+def _sorted(found: dict[str, type[Policy]]) -> dict[str, type[Policy]]:
     def rank(name: str) -> tuple[int, str]:
-        return (order.index(name) if name in order else len(order), name)
+        return (_ORDER.index(name) if name in _ORDER else len(_ORDER), name)
 
     return {name: found[name] for name in sorted(found, key=rank)}
 
 
-POLICIES: dict[str, type[Policy]] = _discover()
+POLICIES: dict[str, type[Policy]] = _sorted(_discover())
+
+
+def register_policy(cls: type[Policy]) -> type[Policy]:
+    """Make a policy class known by its `name` (a class decorator); a policy file inside this
+    package needs no registration."""
+    if not (isinstance(cls, type) and issubclass(cls, Policy) and dataclasses.is_dataclass(cls)):
+        raise ConfigError(f"{cls!r} is not a policy: a @dataclass subclass of hae_cli.cache.policies.Policy")
+    if not cls.name or not cls.name.isidentifier():
+        raise ConfigError(f"policy class {cls.__name__} needs a `name` that is an identifier, got {cls.name!r}")
+    known = POLICIES.get(cls.name)
+    if known is not None and known is not cls and known.__qualname__ != cls.__qualname__:
+        raise ConfigError(f"policy name {cls.name!r} is taken by {known.__module__}.{known.__qualname__}")
+    POLICIES[cls.name] = cls
+    POLICIES.update(_sorted(dict(POLICIES)))
+    return cls
+
+
+def load_plugins(modules: str | None = None) -> None:
+    """Import the modules named in `HAE_POLICY_MODULES` (or `modules`) and register every named
+    policy they define."""
+    names = os.environ.get(PLUGIN_VARIABLE, "") if modules is None else modules
+    for module_name in filter(None, (name.strip() for name in names.split(","))):
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as error:  # a user's module: any failure is one line naming it
+            raise ConfigError(f"{PLUGIN_VARIABLE}: cannot import {module_name!r} ({type(error).__name__}: {error})") from None
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, Policy) and value.name and value.__module__ == module.__name__:
+                register_policy(value)
 
 
 def policy_parameters(name: str) -> dict[str, object]:
     """A policy's parameters and their defaults."""
-    return {f.name: f.default for f in dataclasses.fields(_policy_class(name))}
+    return {f.name: f.default for f in dataclasses.fields(policy_class(name))}
 
 
 def make_policy(name: str, **params) -> Policy:
-    cls = _policy_class(name)
+    cls = policy_class(name)
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - allowed)
     if unknown:
@@ -51,10 +89,13 @@ def make_policy(name: str, **params) -> Policy:
     return cls(**params)
 
 
-def _policy_class(name: str) -> type[Policy]:
+def policy_class(name: str) -> type[Policy]:
     if name not in POLICIES:
         raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
     return POLICIES[name]
 
 
-__all__ = ["POLICIES", "Policy", "PrefillKeep", "Rows", "make_policy", "policy_parameters"]
+__all__ = [
+    "POLICIES", "LayerView", "Policy", "PrefillKeep", "Rows", "ScorerPolicy", "load_plugins", "make_policy",
+    "param", "parameter_help", "policy_class", "policy_parameters", "register_policy",
+]

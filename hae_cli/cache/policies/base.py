@@ -1,7 +1,8 @@
 """What a policy is: it says what it needs to see and decides; the cache does the rest.
 
-A policy is a small `@dataclass` whose fields are its parameters (validated in
-`__post_init__`, raising `ConfigError`). It may implement any of these hooks; the defaults
+A policy is a small `@dataclass` whose fields are its parameters, each declared with `param`
+(its default and a one-line meaning, which `hae policies` and `--help` show), validated in
+`__post_init__` (raising `ConfigError`). It may implement any of these hooks; the defaults
 do nothing, so `full` implements none:
 
 at prefill (once, per layer, in layer order)
@@ -16,16 +17,18 @@ running scores (a policy with `score_decay` set)
   `wants_decode_attention(layer_idx)`: the layers that keep scores while decoding.
 
 decode rounds (a layer holding `budget + buffer` tokens is brought back to `budget`)
-  `resolve_budget`, `protected`, `priority` (higher = keep; `[N]` for every head or
-  `[H_kv, N]` per head), and for policies with a recycle bin `bin_priority`,
-  `bin_capacity`, `bin_ttl`.
+  `resolve_budget`, `protected`, `priority(view)` (higher = keep; `[N]` for every head or
+  `[H_kv, N]` per head, from a read-only `LayerView`), and for policies with a recycle bin
+  `bin_priority(view)`, `bin_capacity`, `bin_ttl`.
 
 The cache keeps the scores, compacts, moves tokens to and from the bin, records events.
+A policy that only scores tokens and keeps the best derives from `ScorerPolicy`
+(`policies/scorer.py`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -39,7 +42,7 @@ from hae_cli.errors import ConfigError
 class Rows:
     """The tokens of the current forward as one layer receives them (pruned rows are absent)."""
 
-    positions: torch.Tensor  # [q] int64
+    index: torch.Tensor  # [q] int64: each token's index in feed order
     modality: torch.Tensor  # [q] int8
     image_id: torch.Tensor  # [q] int16
     past: int  # tokens the layer held before this forward: row i is key `past + i`
@@ -48,7 +51,7 @@ class Rows:
     overview: torch.Tensor | None = None  # [q] bool: an image's global-view features (None: unknown)
 
     def __len__(self) -> int:
-        return self.positions.numel()
+        return self.index.numel()
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,37 @@ class PrefillKeep:
     keep: torch.Tensor
     layers: tuple[int, ...]
     broadcast: bool = False
+
+
+@dataclass(frozen=True)
+class LayerView:
+    """What a policy may read of a layer at a round: the running scores and modality tags of the
+    tokens it holds and of those in its recycle bin (views, not copies: read, never write)."""
+
+    scores: torch.Tensor  # [H_kv, N] float32
+    modality: torch.Tensor  # [N] int8: the rows' tags (the first head's; shared rows are alike in every head)
+    bin_scores: torch.Tensor | None  # [H_kv, M] float32, on the host (None: the bin never held a token)
+    bin_modality: torch.Tensor  # [M] int8
+
+    @classmethod
+    def of(cls, layer) -> "LayerView":
+        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality)
+
+    @property
+    def held(self) -> int:
+        return self.scores.shape[-1]
+
+
+def param(default, help: str):
+    """A policy parameter: its default and its meaning (one line, shown by `hae policies`)."""
+    return field(default=default, metadata={"help": help})
+
+
+def parameter_help(cls: type) -> dict[str, str]:
+    """{parameter: its meaning} for a policy class."""
+    import dataclasses
+
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
 
 
 class Policy:
@@ -118,11 +152,11 @@ class Policy:
         sink = min(self.sink, budget)
         return sink, min(self.recent, budget - sink)
 
-    def priority(self, layer) -> torch.Tensor:
-        return layer.scores if self.per_head else layer.scores.mean(dim=0)
+    def priority(self, view: "LayerView") -> torch.Tensor:
+        return view.scores if self.per_head else view.scores.mean(dim=0)
 
-    def bin_priority(self, layer) -> torch.Tensor:
-        return layer.bin.scores.mean(dim=0)
+    def bin_priority(self, view: "LayerView") -> torch.Tensor:
+        return view.bin_scores.mean(dim=0)
 
     def bin_capacity(self, budget: int) -> int:
         return 0

@@ -11,7 +11,7 @@ import torch
 from hae_cli.cache.attention import AttentionRequest
 from hae_cli.cache.layer import complement
 from hae_cli.cache.modality import Modality
-from hae_cli.cache.policies.base import Policy, PrefillKeep, Rows, check_float, check_int, check_layer
+from hae_cli.cache.policies.base import Policy, PrefillKeep, Rows, check_float, check_int, check_layer, param
 
 
 @dataclass
@@ -23,15 +23,12 @@ class FastVPolicy(Policy):
     of the last prompt token ranks the image tokens; the lowest `drop_ratio` of them are
     pruned from the hidden states, so layers from `prune_layer` on never compute them (and
     never cache them). Earlier layers keep their full cache, as in FastV. No decode eviction.
-
-        prune_layer: K, the first layer that does not see the dropped tokens (paper: K = 2).
-        drop_ratio: R, the fraction of image tokens dropped (paper: 50%).
     """
 
     name: ClassVar[str] = "fastv"
 
-    prune_layer: int = 2
-    drop_ratio: float = 0.5
+    prune_layer: int = param(2, "K, the first layer that does not see the dropped tokens (paper: K = 2).")
+    drop_ratio: float = param(0.5, "R, the fraction of image tokens dropped (paper: 50%).")
 
     def __post_init__(self) -> None:
         check_int("prune_layer", self.prune_layer, 1)

@@ -5,33 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
-
 from hae_cli.cache.attention import AttentionRequest
-from hae_cli.cache.policies.base import Policy, Rows, check_budget, check_int
+from hae_cli.cache.policies.base import Rows, check_budget, check_int, param
+from hae_cli.cache.policies.scorer import ScorerPolicy
 
 
 @dataclass
-class H2OPolicy(Policy):
+class H2OPolicy(ScorerPolicy):
     """H2O, "Heavy-Hitter Oracle for Efficient Generative Inference of Large Language
     Models", https://arxiv.org/abs/2306.14048.
 
     Each key head keeps its own heavy hitters: the tokens with the largest attention
     accumulated over every query so far (prefill queries included), plus the most recent
     tokens. Eviction is greedy and final (no bin): once over budget, the lowest go.
-
-        budget: tokens per layer; int = a count, float in (0, 1] = a fraction of the prompt.
-        recent: recent tokens always kept; None = half the budget (the paper's split).
-        buffer: tokens appended past the budget before a round (0 = evict every step, as in
-            the paper).
     """
 
     name: ClassVar[str] = "h2o"
     per_head: ClassVar[bool] = True
 
-    budget: int | float = 0.5
-    recent: int | None = None
-    buffer: int = 0
+    budget: int | float = param(0.5, "tokens per layer; int = a count, float in (0, 1] = a fraction of the prompt.")
+    recent: int | None = param(None, "recent tokens always kept; None = half the budget (the paper's split).")
+    buffer: int = param(0, "tokens appended past the budget before a round (0 = evict every step, as in the paper).")
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -49,6 +43,3 @@ class H2OPolicy(Policy):
     def protected(self, budget: int) -> tuple[int, int]:
         recent = budget // 2 if self.recent is None else self.recent
         return 0, min(recent, budget)
-
-    def priority(self, layer) -> torch.Tensor:
-        return layer.scores

@@ -9,9 +9,8 @@ from typing import ClassVar
 import torch
 
 from hae_cli.cache.attention import AttentionRequest, AttentionSummary, ValueRequest
-from hae_cli.cache.layer import complement
-from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import (
+    LayerView,
     Policy,
     PrefillKeep,
     Rows,
@@ -19,8 +18,15 @@ from hae_cli.cache.policies.base import (
     check_float,
     check_int,
     check_layer,
+    param,
     resolve_budget,
     visual_rows,
+)
+from hae_cli.cache.policies.dual_attention import (
+    dual_attention_drop,
+    dual_attention_request,
+    instruction_and_visual,
+    keep_all_but,
 )
 from hae_cli.errors import ConfigError
 
@@ -38,70 +44,55 @@ class HAEPolicy(Policy):
     Visual tokens go first, at prefill, where they are sparse; then text and visual tokens
     are evicted jointly while decoding, softly, through a recycle bin.
 
-    Stage 1, Dual-Attention Pruning (once, at prefill; MustDrop's filter, arXiv 2411.10803):
-        score_layer: the layer whose attention decides (0 = the first layer). The softmax
-            attention of the instruction's text queries (the text after the last visual
-            token) over the visual tokens gives, per visual token j, a global score g_j (mean
-            over heads of the sum over queries, normalised to sum 1) and an individual score
-            m_j (max over heads and queries). The kept set is applied to every layer at and
-            after `score_layer` and to the hidden states (later layers never compute dropped
-            tokens), and to the layers before it as soon as it is known.
-        r_g: drop j only if g_j < r_g / N_visual (relative to the uniform share) ...
-        r_i: ... and m_j < r_i * max_j m_j (no head or query needs it badly).
-        visual_keep: budget mode instead of thresholds: keep this fraction of the visual
-            tokens, top by g_j, plus every token with m_j >= r_i * max m. None = thresholds.
-        image_floor: each image also keeps this fraction of its visual tokens, the best of its
-            overview by `floor_score` (0 = off).
-        floor_from: "overview" (the image's global view, when the cache knows it) or "image"
-            (all its tokens, both views).
-        floor_score: "distinct" (a token's value vectors at `score_layer` far from its image's
-            mean) or "attention" (g_j): how the floor ranks an image's tokens.
-        The floor is the hierarchical step (per image, then per view, then per token): no image
-        is starved by an instruction such as "Describe each image in order.", which does not
-        say what each caption will need; "distinct" picks what stands out from the image's
-        background, whatever the instruction. Text, special tokens and image separators are never
-        dropped at prefill; kept tokens keep their original positions.
+    Stage 1, Dual-Attention Pruning (once, at prefill; MustDrop's filter, `dual_attention.py`):
+    the instruction's text queries score the visual tokens at `score_layer` (global g_j and
+    individual m_j); the kept set is applied to every layer at and after `score_layer` and to
+    the hidden states (later layers never compute dropped tokens), and to the layers before it
+    as soon as it is known. Each image also keeps a floor of its tokens: the hierarchical step
+    (per image, then per view, then per token), so no image is starved by an instruction such
+    as "Describe each image in order.", which does not say what each caption will need;
+    "distinct" picks what stands out from the image's background, whatever the instruction.
+    Text, special tokens and image separators are never dropped at prefill; kept tokens keep
+    their original positions.
 
-    Stage 2, Dynamic Decoding Eviction with a recycle bin:
-        budget: tokens per layer B; int = a count, float in (0, 1] = a fraction of the prompt,
-            None = the size after prefill pruning.
-        gamma: running score decay, s <- gamma * s + a_t (a_t: attention received at step t,
-            averaged over heads).
-        buffer: d; tokens append freely until a layer holds B + d, then one round brings it
-            back to B. The last d queries also score the bin.
-        sink: the first `sink` tokens are never evicted.
-        recent: the last `recent` tokens are never evicted.
-        w_visual, w_text: a round ranks unprotected tokens by w_modality * s and moves the
-            lowest to the bin (image tokens and separators count as visual, generated as text).
-        bin_size: bin capacity per layer; None = B // 4, 0 = no bin (evictions are final).
-            When over capacity, the lowest-scored bin tokens are deleted first.
-        bin_ttl: a bin token not restored within this many rounds is deleted. A bin token's
-            running score goes on with the attention the recent queries would have paid it
-            (the last d queries against the bin's keys); at a round, one whose w * s beats the
-            weakest unprotected active token is restored, with its original position.
-        broadcast: one decode decision at `score_layer`, applied to every layer (faster; only
-            that layer computes decode scores) instead of one decision per layer.
+    Stage 2, Dynamic Decoding Eviction with a recycle bin: every token keeps a running score of
+    the attention it receives; a layer that holds B + d tokens is brought back to B, the
+    lowest-ranked unprotected tokens going to the bin (or, over its capacity or age, deleted),
+    and a bin token whose score beats the weakest active one comes back with its original
+    position. A bin token's score goes on with the attention the recent queries would have
+    paid it.
     """
 
     name: ClassVar[str] = "hae"
 
-    score_layer: int = 1
-    r_g: float = 1.5
-    r_i: float = 0.5
-    visual_keep: float | None = None
-    image_floor: float = 0.15
-    floor_from: str = "overview"
-    floor_score: str = "distinct"
-    budget: int | float | None = None
-    gamma: float = 0.95
-    buffer: int = 32
-    sink: int = 4
-    recent: int = 32
-    w_visual: float = 0.5
-    w_text: float = 1.0
-    bin_size: int | None = None
-    bin_ttl: int = 4
-    broadcast: bool = False
+    score_layer: int = param(1, "the layer whose attention decides (0 = the first layer).")
+    r_g: float = param(1.5, "drop a visual token j only if g_j < r_g / N_visual (its share of the instruction's "
+                            "attention, against the uniform share) ...")
+    r_i: float = param(0.5, "... and m_j < r_i * max_j m_j (no head or query needs it badly).")
+    visual_keep: float | None = param(None, "budget mode instead of thresholds: keep this fraction of the visual "
+                                            "tokens, top by g_j, plus every token with m_j >= r_i * max m.")
+    image_floor: float = param(0.15, "each image also keeps this fraction of its visual tokens, the best of its "
+                                     "overview by `floor_score` (0 = off).")
+    floor_from: str = param("overview", "\"overview\" (the image's global view, when the model has one) or "
+                                        "\"image\" (all its tokens, every view).")
+    floor_score: str = param("distinct", "\"distinct\" (a token's value vectors at `score_layer` far from its "
+                                         "image's mean) or \"attention\" (g_j): how the floor ranks an image's tokens.")
+    budget: int | float | None = param(None, "tokens per layer B; int = a count, float in (0, 1] = a fraction of "
+                                             "the prompt, None = the size after prefill pruning.")
+    gamma: float = param(0.95, "running score decay, s <- gamma * s + a_t (a_t: attention received at step t, "
+                               "averaged over heads).")
+    buffer: int = param(32, "d; tokens append freely until a layer holds B + d, then one round brings it back "
+                            "to B. The last d queries also score the bin.")
+    sink: int = param(4, "the first `sink` tokens are never evicted.")
+    recent: int = param(32, "the last `recent` tokens are never evicted.")
+    w_visual: float = param(0.5, "a round ranks unprotected tokens by w * s: the weight of image tokens and "
+                                 "separators.")
+    w_text: float = param(1.0, "... and of text and generated tokens.")
+    bin_size: int | None = param(None, "bin capacity per layer; None = B // 4, 0 = no bin (evictions are final). "
+                                       "Over capacity, the lowest-scored bin tokens are deleted first.")
+    bin_ttl: int = param(4, "a bin token not restored within this many rounds is deleted.")
+    broadcast: bool = param(False, "one decode decision at `score_layer`, applied to every layer (faster; only "
+                                   "that layer computes decode scores) instead of one decision per layer.")
 
     def __post_init__(self) -> None:
         check_int("score_layer", self.score_layer, 0)
@@ -174,11 +165,11 @@ class HAEPolicy(Policy):
     def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
         return held if self.budget is None else resolve_budget(self.budget, prompt_length)
 
-    def priority(self, layer) -> torch.Tensor:
-        return self._weights(layer.modality[0]) * layer.scores.mean(dim=0)
+    def priority(self, view: LayerView) -> torch.Tensor:
+        return self._weights(view.modality) * view.scores.mean(dim=0)
 
-    def bin_priority(self, layer) -> torch.Tensor:
-        return self._weights(layer.bin.modality) * layer.bin.scores.mean(dim=0)
+    def bin_priority(self, view: LayerView) -> torch.Tensor:
+        return self._weights(view.bin_modality) * view.bin_scores.mean(dim=0)
 
     def bin_capacity(self, budget: int) -> int:
         return budget // 4 if self.bin_size is None else self.bin_size
@@ -189,33 +180,6 @@ class HAEPolicy(Policy):
     def _weights(self, modality: torch.Tensor) -> torch.Tensor:
         visual = visual_rows(modality)
         return torch.where(visual, self.w_visual, self.w_text).float()
-
-
-def dual_attention_request(layer_idx: int, score_layer: int, rows: Rows) -> dict[str, AttentionRequest]:
-    """At the scoring layer: the instruction's text queries over the visual tokens."""
-    if layer_idx != score_layer:
-        return {}
-    split = instruction_and_visual(rows)
-    if split is None:
-        return {}
-    queries, visual = split
-    return {"dual_attention": AttentionRequest(rows=queries, cols=rows.past + visual, need_max=True)}
-
-
-def dual_attention_keep(layer_idx, rows, attention, r_g, r_i, visual_keep) -> PrefillKeep | None:
-    summary: AttentionSummary | None = attention.get("dual_attention")
-    if summary is None:
-        return None
-    _, visual = instruction_and_visual(rows)
-    return keep_all_but(visual[dual_attention_drop(summary.sum, summary.max, r_g, r_i, visual_keep)], layer_idx, rows)
-
-
-def keep_all_but(dropped: torch.Tensor, layer_idx: int, rows: Rows) -> PrefillKeep | None:
-    """Every row but `dropped`, for this layer and those before it, and broadcast to the rest."""
-    if dropped.numel() == 0:
-        return None
-    keep = complement(dropped.to(rows.positions.device), len(rows))
-    return PrefillKeep(keep, layers=tuple(range(layer_idx + 1)), broadcast=True)
 
 
 def image_floor_keep(image_of: torch.Tensor, score: torch.Tensor, floor: float, overview: torch.Tensor | None = None) -> torch.Tensor:
@@ -244,33 +208,3 @@ def distinctness(values: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
         mean = joined[members].mean(dim=0, keepdim=True)
         score[members] = 1 - torch.nn.functional.cosine_similarity(joined[members], mean, dim=-1)
     return score
-
-
-def dual_attention_drop(attention_sum, attention_max, r_g, r_i, visual_keep) -> torch.Tensor:
-    """Which visual tokens to drop (`[N_vis]` bool) from `[H, N_vis]` row sums and row maxima."""
-    n_visual = attention_sum.shape[-1]
-    g = attention_sum.mean(dim=0)
-    g = g / g.sum().clamp_min(torch.finfo(g.dtype).tiny)
-    m = attention_max.amax(dim=0)
-    needed = m >= r_i * m.max()
-    if visual_keep is None:
-        return ~(needed | (g >= r_g / n_visual))
-    keep = needed.clone()
-    keep[g.topk(math.ceil(visual_keep * n_visual)).indices] = True
-    return ~keep
-
-
-def instruction_and_visual(rows: Rows) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(text rows after the last visual token, visual token rows), or None without images.
-
-    With no text after the images, the last row is the query.
-    """
-    image = rows.modality == Modality.IMAGE
-    visual = image.nonzero().squeeze(-1)
-    if visual.numel() == 0:
-        return None
-    after = torch.arange(len(rows), device=image.device) > visual[-1]
-    queries = ((rows.modality == Modality.TEXT) & after).nonzero().squeeze(-1)
-    if queries.numel() == 0:
-        queries = torch.tensor([len(rows) - 1], device=image.device)
-    return queries, visual

@@ -16,9 +16,10 @@ from hae_cli.cache.policies.base import (
     check_float,
     check_int,
     check_layer,
+    param,
     resolve_budget,
 )
-from hae_cli.cache.policies.hae import dual_attention_keep, dual_attention_request
+from hae_cli.cache.policies.dual_attention import dual_attention_keep, dual_attention_request
 
 
 @dataclass
@@ -29,26 +30,22 @@ class MustDropPolicy(Policy):
     Prefill: the same dual-attention filter as HAE's Stage 1 (global g_j and individual m_j
     scores at `score_layer`, index broadcasting). Decoding: the same running score, but
     eviction is greedy and final (no recycle bin) and visual and text tokens weigh the same.
-
-        score_layer, r_g, r_i, visual_keep: as in `hae` (Stage 1).
-        budget: tokens per layer; int, float fraction of the prompt, None = the size after
-            prefill pruning.
-        gamma: running score decay, s <- gamma * s + a_t.
-        buffer: tokens appended past the budget before a round brings the layer back to it.
-        sink, recent: first / last tokens never evicted.
     """
 
     name: ClassVar[str] = "mustdrop"
 
-    score_layer: int = 1
-    r_g: float = 0.9
-    r_i: float = 0.05
-    visual_keep: float | None = None
-    budget: int | float | None = None
-    gamma: float = 0.95
-    buffer: int = 32
-    sink: int = 4
-    recent: int = 32
+    score_layer: int = param(1, "the layer whose attention decides (0 = the first layer), as in hae.")
+    r_g: float = param(0.9, "drop a visual token j only if g_j < r_g / N_visual (its share of the instruction's "
+                            "attention, against the uniform share) ..., as in hae.")
+    r_i: float = param(0.05, "... and m_j < r_i * max_j m_j (no head or query needs it badly), as in hae.")
+    visual_keep: float | None = param(None, "budget mode instead of thresholds: keep this fraction of the visual "
+                                            "tokens, top by g_j, plus every token with m_j >= r_i * max m, as in hae.")
+    budget: int | float | None = param(None, "tokens per layer; int, float fraction of the prompt, None = the size "
+                                             "after prefill pruning.")
+    gamma: float = param(0.95, "running score decay, s <- gamma * s + a_t.")
+    buffer: int = param(32, "tokens appended past the budget before a round brings the layer back to it.")
+    sink: int = param(4, "the first `sink` tokens are never evicted.")
+    recent: int = param(32, "the last `recent` tokens are never evicted.")
 
     def __post_init__(self) -> None:
         check_int("score_layer", self.score_layer, 0)

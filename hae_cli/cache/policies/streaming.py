@@ -7,29 +7,26 @@ from typing import ClassVar
 
 import torch
 
-from hae_cli.cache.policies.base import Policy, check_budget, check_int
+from hae_cli.cache.policies.base import LayerView, check_budget, check_int, param
+from hae_cli.cache.policies.scorer import ScorerPolicy
 
 
 @dataclass
-class StreamingPolicy(Policy):
+class StreamingPolicy(ScorerPolicy):
     """StreamingLLM, "Efficient Streaming Language Models with Attention Sinks",
     https://arxiv.org/abs/2309.17453.
 
     Keeps the first `sink` tokens (the attention sinks) and the most recent ones, `budget`
     in all; everything in between is evicted, at the end of prefill and while decoding. It
     needs no attention scores, so it also works with plain "sdpa".
-
-        budget: tokens per layer; int = a count, float in (0, 1] = a fraction of the prompt.
-        sink: attention-sink tokens kept at the start (the paper uses 4).
-        buffer: tokens appended past the budget before a round trims back to it
-            (0 = trim after every step, as in the paper).
     """
 
     name: ClassVar[str] = "streaming"
 
-    budget: int | float = 0.5
-    sink: int = 4
-    buffer: int = 0
+    budget: int | float = param(0.5, "tokens per layer; int = a count, float in (0, 1] = a fraction of the prompt.")
+    sink: int = param(4, "attention-sink tokens kept at the start (the paper uses 4).")
+    buffer: int = param(0, "tokens appended past the budget before a round trims back to it (0 = trim after every "
+                           "step, as in the paper).")
 
     def __post_init__(self) -> None:
         if self.budget is None:
@@ -42,5 +39,5 @@ class StreamingPolicy(Policy):
         sink = min(self.sink, budget)
         return sink, budget - sink
 
-    def priority(self, layer) -> torch.Tensor:
-        return torch.zeros(layer.held, device=layer.keys.device)
+    def score(self, view: LayerView) -> torch.Tensor:
+        return torch.zeros(view.held, device=view.scores.device)  # every unprotected token alike

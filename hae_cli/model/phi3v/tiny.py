@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from hae_cli.model.config import ModelConfig
-from hae_cli.model.loading import INDEX_FILE
-from hae_cli.model.phi3v import Phi3VForCausalLM
+from hae_cli.model.phi3v.checkpoint import INDEX_FILE
+from hae_cli.model.phi3v.config import ModelConfig
+from hae_cli.model.phi3v.network import Phi3VForCausalLM
 
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -244,7 +244,7 @@ def write_tiny_checkpoint(
     vision: dict | None = None,
     words: tuple[str, ...] | list[str] = DEFAULT_WORDS,
 ) -> Path:
-    from hae_cli.model.tiny_tokenizer import build_tiny_tokenizer
+    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(list(words))
     model = build_model(tokenizer, text=text, vision=vision, seed=seed)

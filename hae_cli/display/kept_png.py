@@ -1,7 +1,8 @@
-"""The image with what the cache kept of it (`--show-kept FILE.png`): one row per image, its
-crops as the model saw them (after the HD transform) and its global view, each 2x2-merged patch
-(one image token) drawn as kept (the picture as is), evicted (dimmed to grey) or in the recycle
-bin (tinted orange), each row's `sub_GN` separator as a small square at its end.
+"""The image with what the cache kept of it (`--show-kept FILE.png`): one row per image, each of
+its views as the model saw it (for Phi-3.5-V: its crops after the HD transform, the `glb_GN`
+between, its global view), each image token's cell drawn as kept (the picture as is), evicted
+(dimmed to grey) or in the recycle bin (tinted orange), a row's separator token as a small
+square at the row's end. The family says what its views are (`VisionLanguageModel.image_cells`).
 
 Drawn with Pillow (a core dependency), cell by cell, so a test can read a cell's status back
 from its pixels; `KeptLayout` says where every cell lies.
@@ -15,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from hae_cli.cache.kept import KeptMap
+from hae_cli.cache.kept_map import KeptMap
 from hae_cli.errors import InputError
-from hae_cli.model.image import CROPS_VIEW, GLB_GN_VIEW, GLOBAL_VIEW, image_slot_cells
+from hae_cli.model.interface import ImageCells, PictureView
 
-CELL = 12  # pixels per merged patch (28 pixels of a 336-pixel crop)
+CELL = 12  # pixels per image token (a merged patch: 28 pixels of a 336-pixel crop)
 SEPARATOR_GAP = 3
 SEPARATOR_WIDTH = CELL // 2
 VIEW_GAP = 44
@@ -42,32 +43,26 @@ CROP_EDGE = (120, 170, 255)  # where one 336-pixel crop meets the next
 
 @dataclass(frozen=True)
 class ImageRow:
-    """Where one image's row lies: the crops' map at (crops_x, y), the glb_GN square, the global
-    view at (global_x, y); `cols`, `rows` in merged patches."""
+    """Where one image's row lies: its views side by side from `xs[v]` on, at height `y`."""
 
     y: int
-    crops_x: int
-    crops_cols: int
-    crops_rows: int
-    glb_x: int
-    global_x: int
-    grid: int
+    xs: tuple[int, ...]
+    views: tuple[PictureView, ...]
 
     def cell_box(self, view: int, row: int, col: int) -> tuple[int, int, int, int]:
-        """(x0, y0, x1, y1), exclusive ends, of a cell; `col` == the view's width is its row's sub_GN."""
-        if view == GLB_GN_VIEW:
-            x, y = self.glb_x, self.y
-        else:
-            x0, width = (self.crops_x, self.crops_cols) if view == CROPS_VIEW else (self.global_x, self.grid)
-            x = x0 + col * CELL + (SEPARATOR_GAP if col == width else 0)
-            y = self.y + row * CELL
-            if col == width:
-                return x, y, x + SEPARATOR_WIDTH, y + CELL
+        """(x0, y0, x1, y1), exclusive ends, of a cell; `col` == the view's `cols` is its row's separator."""
+        shown, x0 = self.views[view], self.xs[view]
+        if shown.separator:
+            return x0, self.y, x0 + CELL, self.y + CELL
+        x = x0 + col * CELL + (SEPARATOR_GAP if col == shown.cols else 0)
+        y = self.y + row * CELL
+        if col == shown.cols:
+            return x, y, x + SEPARATOR_WIDTH, y + CELL
         return x, y, x + CELL, y + CELL
 
     @property
     def height(self) -> int:
-        return max(self.crops_rows, self.grid) * CELL
+        return max(view.rows for view in self.views) * CELL
 
 
 @dataclass(frozen=True)
@@ -77,44 +72,44 @@ class KeptLayout:
     rows: list[ImageRow]
 
 
-def layout(image_layouts: list[dict], header_height: int = HEADER_HEIGHT) -> KeptLayout:
+def _view_width(view: PictureView) -> int:
+    return view.cols * CELL + (SEPARATOR_GAP + SEPARATOR_WIDTH if view.row_separators else 0)
+
+
+def layout(images: list[ImageCells], header_height: int = HEADER_HEIGHT) -> KeptLayout:
     rows, y, width = [], header_height, 0
-    for entry in image_layouts:
-        grid = entry["grid"]
-        cols, n_rows = entry["w_crops"] * grid, entry["h_crops"] * grid
-        crops_x = MARGIN
-        glb_x = crops_x + cols * CELL + SEPARATOR_GAP + SEPARATOR_WIDTH + VIEW_GAP
-        global_x = glb_x + CELL + VIEW_GAP
-        row = ImageRow(y + LABEL_HEIGHT, crops_x, cols, n_rows, glb_x, global_x, grid)
+    for cells in images:
+        xs, x = [], MARGIN
+        for view in cells.views:
+            xs.append(x)
+            x += _view_width(view) + VIEW_GAP
+        row = ImageRow(y + LABEL_HEIGHT, tuple(xs), tuple(cells.views))
         rows.append(row)
         y = row.y + row.height + ROW_GAP
-        width = max(width, global_x + grid * CELL + SEPARATOR_GAP + SEPARATOR_WIDTH + MARGIN)
+        width = max(width, x - VIEW_GAP + MARGIN)
     return KeptLayout(max(width, 720), y, rows)  # at least the legend's width
 
 
-def draw_kept(kept: KeptMap, layer: int, pictures: list[tuple[Image.Image, Image.Image]],
-              image_layouts: list[dict], title: str) -> Image.Image:
-    """The figure: `pictures` per image are (HD-transformed image, global view), `image_layouts`
-    their crop grids (`RunResult.image_layouts`). A long title wraps at its " · "."""
+def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -> Image.Image:
+    """The figure: `images` are each image's views and cells (`VisionLanguageModel.image_cells`).
+    A long title wraps at its " · "."""
     font, small = _font(13), _font(11)
-    title_lines = _wrap(title, font, layout(image_layouts).width - 2 * MARGIN)
-    plan = layout(image_layouts, HEADER_HEIGHT + TITLE_LINE * (len(title_lines) - 1))
+    title_lines = _wrap(title, font, layout(images).width - 2 * MARGIN)
+    plan = layout(images, HEADER_HEIGHT + TITLE_LINE * (len(title_lines) - 1))
     canvas = np.full((plan.height, plan.width, 3), 255, dtype=np.float32)
     labels = []
-    for i, (row, (padded, global_view), entry) in enumerate(zip(plan.rows, pictures, image_layouts)):
+    for i, (row, cells) in enumerate(zip(plan.rows, images)):
         image = kept.images[i]
         share = kept.held_share(layer, image.index)
         in_bin = kept.in_bin[layer][i]
-        cells = image_slot_cells(entry["h_crops"], entry["w_crops"], entry["grid"])
-        maps = {
-            CROPS_VIEW: _cells_of(padded, row.crops_cols, row.crops_rows),
-            GLOBAL_VIEW: _cells_of(global_view, row.grid, row.grid),
-        }
+        maps = {v: _cells_of(view.picture, view.cols, view.rows) for v, view in enumerate(cells.views)
+                if not view.separator}
         for slot in range(image.count):
-            view, r, c = int(cells.view[slot]), int(cells.row[slot]), int(cells.col[slot])
-            x0, y0, x1, y1 = row.cell_box(view, r, c)
-            separator = view == GLB_GN_VIEW or c == (row.crops_cols if view == CROPS_VIEW else row.grid)
-            base = SEPARATOR_KEPT if separator else maps[view][r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
+            v, r, c = int(cells.view[slot]), int(cells.row[slot]), int(cells.col[slot])
+            view = cells.views[v]
+            x0, y0, x1, y1 = row.cell_box(v, r, c)
+            separator = view.separator or (view.row_separators and c == view.cols)
+            base = SEPARATOR_KEPT if separator else maps[v][r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
             canvas[y0:y1, x0:x1] = _status_colour(base, float(share[slot]), bool(in_bin[slot]))
         held, binned = kept.tokens_held(layer, image.index), kept.tokens_in_bin(layer, image.index)
         label = f"image {image.index}: {held} of {image.count} tokens held at layer {layer}"
@@ -128,15 +123,18 @@ def draw_kept(kept: KeptMap, layer: int, pictures: list[tuple[Image.Image, Image
     draw = ImageDraw.Draw(figure)
     for n, line in enumerate(title_lines):
         draw.text((MARGIN, 6 + n * TITLE_LINE), line, fill=INK, font=font)
-    _legend(draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1))
-    for row, entry in zip(plan.rows, image_layouts):
-        _frame(draw, row, entry)
+    names = next((cells.separator_names for cells in images if cells.separator_names), "")
+    _legend(draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1), names)
+    for row in plan.rows:
+        _frame(draw, row)
     for row, label in labels:
         draw.text((MARGIN, row.y - LABEL_HEIGHT + 3), label, fill=INK, font=font)
         below = row.y + row.height + 3
-        draw.text((row.crops_x, below), "crops (after the HD transform)", fill=INK, font=small)
-        draw.text((row.glb_x + CELL // 2, row.y + CELL + 3), "glb_GN", fill=INK, font=small, anchor="mt")
-        draw.text((row.global_x, below), "global view", fill=INK, font=small)
+        for x, view in zip(row.xs, row.views):
+            if view.separator:
+                draw.text((x + CELL // 2, row.y + CELL + 3), view.caption, fill=INK, font=small, anchor="mt")
+            else:
+                draw.text((x, below), view.caption, fill=INK, font=small)
     return figure
 
 
@@ -148,18 +146,24 @@ def save_png(figure: Image.Image, path: Path) -> Path:
     return path
 
 
-def _frame(draw: ImageDraw.ImageDraw, row: ImageRow, entry: dict) -> None:
-    """A frame around each view, just outside its cells (a kept white patch is not the page), and a
-    line where one crop meets the next (on the cells' edge pixels, never their centres)."""
-    crops_w, crops_h, side = row.crops_cols * CELL, row.crops_rows * CELL, row.grid * CELL
-    draw.rectangle((row.crops_x - 1, row.y - 1, row.crops_x + crops_w, row.y + crops_h), outline=FRAME)
-    draw.rectangle((row.global_x - 1, row.y - 1, row.global_x + side, row.y + side), outline=FRAME)
-    for k in range(1, entry["w_crops"]):
-        x = row.crops_x + k * side
-        draw.line((x, row.y, x, row.y + crops_h - 1), fill=CROP_EDGE)
-    for k in range(1, entry["h_crops"]):
-        y = row.y + k * side
-        draw.line((row.crops_x, y, row.crops_x + crops_w - 1, y), fill=CROP_EDGE)
+def _frame(draw: ImageDraw.ImageDraw, row: ImageRow) -> None:
+    """A frame around each picture view, just outside its cells (a kept white patch is not the
+    page), and a line where one of its tiles meets the next (on the cells' edge pixels, never
+    their centres)."""
+    for x0, view in zip(row.xs, row.views):
+        if view.separator:
+            continue
+        width, height = view.cols * CELL, view.rows * CELL
+        draw.rectangle((x0 - 1, row.y - 1, x0 + width, row.y + height), outline=FRAME)
+    for x0, view in zip(row.xs, row.views):
+        tile_rows, tile_cols = view.tiles
+        width, height = view.cols * CELL, view.rows * CELL
+        for k in range(1, tile_cols):
+            x = x0 + k * width // tile_cols
+            draw.line((x, row.y, x, row.y + height - 1), fill=CROP_EDGE)
+        for k in range(1, tile_rows):
+            y = row.y + k * height // tile_rows
+            draw.line((x0, y, x0 + width - 1, y), fill=CROP_EDGE)
 
 
 def _cells_of(picture: Image.Image, cols: int, rows: int) -> np.ndarray:
@@ -175,13 +179,13 @@ def _status_colour(base: np.ndarray, share: float, in_bin: bool) -> np.ndarray:
     return base * (1 - fade) + GONE_GREY * fade
 
 
-def _legend(draw: ImageDraw.ImageDraw, font, x: int, y: int) -> None:
+def _legend(draw: ImageDraw.ImageDraw, font, x: int, y: int, separator_names: str = "") -> None:
     light = np.array([220.0] * 3)
     swatches = [
         ("kept: the patch as the model saw it", light),
         ("evicted", _status_colour(light, 0.0, False)),
         ("in the recycle bin", _status_colour(light, 0.0, True)),
-        ("separator (sub_GN, glb_GN) kept", SEPARATOR_KEPT),
+        (f"separator ({separator_names}) kept" if separator_names else "separator kept", SEPARATOR_KEPT),
     ]
     for text, colour in swatches:
         fill = tuple(int(round(v)) for v in colour)
@@ -209,13 +213,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def write_kept_png(kept: KeptMap, layer: int, images: list, image_config, image_layouts: list[dict],
-                   path: Path, title: str) -> Path:
+def write_kept_png(kept: KeptMap, layer: int, images: list, loaded, path: Path, title: str) -> Path:
     """Read the images again, as the model saw them, and write the figure for `layer`."""
-    from hae_cli.model.image import load_image, views_as_seen
+    from hae_cli.model.image_file import load_image
 
-    pictures = [views_as_seen(load_image(image), image_config) for image in images]
-    return save_png(draw_kept(kept, layer, pictures, image_layouts, title), Path(path))
+    pictures = [load_image(image) for image in images]
+    cells = [loaded.image_cells(picture, loaded.read_image(picture)) for picture in pictures]
+    return save_png(draw_kept(kept, layer, cells, title), Path(path))
 
 
 def write_run_png(result, path: Path | None, layer: int | None, images: list, loaded, title: str) -> Path | None:
@@ -226,4 +230,4 @@ def write_run_png(result, path: Path | None, layer: int | None, images: list, lo
     step = result.kept.step
     when = "after prefill" if step == 0 else f"after decode step {step}"
     heading = f"{title} · {when} · layer {layer} of 0-{loaded.num_layers - 1}"
-    return write_kept_png(result.kept, layer, list(images), loaded.image_config, result.image_layouts, path, heading)
+    return write_kept_png(result.kept, layer, list(images), loaded, path, heading)

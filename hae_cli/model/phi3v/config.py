@@ -7,7 +7,6 @@ on transformers 5.x, so we split it ourselves: the language model becomes a nati
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -103,16 +102,9 @@ class ModelConfig:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "ModelConfig":
-        path = Path(folder) / "config.json"
-        if not path.is_file():
-            raise CheckpointError(f"no config.json in {folder}")
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"config.json in {folder} is not valid JSON: {exc}") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"config.json in {folder} is not a JSON object")
-        return cls.from_dict(raw, source=str(folder))
+        from hae_cli.model.loading import read_config
+
+        return cls.from_dict(read_config(Path(folder)), source=str(folder))
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config") -> "ModelConfig":

@@ -1,8 +1,8 @@
 """What the cache holds of each image, slot by slot: the data behind `--show-kept` and the
-JSON's `kept`, read from the layers' positions and their recycle bins at one moment.
+JSON's `kept`, read from the layers' token indices and their recycle bins at one moment.
 
-A slot is one of an image's prompt positions (its merged patches and separators, in the
-"sub_glb" order); image k's slots are contiguous, from `start` on. Per layer a slot is held
+A slot is one of the tokens an image takes in the prompt (its patches and separators, in the
+order the model lays them out); image k's slots are contiguous, from token index `start` on. Per layer a slot is held
 by some number of KV heads (all or none, unless the policy chooses per head), or sits in the
 bin (bin tokens are the same in every head), or is gone.
 """
@@ -17,7 +17,7 @@ import torch
 
 @dataclass(frozen=True)
 class ImageSlots:
-    """Image `index` (1-based) of the prompt: slots `start .. start + count - 1`."""
+    """Image `index` (1-based) of the prompt: token indices `start .. start + count - 1`."""
 
     index: int
     start: int
@@ -57,7 +57,8 @@ class KeptMap:
 
 
 def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
-    """Each image's slot range from a prompt's `[L]` image ids (k on image k's slots, 0 elsewhere)."""
+    """Each image's slot range from the `[L]` image ids of the tokens fed from index 0 (k on image k's
+    slots, 0 elsewhere)."""
     ids = image_id.reshape(-1).cpu()
     out = []
     for k in range(1, int(ids.max()) + 1 if ids.numel() else 1):
@@ -68,21 +69,21 @@ def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
 
 
 def kept_map(cache, images: list[ImageSlots], step: int) -> KeptMap:
-    """Read every layer of an `EvictingCache` (positions `[H_kv, N]` and the bin's positions `[M]`)."""
+    """Read every layer of an `EvictingCache` (token indices `[H_kv, N]` and the bin's `[M]`)."""
     holding, binned, heads = [], [], 1
     for layer in cache.layers:
-        positions = layer.positions.cpu().numpy() if layer.positions is not None else np.zeros((1, 0), np.int64)
-        heads = positions.shape[0]
-        bin_positions = layer.bin.positions.cpu().numpy()
+        held = layer.token_index.cpu().numpy() if layer.token_index is not None else np.zeros((1, 0), np.int64)
+        heads = held.shape[0]
+        in_bin_index = layer.bin.token_index.cpu().numpy()
         layer_holding, layer_bin = [], []
         for image in images:
             counts = np.zeros(image.count, dtype=np.int32)
-            slot = positions - image.start
+            slot = held - image.start
             inside = (slot >= 0) & (slot < image.count)
             np.add.at(counts, slot[inside], 1)
             layer_holding.append(counts)
             in_bin = np.zeros(image.count, dtype=bool)
-            slot = bin_positions - image.start
+            slot = in_bin_index - image.start
             in_bin[slot[(slot >= 0) & (slot < image.count)]] = True
             layer_bin.append(in_bin)
         holding.append(layer_holding)

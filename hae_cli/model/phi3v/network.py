@@ -11,16 +11,16 @@ import torch
 from torch import nn
 from transformers import Phi3ForCausalLM
 
-from hae_cli.model.config import ModelConfig
-from hae_cli.model.decoder import DecoderOutput, run_decoder
-from hae_cli.model.vision import ImageEmbedding
-
-import hae_cli.cache.attention  # noqa: F401  (registers the "hae_sdpa" attention function)
+from hae_cli.cache.attention import register_attention
+from hae_cli.model.decoder import DecoderOutput, TextBackbone, run_decoder
+from hae_cli.model.phi3v.config import ModelConfig
+from hae_cli.model.phi3v.vision import ImageEmbedding
 
 
 class Phi3VForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        register_attention()  # the config asks for "hae_sdpa"
         self.config = config
         self.language_model = Phi3ForCausalLM(config.text)
         self.language_model.model.vision_embed_tokens = ImageEmbedding(config)
@@ -68,8 +68,12 @@ class Phi3VForCausalLM(nn.Module):
             raise ValueError("prompt has image slots but no images were given")
         return embeds.unsqueeze(0)
 
+    @property
+    def backbone(self) -> TextBackbone:
+        return TextBackbone.of_causal_lm(self.language_model)
+
     def forward_embeds(self, inputs_embeds, position_ids, cache=None, attention_mask=None, logits_rows=1) -> DecoderOutput:
-        return run_decoder(self.language_model, inputs_embeds, position_ids, cache, attention_mask, logits_rows)
+        return run_decoder(self.backbone, inputs_embeds, position_ids, cache, attention_mask, logits_rows)
 
 
 # transformers 5.x's CLIPVisionModel has no `vision_model` level; the official keys do.

@@ -3,7 +3,7 @@
 The library half of `hae profile`, usable from Python:
 
     from hae_cli.api import load_model
-    from hae_cli.profile import read_workload, run_profile, sample_folder
+    from hae_cli.compare import read_workload, run_profile, sample_folder
 
     loaded = load_model("demo")
     report = run_profile(loaded, read_workload(sample_folder()), [("hae", {}), ("snapkv", {"budget": 0.5})])
@@ -206,7 +206,7 @@ class ProfileReport:
 def run_profile(
     loaded,
     workload: Sequence[Prompt],
-    runs: Sequence[tuple[str, dict]],
+    runs: Sequence,
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
@@ -216,7 +216,8 @@ def run_profile(
     show_kept: bool = False,
     kept_step: int | None = None,
 ) -> ProfileReport:
-    """Every prompt under the full cache (the baseline, run first) and each `(policy, params)`.
+    """Every prompt under the full cache (the baseline, run first) and each run: a `(policy name,
+    params)` pair or a `Policy`.
     With `show_kept`, each policy's run of the first prompt records what it kept of each image
     (after decode step `kept_step`, None: at the end) in its `kept`.
 
@@ -225,21 +226,23 @@ def run_profile(
     from hae_cli import api
 
     progress = on_progress or (lambda message: None)
-    named = [(BASELINE, FULL_POLICY, {})] + [(policy, policy, params) for policy, params in runs if policy != FULL_POLICY]
-    results: dict[str, list] = {name: [] for name, _, _ in named}
+    policies = [api.policy_of(*run) if isinstance(run, tuple) else api.policy_of(run) for run in runs]
+    named = [(BASELINE, api.policy_of(FULL_POLICY))] + [(p.name, p) for p in policies if p.name != FULL_POLICY]
+    results: dict[str, list] = {name: [] for name, _ in named}
     interrupted = False
     total, done = len(named) * len(workload), 0
     for number, prompt in enumerate(workload):
         kept = dict(show_kept=True, kept_step=kept_step) if show_kept and number == 0 else {}
-        for name, policy, params in named:
+        for name, policy in named:
             done += 1
             label = f"[{done}/{total}] {name} · {prompt.label()}"
             progress(label)
             try:
                 result = api.run(
                     loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
-                    policy_params=params, max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, on_progress=lambda message: progress(f"{label}: {message}"), **kept,
+                    max_new_tokens=max_new_tokens, temperature=temperature,
+                    top_p=top_p, seed=seed, on_progress=lambda message, label=label: progress(f"{label}: {message}"),
+                    **kept,
                 )
             except KeyboardInterrupt:
                 interrupted = True
@@ -256,7 +259,7 @@ def run_profile(
     expected = [prompt.answer for prompt in workload[:complete]]
     rows = [
         summarize(name, results[name][:complete], None if name == BASELINE else baseline, expected)
-        for name, _, _ in named
+        for name, _ in named
         if results[name]
     ]
     return ProfileReport(list(workload), rows, results, interrupted)

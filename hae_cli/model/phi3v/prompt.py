@@ -1,54 +1,20 @@
-"""The chat prompt as token ids, with every `<|image_k|>` expanded to image k's slots and every
-slot tagged with its modality, so the cache can treat text, visual features and separators
-differently from the first token on."""
+"""Phi-3.5-V's chat prompt as token ids, with every `<|image_k|>` expanded to image k's slots and
+every slot tagged with its modality, so the cache can treat text, visual features and
+separators differently from the first token on. The placeholders, the image labels and the
+turn text are Phi-3.5-V's template facts; they live here alone."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 import torch
 
-from hae_cli.cache.modality import MODALITY_NAMES, Modality
+from hae_cli.cache.modality import Modality
 from hae_cli.errors import InputError
-from hae_cli.model.image import ProcessedImage
+from hae_cli.model.interface import PromptTokens
+from hae_cli.model.phi3v.image import ProcessedImage
 
 IMAGE_PLACEHOLDER = re.compile(r"<\|image_(\d+)\|>")
-
-
-@dataclass
-class PromptTokens:
-    """A prompt ready for prefill.
-
-    input_ids: [L]; image k's slots hold `-k` (the official processor's convention), which the
-        model replaces by the image's features.
-    modality: [L] int8 `Modality` per slot (TEXT, or IMAGE / SEPARATOR inside an image).
-    image_id: [L] int16; k on image k's slots (features and separators), 0 on text.
-    image_token_counts: slots per image, in image order (1..n).
-    overview: [L] bool; True on each image's global-view features (its overview).
-    """
-
-    input_ids: torch.Tensor
-    modality: torch.Tensor
-    image_id: torch.Tensor
-    image_token_counts: list[int]
-    overview: torch.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        if self.overview is None:
-            self.overview = torch.zeros(self.input_ids.numel(), dtype=torch.bool)
-
-    def after_images(self) -> int:
-        """Rows up to and including the last image's slots: the context that a question can
-        arrive after (`generate(context_length=...)`)."""
-        slots = (self.image_id > 0).nonzero()
-        if not slots.numel():
-            raise ValueError("the prompt has no images")
-        return int(slots.max()) + 1
-
-    def counts_by_modality(self) -> dict[str, int]:
-        """Tokens of each modality, keyed by name, for the stats display."""
-        return {MODALITY_NAMES[m]: int((self.modality == m).sum()) for m in Modality}
 
 
 def user_message(question: str, num_images: int) -> str:

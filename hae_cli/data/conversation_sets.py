@@ -17,12 +17,8 @@ from dataclasses import dataclass
 
 from hae_cli.data import easyvqa
 
-# Words the addressed questions add to easy-VQA's vocabulary (the demo tokenizer's).
-EXTRA_WORDS = ("which", "shows", "in", "image")
-
-
 @dataclass(frozen=True)
-class Turn:
+class ConversationQuestion:
     """One question of a conversation, the answer, and the image (1-based label) it is about;
     `source` is the easy-VQA question about that image it was made from (for the trainer's
     probe), with the image's id."""
@@ -40,7 +36,7 @@ def addressed(question: str, k: int) -> str:
     return re.sub(r"\?$", f" in image {k}?", question)
 
 
-def which_image(image_ids: list[int], split: str, rng: random.Random) -> Turn | None:
+def which_image(image_ids: list[int], split: str, rng: random.Random) -> ConversationQuestion | None:
     """"which image shows a red shape?" for a colour, a shape or both that exactly one of the
     images has; None when no such thing exists."""
     attributes = easyvqa.image_attributes(split)
@@ -57,11 +53,11 @@ def which_image(image_ids: list[int], split: str, rng: random.Random) -> Turn | 
     colour, shape, k = rng.choice(unique)
     named = f"{colour} {shape}" if colour and shape else f"{colour} shape" if colour else shape
     question = f"which image shows a {named}?"
-    return Turn(question, str(k), k, easyvqa.Question(question, str(k), image_ids[k - 1]))
+    return ConversationQuestion(question, str(k), k, easyvqa.Question(question, str(k), image_ids[k - 1]))
 
 
 def conversation(image_ids: list[int], turns: int, split: str, rng: random.Random,
-                 questions_of: dict[int, list[easyvqa.Question]], which_share: float = 0.2) -> list[Turn]:
+                 questions_of: dict[int, list[easyvqa.Question]], which_share: float = 0.2) -> list[ConversationQuestion]:
     """`turns` questions about the images, each about a random one of them (or, with
     probability `which_share`, which image shows something), drawn from `questions_of`
     (image id -> its easy-VQA questions)."""
@@ -74,7 +70,7 @@ def conversation(image_ids: list[int], turns: int, split: str, rng: random.Rando
                 continue
         k = rng.randrange(1, len(image_ids) + 1)
         source = rng.choice(questions_of[image_ids[k - 1]])
-        result.append(Turn(addressed(source.question, k), source.answer, k, source))
+        result.append(ConversationQuestion(addressed(source.question, k), source.answer, k, source))
     return result
 
 
@@ -86,7 +82,7 @@ def questions_by_image(split: str) -> dict[int, list[easyvqa.Question]]:
 
 
 def conversation_sets(split: str, count: int, num_images: int, turns: tuple[int, int] = (4, 6),
-                      seed: int = 0) -> list[tuple[list[int], list[Turn]]]:
+                      seed: int = 0) -> list[tuple[list[int], list[ConversationQuestion]]]:
     """`count` seeded conversations of `num_images` distinct captioned images with
     `turns[0]`-`turns[1]` questions each: the conversation benchmark's workload."""
     rng = random.Random(seed)

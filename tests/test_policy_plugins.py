@@ -1,0 +1,107 @@
+"""A new policy joins without editing any file of hae: a class registered in the caller's code, or a
+module named in HAE_POLICY_MODULES, is listed by `hae policies`, checked like the built-in ones,
+and drives the cache through the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+
+from hae_cli.cache.modality import Modality
+from hae_cli.cache.policies import POLICIES, LayerView, ScorerPolicy, param, register_policy
+from hae_cli.errors import ConfigError
+from hae_process import run_hae
+from test_cli_e2e import checkpoint, images, invoke, ok  # noqa: F401  (fixtures)
+
+
+@dataclass
+class TextFirstPolicy(ScorerPolicy):
+    """Text first: while decoding, image tokens go before any text or generated token."""
+
+    name: ClassVar[str] = "text_first"
+
+    budget: int | float = param(0.5, "tokens per layer; int = a count, float = a fraction of the prompt.")
+    buffer: int = param(4, "tokens appended past the budget before a round.")
+
+    def score(self, view: LayerView) -> torch.Tensor:
+        image = (view.modality == Modality.IMAGE) | (view.modality == Modality.SEPARATOR)
+        return (~image).float()
+
+
+@pytest.fixture
+def registered():
+    before = dict(POLICIES)
+    register_policy(TextFirstPolicy)
+    yield TextFirstPolicy
+    POLICIES.clear()
+    POLICIES.update(before)
+
+
+def test_a_registered_policy_runs_through_the_cli(registered, checkpoint, images):  # noqa: F811
+    result = ok(invoke("ask", images[0], "what color is the shape?", "--model", checkpoint, "-n", "12",
+                       "--policy", "text_first", "--budget", "60", "-p", "buffer=2", "--json"))
+    payload = json.loads(result.stdout)
+    assert payload["policy"] == "text_first"
+    final = payload["final_cache"]
+    for layer in final["layers"]:
+        assert layer["budget"] == 60 and layer["tokens_held"] <= 62
+        assert layer["tokens_by_modality"]["text"] > 0, "text outlives the image"
+    binned_or_evicted = [e for e in payload["events"] if e["stage"] == "decode"]
+    assert binned_or_evicted and all(set(e["counts"]) <= {"image", "separator", "text", "generated"}
+                                     for e in binned_or_evicted)
+    listing = ok(invoke("policies")).stdout
+    assert "text_first" in listing and "image tokens go before" in listing
+
+
+def test_a_registered_policy_is_checked_like_the_built_in_ones(registered, checkpoint, images):  # noqa: F811
+    result = invoke("ask", images[0], "what?", "--model", checkpoint, "--policy", "text_first", "-p", "sink=3")
+    assert result.exit_code == 2 and "policy text_first has no parameter 'sink'" in result.stderr
+
+
+def test_register_refuses_what_is_not_a_policy():
+    with pytest.raises(ConfigError, match="not a policy"):
+        register_policy(dict)
+
+    @dataclass
+    class Nameless(ScorerPolicy):
+        pass
+
+    with pytest.raises(ConfigError, match="needs a `name`"):
+        register_policy(Nameless)
+
+
+def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_path, checkpoint, images):  # noqa: F811
+    (tmp_path / "my_policies.py").write_text(textwrap.dedent('''
+        from dataclasses import dataclass
+        from typing import ClassVar
+
+        import torch
+
+        from hae_cli.cache.policies import ScorerPolicy, param
+
+
+        @dataclass
+        class NewestPolicy(ScorerPolicy):
+            """Newest first: keep the most recent tokens, no sink."""
+
+            name: ClassVar[str] = "newest"
+            budget: int | float = param(0.5, "tokens per layer.")
+
+            def score(self, view):
+                return torch.arange(view.held, dtype=torch.float32)
+    '''))
+    env = {"PYTHONPATH": str(tmp_path), "HAE_POLICY_MODULES": "my_policies"}
+    listing = run_hae("policies", COLUMNS="200", **env)
+    assert listing.returncode == 0 and "newest" in listing.stdout.decode()
+    result = run_hae("ask", images[0], "what color is the shape?", "--model", str(checkpoint), "-n", "8",
+                     "--policy", "newest", "--budget", "40", "--json", **env)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    payload = json.loads(result.stdout)
+    assert payload["policy"] == "newest" and all(layer["tokens_held"] <= 41 for layer in payload["final_cache"]["layers"])
+    missing = run_hae("policies", HAE_POLICY_MODULES="no_such_module")
+    assert missing.returncode == 2 and "cannot import 'no_such_module'" in missing.stderr.decode()
