@@ -95,8 +95,9 @@ app = typer.Typer(
     cls=_OneLineErrors,
     name="hae",
     help=(
-        "Run [bold]Phi-3.5-Vision-Instruct[/bold] with a [bold]Hierarchical Adaptive Eviction[/bold] "
-        "KV cache (arXiv 2602.02197) and watch the cache at work: tokens held per layer, "
+        "Run a vision-language model (Phi-3.5-Vision, Qwen2-VL, LLaVA, SmolVLM, ...) with a "
+        "[bold]Hierarchical Adaptive Eviction[/bold] KV cache (arXiv 2602.02197) and watch the cache at "
+        "work: tokens held per layer, "
         "what was evicted, binned and restored, and the memory it saved.\n\n"
         "[bold]Examples[/bold]\n\n"
         "  [cyan]hae ask photo.jpg \"What is on the table?\"[/cyan]\n\n"
@@ -105,11 +106,13 @@ app = typer.Typer(
         "  [cyan]hae chat p1.png p2.png[/cyan]   (ask turn after turn; the compressed cache carries over)\n\n"
         "  [cyan]hae profile --compare baseline,snapkv,h2o --plot occupancy.png[/cyan]\n\n"
         "  [cyan]hae policies[/cyan]   (every policy and its parameters)\n\n"
+        "  [cyan]hae families[/cyan]   (the model families --model loads)\n\n"
         "The default [bold]--model demo[/bold] is a small model shipped with hae: Phi-3.5-Vision's "
         "structure and checkpoint layout, trained on easy-VQA (one coloured shape per image), so it "
         "runs offline on a CPU and answers only questions about such shapes. For the real model pass "
         "[bold]--model microsoft/Phi-3.5-vision-instruct[/bold] (from the local Hugging Face cache) "
-        "or a checkpoint folder."
+        "or a checkpoint folder; other families (Qwen2-VL, LLaVA, SmolVLM, ...) load the same way: "
+        "[bold]hae families[/bold]."
     ),
     rich_markup_mode="rich",
     no_args_is_help=True,

@@ -62,6 +62,7 @@ def library():
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()  # "Loading weights": hae shows its own progress
     return api
 
 

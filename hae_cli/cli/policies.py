@@ -53,3 +53,26 @@ def _default(field) -> str:
     if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         return repr(field.default_factory())  # type: ignore[misc]
     return "(required)"
+
+
+@app.command("families")
+def list_families() -> None:
+    """List the model families --model loads (by config.json's model_type) and how HAE sees each.
+
+    Every policy, the recycle bin, the live panel, chat and --show-kept work on all of them; each family's decoder is walked layer by layer, so HAE's index broadcasting saves the pruned tokens' compute too.
+
+    Example: [cyan]hae ask photo.jpg "What is it?" --model Qwen/Qwen2-VL-2B-Instruct[/cyan]
+    """
+    from rich.table import Table
+
+    from hae_cli.model.loading import families
+
+    table = Table(header_style="bold", show_lines=True)
+    for column in ("family", "model_type", "an image becomes", "HAE's per-image floor draws on", "--show-kept draws"):
+        table.add_column(column, style="bold cyan" if column == "family" else None)
+    by_class: dict[type, list[str]] = {}
+    for model_type, cls in families().items():
+        by_class.setdefault(cls, []).append(model_type)
+    for cls, types in sorted(by_class.items(), key=lambda item: (item[0].model_types != ("phi3_v",), item[0].family)):
+        table.add_row(cls.family, ", ".join(types), cls.image_tokens, cls.overview, cls.kept_views)
+    Console().print(table)

@@ -52,8 +52,9 @@ class ImageRow:
     def cell_box(self, view: int, row: int, col: int) -> tuple[int, int, int, int]:
         """(x0, y0, x1, y1), exclusive ends, of a cell; `col` == the view's `cols` is its row's separator."""
         shown, x0 = self.views[view], self.xs[view]
-        if shown.separator:
-            return x0, self.y, x0 + CELL, self.y + CELL
+        if shown.separator:  # separator tokens, one cell each
+            x, y = x0 + col * CELL, self.y + row * CELL
+            return x, y, x + CELL, y + CELL
         x = x0 + col * CELL + (SEPARATOR_GAP if col == shown.cols else 0)
         y = self.y + row * CELL
         if col == shown.cols:
@@ -76,13 +77,19 @@ def _view_width(view: PictureView) -> int:
     return view.cols * CELL + (SEPARATOR_GAP + SEPARATOR_WIDTH if view.row_separators else 0)
 
 
+def _caption_width(caption: str) -> int:
+    """Room a view's caption takes, so that no caption runs into the next view's."""
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    return int(probe.textlength(caption, font=_font(11)))
+
+
 def layout(images: list[ImageCells], header_height: int = HEADER_HEIGHT) -> KeptLayout:
     rows, y, width = [], header_height, 0
     for cells in images:
         xs, x = [], MARGIN
         for view in cells.views:
             xs.append(x)
-            x += _view_width(view) + VIEW_GAP
+            x += max(_view_width(view), _caption_width(view.caption)) + VIEW_GAP
         row = ImageRow(y + LABEL_HEIGHT, tuple(xs), tuple(cells.views))
         rows.append(row)
         y = row.y + row.height + ROW_GAP
@@ -132,7 +139,7 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
         below = row.y + row.height + 3
         for x, view in zip(row.xs, row.views):
             if view.separator:
-                draw.text((x + CELL // 2, row.y + CELL + 3), view.caption, fill=INK, font=small, anchor="mt")
+                draw.text((x, row.y + view.rows * CELL + 3), view.caption, fill=INK, font=small)
             else:
                 draw.text((x, below), view.caption, fill=INK, font=small)
     return figure
@@ -213,12 +220,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def write_kept_png(kept: KeptMap, layer: int, images: list, loaded, path: Path, title: str) -> Path:
-    """Read the images again, as the model saw them, and write the figure for `layer`."""
+def write_kept_png(kept: KeptMap, layer: int, images: list, layouts: list[dict], loaded, path: Path,
+                   title: str) -> Path:
+    """Read the images again and write the figure for `layer`, each image cut as its `layouts`
+    entry says (`RunResult.image_layouts`)."""
     from hae_cli.model.image_file import load_image
 
-    pictures = [load_image(image) for image in images]
-    cells = [loaded.image_cells(picture, loaded.read_image(picture)) for picture in pictures]
+    cells = [loaded.image_cells(load_image(image), layout) for image, layout in zip(images, layouts)]
     return save_png(draw_kept(kept, layer, cells, title), Path(path))
 
 
@@ -230,4 +238,4 @@ def write_run_png(result, path: Path | None, layer: int | None, images: list, lo
     step = result.kept.step
     when = "after prefill" if step == 0 else f"after decode step {step}"
     heading = f"{title} · {when} · layer {layer} of 0-{loaded.num_layers - 1}"
-    return write_kept_png(result.kept, layer, list(images), loaded, path, heading)
+    return write_kept_png(result.kept, layer, list(images), result.image_layouts, loaded, path, heading)

@@ -124,8 +124,12 @@ class VisionLanguageModel:
     `backbone` (`TextBackbone`: the decoder's parts), `load_seconds`.
     """
 
-    family: ClassVar[str] = ""  # the config.json model_type(s) it serves, for messages
-    model_types: ClassVar[tuple[str, ...]] = ()
+    family: ClassVar[str] = ""  # its name, for messages
+    model_types: ClassVar[tuple[str, ...]] = ()  # the config.json model_type(s) it serves
+    # what `hae families` says of it
+    image_tokens: ClassVar[str] = ""  # how an image becomes tokens
+    overview: ClassVar[str] = ""  # what HAE's per-image floor draws on
+    kept_views: ClassVar[str] = ""  # what --show-kept draws
 
     name: str
     folder: Path
@@ -173,12 +177,13 @@ class VisionLanguageModel:
         raise NotImplementedError
 
     def image_layout(self, image) -> dict:
-        """How the image was cut, as JSON (for the kept map's `--json`)."""
+        """How the image was cut in the prompt it was last encoded in, as JSON (the kept map's
+        `--json`, and what `image_cells` draws from)."""
         raise NotImplementedError
 
-    def image_cells(self, picture, image) -> ImageCells:
-        """The image's views as the model saw them (from the RGB `picture` it was read from) and
-        where each of its slots sits in them: what `--show-kept` draws."""
+    def image_cells(self, picture, layout: dict) -> ImageCells:
+        """The image's views as the model saw them (from the RGB `picture` it was read from, cut
+        as `layout` says) and where each of its slots sits in them: what `--show-kept` draws."""
         raise NotImplementedError
 
     # --- prompts ---

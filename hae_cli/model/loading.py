@@ -88,7 +88,8 @@ def pick_device_and_dtype(device: str | None = None, dtype: str | None = None) -
 
 def families() -> dict[str, type]:
     """config.json model_type -> the family class that serves it: every folder of
-    `hae_cli/model/` whose package names its class as `FAMILY` (adding a family is adding a folder)."""
+    `hae_cli/model/` whose package names its class (or classes) as `FAMILY` (adding a family is
+    adding a folder)."""
     import importlib
     import pkgutil
 
@@ -98,9 +99,10 @@ def families() -> dict[str, type]:
     for module in pkgutil.iter_modules(package.__path__):
         if not module.ispkg:
             continue
-        family = getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "FAMILY", None)
-        for model_type in getattr(family, "model_types", ()):
-            found[model_type] = family
+        family = getattr(importlib.import_module(f"{package.__name__}.{module.name}"), "FAMILY", ())
+        for cls in family if isinstance(family, tuple) else (family,):
+            for model_type in cls.model_types:
+                found[model_type] = cls
     return found
 
 

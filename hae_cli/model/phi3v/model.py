@@ -23,6 +23,9 @@ from hae_cli.model.phi3v.prompt import build_prompt, encode_prompt_text, next_tu
 class Phi35Vision(VisionLanguageModel):
     family = "Phi-3.5-Vision"
     model_types = ("phi3_v",)
+    image_tokens = "HD crops of 336 px + a global view, 2x2-merged CLIP patches, a sub_GN closing each row, a glb_GN"
+    overview = "the global view"
+    kept_views = "crops (after the HD transform), glb_GN, global view"
 
     def __init__(self, network: Phi3VForCausalLM, tokenizer, image_config: ImageProcessorConfig, limits,
                  folder: Path, name: str) -> None:
@@ -81,9 +84,9 @@ class Phi35Vision(VisionLanguageModel):
     def image_layout(self, image: ProcessedImage) -> dict:
         return {"h_crops": image.h_crops, "w_crops": image.w_crops, "grid": self.image_config.merged_grid}
 
-    def image_cells(self, picture, image: ProcessedImage) -> ImageCells:
+    def image_cells(self, picture, layout: dict) -> ImageCells:
         padded, global_view = views_as_seen(picture, self.image_config)
-        return image_cells(image.h_crops, image.w_crops, self.image_config.merged_grid, padded, global_view)
+        return image_cells(layout["h_crops"], layout["w_crops"], layout["grid"], padded, global_view)
 
     # --- prompts ---
 

@@ -126,17 +126,9 @@ def official_tokenizer_config(tokenizer) -> dict:
     `LlamaTokenizer(Fast)`) reads from `tokenizer.json` and this: the Llama class,
     `add_bos_token`, every added token with its flags, and the chat template inline (4.4x
     knows no separate `chat_template.jinja`)."""
-    added = {
-        str(index): {
-            "content": token.content,
-            "lstrip": token.lstrip,
-            "normalized": token.normalized,
-            "rstrip": token.rstrip,
-            "single_word": token.single_word,
-            "special": token.special,
-        }
-        for index, token in sorted(tokenizer.added_tokens_decoder.items())
-    }
+    from hae_cli.model.tiny_hf_tokenizer import added_tokens_entries
+
+    added = added_tokens_entries(tokenizer.added_tokens_decoder)
     return {
         "add_bos_token": bool(tokenizer.add_bos_token),
         "add_eos_token": bool(tokenizer.add_eos_token),

@@ -1,0 +1,256 @@
+"""Every native family behind the model interface, held to transformers' own model on its tiny
+checkpoint (float32): the same prompt ids as the family's processor, the same logits as the
+family's forward at the prefill and at every decode step, the same greedy tokens as its
+`generate`; each turn of a chat equal to one forward over the transcript; and under eviction
+(HAE's prefill pruning, rounds and bin restores) the logits of keeping every token and masking
+the evicted ones, with budgets and per-image counts right at every step."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import DynamicCache
+
+from hae_cli import api
+from hae_cli.cache import EvictingCache
+from hae_cli.conversation import Conversation
+from hae_cli.model.generate import SamplingConfig, decode_one_token, generate, prefill
+
+torch.set_num_threads(1)
+ATOL = 1e-4
+WRITERS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava",
+           "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
+SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own grid where a family has one
+
+
+@pytest.fixture(scope="session", params=list(WRITERS))
+def loaded(request, tmp_path_factory):
+    model_type = request.param
+    writer = importlib.import_module(f"hae_cli.model.{WRITERS[model_type]}.tiny")
+    folder = writer.write_tiny_checkpoint(tmp_path_factory.mktemp(model_type) / "tiny", model_type, seed=0)
+    return api.load_model(str(folder))
+
+
+def pictures(count: int, seed: int = 1) -> list[Image.Image]:
+    """A coloured rectangle on another colour, the colours drawn from `seed`."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for width, height in SIZES[:count]:
+        pixels = np.empty((height, width, 3), dtype=np.uint8)
+        pixels[:] = rng.integers(0, 256, 3)
+        pixels[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = rng.integers(0, 256, 3)
+        out.append(Image.fromarray(pixels))
+    return out
+
+
+def task(count: int) -> str:
+    return "story" if count > 1 else "ask"
+
+
+def reference_inputs(loaded, count: int, question: str, images: list) -> dict:
+    """The family's processor on the family's chat template, as a user of transformers calls it."""
+    turn = api.user_turn(task(count), question, count)
+    rendered = loaded.processor.apply_chat_template([loaded._user(turn)], add_generation_prompt=True)
+    return dict(loaded.processor(text=[rendered], images=[images], add_special_tokens=loaded._adds_bos(rendered),
+                                 return_tensors="pt"))
+
+
+def step_by_step(loaded, prepared, tokens, cache, after_step=None):
+    """Our logits at the prefill and after feeding each of `tokens` but the last."""
+    with torch.inference_mode():
+        position_ids, position = loaded.position_ids(prepared.tokens, 0)
+        logits = [prefill(loaded, prepared.embeds, prepared.tokens, position_ids, cache)]
+        if after_step is not None:
+            after_step(0, cache)
+        for k, token in enumerate(tokens[:-1]):
+            logits.append(decode_one_token(loaded, token, position + k, cache))
+            if after_step is not None:
+                after_step(k + 1, cache)
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_prompt_logits_and_greedy_tokens_equal_the_familys_own(loaded, count):
+    images, question = pictures(count), "what is shown?"
+    inputs = reference_inputs(loaded, count, question, images)
+    prepared = api.prepare(loaded, images, question, task=task(count))
+    assert prepared.tokens.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    config = copy.deepcopy(loaded.model.generation_config)
+    config.eos_token_id = []  # 32 tokens whatever comes: no stop, and no EOS suppressed either
+    with torch.inference_mode():
+        reference = loaded.model.generate(**inputs, generation_config=config, max_new_tokens=32, do_sample=False,
+                                          output_logits=True, return_dict_in_generate=True)
+    expected = reference.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    ran = generate(loaded, prepared.tokens, prepared.embeds, EvictingCache("full", loaded.num_layers),
+                   SamplingConfig(max_new_tokens=32), stop_ids=set())
+    assert ran.token_ids == expected
+    assert len(set(expected)) > 1, "a tiny model that repeats one token would prove little"
+    ours = step_by_step(loaded, prepared, expected, EvictingCache("full", loaded.num_layers))
+    torch.testing.assert_close(ours, torch.cat(reference.logits), atol=ATOL, rtol=0)
+
+
+def test_each_chat_turn_equals_one_forward_over_the_transcript(loaded):
+    images = pictures(2)
+    conversation = Conversation(loaded, images, policy="full", max_new_tokens=6)
+    for question in ("what is in image 1?", "and in image 2?", "which is larger?"):
+        conversation.ask(question)
+    ids = torch.tensor([conversation.fed_ids])
+    expanded, _ = loaded._expand([loaded.read_image(image) for image in images])
+    pixels = {k: v for k, v in expanded.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
+    if "image_grid_thw" in pixels:  # Qwen2-VL: which ids are image tokens
+        inputs["mm_token_type_ids"] = (ids == loaded.image_token_id).long()
+    with torch.inference_mode():
+        logits = loaded.model(**inputs).logits[0]
+    for turn in conversation.turns:
+        row = turn.start_position + turn.fed_tokens - 1  # the row the answer's first token comes from
+        torch.testing.assert_close(turn.first_logits, logits[row], atol=ATOL, rtol=0)
+        answer_rows = range(row, row + len(turn.result.token_ids))
+        assert [int(logits[r].argmax()) for r in answer_rows] == turn.result.token_ids
+
+
+def test_hae_eviction_equals_masking_through_pruning_rounds_and_restores(loaded):
+    """HAE at a tight budget: prefill pruning (index broadcasting), rounds, bin restores. The
+    reference keeps every token in a DynamicCache and, layer by layer, masks those the evicting
+    cache did not hold when the step ran."""
+    images, question, steps = pictures(2), "describe them", 24
+    prepared = api.prepare(loaded, images, question, task="story")
+    length = len(prepared.tokens)
+    policy = api.policy_of("hae", {"budget": 0.4, "buffer": 2, "recent": 2, "sink": 2, "score_layer": 0})
+    held: list[list[torch.Tensor]] = []  # after each step, per layer: the token indices held
+
+    def record(step, cache):
+        held.append([layer.token_index[0].clone() for layer in cache.layers])
+        image_ids = prepared.tokens.image_id
+        stats = cache.stats()
+        for layer, layer_stats in zip(cache.layers, stats.layers):
+            assert layer.budget is None or layer.held <= layer.budget + 2
+            inside = layer.token_index[0][layer.token_index[0] < length]
+            counts = [int((image_ids[inside] == k).sum()) for k in range(1, 3)]
+            assert layer_stats.tokens_by_image == counts
+
+    full_tokens = generate(loaded, prepared.tokens, prepared.embeds, EvictingCache("full", loaded.num_layers),
+                           SamplingConfig(max_new_tokens=steps), stop_ids=set()).token_ids
+    cache = EvictingCache(policy, loaded.num_layers)
+    ours = step_by_step(loaded, prepared, full_tokens, cache, after_step=record)
+    actions = {e.action for e in cache.events}
+    assert {"evicted", "binned", "restored"} <= actions, actions
+
+    # what the prompt's forward saw: the pruning alone (no budget, so no round when it ends)
+    unbudgeted = EvictingCache(api.policy_of("hae", {"score_layer": 0}), loaded.num_layers)
+    step_by_step(loaded, prepared, full_tokens[:1], unbudgeted)
+    pruned = set(range(length)) - set(unbudgeted.layers[-1].token_index[0].tolist())
+    assert pruned, "the prefill pruned nothing"
+
+    def mask(step, layer, q, kv):
+        if step == 0:  # the prompt's forward: rows pruned at the scoring layer are hidden after it
+            hidden = sorted(pruned) if layer > policy.score_layer else []
+        else:
+            hidden = sorted(set(range(kv - 1)) - set(held[step - 1][layer].tolist()))
+        allowed = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+        if hidden:
+            allowed[:, hidden] = False
+        return allowed[None, None]
+
+    reference = masked_logits(loaded, prepared, full_tokens, mask)
+    torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
+
+
+def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
+    """Every token kept in a DynamicCache, the mask from `mask_fn(step, layer, q, kv)` per layer."""
+    backbone, cache = loaded.backbone, DynamicCache(config=loaded.text_config)
+    logits = []
+
+    def forward(embeds, position_ids, step):
+        hidden = embeds
+        cos, sin = backbone.rotary_emb(hidden, position_ids=position_ids)
+        q = hidden.shape[1]
+        for layer_idx, layer in enumerate(backbone.layers):
+            hidden = layer(hidden, attention_mask=mask_fn(step, layer_idx, q, cache.get_seq_length(layer_idx) + q),
+                           position_ids=backbone.layer_position_ids(position_ids), cache=cache, use_cache=True,
+                           position_embeddings=(cos, sin))
+        return backbone.lm_head(backbone.norm(hidden))[0, -1]
+
+    with torch.inference_mode():
+        position_ids, position = loaded.position_ids(prepared.tokens, 0)
+        logits.append(forward(prepared.embeds, position_ids, 0))
+        for k, token in enumerate(tokens[:-1]):
+            logits.append(forward(loaded.embed_ids(torch.tensor([token])), loaded.decode_position_ids(position + k),
+                                  k + 1))
+    return torch.stack(logits)
+
+
+# ----------------------------------------------------------------------------- the commands, end to end
+
+
+@pytest.fixture(scope="session")
+def files(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("family_images")
+    paths = []
+    for k, image in enumerate(pictures(3, seed=5)):
+        paths.append(str(folder / f"image_{k}.png"))
+        image.save(paths[-1])
+    return paths
+
+
+def cli(*args):
+    import json
+
+    from typer.testing import CliRunner
+
+    from hae_cli import cli as commands
+
+    result = CliRunner().invoke(commands.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output[-3000:]
+    return json.loads(result.stdout) if "--json" in args else result
+
+
+def test_ask_story_chat_and_profile_on_every_family(loaded, files, tmp_path):
+    model = str(loaded.folder)
+    png = tmp_path / "kept.png"
+    asked = cli("ask", files[0], "what is shown?", "--model", model, "-n", "6", "--json", "--show-kept", png)
+    assert asked["policy"] == "hae" and asked["kept"]["images"][0]["slots"] == asked["final_cache"]["image_sizes"][0]
+    drawn = Image.open(png)
+    assert drawn.width > 100 and drawn.height > 100
+    story = cli("story", *files, "--model", model, "-n", "8", "--budget", "0.5", "-p", "buffer=2", "--json")
+    layers = story["final_cache"]["layers"]
+    assert len(layers[0]["tokens_by_image"]) == 3 and all(layer["tokens_held"] <= layer["budget"] + 2 for layer in layers)
+    script = tmp_path / "questions.txt"
+    script.write_text("what is in image 1?\n/images " + files[2] + "\nand image 3?\n")
+    chat = cli("chat", *files[:2], "--model", model, "-n", "4", "--script", script, "--json")
+    assert [turn["turn"] for turn in chat["turns"]] == [1, 2] and chat["turns"][1]["images_added"] == [files[2]]
+    report = cli("profile", "--images", files[0], "--question", "what is shown?", "--compare", "baseline,hae,h2o",
+                 "--model", model, "-n", "4", "--json", "-")
+    assert [row["name"] for row in report["summary"]] == ["baseline", "hae", "h2o"]
+
+
+def test_num_crops_is_refused_where_a_family_has_no_crops(loaded, files):
+    from typer.testing import CliRunner
+
+    from hae_cli import cli as commands
+
+    if loaded.model_types == ("phi3_v",):
+        pytest.skip("Phi-3.5-V has crops")
+    result = CliRunner().invoke(commands.app, ["ask", files[0], "what?", "--model", str(loaded.folder), "--num-crops", "2"])
+    assert result.exit_code == 2 and "--num-crops applies to Phi-3.5-Vision checkpoints" in result.stderr
+
+
+def test_an_unsupported_model_type_is_one_line_naming_the_supported_ones(tmp_path, files):
+    from typer.testing import CliRunner
+
+    from hae_cli import cli as commands
+
+    (tmp_path / "config.json").write_text('{"model_type": "gemma3"}')
+    result = CliRunner().invoke(commands.app, ["ask", files[0], "what?", "--model", str(tmp_path)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and "'gemma3' is not supported" in lines[0]
+    for model_type in ("phi3_v", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "idefics3",
+                       "smolvlm"):
+        assert model_type in lines[0]
+    listing = CliRunner().invoke(commands.app, ["families"], env={"COLUMNS": "200"})
+    assert listing.exit_code == 0 and "Qwen2-VL" in listing.stdout and "the base view" in listing.stdout

@@ -1,0 +1,306 @@
+"""Tiny checkpoints of the native VLM families load and run like the real ones.
+
+Each family's writer (`hae_cli/model/<family>/tiny.py`) puts a random checkpoint in the hub layout;
+here transformers' own `AutoModelForImageTextToText` and the family's processor (`load_processor`)
+load it, and greedy generation must depend on the images with clear logit gaps, so that exactness
+tests built on these models mean something. The layout helpers below say where each image token
+sits in its picture; the tests check them against the model's own positions and features.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    unpad_image,
+)
+from transformers.utils import is_torchvision_available
+
+from hae_cli.model.hf_processor import build_without_video, load_processor
+
+torch.set_num_threads(1)
+
+# model_type -> (writer module, model class, image sizes (height, width) that give each image a
+# different token grid where the family has native resolution, tiles or anyres crops).
+FAMILIES = {
+    "qwen2_vl": ("qwen2_vl", "Qwen2VLForConditionalGeneration", [(56, 56), (84, 56), (112, 84)]),
+    "qwen2_5_vl": ("qwen2_vl", "Qwen2_5_VLForConditionalGeneration", [(56, 56), (84, 56), (112, 84)]),
+    "llava": ("llava", "LlavaForConditionalGeneration", [(56, 56), (80, 40), (40, 90)]),
+    "llava_next": ("llava", "LlavaNextForConditionalGeneration", [(40, 90), (90, 40), (80, 80)]),
+    # Alone, the first image's crops are pooled (anyres_max_9); with others, each is its base view.
+    "llava_onevision": ("llava", "LlavaOnevisionForConditionalGeneration", [(120, 200), (40, 90), (90, 40)]),
+    "idefics3": ("idefics3", "Idefics3ForConditionalGeneration", [(60, 120), (120, 60), (100, 100)]),
+    "smolvlm": ("idefics3", "SmolVLMForConditionalGeneration", [(100, 200), (200, 100), (150, 150)]),
+}
+VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm"}
+
+
+@dataclass
+class Family:
+    model_type: str
+    folder: Path
+    model: torch.nn.Module
+    processor: object
+    image_sizes: list[tuple[int, int]]
+
+
+@pytest.fixture(scope="session", params=list(FAMILIES))
+def family(request, tmp_path_factory) -> Family:
+    model_type = request.param
+    if model_type == "smolvlm":
+        pytest.importorskip("num2words", reason="SmolVLMProcessor refuses to build without num2words")
+    package, _, image_sizes = FAMILIES[model_type]
+    writer = importlib.import_module(f"hae_cli.model.{package}.tiny")
+    folder = writer.write_tiny_checkpoint(tmp_path_factory.mktemp(model_type) / "tiny", model_type, seed=0)
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    return Family(model_type, folder, model, load_processor(folder), image_sizes)
+
+
+def pictures(sizes: list[tuple[int, int]], seed: int) -> list[Image.Image]:
+    """A coloured rectangle on a background of another colour, both drawn from `seed`: unlike
+    noise, two seeds give pictures that differ in every patch's mean."""
+    rng = np.random.default_rng(seed)
+    images = []
+    for height, width in sizes:
+        pixels = np.empty((height, width, 3), dtype=np.uint8)
+        pixels[:] = rng.integers(0, 256, 3)
+        top, left = rng.integers(0, height // 2), rng.integers(0, width // 2)
+        pixels[top : top + height // 2, left : left + width // 2] = rng.integers(0, 256, 3)
+        images.append(Image.fromarray(pixels))
+    return images
+
+
+def conversation(images: list[Image.Image], text: str = "Describe image 1.") -> list[dict]:
+    images = [{"type": "image", "image": image} for image in images]
+    return [{"role": "user", "content": images + [{"type": "text", "text": text}]}]
+
+
+def encode(processor, images: list[Image.Image], text: str = "Describe image 1.", **options):
+    """The processor on the rendered chat template, as `apply_chat_template(tokenize=True)` calls
+    it: a template that writes the BOS itself (Idefics3) must not get a second one."""
+    prompt = processor.apply_chat_template(conversation(images, text), add_generation_prompt=True)
+    bos = processor.tokenizer.bos_token
+    starts_with_bos = bos is not None and prompt.startswith(bos)
+    # One list of images per prompt: OneVision reads 2+ images in one list as a multi-image prompt.
+    return processor(
+        text=[prompt], images=[images], add_special_tokens=not starts_with_bos, return_tensors="pt", **options
+    )
+
+
+def generate(model, inputs) -> tuple[list[int], float]:
+    """16 greedy tokens (EOS held off, so that every run has 16) and the first step's top-1/top-2 logit gap."""
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                             output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    top2 = out.logits[0][0].float().topk(2).values
+    return out.sequences[0, inputs["input_ids"].shape[1] :].tolist(), (top2[0] - top2[1]).item()
+
+
+def test_loads_with_the_real_classes_and_files(family):
+    _, model_class, _ = FAMILIES[family.model_type]
+    assert type(family.model).__name__ == model_class
+    assert family.model.config.model_type == family.model_type
+    assert type(family.processor).__name__ == PROCESSOR_MAPPING[type(family.model.config)].__name__
+    files = {path.name for path in family.folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "preprocessor_config.json", "chat_template.json"} <= files  # fmt: skip
+
+
+@pytest.mark.parametrize("n_images", [1, 2, 3])
+def test_generation_depends_on_the_images(family, n_images):
+    sizes = family.image_sizes[:n_images]
+    tokens, gap = generate(family.model, encode(family.processor, pictures(sizes, seed=1)))
+    other_tokens, _ = generate(family.model, encode(family.processor, pictures(sizes, seed=2)))
+    assert len(set(tokens)) > 1
+    assert tokens != other_tokens
+    assert gap > 1e-3
+
+
+def test_rendered_prompt_encodes_like_apply_chat_template(family):
+    images = pictures(family.image_sizes[:2], seed=1)
+    reference = family.processor.apply_chat_template(
+        conversation(images), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    ours = encode(family.processor, images)
+    assert ours["input_ids"].tolist() == reference["input_ids"].tolist()
+    assert torch.equal(ours["pixel_values"], reference["pixel_values"])
+
+
+def test_processor_built_without_auto_processor_matches_it(family):
+    """Where AutoProcessor works without torchvision, the fallback build gives the same processor."""
+    if family.model_type in VIDEO_SLOT and not is_torchvision_available():
+        pytest.skip("AutoProcessor needs torchvision for this family")
+    auto = AutoProcessor.from_pretrained(family.folder)
+    built = build_without_video(type(auto), family.folder)
+    images = pictures(family.image_sizes, seed=3)
+    expected, actual = encode(auto, images), encode(built, images)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+
+
+def test_video_slot_without_torchvision(family):
+    if family.model_type not in VIDEO_SLOT or is_torchvision_available():
+        pytest.skip("AutoProcessor builds this processor")
+    with pytest.raises(ImportError, match="Torchvision"):
+        AutoProcessor.from_pretrained(family.folder)
+    with pytest.raises(ImportError, match="Videos need torchvision"):
+        family.processor.video_processor(videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
+
+
+@pytest.mark.parametrize("n_images", [1, 3])
+def test_image_token_layout(family, n_images):
+    """Each image token's (image, view, row, col) agrees with the model's own positions or
+    features, and with the processor's own expansion of each image."""
+    images = pictures(family.image_sizes[:n_images], seed=4)
+    inputs = encode(family.processor, images, return_text_replacement_offsets=True)
+    expansions = inputs.pop("text_replacement_offsets")[0]
+    tokens_per_image = [expansion["replacement"].count(family.processor.image_token) for expansion in expansions]
+    check = {
+        "qwen2_vl": check_qwen_layout,
+        "qwen2_5_vl": check_qwen_layout,
+        "llava": check_llava_layout,
+        "llava_next": check_anyres_layout,
+        "llava_onevision": check_anyres_layout,
+        "idefics3": check_tiles_layout,
+        "smolvlm": check_tiles_layout,
+    }[family.model_type]
+    tags = check(family, inputs, images)
+    assert [sum(1 for tag in tags if tag[0] == image) for image in range(len(images))] == tokens_per_image
+
+
+# Layout helpers: one tag (image, view, row, col) per image token, in input order.
+
+
+def qwen_layout(image_grid_thw: torch.Tensor, merge_size: int) -> list[tuple[int, str, int, int]]:
+    """Qwen2-VL / 2.5-VL: each image is one run of grid_t x (grid_h / 2) x (grid_w / 2) tokens,
+    row-major, between <|vision_start|> and <|vision_end|>."""
+    return [
+        (image, "image", row, col)
+        for image, (t, h, w) in enumerate(image_grid_thw.tolist())
+        for _ in range(t)
+        for row in range(h // merge_size)
+        for col in range(w // merge_size)
+    ]
+
+
+def check_qwen_layout(family, inputs, images):
+    config = family.model.config
+    tags = qwen_layout(inputs["image_grid_thw"], config.vision_config.spatial_merge_size)
+    is_image = inputs["input_ids"][0] == config.image_token_id
+    assert len(tags) == int(is_image.sum())
+    positions, _ = family.model.model.get_rope_index(
+        inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+        image_grid_thw=inputs["image_grid_thw"], attention_mask=inputs["attention_mask"],
+    )  # fmt: skip
+    t_h_w = positions[:, 0, is_image].T.tolist()
+    first = {}
+    for (image, _, row, col), (_, h, w) in zip(tags, t_h_w):
+        h0, w0 = first.setdefault(image, (h, w))
+        assert (h - h0, w - w0) == (row, col)
+    return tags
+
+
+def llava_layout(n_images: int, image_seq_length: int) -> list[tuple[int, str, int, int]]:
+    """LLaVA-1.5: every image is the same square grid of image_seq_length tokens, row-major."""
+    side = math.isqrt(image_seq_length)
+    return [(image, "image", k // side, k % side) for image in range(n_images) for k in range(image_seq_length)]
+
+
+def check_llava_layout(family, inputs, images):
+    config = family.model.config
+    tags = llava_layout(len(images), config.image_seq_length)
+    assert len(tags) == int((inputs["input_ids"][0] == config.image_token_index).sum())
+    return tags
+
+
+def anyres_layout(config, image_sizes: torch.Tensor, base_only: bool) -> list[tuple[int, str, int, int]]:
+    """LLaVA-NeXT / OneVision: per image the base view (side x side, row-major), then the anyres
+    crops stitched, unpadded to the image's aspect ratio, rows of `width` features each followed
+    by one newline (col == width). OneVision shrinks the crops to about 9 tiles' worth
+    (`anyres_max_9`) and, for 2+ images in a prompt (`base_only`), keeps the base view plus one
+    trailing newline (row == side)."""
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    tags = []
+    for image, size in enumerate(image_sizes.tolist()):
+        tags += [(image, "base", row, col) for row in range(side) for col in range(side)]
+        if base_only:
+            tags.append((image, "newline", side, 0))
+            continue
+        tiles_h, tiles_w = get_anyres_image_grid_shape(
+            size, config.image_grid_pinpoints, config.vision_config.image_size
+        )
+        height, width = unpad_image(torch.empty(1, tiles_h * side, tiles_w * side), size).shape[1:]
+        max_tiles = getattr(config, "vision_aspect_ratio", None)
+        if max_tiles is not None:
+            ratio = math.sqrt(height * width / (int(max_tiles.removeprefix("anyres_max_")) * side**2))
+            if ratio > 1.1:
+                height, width = int(height // ratio), int(width // ratio)
+        tags += [
+            (image, "newline" if col == width else "crops", row, col)
+            for row in range(height)
+            for col in range(width + 1)
+        ]
+    return tags
+
+
+def check_anyres_layout(family, inputs, images):
+    config, model = family.model.config, family.model.model
+    base_only = family.model_type == "llava_onevision" and len(images) > 1
+    tags = anyres_layout(config, inputs["image_sizes"], base_only)
+    assert len(tags) == int((inputs["input_ids"][0] == config.image_token_index).sum())
+    extra = {"batch_num_images": inputs["batch_num_images"]} if "batch_num_images" in inputs else {}
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"], **extra).pooler_output
+    features = torch.cat(list(features))
+    is_newline = torch.tensor([view == "newline" for _, view, _, _ in tags])
+    assert torch.equal(features[is_newline], model.image_newline.expand(int(is_newline.sum()), -1))
+    assert not torch.isclose(features[~is_newline], model.image_newline).all(dim=-1).any()
+    return tags
+
+
+def tiles_layout(rows: list[int], cols: list[int], image_seq_len: int) -> list[tuple[int, str, int, int]]:
+    """Idefics3 / SmolVLM: per image, rows x cols tiles in row-major order (none when the image
+    fits one tile: rows = cols = 0), then the global image; every view is a square run of
+    image_seq_len tokens, row-major. `view` is "tile r c" (1-based, as in `<row_r_col_c>`) or "global"."""
+    side = math.isqrt(image_seq_len)
+    views = [
+        [f"tile {r} {c}" for r in range(1, n_rows + 1) for c in range(1, n_cols + 1)] + ["global"]
+        for n_rows, n_cols in zip(rows, cols)
+    ]
+    return [
+        (image, view, k // side, k % side)
+        for image, names in enumerate(views)
+        for view in names
+        for k in range(image_seq_len)
+    ]
+
+
+def check_tiles_layout(family, inputs, images):
+    processor = family.processor
+    grid = processor.image_processor(images, return_row_col_info=True)
+    rows = [n for sample in grid["rows"] for n in sample]
+    cols = [n for sample in grid["cols"] for n in sample]
+    tags = tiles_layout(rows, cols, processor.image_seq_len)
+    ids = inputs["input_ids"][0].tolist()
+    fake_id = processor.tokenizer.convert_tokens_to_ids(processor.fake_image_token)
+    image_positions = [i for i, token in enumerate(ids) if token == processor.image_token_id]
+    assert len(tags) == len(image_positions)
+    for (_, view, row, col), position in zip(tags, image_positions):
+        if row or col:
+            continue
+        # Each view's run follows <fake_token_around_image> and its name, as text or a token.
+        fake = max(i for i in range(position) if ids[i] == fake_id)
+        name = processor.tokenizer.decode(ids[fake + 1 : position])
+        assert name == ("<global-img>" if view == "global" else "<row_{}_col_{}>".format(*view.split()[1:]))
+    return tags
