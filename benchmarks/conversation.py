@@ -12,8 +12,10 @@ then get HAE's tokens per layer after the prefill as their budget (the decode bu
 every budgeted policy holds the same rows through the turns), mustdrop its dual-attention
 filter keeping as many image tokens as HAE kept, fastv the same share of image tokens dropped
 after its layer K. KV is the bytes held after every step (prefill, each turn's feed, each
-decoded token), averaged over the conversation; the full cache runs in the same process on the
-same conversations, so every cut is a ratio of two measurements.
+decoded token): what attention reads, averaged over the conversation; the full cache runs in
+the same process on the same conversations, so every cut is a ratio of two measurements. What
+lies off the attention path (HAE's recycle bin and the reserve a prefill sets aside for later
+questions: host memory on CUDA) is reported beside it ("host"), never counted in the cut.
 
     python benchmarks/conversation.py                       # 60 conversations of 4 and of 8 images
     python benchmarks/conversation.py --conversations 10 --images 4 --workers 1
@@ -49,12 +51,14 @@ class ConversationOutcome:
 
     correct: list[bool]  # per turn
     kinds: list[str]  # per turn: "addressed" (about image k) or "which" (which image shows ...)
-    kv_bytes: list[int]  # held after every step
+    kv_bytes: list[int]  # held after every step: what attention reads
     full_bytes: list[int]  # what the full cache would hold after the same steps
+    host_bytes: list[int]  # off the attention path after every step: the bin and the reserve
     held_after_prefill: int  # tokens per layer (max over layers)
     image_after_prefill: int  # image tokens per layer (max over layers)
     restored: int = 0
     binned: int = 0
+    restored_by_turn: list[int] = field(default_factory=list)  # tokens a turn brought back (all layers)
     answers: list[str] = field(default_factory=list)
 
 
@@ -64,9 +68,9 @@ def run_conversation(loaded, processed, features, turns, policy: str, params: di
     conversation = Conversation(loaded, processed, image_features=features, policy=policy, policy_params=params,
                                 max_new_tokens=3)
     first = conversation.prefill_stats
-    kv, full = [first.bytes_held], [first.full_cache_bytes]
+    kv, full, host = [first.bytes_held], [first.full_cache_bytes], [first.host_bytes]
     outcome = ConversationOutcome(
-        [], [question_kind(t.question) for t in turns], kv, full,
+        [], [question_kind(t.question) for t in turns], kv, full, host,
         held_after_prefill=max(layer.tokens_held for layer in first.layers),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first.layers),
     )
@@ -74,6 +78,8 @@ def run_conversation(loaded, processed, features, turns, policy: str, params: di
         asked = conversation.ask(turn.question)
         kv += [s.bytes_held for s in asked.result.steps]
         full += [s.full_cache_bytes for s in asked.result.steps]
+        host += [s.host_bytes for s in asked.result.steps]
+        outcome.restored_by_turn.append(asked.actions["restored"])
         outcome.correct.append(asked.result.text == turn.answer)
         outcome.answers.append(asked.result.text)
         outcome.restored += asked.actions["restored"]
@@ -135,6 +141,9 @@ def summarize(setting: accuracy.Setting, outcomes: list[ConversationOutcome], fu
         "cut_pct": 100 * (1 - kv_mean / full_mean),
         "restored": sum(o.restored for o in outcomes),
         "binned": sum(o.binned for o in outcomes),
+        "restored_per_turn": statistics.fmean(r for o in outcomes for r in o.restored_by_turn),
+        "host_bytes_mean": statistics.fmean(statistics.fmean(o.host_bytes) for o in outcomes),
+        "host_bytes_peak": statistics.fmean(max(o.host_bytes) for o in outcomes),
     }
 
 
@@ -175,7 +184,8 @@ def _indexed(item):
 
 COLUMNS = ("setting", "accuracy %", "drop (pts)", "about image k %", "which image %",
            *(f"turn {t} %" for t in range(1, MAX_TURNS + 1)),
-           "all right %", "KV mean MiB", "KV peak MiB", "cut %", "binned", "restored")
+           "all right %", "KV mean MiB", "KV peak MiB", "cut %", "host mean MiB", "restored / turn", "binned",
+           "restored")
 
 
 def table_rows(rows: list[dict]) -> list[list]:
@@ -187,7 +197,8 @@ def table_rows(rows: list[dict]) -> list[list]:
                     *(100 * kinds[k] if k in kinds else None for k in ("addressed", "which")),
                     *(100 * by_turn[t] if t in by_turn else None for t in range(1, MAX_TURNS + 1)),
                     100 * r["all_turns_right"], common.mib(r["kv_bytes_mean"]), common.mib(r["kv_bytes_peak"]),
-                    r["cut_pct"], r["binned"], r["restored"]])
+                    r["cut_pct"], common.mib(r["host_bytes_mean"]), r["restored_per_turn"], r["binned"],
+                    r["restored"]])
     return out
 
 

@@ -82,29 +82,21 @@ class RunResult:
     def tokens_per_second(self) -> float:
         return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
-    @property
-    def kv_bytes_final(self) -> int:
-        return self.steps[-1].bytes_held if self.steps else 0
+    def _final(self, measure: str) -> int:
+        return getattr(self.steps[-1], measure) if self.steps else 0
 
-    @property
-    def kv_bytes_peak(self) -> int:
-        return max((s.bytes_held for s in self.steps), default=0)
+    def _peak(self, measure: str) -> int:
+        return max((getattr(s, measure) for s in self.steps), default=0)
 
-    @property
-    def kv_bytes_allocated_final(self) -> int:
-        return self.steps[-1].bytes_allocated if self.steps else 0
-
-    @property
-    def kv_bytes_allocated_peak(self) -> int:
-        return max((s.bytes_allocated for s in self.steps), default=0)
-
-    @property
-    def full_cache_bytes_final(self) -> int:
-        return self.steps[-1].full_cache_bytes if self.steps else 0
-
-    @property
-    def full_cache_bytes_peak(self) -> int:
-        return max((s.full_cache_bytes for s in self.steps), default=0)
+    kv_bytes_final = property(lambda self: self._final("bytes_held"))
+    kv_bytes_peak = property(lambda self: self._peak("bytes_held"))
+    kv_bytes_allocated_final = property(lambda self: self._final("bytes_allocated"))
+    kv_bytes_allocated_peak = property(lambda self: self._peak("bytes_allocated"))
+    # K/V off the attention path (the bin and the reserve; host memory on CUDA)
+    host_bytes_final = property(lambda self: self._final("host_bytes"))
+    host_bytes_peak = property(lambda self: self._peak("host_bytes"))
+    full_cache_bytes_final = property(lambda self: self._final("full_cache_bytes"))
+    full_cache_bytes_peak = property(lambda self: self._peak("full_cache_bytes"))
 
     @property
     def eviction_share(self) -> float:
@@ -138,6 +130,9 @@ class RunResult:
                 "peak": self.kv_bytes_peak,
                 "allocated_final": self.kv_bytes_allocated_final,
                 "allocated_peak": self.kv_bytes_allocated_peak,
+                "host_final": self.host_bytes_final,
+                "host_peak": self.host_bytes_peak,
+                "attended_plus_host_final": self.kv_bytes_final + self.host_bytes_final,
                 "full_cache_final": self.full_cache_bytes_final,
                 "full_cache_peak": self.full_cache_bytes_peak,
             },

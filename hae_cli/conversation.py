@@ -23,7 +23,7 @@ import torch
 from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_settings
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
-from hae_cli.model.generate import Decoded, SamplingConfig, decode, prefill
+from hae_cli.model.generate import Decoded, SamplingConfig, decode, feed_question, prefill
 from hae_cli.model.interface import PromptTokens, UserTurn
 from hae_cli.user_text import checked_text
 
@@ -145,7 +145,12 @@ class Conversation:
         began = time.perf_counter()
         with torch.inference_mode():
             position_ids, position = self.loaded.position_ids(tokens, self._position)
-            logits = prefill(self.loaded, planned.embeds, tokens, position_ids, self.cache)
+            split = tokens.after_images() if planned.images_added else 0
+            if split:  # the new images first, compressed as they arrive, as the first turn's were
+                prefill(self.loaded, planned.embeds[:, :split], tokens.rows(0, split), position_ids[..., :split],
+                        self.cache)
+            logits = feed_question(self.loaded, planned.embeds[:, split:], tokens.rows(split),
+                                   position_ids[..., split:], self.cache)
             first_logits = logits.float().cpu()
             publish()
             fed_seconds = time.perf_counter() - began
@@ -174,13 +179,13 @@ class Conversation:
         self.turns.append(turn)
         return turn
 
-    def add_images(self, images: Sequence) -> None:
+    def add_images(self, images: Sequence, image_features: Sequence[torch.Tensor] | None = None) -> None:
         """Read `images` now (a bad file fails here, before anything changes); they go into the
         next user turn. Before the first question they join the first turn instead (the
         cache is rebuilt with every image, so the prefill compresses them all)."""
         if not images:
             raise InputError("/images needs at least one image")
-        self._add(images)
+        self._add(images, image_features)
         if not self.turns:
             self._start()
 

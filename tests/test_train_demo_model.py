@@ -237,3 +237,33 @@ def test_captured_attention_is_the_layers_attention(trainer, tree):
     rows = torch.tensor([0, 5, 7, 11])
     log_probs = guides.capture.log_probs(*trainer.LOOKUP_HEAD, 0, rows)
     assert torch.allclose(log_probs.exp(), weights["eager"][0, trainer.LOOKUP_HEAD[1], rows], atol=1e-6)
+
+
+def test_a_conversation_with_images_added_later_is_the_transcript_a_conversation_feeds(trainer, examples):
+    """The last images join in a later turn, labelled after the others, as `/images` adds them: the
+    sequence is the template's whole transcript of that conversation."""
+    from hae_cli.data import conversation_sets
+    from hae_cli.model.phi3v.prompt import chat_text, encode_prompt_text, story_message
+
+    rng = random.Random(5)
+    for size, added, at in ((3, 1, 1), (6, 2, 2), (8, 2, 4)):
+        image_ids = rng.sample(examples.captioned_ids, size)
+        turns = conversation_sets.conversation(image_ids, 5, "train", rng, examples.by_image)
+        sequence = examples.conversation(image_ids, turns, added=added, added_at=at)
+        shown = size - added
+        messages = []
+        for t, turn in enumerate(turns):
+            content = (story_message(turn.question, shown) if t == 0 else
+                       story_message(turn.question, added, first=shown + 1) if t == at else turn.question)
+            messages += [{"role": "user", "content": content}, {"role": "assistant", "content": turn.answer}]
+        whole = encode_prompt_text(examples.tokenizer, chat_text(examples.tokenizer, messages), [examples.slots] * size)
+        assert sequence.input_ids.tolist() == whole.input_ids.tolist()[:-1]
+    config = trainer.TrainConfig(added_images_share=1.0)
+    for _ in range(8):
+        sequence = trainer.conversation_example(examples, config, rng)
+        ids = sequence.input_ids.tolist()
+        shown = max(-i for i in ids[: ids.index(examples.end_id)] if i < 0)
+        assert shown < len(sequence.image_ids)
+        rows = (sequence.labels != -100).nonzero().squeeze(-1)[0::2].tolist()
+        first_after = next(r for r in rows if min(ids[:r]) < -shown)
+        assert int(sequence.answer_image[first_after]) > shown, "the first question after them asks about one"

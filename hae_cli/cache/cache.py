@@ -31,6 +31,7 @@ from hae_cli.cache.modality import Modality
 from hae_cli.cache.observation import fold_scores, observe_prefill
 from hae_cli.cache.policies import Policy, make_policy
 from hae_cli.cache.prefill import PrefillCompaction
+from hae_cli.cache.question import observe_question, swap_for_question, take_back
 from hae_cli.cache.reporting import EventLog, Stopwatch, snapshot
 from hae_cli.cache.rounds import Rounds
 from hae_cli.cache.stats import CacheStats
@@ -102,13 +103,18 @@ class EvictingCache(Cache):
         modality: torch.Tensor,
         image_id: torch.Tensor | None = None,
         overview: torch.Tensor | None = None,
+        probe: bool = False,
     ) -> None:
         """Announce the next forward's tokens by their tags, `[q]` each (`overview`: which are an
-        image's global-view features, for prefill decisions). They are indexed from `tokens_fed` on."""
+        image's global-view features, for prefill decisions). They are indexed from `tokens_fed` on.
+        The first forward, and any later one that carries images, is compressed as a prefill.
+        `probe`: a new turn's question, fed to be scored and taken back by `end_probe`."""
         self._settle()
         if self._forward is not None:
             raise RuntimeError("begin_tokens: the previous forward did not reach every layer")
         self._forward = self._new_forward(modality.numel(), modality, image_id, overview, explicit=True)
+        self._forward.probe = probe
+        self._forward.compresses = not probe and (self.step == 0 or bool((self._forward.modality == Modality.IMAGE).any()))
 
     def end_step(self) -> None:
         """Close the forward: pending prefill decisions, budgets, decode rounds; step += 1."""
@@ -117,13 +123,17 @@ class EvictingCache(Cache):
             return
         if len(fwd.layer_rows) != self.num_layers:
             raise RuntimeError(f"end_step: only {len(fwd.layer_rows)} of {self.num_layers} layers ran")
+        if fwd.probe:
+            raise RuntimeError("end_step: a probe ends with end_probe")
         clock = self.stopwatch
         start = clock.now()
-        prefill = self.step == 0
+        prefill = fwd.compresses
         if prefill:
+            self._prefill.step = self.step
             for layer_idx in range(self.num_layers):
                 if layer_idx not in fwd.decided:
                     self._prefill.decide(fwd, layer_idx, live=False, tokens_fed=self.tokens_fed)
+            self._prefill.finish(fwd, self.step)
             for layer_idx, layer in enumerate(self.layers):
                 layer.budget = self.policy.resolve_budget(layer_idx, self.tokens_fed, layer.held)
         start = clock.add("prefill", start)
@@ -139,6 +149,22 @@ class EvictingCache(Cache):
         if self.history is not None:
             self.history.append(self.stats_at(self.step))
         self.step += 1
+
+    def end_probe(self) -> None:
+        """Close a probe: take its rows back out of every layer (as if never fed), then let the
+        policy swap what the question asked for into the held rows (`turn_swap`)."""
+        fwd = self._forward
+        if fwd is None or not fwd.probe:
+            raise RuntimeError("end_probe: no probe is running")
+        if len(fwd.layer_rows) != self.num_layers:
+            raise RuntimeError(f"end_probe: only {len(fwd.layer_rows)} of {self.num_layers} layers ran")
+        start = self.stopwatch.now()
+        take_back(fwd, self.layers)
+        self.tokens_fed -= fwd.count
+        swap_for_question(fwd, self.layers, self.policy, self.log, self.step)
+        self._forward = None
+        self.log.flush()
+        self.stopwatch.add("rounds", start)
 
     def flush_scores(self) -> None:
         """Bring every running score up to date now (they are otherwise folded when due)."""
@@ -190,9 +216,10 @@ class EvictingCache(Cache):
     def after_layer(self, layer_idx: int, hidden: torch.Tensor) -> torch.Tensor | None:
         """Between layers at prefill: rows (of `hidden`) the next layers keep, or None."""
         fwd = self._forward
-        if fwd is None or self.step != 0 or layer_idx in fwd.decided:
+        if fwd is None or not fwd.compresses or layer_idx in fwd.decided:
             return None
         start = self.stopwatch.now()
+        self._prefill.step = self.step
         keep = self._prefill.decide(fwd, layer_idx, live=True, tokens_fed=self.tokens_fed)
         self.log.flush()
         self.stopwatch.add("prefill", start)
@@ -206,7 +233,9 @@ class EvictingCache(Cache):
         start = self.stopwatch.now()
         layer = self.layers[layer_idx]
         layer.attention_scaling = scaling
-        if self.step == 0:
+        if fwd.probe:
+            observe_question(fwd, layer, layer_idx, query, scaling)
+        elif fwd.compresses:
             rows = fwd.policy_rows(layer_idx, layer.held, self.tokens_fed, self.num_layers)
             observations = fwd.observations.setdefault(layer_idx, {})
             observe_prefill(self.policy, layer, layer_idx, rows, observations, query, key, attention_mask, scaling)
@@ -230,6 +259,7 @@ class EvictingCache(Cache):
     def _new_forward(self, count: int, modality, image_id, overview, explicit: bool) -> ForwardTokens:
         default = Modality.TEXT if self.step == 0 else Modality.GENERATED
         fwd = new_forward(count, self.tokens_fed, modality, image_id, overview, explicit, default)
+        fwd.compresses = self.step == 0
         self._count_image_slots(fwd.image_id)
         self.tokens_fed += count
         return fwd

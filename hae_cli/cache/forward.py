@@ -27,10 +27,15 @@ class ForwardTokens:
     image_id: torch.Tensor  # [q] int16
     overview: torch.Tensor  # [q] bool: an image's global-view features (prefill decisions only)
     explicit: bool  # announced by begin_tokens (the caller will call end_step)
+    compresses: bool = False  # policies take prefill decisions on it (the prompt, or a later forward of images)
+    probe: bool = False  # a new turn's question, fed to be scored and taken back (`end_probe`)
     rows: torch.Tensor | None = None  # forward tokens the next layer receives (None: all)
     layer_rows: dict = field(default_factory=dict)  # layer -> forward tokens it holds (None: all)
     observations: dict = field(default_factory=dict)  # layer -> {name: AttentionSummary}
     decided: set = field(default_factory=set)  # layers whose prefill decision was taken
+    reserve_kept: torch.Tensor | None = None  # a decision to reserve (not delete) what it drops ...
+    reserve_from: int = 0  # ... still to apply to the layers from this one on, once they have run
+    questions: dict = field(default_factory=dict)  # probe: layer -> QuestionAttention
 
     @property
     def count(self) -> int:

@@ -30,6 +30,7 @@ class KeptMap:
 
     heads_holding: per layer, per image, `[slots]` int: KV heads that hold each slot.
     in_bin: per layer, per image, `[slots]` bool: in that layer's recycle bin.
+    in_reserve: likewise, set aside in its reserve for a later question.
     heads: KV heads per layer.
     """
 
@@ -38,6 +39,7 @@ class KeptMap:
     heads: int
     heads_holding: list[list[np.ndarray]]
     in_bin: list[list[np.ndarray]]
+    in_reserve: list[list[np.ndarray]] | None = None
 
     @property
     def num_layers(self) -> int:
@@ -55,6 +57,15 @@ class KeptMap:
     def tokens_in_bin(self, layer: int, image: int) -> int:
         return int(self.in_bin[layer][image - 1].sum())
 
+    def reserved(self, layer: int, image: int) -> np.ndarray:
+        """`[slots]` bool: set aside in the layer's reserve."""
+        if self.in_reserve is None:
+            return np.zeros(self.images[image - 1].count, dtype=bool)
+        return self.in_reserve[layer][image - 1]
+
+    def tokens_in_reserve(self, layer: int, image: int) -> int:
+        return int(self.reserved(layer, image).sum())
+
 
 def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
     """Each image's slot range from the `[L]` image ids of the tokens fed from index 0 (k on image k's
@@ -69,32 +80,36 @@ def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
 
 
 def kept_map(cache, images: list[ImageSlots], step: int) -> KeptMap:
-    """Read every layer of an `EvictingCache` (token indices `[H_kv, N]` and the bin's `[M]`)."""
-    holding, binned, heads = [], [], 1
+    """Read every layer of an `EvictingCache` (token indices `[H_kv, N]`, the bin's and the reserve's `[M]`)."""
+    holding, binned, reserved, heads = [], [], [], 1
     for layer in cache.layers:
         held = layer.token_index.cpu().numpy() if layer.token_index is not None else np.zeros((1, 0), np.int64)
         heads = held.shape[0]
-        in_bin_index = layer.bin.token_index.cpu().numpy()
-        layer_holding, layer_bin = [], []
+        layer_holding = []
         for image in images:
             counts = np.zeros(image.count, dtype=np.int32)
             slot = held - image.start
             inside = (slot >= 0) & (slot < image.count)
             np.add.at(counts, slot[inside], 1)
             layer_holding.append(counts)
-            in_bin = np.zeros(image.count, dtype=bool)
-            slot = in_bin_index - image.start
-            in_bin[slot[(slot >= 0) & (slot < image.count)]] = True
-            layer_bin.append(in_bin)
         holding.append(layer_holding)
-        binned.append(layer_bin)
-    return KeptMap(step, list(images), heads, holding, binned)
+        binned.append([_members(layer.bin.token_index, image) for image in images])
+        reserved.append([_members(layer.reserve.token_index, image) for image in images])
+    return KeptMap(step, list(images), heads, holding, binned, reserved)
+
+
+def _members(index: torch.Tensor, image: ImageSlots) -> np.ndarray:
+    """`[slots]` bool: which of the image's slots are among these token indices."""
+    found = np.zeros(image.count, dtype=bool)
+    slot = index.cpu().numpy() - image.start
+    found[slot[(slot >= 0) & (slot < image.count)]] = True
+    return found
 
 
 def kept_json(kept: KeptMap, layouts: list[dict] | None = None) -> dict:
     """The JSON form: per image, per layer, a mask string with one character per slot,
     `#` held by every head, `+` by some (then `heads_holding` lists the count per slot),
-    `b` in the recycle bin, `.` gone. `layouts` (one dict per image, e.g. its crop grid) is
+    `b` in the recycle bin, `r` set aside in the reserve, `.` gone. `layouts` (one dict per image, e.g. its crop grid) is
     merged into each image's entry so the picture can be redrawn from the JSON alone."""
     images = []
     for i, image in enumerate(kept.images):
@@ -103,10 +118,12 @@ def kept_json(kept: KeptMap, layouts: list[dict] | None = None) -> dict:
             counts = kept.heads_holding[layer][i]
             mask = np.full(image.count, ".", dtype="<U1")
             mask[kept.in_bin[layer][i]] = "b"
+            mask[kept.reserved(layer, image.index)] = "r"
             mask[counts > 0] = "+"
             mask[counts == kept.heads] = "#"
             entry = {"layer": layer, "held": kept.tokens_held(layer, image.index),
-                     "in_bin": kept.tokens_in_bin(layer, image.index), "mask": "".join(mask)}
+                     "in_bin": kept.tokens_in_bin(layer, image.index),
+                     "in_reserve": kept.tokens_in_reserve(layer, image.index), "mask": "".join(mask)}
             if ((counts > 0) & (counts < kept.heads)).any():
                 entry["heads_holding"] = counts.tolist()
             layers.append(entry)

@@ -84,6 +84,8 @@ class EvictingLayer(CacheLayerMixin):
         self.row_bound: int | None = None  # the most rows held between rounds (budget + buffer)
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.bin = RecycleBin()
+        self.reserve = RecycleBin()  # what a prefill set aside for a later question: never aged or trimmed
+        self.reserve_active = False  # once anything was set aside, image tokens a round evicts go there too
         self.stashed_queries: list[torch.Tensor] = []  # [H_q, q, D] each, post-RoPE, not yet in the scores
         self.stashed_token_index: list[torch.Tensor] = []  # [q] each
         self.stashed = 0  # queries stashed
@@ -259,6 +261,29 @@ class EvictingLayer(CacheLayerMixin):
         if evict.numel() or restore.numel():
             self.compact(complement(evict, self.held), restored)
         self.bin.add(evicted)
+        return evicted, restored
+
+    def move_to_reserve(self, index: torch.Tensor) -> TokenRows:
+        """Move rows `index` (`[n]`, the same in every head) to the reserve; returns them."""
+        return self.swap_with_reserve(index, index[:0], index[:0])[0]
+
+    def swap_with_reserve(self, evict: torch.Tensor, from_reserve: torch.Tensor, from_bin: torch.Tensor,
+                          to_bin: bool = False):
+        """Move rows `evict` (`[n]`) to the reserve (the bin, `to_bin`) and bring back reserve tokens
+        `from_reserve` and bin tokens `from_bin` (indices before this call), at their original index,
+        rebuilding the layer once. Returns (moved out, brought back)."""
+        evict = evict.to(self.device)
+        evicted = self.take(evict)
+        back = [self.take(evict[:0])]
+        if from_reserve.numel():
+            back.append(self.reserve.take(from_reserve, self.device))
+        if from_bin.numel():
+            back.append(self.bin.take(from_bin, self.device))
+        restored = TokenRows.cat(back)
+        if evict.numel() or len(restored):
+            self.compact(complement(evict, self.held), restored)
+        (self.bin if to_bin else self.reserve).add(evicted)
+        self.reserve_active |= not to_bin and len(evicted) > 0
         return evicted, restored
 
     def insert(self, rows: TokenRows) -> None:

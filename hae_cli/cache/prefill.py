@@ -20,6 +20,7 @@ class PrefillCompaction:
 
     def __init__(self, layers, policy, log: EventLog) -> None:
         self.layers, self.policy, self.log = layers, policy, log
+        self.step = 0  # the cache's step, for the events (set by the cache before each decision)
 
     def decide(self, fwd: ForwardTokens, layer_idx: int, live: bool, tokens_fed: int) -> torch.Tensor | None:
         """Ask the policy at `layer_idx` (`tokens_fed`: this forward's included); compact; return
@@ -38,6 +39,13 @@ class PrefillCompaction:
             self._compact_per_head(fwd, layer_idx, keep)
             return None
         kept = here[keep]
+        if decision.to_reserve:  # every layer computes the dropped rows: each sets them aside once it ran
+            ran = [target for target in range(len(self.layers)) if target in fwd.layer_rows]
+            for target in ran:
+                self._compact_forward_rows(fwd, target, kept, to_reserve=True)
+            if len(ran) < len(self.layers):
+                fwd.reserve_kept, fwd.reserve_from = kept, len(ran)
+            return None
         targets = set(decision.layers)
         if decision.broadcast and not live:  # nothing was pruned between layers: compact them now
             targets |= set(range(layer_idx + 1, len(self.layers)))
@@ -48,12 +56,22 @@ class PrefillCompaction:
         dropped = complement(keep, here.numel())
         dropped_tags = fwd.modality[here[dropped]]
         for later in range(layer_idx + 1, len(self.layers)):
-            self.log.record(0, later, "prefill", "evicted", dropped_tags)  # never computed there
+            self.log.record(self.step, later, "prefill", "evicted", dropped_tags)  # never computed there
         fwd.rows = kept
         return keep
 
-    def _compact_forward_rows(self, fwd: ForwardTokens, layer_idx: int, kept: torch.Tensor) -> None:
-        """Keep, of this forward's rows in the layer, those whose token is in `kept`."""
+    def finish(self, fwd: ForwardTokens, step: int) -> None:
+        """Apply a reserve decision to the layers that ran after it was taken."""
+        if fwd.reserve_kept is None:
+            return
+        for target in range(fwd.reserve_from, len(self.layers)):
+            self._compact_forward_rows(fwd, target, fwd.reserve_kept, to_reserve=True, step=step)
+        fwd.reserve_kept = None
+
+    def _compact_forward_rows(self, fwd: ForwardTokens, layer_idx: int, kept: torch.Tensor, to_reserve: bool = False,
+                              step: int | None = None) -> None:
+        """Keep, of this forward's rows in the layer, those whose token is in `kept`; the others are
+        deleted, or set aside in the layer's reserve."""
         layer = self.layers[layer_idx]
         mine = fwd.tokens(fwd.shared_rows(layer_idx))
         survives = torch.isin(mine, kept)
@@ -61,8 +79,13 @@ class PrefillCompaction:
         if local.numel() == mine.numel():
             return
         past = layer.held - mine.numel()
-        self.log.record(0, layer_idx, "prefill", "evicted", fwd.modality[mine[~survives]])
-        layer.compact(torch.cat([torch.arange(past, device=local.device), past + local]))
+        step = self.step if step is None else step
+        if to_reserve:
+            dropped = past + (~survives).nonzero().squeeze(-1)
+            self.log.record(step, layer_idx, "prefill", "reserved", layer.move_to_reserve(dropped).modality)
+        else:
+            self.log.record(step, layer_idx, "prefill", "evicted", fwd.modality[mine[~survives]])
+            layer.compact(torch.cat([torch.arange(past, device=local.device), past + local]))
         fwd.layer_rows[layer_idx] = mine[local]
 
     def _compact_per_head(self, fwd: ForwardTokens, layer_idx: int, keep: torch.Tensor) -> None:
@@ -74,6 +97,6 @@ class PrefillCompaction:
         old = torch.arange(past, device=keep.device).expand(keep.shape[0], past)
         full_keep = torch.cat([old, past + keep], dim=1)
         dropped = complement(full_keep, layer.held)
-        self.log.record(0, layer_idx, "prefill", "evicted", layer.modality.gather(1, dropped))
+        self.log.record(self.step, layer_idx, "prefill", "evicted", layer.modality.gather(1, dropped))
         layer.compact(full_keep)
         fwd.layer_rows[layer_idx] = PER_HEAD_ROWS

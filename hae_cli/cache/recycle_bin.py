@@ -29,6 +29,18 @@ class TokenRows:
     def __len__(self) -> int:
         return self.keys.shape[2]
 
+    @staticmethod
+    def cat(parts: list["TokenRows"]) -> "TokenRows":
+        """Rows of several takes as one (on the first part's device)."""
+        parts = [part for part in parts if len(part)] or parts[:1]
+        if len(parts) == 1:
+            return parts[0]
+        device = parts[0].keys.device
+        return TokenRows(**{
+            name: torch.cat([getattr(part, name).to(device) for part in parts], dim=2 if name in ("keys", "values") else 1)
+            for name in ("keys", "values", "token_index", "modality", "image_id", "scores")
+        })
+
 
 class RecycleBin:
     def __init__(self) -> None:

@@ -72,6 +72,7 @@ def snapshot(layers, step: int, tokens_fed: int, image_sizes: list[int], events:
     images = len(image_sizes)
     held = gather_counts([count_images(layer.image_id, images) for layer in layers]).tolist()
     binned = gather_counts([count_images(layer.bin.image_id, images) for layer in layers]).tolist()
+    reserved = gather_counts([count_images(layer.reserve.image_id, images) for layer in layers]).tolist()
     stats = [
         LayerStats(
             layer=idx,
@@ -84,6 +85,9 @@ def snapshot(layers, step: int, tokens_fed: int, image_sizes: list[int], events:
             tokens_by_image=[int(round(c)) for c in held[idx]] if images else [],
             bin_by_image=[int(round(c)) for c in binned[idx]] if images else [],
             bytes_allocated=layer.bytes_allocated,
+            reserve_tokens=len(layer.reserve),
+            reserve_bytes=layer.reserve.nbytes,
+            reserve_by_image=[int(round(c)) for c in reserved[idx]] if images else [],
         )
         for idx, layer in enumerate(layers)
     ]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from hae_cli.cache.layer import complement
+from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies import LayerView
 from hae_cli.cache.reporting import EventLog, count_modalities
 
@@ -81,6 +82,12 @@ class Rounds:
         restored = chosen[chosen >= pool] - pool
         evicted = sink + complement(chosen[chosen < pool], pool)
         layer.bin.age()
+        if layer.reserve_active:  # a conversation's image tokens wait in the reserve for a later question
+            image = layer.modality[0][evicted] == Modality.IMAGE
+            if bool(image.any()):
+                leaving = layer.token_index[0][evicted[~image]]
+                self.log.record(step, layer_idx, stage, "reserved", layer.move_to_reserve(evicted[image]).modality)
+                evicted = torch.isin(layer.token_index[0], leaving).nonzero().squeeze(-1)
         binned, back = layer.swap_with_bin(evicted, restored)
         self.log.record(step, layer_idx, stage, "binned", binned.modality)
         if restored.numel():

@@ -22,6 +22,9 @@ class LayerStats:
     tokens_by_image: list[int] = field(default_factory=list)
     bin_by_image: list[int] = field(default_factory=list)
     bytes_allocated: int = 0  # K+V storage, measured from the tensors: held rows and spare room
+    reserve_tokens: int = 0  # tokens a prefill set aside for a later question (off the attention path)
+    reserve_bytes: int = 0
+    reserve_by_image: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -52,3 +55,12 @@ class CacheStats:
     @property
     def bin_bytes(self) -> int:
         return sum(layer.bin_bytes for layer in self.layers)
+
+    @property
+    def reserve_bytes(self) -> int:
+        return sum(layer.reserve_bytes for layer in self.layers)
+
+    @property
+    def host_bytes(self) -> int:
+        """K/V off the attention path (the bin and the reserve: host memory on CUDA)."""
+        return self.bin_bytes + self.reserve_bytes

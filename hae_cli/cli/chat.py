@@ -235,7 +235,10 @@ def _cache_size(stats) -> str:
 
     held = max(layer.tokens_held for layer in stats.layers)
     cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)
-    return f"{held:,} tokens held per layer, {format_bytes(stats.bytes_held)} ({cut:.0f}% under the full cache)"
+    text = f"{held:,} tokens held per layer, {format_bytes(stats.bytes_held)} ({cut:.0f}% under the full cache)"
+    if stats.host_bytes:
+        text += f" + {format_bytes(stats.host_bytes)} set aside off the attention path (bin and reserve)"
+    return text
 
 
 def _turn_line(turn) -> str:

@@ -93,3 +93,74 @@ def conversation_sets(split: str, count: int, num_images: int, turns: tuple[int,
         images = rng.sample(ids, num_images)
         result.append((images, conversation(images, rng.randint(*turns), split, rng, by_image)))
     return result
+
+
+@dataclass(frozen=True)
+class BatteryCase:
+    """One conversation of the battery: `images` (ids), questions asked in order (`turns`, the
+    last is the one under test), and what happens before the last question: "plain", "reset"
+    (the turns before it, then /reset) or "added" (the last image joins with /images after
+    the first turn, and the last question is about it)."""
+
+    images: tuple[int, ...]
+    turns: tuple[ConversationQuestion, ...]
+    wording: str
+    position: int  # the image the last question addresses (1-based)
+    turn: int  # the last question's turn (1-based, counted after a reset)
+    kind: str = "plain"
+
+
+def wording_of(question: str) -> str:
+    """An easy-VQA question with its colour and shape names replaced by <color> and <shape>."""
+    text = question.lower()
+    for colour in easyvqa.COLORS:
+        text = re.sub(rf"\b{colour}\b", "<color>", text)
+    for shape in easyvqa.SHAPES:
+        text = re.sub(rf"\b{shape}\b", "<shape>", text)
+    return text
+
+
+def battery(split: str = "test", seed: int = 0, sizes: tuple[int, ...] = tuple(range(2, 9)),
+            max_turn: int = 6) -> list[BatteryCase]:
+    """Every easy-VQA wording addressed to every image position, at every turn 1..`max_turn`,
+    for every image count in `sizes` (the other turns: random addressed questions), and for
+    every wording and count, once after a /reset and once about an image added with /images.
+    Seeded; the images and the questions' colours and shapes are drawn at random."""
+    rng = random.Random(seed)
+    ids = sorted(easyvqa.image_attributes(split))
+    by_image = questions_by_image(split)
+    by_wording: dict[str, list[easyvqa.Question]] = {}
+    for q in easyvqa.load_split(split):
+        by_wording.setdefault(wording_of(q.question), []).append(q)
+    cases = []
+
+    def target(wording: str, images: list[int], k: int) -> ConversationQuestion:
+        choices = [q for q in by_image[images[k - 1]] if wording_of(q.question) == wording]
+        if not choices:  # draw the image for this wording instead
+            source = rng.choice(by_wording[wording])
+            images[k - 1] = source.image_id
+        else:
+            source = rng.choice(choices)
+        return ConversationQuestion(addressed(source.question, k), source.answer, k, source)
+
+    def fillers(images: list[int], count: int) -> list[ConversationQuestion]:
+        return conversation(images, count, split, rng, by_image, which_share=0.0)
+
+    def distinct(wording: str, n: int, k: int) -> tuple[list[int], ConversationQuestion]:
+        while True:
+            images = rng.sample(ids, n)
+            last = target(wording, images, k)
+            if len(set(images)) == n:
+                return images, last
+
+    for wording in sorted(by_wording):
+        for n in sizes:
+            for k in range(1, n + 1):
+                for t in range(1, max_turn + 1):
+                    images, last = distinct(wording, n, k)
+                    cases.append(BatteryCase(tuple(images), (*fillers(images, t - 1), last), wording, k, t))
+            images, last = distinct(wording, n, rng.randint(1, n))
+            cases.append(BatteryCase(tuple(images), (*fillers(images, 2), last), wording, last.about, 1, "reset"))
+            images, last = distinct(wording, n, n)
+            cases.append(BatteryCase(tuple(images), (*fillers(images[:-1], 1), last), wording, n, 2, "added"))
+    return cases

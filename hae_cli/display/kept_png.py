@@ -32,6 +32,7 @@ TITLE_LINE = 18
 
 GONE_GREY = np.array([40, 40, 40], dtype=np.float32)
 BIN_ORANGE = np.array([235, 140, 20], dtype=np.float32)
+RESERVE_BLUE = np.array([70, 90, 230], dtype=np.float32)
 SEPARATOR_KEPT = np.array([0, 150, 160], dtype=np.float32)
 GONE_DIM = 0.78  # how far an evicted patch fades toward grey
 BIN_TINT = 0.65  # how far a patch in the bin turns orange
@@ -94,7 +95,7 @@ def layout(images: list[ImageCells], header_height: int = HEADER_HEIGHT) -> Kept
         rows.append(row)
         y = row.y + row.height + ROW_GAP
         width = max(width, x - VIEW_GAP + MARGIN)
-    return KeptLayout(max(width, 720), y, rows)  # at least the legend's width
+    return KeptLayout(max(width, 860), y, rows)  # at least the legend's width
 
 
 def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -> Image.Image:
@@ -109,6 +110,7 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
         image = kept.images[i]
         share = kept.held_share(layer, image.index)
         in_bin = kept.in_bin[layer][i]
+        in_reserve = kept.reserved(layer, image.index)
         maps = {v: _cells_of(view.picture, view.cols, view.rows) for v, view in enumerate(cells.views)
                 if not view.separator}
         for slot in range(image.count):
@@ -117,11 +119,14 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
             x0, y0, x1, y1 = row.cell_box(v, r, c)
             separator = view.separator or (view.row_separators and c == view.cols)
             base = SEPARATOR_KEPT if separator else maps[v][r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
-            canvas[y0:y1, x0:x1] = _status_colour(base, float(share[slot]), bool(in_bin[slot]))
+            canvas[y0:y1, x0:x1] = _status_colour(base, float(share[slot]), bool(in_bin[slot]), bool(in_reserve[slot]))
         held, binned = kept.tokens_held(layer, image.index), kept.tokens_in_bin(layer, image.index)
         label = f"image {image.index}: {held} of {image.count} tokens held at layer {layer}"
         if binned:
             label += f", {binned} in the recycle bin"
+        reserved = kept.tokens_in_reserve(layer, image.index)
+        if reserved:
+            label += f", {reserved} in the reserve"
         if kept.heads > 1 and np.any((share > 0) & (share < 1)):
             label += " (per head: lighter = held by more heads)"
         labels.append((row, label))
@@ -179,9 +184,11 @@ def _cells_of(picture: Image.Image, cols: int, rows: int) -> np.ndarray:
                       dtype=np.float32)
 
 
-def _status_colour(base: np.ndarray, share: float, in_bin: bool) -> np.ndarray:
+def _status_colour(base: np.ndarray, share: float, in_bin: bool, in_reserve: bool = False) -> np.ndarray:
     if in_bin:
         return base * (1 - BIN_TINT) + BIN_ORANGE * BIN_TINT
+    if in_reserve:
+        return base * (1 - BIN_TINT) + RESERVE_BLUE * BIN_TINT
     fade = GONE_DIM * (1.0 - share)
     return base * (1 - fade) + GONE_GREY * fade
 
@@ -192,6 +199,7 @@ def _legend(draw: ImageDraw.ImageDraw, font, x: int, y: int, separator_names: st
         ("kept: the patch as the model saw it", light),
         ("evicted", _status_colour(light, 0.0, False)),
         ("in the recycle bin", _status_colour(light, 0.0, True)),
+        ("in the reserve", _status_colour(light, 0.0, False, True)),
         (f"separator ({separator_names}) kept" if separator_names else "separator kept", SEPARATOR_KEPT),
     ]
     for text, colour in swatches:

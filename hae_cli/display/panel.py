@@ -298,6 +298,8 @@ def kv_line(state: PanelState) -> Text:
         line.append("  (no cut)", style="dim")
     if stats.bin_bytes:
         line.append(f"  bin {format_bytes(stats.bin_bytes)}", style="red")
+    if stats.reserve_bytes:
+        line.append(f"  reserve {format_bytes(stats.reserve_bytes)}", style="magenta")
     if state.kv_bytes_peak is not None:
         line.append(f"  peak {format_bytes(state.kv_bytes_peak)}")
         if state.full_cache_bytes_peak:

@@ -21,7 +21,10 @@ import torch
 from hae_cli.cache.modality import Modality
 from hae_cli.model.sampling import SamplingConfig
 
-__all__ = ["Decoded", "Generation", "SamplingConfig", "decode", "decode_one_token", "generate", "prefill", "sample"]
+__all__ = [
+    "Decoded", "Generation", "SamplingConfig", "decode", "decode_one_token", "feed_question", "generate", "prefill",
+    "sample",
+]
 
 
 def _notify(cache, name: str, *args) -> None:
@@ -37,6 +40,18 @@ def prefill(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cac
     logits = model.forward(embeds, position_ids, cache).logits[0, -1]
     _notify(cache, "end_step")
     return logits
+
+
+def feed_question(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cache) -> torch.Tensor:
+    """A new turn's question (after images or answers already cached): where the cache's policy
+    asks for it, fed first as a probe whose attention brings back what the question needs, then
+    fed for real; returns the last row's logits."""
+    policy = getattr(cache, "policy", None)
+    if policy is not None and policy.wants_question_probe():
+        cache.begin_tokens(tokens.modality, tokens.image_id, tokens.overview, probe=True)
+        model.forward(embeds, position_ids, cache)
+        cache.end_probe()
+    return prefill(model, embeds, tokens, position_ids, cache)
 
 
 def decode_one_token(model, token_id: int, position: int, cache) -> torch.Tensor:
@@ -158,8 +173,8 @@ def generate(
                 position_ids[..., :context_length], cache)
         if on_step is not None:
             on_step()
-        logits = prefill(model, embeds[:, context_length:], tokens.rows(context_length),
-                         position_ids[..., context_length:], cache)
+        logits = feed_question(model, embeds[:, context_length:], tokens.rows(context_length),
+                               position_ids[..., context_length:], cache)
     result.first_logits = logits.float().cpu()
     result.prefill_seconds = time.perf_counter() - start
     if on_step is not None:

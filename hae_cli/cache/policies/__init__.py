@@ -13,7 +13,9 @@ import importlib
 import os
 import pkgutil
 
-from hae_cli.cache.policies.base import LayerView, Policy, PrefillKeep, Rows, param, parameter_help
+from hae_cli.cache.policies.base import (
+    LayerView, Policy, PrefillKeep, QuestionAttention, Rows, TurnSwap, param, parameter_help,
+)
 from hae_cli.cache.policies.scorer import ScorerPolicy
 from hae_cli.errors import ConfigError
 
@@ -96,6 +98,6 @@ def policy_class(name: str) -> type[Policy]:
 
 
 __all__ = [
-    "POLICIES", "LayerView", "Policy", "PrefillKeep", "Rows", "ScorerPolicy", "load_plugins", "make_policy",
-    "param", "parameter_help", "policy_class", "policy_parameters", "register_policy",
+    "POLICIES", "LayerView", "Policy", "PrefillKeep", "QuestionAttention", "Rows", "ScorerPolicy", "TurnSwap",
+    "load_plugins", "make_policy", "param", "parameter_help", "policy_class", "policy_parameters", "register_policy",
 ]

@@ -60,12 +60,16 @@ class PrefillKeep:
 
     `keep` is `[n]` (the same rows in every head) or `[H_kv, n]` (per head: only its own layer).
     `layers`: cache layers compacted to it now. `broadcast`: the hidden states are pruned too,
-    so later layers never compute the dropped rows (index broadcasting).
+    so later layers never compute the dropped rows (index broadcasting). `to_reserve`: the
+    dropped rows are not deleted but set aside in every layer's reserve, off the attention path,
+    for a later question to bring back (`turn_swap`); every layer then computes them, and the
+    decision applies to each layer once it has run.
     """
 
     keep: torch.Tensor
     layers: tuple[int, ...]
     broadcast: bool = False
+    to_reserve: bool = False  # the dropped rows go to every layer's reserve (computed by all layers)
 
 
 @dataclass(frozen=True)
@@ -78,13 +82,41 @@ class LayerView:
     bin_scores: torch.Tensor | None  # [H_kv, M] float32, on the host (None: the bin never held a token)
     bin_modality: torch.Tensor  # [M] int8
 
+    reserve_modality: torch.Tensor | None = None  # [R] int8
+
     @classmethod
     def of(cls, layer) -> "LayerView":
-        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality)
+        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality, layer.reserve.modality)
 
     @property
     def held(self) -> int:
         return self.scores.shape[-1]
+
+
+@dataclass(frozen=True)
+class QuestionAttention:
+    """What a new turn's question attended, at one layer: per key head (`[H_kv, n]`, summed over
+    the question's rows, head-group mean) the held rows (before the question), and what it would
+    have paid the reserve's and the bin's tokens; and per query head the most any of its rows paid
+    each (`[H_q, n]`), for the dual-attention rule."""
+
+    held: torch.Tensor
+    reserve: torch.Tensor
+    bin: torch.Tensor
+    held_max: torch.Tensor | None = None
+    reserve_max: torch.Tensor | None = None
+    bin_max: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class TurnSwap:
+    """Held rows `out` to the reserve (the bin, `to_bin`); reserve tokens `from_reserve` and bin
+    tokens `from_bin` back."""
+
+    out: torch.Tensor
+    from_reserve: torch.Tensor
+    from_bin: torch.Tensor
+    to_bin: bool = False
 
 
 def param(default, help: str):
@@ -163,6 +195,22 @@ class Policy:
 
     def representative_layer(self) -> int | None:
         """A layer whose decode decision every layer follows (None: each layer decides)."""
+        return None
+
+    # --- a new turn's question ---
+
+    def wants_question_probe(self) -> bool:
+        """Whether a new turn's question is first fed as a probe, its attention over what the
+        layers hold, reserve and bin offered to `turn_swap`, before it is fed for real."""
+        return False
+
+    def question_layer(self) -> int | None:
+        """The layer whose question attention decides a turn's swap for every layer (by token);
+        None: each layer decides its own."""
+        return None
+
+    def turn_swap(self, layer_idx: int, view: "LayerView", question: "QuestionAttention", budget: int | None):
+        """`TurnSwap` (held rows out to the reserve, reserve and bin tokens back in) or None."""
         return None
 
 

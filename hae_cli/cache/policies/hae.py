@@ -9,11 +9,14 @@ from typing import ClassVar
 import torch
 
 from hae_cli.cache.attention import AttentionRequest, AttentionSummary, ValueRequest
+from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import (
     LayerView,
     Policy,
     PrefillKeep,
+    QuestionAttention,
     Rows,
+    TurnSwap,
     check_budget,
     check_float,
     check_int,
@@ -33,6 +36,7 @@ from hae_cli.errors import ConfigError
 
 FLOOR_SCORES = ("distinct", "attention")
 FLOOR_FROM = ("overview", "image")
+RESERVE = ("auto", "on", "off")
 
 
 @dataclass
@@ -93,6 +97,11 @@ class HAEPolicy(Policy):
     bin_ttl: int = param(4, "a bin token not restored within this many rounds is deleted.")
     broadcast: bool = param(False, "one decode decision at `score_layer`, applied to every layer (faster; only "
                                    "that layer computes decode scores) instead of one decision per layer.")
+    reserve: str = param("auto", "Stage 1's dropped tokens: \"on\" kept off the attention path for a later "
+                                 "question; \"off\" deleted (later layers skip them); \"auto\" on for a "
+                                 "conversation's images.")
+    turn_restore: bool = param(True, "each new question reruns Stage 1 over the image tokens held and set "
+                                     "aside; what it needs swaps in (the attended size stays).")
 
     def __post_init__(self) -> None:
         check_int("score_layer", self.score_layer, 0)
@@ -117,6 +126,12 @@ class HAEPolicy(Policy):
         check_int("bin_ttl", self.bin_ttl, 1)
         if not isinstance(self.broadcast, bool):
             raise ConfigError(f"broadcast must be true or false, got {self.broadcast!r}")
+        if isinstance(self.reserve, bool):  # `-p reserve=on` / `off` read as booleans
+            self.reserve = "on" if self.reserve else "off"
+        if self.reserve not in RESERVE:
+            raise ConfigError(f"reserve must be one of {', '.join(RESERVE)}, got {self.reserve!r}")
+        if not isinstance(self.turn_restore, bool):
+            raise ConfigError(f"turn_restore must be true or false, got {self.turn_restore!r}")
 
     def bind(self, num_layers: int) -> None:
         check_layer("score_layer", self.score_layer, 0, num_layers)
@@ -146,7 +161,19 @@ class HAEPolicy(Policy):
                 score = summary.sum.mean(dim=0)
             overview = None if rows.overview is None or self.floor_from == "image" else rows.overview[visual]
             drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
-        return keep_all_but(visual[drop], layer_idx, rows)
+        decision = keep_all_but(visual[drop], layer_idx, rows)
+        if decision is not None and self._reserves(rows):
+            return PrefillKeep(decision.keep, layers=tuple(range(rows.num_layers)), to_reserve=True)
+        return decision
+
+    def _reserves(self, rows: Rows) -> bool:
+        """Whether Stage 1's dropped tokens are set aside rather than deleted [ours]: "auto" when
+        no text follows the last image, i.e. the question is still to come."""
+        if self.reserve != "auto":
+            return self.reserve == "on"
+        image = (rows.modality == Modality.IMAGE).nonzero().squeeze(-1)
+        after = rows.modality[int(image[-1]) + 1 :] if image.numel() else rows.modality[:0]
+        return not bool((after == Modality.TEXT).any())
 
     # --- Stage 2: running scores, rounds and the bin ---
 
@@ -176,6 +203,40 @@ class HAEPolicy(Policy):
 
     def representative_layer(self) -> int | None:
         return self.score_layer if self.broadcast else None
+
+    # --- a new turn: Stage 1 again, with the question [ours] ---
+
+    def wants_question_probe(self) -> bool:
+        return self.turn_restore
+
+    def question_layer(self) -> int | None:
+        return self.score_layer
+
+    def turn_swap(self, layer_idx: int, view: LayerView, question: QuestionAttention, budget: int | None):
+        """Stage 1's rule with the question at last: over the image tokens held and those set
+        aside (the reserve, and the bin's), keep as many as are held now, first every token some
+        head and query of the question needs (m_j >= r_i * max m), then the best by its share g_j;
+        the others leave for the reserve. The attended size stays."""
+        held = (view.modality == Modality.IMAGE).nonzero().squeeze(-1).cpu()
+        reserved = (view.reserve_modality == Modality.IMAGE).nonzero().squeeze(-1)
+        binned = (view.bin_modality == Modality.IMAGE).nonzero().squeeze(-1)
+        if not held.numel() or not (reserved.numel() or binned.numel()):
+            return None
+        g = torch.cat([question.held[:, held].mean(dim=0), question.reserve[:, reserved].mean(dim=0),
+                       question.bin[:, binned].mean(dim=0)])
+        m = torch.cat([question.held_max[:, held].amax(dim=0), question.reserve_max[:, reserved].amax(dim=0),
+                       question.bin_max[:, binned].amax(dim=0)])
+        needed = m >= self.r_i * m.max()
+        rank = g + needed.float() * (g.max() + 1)  # the needed first, each group by its share
+        keep = torch.zeros_like(needed)
+        keep[rank.topk(held.numel()).indices] = True
+        count = held.numel()
+        out = held[~keep[:count]]
+        back_reserve = reserved[keep[count : count + reserved.numel()]]
+        back_bin = binned[keep[count + reserved.numel():]]
+        if not out.numel():
+            return None
+        return TurnSwap(out, back_reserve, back_bin, to_bin=self.reserve == "off")
 
     def _weights(self, modality: torch.Tensor) -> torch.Tensor:
         visual = visual_rows(modality)
