@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hae_cli import checks
 from hae_cli.cache.stats import CacheStats, EvictionEvent
 from hae_cli.errors import ConfigError, InputError
 from hae_cli.user_text import checked_text
@@ -36,6 +37,7 @@ def load_model(
     checks what it can before any weight is read (`num_crops` against what it was built for)."""
     from hae_cli.model.loading import load_model as load
 
+    checks.model_name(model)
     return load(model, device, dtype, num_crops=num_crops, on_progress=on_progress)
 
 
@@ -43,6 +45,7 @@ def policy_of(policy, policy_params: dict | None = None):
     """A `Policy` from a name and parameters (checked here, once), or the `Policy` given."""
     from hae_cli.cache.policies import make_policy
 
+    policy_params = checks.parameter_dict(policy_params)
     if isinstance(policy, str):
         return make_policy(policy, **(policy_params or {}))
     if not isinstance(getattr(policy, "name", None), str):
@@ -186,6 +189,8 @@ def prepare(
     policy, so one prepared prompt can be run under many (`run_prepared`). `images`: paths, PIL
     images, or images the model has read already (`loaded.read_image`)."""
     progress = on_progress or (lambda message: None)
+    checks.loaded_model(loaded)
+    images = checks.image_list(images)
     if not images:
         raise InputError(f"no images given for `{task}`")
     turn = user_turn(task, question, len(images))
@@ -229,7 +234,9 @@ def run_prepared(
     max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
     notes += [capped] if capped else []
     sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
-    cache = make_cache(loaded, policy, policy_params)
+    policy, too_big = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
+    notes += too_big + checks.small_budget_note(policy, len(tokens))
+    cache = make_cache(loaded, policy)
     steps: list[CacheStats] = []
     streamer = TextStreamer(loaded, on_token)
     slots = image_slots(tokens.image_id) if show_kept else []
@@ -300,6 +307,8 @@ def run(
     from hae_cli.model.generate import SamplingConfig
 
     # Bad options fail before any image is read or embedded.
+    checks.loaded_model(loaded)
+    images = checks.image_list(images)
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
     policy = policy_of(policy, policy_params)
     start = time.perf_counter()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from hae_cli import checks
 from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_settings
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
@@ -89,7 +90,10 @@ class Conversation:
         on_progress: Callable[[str], None] | None = None,
     ) -> None:
         self.loaded = loaded
-        self._policy = policy_of(policy, policy_params)  # a bad policy fails before any image is read
+        checks.loaded_model(loaded)
+        images = checks.image_list(images, nonempty=True)
+        # a bad policy fails before any image is read; sizes past the context are capped with a note
+        self._policy, self.notes = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
         self.policy, self.policy_params = self._policy.name, policy_settings(self._policy)
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
         self.on_progress = on_progress  # told what is being read and encoded; None: nobody
@@ -102,6 +106,7 @@ class Conversation:
         self._earlier: list[tuple[int, Turn]] = []  # the turns before each reset, by conversation
         self.turns: list[Turn] = []
         self._start()
+        self.notes += checks.small_budget_note(self._policy, self.prefill_tokens)
 
     # --- what a user does ---
 
@@ -183,6 +188,7 @@ class Conversation:
         """Read `images` now (a bad file fails here, before anything changes); they go into the
         next user turn. Before the first question they join the first turn instead (the
         cache is rebuilt with every image, so the prefill compresses them all)."""
+        images = checks.image_list(images)
         if not images:
             raise InputError("/images needs at least one image")
         self._add(images, image_features)

@@ -1,9 +1,12 @@
 """Errors a user can act on. Each carries one line that names the problem; the CLI prints it
-and exits with code 2 instead of showing a traceback."""
+and exits with the error's `exit_code` (2: bad input; 1: the machine lacks memory or disk
+space) instead of showing a traceback."""
 
 
 class HaeError(Exception):
     """Base for every error the CLI reports as one line."""
+
+    exit_code = 2
 
 
 class InputError(HaeError):
@@ -20,3 +23,9 @@ class CheckpointError(HaeError):
 
 class ConfigError(HaeError):
     """A bad parameter value: budget, ratio, layer index, policy name."""
+
+
+class ResourceError(HaeError):
+    """The machine lacks what the run needs: room on the disk for an output, or memory."""
+
+    exit_code = 1

@@ -1,10 +1,14 @@
-"""The one check on text a user gives (a question, a story prompt, a workload entry) before it
-reaches the tokenizer.
+"""The one check on text a user gives (a question, a story prompt, a chat line, a workload
+entry) before it reaches the tokenizer.
 
 Text arrives as `str` but need not be valid Unicode: bytes that are not UTF-8 on the command
 line become lone surrogates (Python's `surrogateescape`, U+DC80..U+DCFF), and a JSON file may
 spell a lone surrogate as `\\ud800`. The tokenizer rejects both with a type error deep inside;
 here they become one line that says where the bad character is.
+
+Control characters (NUL, BEL, ESC and the terminal sequences it starts, DEL, the C1 range) are
+refused the same way: the tokenizer would take them as text, and they change the answer in
+silence. Tabs and line breaks are text.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import re
 from hae_cli.errors import InputError
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_NAMES = {0x00: "NUL", 0x07: "BEL", 0x08: "BS", 0x1B: "ESC", 0x7F: "DEL", 0x9B: "CSI"}
 _ESCAPED_BYTE = range(0xDC80, 0xDD00)  # surrogateescape: byte b -> U+DC00 + b
 
 
@@ -31,6 +37,12 @@ def checked_text(text: object, what: str) -> str:
                 f"{what} is not valid UTF-8: byte 0x{code - 0xDC00:02x} {where}; write it in UTF-8"
             )
         raise InputError(f"{what} is not valid Unicode: a lone surrogate U+{code:04X} {where}")
+    control = _CONTROL.search(text)
+    if control is not None:
+        code = ord(control.group())
+        name = f"{_NAMES[code]}, " if code in _NAMES else ""
+        raise InputError(f"{what} has a control character ({name}U+{code:04X}) at character {control.start() + 1}; "
+                         "remove it (a terminal's colour codes or a pasted escape sequence, most likely)")
     if not text.strip():
         raise InputError(f"{what} is empty")
     return text

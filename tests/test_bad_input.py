@@ -300,10 +300,10 @@ def test_help_shows_no_type_for_flags(command):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "nan"], "top_p must be in (0, 1]"),
-    (["--temperature", "inf"], "temperature must be a finite number"),
-    (["--seed", str(2**70), "-t", "1"], "seed must be a whole number"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1]"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--seed", str(2**70), "-t", "1"], "--seed must be a whole number"),
     (["--visual-keep", "2"], "--visual-keep must be a fraction in (0, 1]"),
     (["--visual-keep", "0"], "--visual-keep must be a fraction in (0, 1]"),
     (["--visual-keep", "nan"], "--visual-keep must be a fraction in (0, 1]"),

@@ -93,7 +93,7 @@ def test_script_file_and_its_errors(tmp_path):
     assert_one_line_error(run_hae("chat", TRIANGLE, "--script", tmp_path / "none.txt"), "cannot read --script")
     script.write_bytes(b"\xff\xfe bad")
     assert_one_line_error(run_hae("chat", TRIANGLE, "--script", script), "not UTF-8")
-    assert_one_line_error(run_hae("chat"), "needs at least one image")
+    assert_one_line_error(run_hae("chat"), "Missing argument 'IMAGE'")
 
 
 def _start(*args: str) -> subprocess.Popen:

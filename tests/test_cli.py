@@ -267,7 +267,7 @@ def test_model_not_found(fake_api, image):
 
 
 def test_story_without_images(fake_api):
-    assert_one_line_error(invoke("story"), "needs at least one image")
+    assert_one_line_error(invoke("story"), "Missing argument 'IMAGE'")
 
 
 def test_max_new_tokens_zero(fake_api, image):
@@ -280,8 +280,8 @@ def test_max_new_tokens_zero(fake_api, image):
     (["-p", "gamma=fast"], "hae parameter gamma expects float"),
     (["-p", "score_layer=1.5"], "expects a whole number"),
     (["--visual-keep", "1.5"], "--visual-keep must be a fraction in (0, 1]"),
-    (["--top-p", "0"], "top_p must be in (0, 1]"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p must be in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--temperature", "-1"], "--temperature"),
     (["--num-crops", "0"], "--num-crops"),
     (["--max-new-tokens", "many"], "--max-new-tokens"),
@@ -465,7 +465,7 @@ def test_profile_story_over_given_images(fake_api, image, tmp_path):
     (["--images", "{image}"], "needs --question"),
     (["--question", "What?"], "--question needs --images"),
     (["--samples", "{empty}"], "no questions.json"),
-    (["--images", "{image}", "-q", "x", "--plot", "out.jpg"], "ends in .png"),
+    (["--images", "{image}", "-q", "x", "--plot", "out.jpg"], "ending in .png"),
     (["--images", "{image}", "-q", "x", "--policy", "streaming", "--budget", "9"], "no policy in this profile"),
     (["--images", "{image}", "-q", "x", "--plot", "/no/such/dir/x.png"], "does not exist"),
 ])

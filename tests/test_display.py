@@ -145,20 +145,21 @@ def test_layer_ranges():
 
 def test_header_shows_cut_memory_and_speed():
     stats = known_stats()
-    memory = MemorySnapshot(host_rss_bytes=3 * 2**30, gpu_note="NVML unavailable (no driver)")
+    memory = MemorySnapshot(host_rss_bytes=3 * 2**30, gpu_note="NVML unavailable (no driver)",
+                            host_peak_rss_bytes=5 * 2**30)
     state = PanelState(stats=stats, memory=memory, prefill_seconds=0.8125, tokens_per_second=12.34,
                        decode_tokens=7, text="")
     text = render(render_panel(state))
     held, full = stats.bytes_held, stats.full_cache_bytes
     assert f"{format_bytes(held)} held / {format_bytes(full)} full" in text
     assert f"({-100 * (1 - held / full):+.0f}%)" in text
-    assert f"KV allocated {format_bytes(stats.bytes_allocated)} · host RSS 3.0 GiB" in text
-    assert "host RSS 3.0 GiB" in text and "NVML unavailable" in text
+    assert f"KV allocated {format_bytes(stats.bytes_allocated)} · host RSS now 3.0 GiB, peak 5.0 GiB" in text
+    assert "(the whole process)" in text and "NVML unavailable" in text
     full_cache = CacheStats(0, stats.layers, full_cache_bytes=stats.bytes_held)
     assert "(no cut)" in render(render_panel(PanelState(stats=full_cache)))
     assert "prefill 812 ms" in text and "12.3 tok/s" in text
     gpu = MemorySnapshot(host_rss_bytes=2**20, gpu_process_bytes=5 * 2**30, torch_allocated_bytes=4 * 2**30)
-    assert "GPU 5.0 GiB (this process) torch allocated 4.0 GiB · host RSS 1.0 MiB" in render(
+    assert "GPU 5.0 GiB (this process) torch allocated 4.0 GiB · host RSS now 1.0 MiB" in render(
         render_panel(PanelState(memory=gpu)))
 
 
@@ -344,13 +345,13 @@ def per_image_stats(step: int, held: int, by_image: list[int], sizes: list[int],
     return CacheStats(step, layers, 0, image_sizes=sizes)
 
 
-def profile_figure(title: str = "tokens held per layer, the prompt: story a.png, b.png"):
+def profile_figure(title: str = "tokens held per layer, the prompt: story a.png, b.png", steps: int = 3):
     from hae_cli.display.plot import occupancy_figure
 
     runs = {
-        "baseline": [per_image_stats(s, 1300 + s, [313, 313], [313, 313]) for s in range(2)],
-        "hae": [per_image_stats(s, 200 + s, [60, 70], [313, 313]) for s in range(2)],
-        "snapkv": [per_image_stats(s, 210 + s, [90, 40], [313, 313]) for s in range(2)],
+        "baseline": [per_image_stats(s, 1300 + s, [313, 313], [313, 313]) for s in range(steps)],
+        "hae": [per_image_stats(s, 200 + s, [60, 70], [313, 313]) for s in range(steps)],
+        "snapkv": [per_image_stats(s, 210 + s, [90, 40], [313, 313]) for s in range(steps)],
     }
     return occupancy_figure(runs, title), runs
 
@@ -365,12 +366,23 @@ def test_plot_puts_the_full_cache_apart_so_compressed_policies_get_their_own_sca
     assert len({c for c, _, _ in styles}) == 3 and len({m for _, _, m in styles}) == 3
 
 
-def test_plot_steps_are_whole_numbers_even_for_a_two_step_run():
+def test_plot_steps_are_whole_numbers_even_for_a_three_step_run():
     figure, _ = profile_figure()
     figure.canvas.draw()
     low, high = figure.axes[0].get_xlim()
     ticks = [t for t in figure.axes[0].get_xticks() if low <= t <= high]
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_a_two_step_run_is_drawn_per_layer_on_whole_numbers():
+    """Two points (a one-token answer) are no curve: tokens held per layer, a bar per policy."""
+    figure, _ = profile_figure(steps=2)
+    figure.canvas.draw()
+    layers = figure.axes[0]
+    assert "layer" in layers.get_xlabel() and len(layers.patches) == 3 * 2
+    for ticks, (low, high) in ((layers.get_xticks(), layers.get_xlim()), (layers.get_yticks(), layers.get_ylim())):
+        shown = [t for t in ticks if low <= t <= high]
+        assert shown and all(float(t).is_integer() for t in shown)
 
 
 def test_plot_bars_are_the_tokens_each_policy_holds_of_each_image():

@@ -353,10 +353,15 @@ def test_load_image_converts_modes_to_rgb(tmp_path):
     assert load_image(tmp_path / "rgba.png").getpixel((0, 0)) == (0, 0, 0)
 
 
-def test_load_image_first_frame_and_file_released(tmp_path):
+def test_load_image_refuses_frames_and_releases_the_file(tmp_path):
+    """An animation is refused (which frame is meant is not for hae to guess, issue 27); a
+    picture is fully decoded, so the file can go at once."""
     frames = [Image.new("RGB", (20, 10), c) for c in [(255, 0, 0), (0, 255, 0)]]
     path = tmp_path / "anim.gif"
     frames[0].save(path, save_all=True, append_images=frames[1:])
+    with pytest.raises(InputError, match="2 frames"):
+        load_image(path)
+    frames[0].save(path)
     loaded = load_image(path)
     path.unlink()  # fully decoded: no lazy reads from the file afterwards
     assert loaded.size == (20, 10) and loaded.getpixel((3, 3)) == (255, 0, 0)

@@ -139,12 +139,17 @@ def test_png_separator_cells_show_their_status(tmp_path):
 
 
 def test_png_shades_a_patch_held_by_some_heads(tmp_path):
+    """A patch held by some of the heads is a gauge: the picture (white here) fills the held share
+    of its cell from the bottom, evicted grey the rest."""
     _, png, row = read_back(tmp_path, layer=0)
-    full = png[row.cell_box(GLOBAL_VIEW, 0, 0)[1] + 6, row.cell_box(GLOBAL_VIEW, 0, 0)[0] + 6]
-    half = png[row.cell_box(GLOBAL_VIEW, 0, 1)[1] + 6, row.cell_box(GLOBAL_VIEW, 0, 1)[0] + 6]
-    gone = png[row.cell_box(GLOBAL_VIEW, 1, 1)[1] + 6, row.cell_box(GLOBAL_VIEW, 1, 1)[0] + 6]
-    assert tuple(full) == (255, 255, 255)
-    assert int(gone[0]) < int(half[0]) < 255
+
+    def cell(r: int, c: int) -> np.ndarray:
+        x0, y0, x1, y1 = row.cell_box(GLOBAL_VIEW, r, c)
+        return png[y0:y1, x0:x1]
+
+    full, half, gone = cell(0, 0), cell(0, 1), cell(1, 1)
+    assert (full == 255).all() and int(gone[0, 0, 0]) < 128
+    assert (half[-1] == 255).all() and (half[0] == gone[0]).all()
 
 
 def test_json_mask_matches_the_cache():

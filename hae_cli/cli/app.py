@@ -1,11 +1,17 @@
 """The `hae` Typer app and how it ends: every user mistake is one line `error: ...` on stderr
-with exit code 2, out-of-memory one line with exit code 1, Ctrl-C exit code 130."""
+with exit code 2; a machine out of memory or disk space one line with exit code 1; Ctrl-C exit
+code 130. A reader that closes the pipe (`hae ... | head`) has what it wanted: hae stops
+quietly with exit code 0, whatever was being written."""
 
 from __future__ import annotations
 
+import errno
+import os
+import re
 import sys
 from typing import Annotated
 
+import rich.console
 import typer
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
@@ -17,23 +23,67 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
 
 def one_line(message: object) -> str:
-    return " ".join(str(message).split()) or "unknown error"
+    """`message` on one line, a terminal's control characters shown escaped (a file name with an
+    escape sequence cannot repaint the user's terminal)."""
+    text = " ".join(str(message).split()) or "unknown error"
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode("ascii"), text)
 
 
 def fail(message: object, code: int = EXIT_USAGE) -> None:
-    typer.echo(f"error: {one_line(message)}", err=True)
+    try:
+        typer.echo(f"error: {one_line(message)}", err=True)
+    except OSError:  # stderr itself is gone: the exit code is all there is
+        pass
     sys.exit(code)
 
 
-def _out_of_memory_types() -> tuple[type[BaseException], ...]:
-    types: list[type[BaseException]] = [MemoryError]
+def _out_of_memory(error: BaseException) -> bool:
+    if isinstance(error, MemoryError):
+        return True
     torch = sys.modules.get("torch")
     oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
-    if isinstance(oom, type):
-        types.append(oom)
-    return tuple(types)
+    if isinstance(oom, type) and isinstance(error, oom):
+        return True
+    if isinstance(error, OSError) and error.errno == errno.ENOMEM:
+        return True
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in str(error) or "out of memory" in str(error))
+
+
+def _out_of_memory_message(error: BaseException) -> str:
+    asked = re.search(r"allocate (\d+) bytes", str(error))
+    if asked:
+        from hae_cli.display.panel import format_bytes
+
+        what = f"could not allocate {format_bytes(int(asked.group(1)))}"
+    else:
+        what = one_line(error)[:160]
+    return (f"out of memory ({what}); try a smaller --budget, fewer --num-crops, fewer images, "
+            "--dtype bfloat16, or --device cpu")
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered cannot fail a second time at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+class _ReaderGone(Exception):
+    """The reader closed stdout's pipe. Not an `OSError`, which Click would end with exit 1."""
+
+
+def _reader_gone(console) -> None:
+    """Rich exits with 1 when the reader closes the pipe; hae's rule is one: exit 0, quietly."""
+    raise _ReaderGone()
+
+
+rich.console.Console.on_broken_pipe = _reader_gone
 
 
 def _hide_flag_types(command, ctx) -> None:
@@ -41,6 +91,18 @@ def _hide_flag_types(command, ctx) -> None:
     for param in [*command.params, command.get_help_option(ctx)]:
         if getattr(param, "is_flag", False) and param.metavar is None:
             param.metavar = ""
+
+
+def _os_error(error: OSError) -> None:
+    """An operating-system error no check turned into a line: the output (no file named) on a
+    full disk is the machine's (exit 1); a file's is one line naming it (exit 2)."""
+    from hae_cli.checks import disk_full, os_error_message
+
+    if error.filename is None:
+        _quiet_stdout()
+        code = EXIT_FAILURE if disk_full(error) or error.errno == errno.EIO else EXIT_USAGE
+        fail(f"cannot write the output: {error.strerror or error}", code)
+    fail(os_error_message(error, os.fsdecode(error.filename), "file"), EXIT_FAILURE if disk_full(error) else EXIT_USAGE)
 
 
 class _OneLineErrors(TyperGroup):
@@ -60,10 +122,23 @@ class _OneLineErrors(TyperGroup):
                 param.metavar = ""
         return option
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:  # the help is printed while the arguments are parsed
+            return super().make_context(info_name, args, parent, **extra)
+        except BrokenPipeError:
+            raise _ReaderGone() from None
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except BrokenPipeError:
+            raise _ReaderGone() from None
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             with signals.stop_like_ctrl_c():
                 result = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+                sys.stdout.flush()  # a full disk fails here, with a line, not at exit
         except TyperException as error:  # Click's errors: usage (exit 2), or `hae` alone (help)
             ctx = getattr(error, "ctx", None)
             if type(error).__name__ == "NoArgsIsHelpError":  # Typer has printed the help already
@@ -74,14 +149,15 @@ class _OneLineErrors(TyperGroup):
             typer.echo(f"interrupted{signals.describe()}", err=True)
             sys.exit(signals.exit_code())
         except HaeError as error:
-            fail(error, EXIT_USAGE)
+            fail(error, error.exit_code)
+        except (_ReaderGone, BrokenPipeError):
+            _quiet_stdout()
+            sys.exit(0)
         except BaseException as error:
-            if isinstance(error, _out_of_memory_types()):
-                fail(
-                    f"out of memory ({one_line(error)[:160]}); try a smaller --budget, fewer --num-crops, "
-                    "fewer images, --dtype bfloat16, or --device cpu",
-                    EXIT_FAILURE,
-                )
+            if _out_of_memory(error):
+                fail(_out_of_memory_message(error), EXIT_FAILURE)
+            if isinstance(error, OSError):
+                _os_error(error)
             raise
         if result == EXIT_INTERRUPTED:  # Click turned a Ctrl-C (or SIGTERM, SIGHUP) outside a run into 130
             typer.echo(f"\ninterrupted{signals.describe()}", err=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
@@ -17,6 +18,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from hae_cli.checks import os_error_message
 from hae_cli.cli import signals
 from hae_cli.cli.app import app, one_line
 from hae_cli.cli.options import OUTPUT_PANEL, RunOptions, run_command_options
@@ -46,9 +48,9 @@ CHAT_COMMANDS = {
 )
 @run_command_options(max_new_tokens=128)
 def chat(
-    images: Annotated[list[Path] | None, typer.Argument(
-        help="The images to talk about, labelled Image 1, Image 2, ... in this order.", metavar="IMAGE...",
-        show_default=False)] = None,
+    images: Annotated[list[Path], typer.Argument(
+        help="The images to talk about, labelled Image 1, Image 2, ... in this order.", metavar="IMAGE",
+        show_default=False)],
     script: Annotated[Path | None, typer.Option(
         "--script", rich_help_panel=OUTPUT_PANEL, metavar="FILE", show_default=False,
         help="Read the questions (and /commands) from this file, one per line, instead of a prompt.",
@@ -71,7 +73,7 @@ def chat(
     Each answer streams as it is written; after it (on a terminal) the cache panel shows every layer's occupancy and what this turn evicted, binned and restored. Later questions can ask about what earlier ones did not: that is where eviction shows its cost.
     """
     nothing = {"interrupted": True, "turns": [], "model": options.model} if json_output else None
-    checked = check_run("chat", options, images or [], nothing)
+    checked = check_run("chat", options, images, nothing)
     lines = _question_lines(script)
     from hae_cli.conversation import Conversation
     from hae_cli.display.memory import MemoryProbe
@@ -88,17 +90,19 @@ def chat(
         conversation.on_progress = None  # the spinner ends here; later images are read in a blink
     session = _Session(conversation, stdout, MemoryProbe(), checked.buffer, panels, json_output)
     try:
+        for note in conversation.notes:
+            typer.echo(f"note: {note}", err=True)
         typer.echo(_images_line(conversation), err=True)
         if interactive:
             typer.echo("Ask about them (\"what shape is in image 1?\"); /help lists the commands.", err=True)
         session.run(lines, interactive)
-    finally:
+    finally:  # however the session ends, its record is written
         session.probe.close()
-    with signals.writing_result():
-        if json_output:
-            payload = session.to_json()
-            payload["model"] = loaded.name
-            write_json(payload)
+        with signals.writing_result():
+            if json_output:
+                payload = session.to_json()
+                payload["model"] = loaded.name
+                write_json(payload)
     if signals.received_ends_session():
         typer.echo(f"conversation ended{signals.describe()}", err=True)
         sys.exit(signals.exit_code())
@@ -115,6 +119,8 @@ class _Session:
         self.buffer, self.panels, self.as_json = buffer, panels, as_json
         self.interrupted_input = False
         self.ended = False
+        self.added: list[int] = []  # the images /images added for the next turn (their numbers)
+        self.image_seconds = 0.0  # and how long reading and encoding them took
 
     def run(self, lines: Iterator[str], interactive: bool) -> None:
         """Until EOF, /quit or a signal that ends the session. A Ctrl-C outside an answer (which
@@ -133,6 +139,12 @@ class _Session:
                     self.ask(line)
             except HaeError as error:
                 typer.echo(f"error: {one_line(error)}", err=True)
+            except OSError as error:
+                if error.filename is None:  # stdout itself (a closed pipe, a full disk) ends the session
+                    raise
+                typer.echo(f"error: {one_line(os_error_message(error, error.filename, 'file'))}", err=True)
+            except Exception as error:  # a bad line never ends the conversation nor loses its record
+                typer.echo(f"error: {type(error).__name__}: {one_line(error)}", err=True)
             except KeyboardInterrupt:
                 if interactive and not signals.received_ends_session():
                     typer.echo("\n(cancelled)", err=True)
@@ -149,6 +161,7 @@ class _Session:
             typer.echo("\n".join(CHAT_COMMANDS.values()), err=True)
         elif name == "/reset":
             self.conversation.reset()
+            self.added, self.image_seconds = [], 0.0  # every image is in the prefill now
             typer.echo(f"conversation reset; {_images_line(self.conversation)}", err=True)
         elif name == "/stats":
             self.show_cache()
@@ -159,7 +172,10 @@ class _Session:
                 raise InputError(f"/images: {error}") from None
             check_images(paths)
             first = self.conversation.num_images + 1
+            began = time.perf_counter()
             self.conversation.add_images(paths)
+            self.image_seconds += time.perf_counter() - began
+            self.added += range(first, first + len(paths))
             where = "the first turn" if not self.conversation.turns else "your next question"
             for k, path in enumerate(paths, start=first):
                 typer.echo(f"image {k}: {path} (goes into {where})", err=True)
@@ -179,6 +195,8 @@ class _Session:
 
         with signals.answer_stops_on_signal() as stop:
             turn = self.conversation.ask(question, on_token=on_token, should_stop=stop)
+        turn.result.image_seconds, self.image_seconds = self.image_seconds, 0.0
+        added, self.added = self.added, []
         if not self.as_json:
             if not streamed:
                 sys.stdout.write(turn.result.text)
@@ -189,13 +207,13 @@ class _Session:
             self.ended = True
         elif turn.result.interrupted:
             typer.echo("(answer stopped; the conversation goes on)", err=True)
-        self.show_turn(turn)
+        self.show_turn(turn, added)
 
-    def show_turn(self, turn) -> None:
+    def show_turn(self, turn, added: list[int]) -> None:
         if self.panels:
             self.stdout.print(self._panel(turn.result, f"turn {turn.index}"))
         else:
-            typer.echo(_turn_line(turn), err=True)
+            typer.echo(_turn_line(turn, added), err=True)
 
     def show_cache(self) -> None:
         from hae_cli.display.panel import PanelState, render_turn
@@ -213,11 +231,14 @@ class _Session:
 
         state = state_from_result(result, title, self.probe.snapshot())
         state.buffer = self.buffer
+        if not result.image_seconds:  # no image was read for this turn: no "images 0 ms"
+            state.image_seconds = None
         return render_turn(state) if self.panels else render_summary(state)
 
     def to_json(self) -> dict:
         return {
             **self.conversation.to_json(),
+            "notes": self.conversation.notes,
             "interrupted": self.interrupted_input or signals.received_ends_session(),
             "memory": memory_json(self.probe.snapshot()),
         }
@@ -241,10 +262,18 @@ def _cache_size(stats) -> str:
     return text
 
 
-def _turn_line(turn) -> str:
+def _turn_line(turn, added: list[int]) -> str:
     """One line per turn for logs: what the cache holds and what this turn did to it."""
     done = ", ".join(f"{count} {action}" for action, count in turn.actions.items() if count) or "nothing evicted"
-    return f"turn {turn.index}: {_cache_size(turn.result.steps[-1])}; this turn: {done}"
+    return f"turn {turn.index}: {_cache_size(turn.result.steps[-1])}; this turn: {done}{_added(added, turn)}"
+
+
+def _added(numbers: list[int], turn) -> str:
+    """"; image 3 added in 41 ms": the images read and encoded for this turn, and how long that took."""
+    if not numbers:
+        return ""
+    plural = "s" if len(numbers) > 1 else ""
+    return f"; image{plural} {', '.join(map(str, numbers))} added in {turn.result.image_seconds * 1000:.0f} ms"
 
 
 def _question_lines(script: Path | None) -> Iterator[str]:
@@ -257,6 +286,9 @@ def _question_lines(script: Path | None) -> Iterator[str]:
             raise InputError(f"cannot read --script {script}: {error.strerror or error}") from None
         except UnicodeDecodeError:
             raise InputError(f"--script {script} is not UTF-8 text") from None
+        if not text.strip():
+            what = "it is empty" if not text else "only blank lines"
+            raise InputError(f"--script {script} has no questions ({what}); write one question or /command a line")
         return iter(text.splitlines())
     if sys.stdin.isatty():
         return _prompted()

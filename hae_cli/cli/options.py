@@ -47,15 +47,17 @@ NumCropsOpt = Annotated[int | None, typer.Option(
          "(demo model: 1, Phi-3.5-Vision: 16).",
 )]
 PolicyOpt = Annotated[str, typer.Option(
-    "--policy", "-P", rich_help_panel=POLICY_PANEL, metavar="NAME",
+    "--policy", rich_help_panel=POLICY_PANEL, metavar="NAME",
     help="KV-cache policy: [bold]hae[/bold] (default), [bold]full[/bold] (no eviction) or a baseline; "
          "[bold]hae policies[/bold] lists every policy there is, with its parameters.",
 )]
 BudgetOpt = Annotated[str | None, typer.Option(
     "--budget", "-b", rich_help_panel=POLICY_PANEL, metavar="TOKENS|FRACTION",
-    help="Tokens each layer is brought back to while decoding: a whole number ([bold]512[/bold]) or a "
-         "fraction of the prompt in (0, 1] ([bold]0.5[/bold]). A layer holds up to budget + the policy's "
-         "buffer ([bold]-p buffer=N[/bold]) before a round evicts it back to the budget. Default: the policy's.",
+    help="Tokens each layer is brought back to while decoding: a whole number counts tokens ([bold]512[/bold]; "
+         "[bold]1[/bold] keeps one token per layer), a number with a point is a share of the prompt in (0, 1] "
+         "([bold]0.5[/bold] keeps half; [bold]1.0[/bold] keeps all of it). A budget that leaves fewer than "
+         "16 tokens per layer is said in a note. A layer holds up to budget + the policy's buffer "
+         "([bold]-p buffer=N[/bold]) before a round evicts it back to the budget. Default: the policy's.",
 )]
 VisualKeepOpt = Annotated[float | None, typer.Option(
     "--visual-keep", rich_help_panel=POLICY_PANEL, metavar="FRACTION",

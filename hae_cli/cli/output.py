@@ -13,8 +13,8 @@ from typing import Any
 import typer
 from rich.console import Console
 
+from hae_cli.checks import write_failed
 from hae_cli.cli import signals
-from hae_cli.errors import InputError
 
 
 class Progress:
@@ -97,4 +97,4 @@ def write_json(payload: dict, path: Path | None = None) -> None:
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_failed(error, path) from None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hae_cli.cli.options import RunOptions
-from hae_cli.cli.output import interruptible, library
+from hae_cli.cli.output import interruptible, library, progress_on_stderr
 from hae_cli.cli.validate import check_images, check_policy_name, check_sampling, checked_policy
 from hae_cli.errors import InputError
 
@@ -29,17 +29,23 @@ class Checked:
 
 
 def check_run(command: str, options: RunOptions, images: Sequence[Path], nothing: dict | None) -> Checked:
-    """Sampling, images present, the policy, every image decoded: all before the model loads."""
+    """Sampling, images present, the policy, every image decoded: all before the model loads.
+    The libraries (torch, transformers: seconds) are imported here, under a spinner."""
     check_sampling(options)
     if not images:
         raise InputError(f"`{command}` needs at least one image")
+    with progress_on_stderr() as progress:
+        progress(LOADING_LIBRARIES)
+        return interruptible(lambda: _checks(options, images), nothing)
 
-    def checks() -> Checked:
-        policy = checked_policy(check_policy_name(options.policy), options.policy_args)
-        check_images(images)
-        return Checked(policy, library())
 
-    return interruptible(checks, nothing)
+LOADING_LIBRARIES = "loading hae's libraries (torch, transformers)"
+
+
+def _checks(options: RunOptions, images: Sequence[Path]) -> Checked:
+    policy = checked_policy(check_policy_name(options.policy), options.policy_args)
+    check_images(images)
+    return Checked(policy, library())
 
 
 def load(checked: Checked, options: RunOptions, progress, nothing: dict | None):

@@ -11,9 +11,11 @@ import typer
 from rich.console import Console
 
 from hae_cli.cli import signals, validate
+from hae_cli.checks import check_output_path, kind_of, path_status
 from hae_cli.cli.app import app
 from hae_cli.cli.options import OUTPUT_PANEL, KeptOptions, RunOptions, Task, run_command_options
 from hae_cli.cli.output import interruptible, library, progress_on_stderr, write_json
+from hae_cli.cli.prepare import LOADING_LIBRARIES
 from hae_cli.cli.validate import (
     check_images, check_kept_options, check_policy_name, check_sampling, checked_policy, kept_layer_for,
 )
@@ -58,6 +60,16 @@ def build_workload(images: Sequence[Path] | None, question: str | None, task: Ta
             seen = list(dict.fromkeys(p for prompt in prompts for p in prompt.images))
             prompts = [Prompt("story", tuple(seen), None)]
     return prompts[:limit] if limit else prompts
+
+
+def check_samples(folder: Path) -> None:
+    """--samples is a folder holding questions.json, checked before the model loads."""
+    status = path_status(folder, "--samples folder")
+    if status is None or kind_of(status) != "folder":
+        raise InputError(f"--samples: folder {folder} does not exist" if status is None
+                         else f"--samples {folder} is a {kind_of(status)}; give the folder that holds questions.json")
+    if path_status(folder / "questions.json", "--samples questions.json") is None:
+        raise InputError(f"no questions.json in {folder}; pass --images and --question")
 
 
 @app.command(
@@ -107,21 +119,26 @@ def profile(
     check_sampling(options)
     if question is not None:
         checked_text(question, "--question")
-    if plot is not None and plot.suffix.lower() != ".png":
-        raise ConfigError(f"--plot writes a PNG; give a file name that ends in .png, got {str(plot)!r}")
-    for option, path in (("--plot", plot), ("--json", json_file)):
-        if path is not None and str(path) != "-" and not path.parent.is_dir():
-            raise ConfigError(f"{option} {path}: folder {str(path.parent)!r} does not exist")
+    if plot is not None:
+        check_output_path(plot, "--plot", ".png")
+    if json_file is not None and str(json_file) != "-":
+        check_output_path(json_file, "--json")
+    if samples is not None:
+        check_samples(samples)
     check_kept_options(kept, options.max_new_tokens)
-    policy_name = check_policy_name(options.policy)
-    runs = parse_compare(compare, policy_name)
-    built = {name: checked_policy(p, options.policy_args, strict=False) for name, p in runs}
-    used = {key for name, p in runs for key in options.policy_args if key in validate.policy_fields(p)}
-    unused = [key for key in options.policy_args if key not in used]
-    if unused:
-        raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} ({', '.join(p for _, p in runs)})")
-    workload = build_workload(images, question, task, samples, limit)
-    check_images(sorted({p for prompt in workload for p in prompt.images}))
+    with progress_on_stderr() as progress:
+        progress(LOADING_LIBRARIES)
+        policy_name = check_policy_name(options.policy)
+        runs = parse_compare(compare, policy_name)
+        built = {name: checked_policy(p, options.policy_args, strict=False) for name, p in runs}
+        used = {key for name, p in runs for key in options.policy_args if key in validate.policy_fields(p)}
+        unused = [key for key in options.policy_args if key not in used]
+        if unused:
+            raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} "
+                              f"({', '.join(p for _, p in runs)})")
+        workload = build_workload(images, question, task, samples, limit)
+        check_images(sorted({p for prompt in workload for p in prompt.images}))
+        api = library()
 
     from hae_cli.display.panel import compare_table
     from hae_cli.compare import run_profile
@@ -129,7 +146,6 @@ def profile(
     from hae_cli.compare import ProfileReport
 
     nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
-    api = library()
     with progress_on_stderr() as progress:
         loaded = interruptible(lambda: api.load_model(
             options.model, options.device, options.dtype, options.num_crops, on_progress=progress),
@@ -151,13 +167,14 @@ def profile(
                 console = Console(width=max(console.width, 200))
             console.print(compare_table(rows, BASELINE))
         if plot is not None:
-            from hae_cli.display.plot import plot_occupancy
+            from hae_cli.display.plot import has_curve, plot_occupancy
 
             first = workload[0]
             which = f"prompt 1 of {len(workload)}" if len(workload) > 1 else "the prompt"
-            plot_occupancy({name: results[0].steps for name, results in report.results.items() if results}, plot,
-                           title=f"tokens held per layer, {which}: {first.task} {first.label()}")
-            typer.echo(f"plot written to {plot} ({which}: {first.task} {first.label()})", err=True)
+            drawn = {name: results[0].steps for name, results in report.results.items() if results}
+            plot_occupancy(drawn, plot, title=f"tokens held per layer, {which}: {first.task} {first.label()}")
+            shows = "" if has_curve(drawn) else "; the answers were too short for a curve: it shows tokens held per layer"
+            typer.echo(f"plot written to {plot} ({which}: {first.task} {first.label()}{shows})", err=True)
         if kept.path is not None:
             _write_kept_per_policy(report, workload[0], kept, layer, loaded)
         notes = dict.fromkeys(note for runs in report.results.values() for result in runs for note in result.notes)

@@ -34,8 +34,9 @@ from hae_cli.user_text import checked_text
 )
 @run_command_options(max_new_tokens=128, kept=True)
 def ask(
-    image: Annotated[Path, typer.Argument(help="The image to ask about (PNG, JPEG, ...).", show_default=False)],
-    question: Annotated[str, typer.Argument(help="The question, quoted.", show_default=False)],
+    image: Annotated[Path, typer.Argument(help="The image to ask about (PNG, JPEG, ...).", metavar="IMAGE",
+                                          show_default=False)],
+    question: Annotated[str, typer.Argument(help="The question, quoted.", metavar="QUESTION", show_default=False)],
     json_output: JsonFlag = False,
     no_live: NoLiveFlag = False,
     *,
@@ -60,7 +61,7 @@ def ask(
 )
 @run_command_options(max_new_tokens=256, kept=True)
 def story(
-    images: Annotated[list[Path] | None, typer.Argument(help="Images, in story order.", show_default=False)] = None,
+    images: Annotated[list[Path], typer.Argument(help="Images, in story order.", metavar="IMAGE", show_default=False)],
     prompt: Annotated[str | None, typer.Option(
         "--prompt", rich_help_panel=SAMPLING_PANEL,
         help="The instruction after the images. Default: \"Describe each image in order.\"",
@@ -79,7 +80,7 @@ def story(
     """
     if prompt is not None:
         checked_text(prompt, "--prompt")
-    generate_and_show("story", images or [], prompt, options, json_output, live=not no_live, kept=kept)
+    generate_and_show("story", images, prompt, options, json_output, live=not no_live, kept=kept)
 
 
 
@@ -125,6 +126,9 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
 
     drawn = write_run_png(result, kept.path, kept_layer, images, loaded, f"{policy.name} · {title}")
     with signals.writing_result():
+        if drawn is not None:
+            when = "after prefill" if result.kept.step == 0 else f"after decode step {result.kept.step}"
+            typer.echo(f"kept patches written to {drawn} (layer {kept_layer}, {when})", err=True)
         if as_json:
             payload = result.to_json()
             if drawn is not None:

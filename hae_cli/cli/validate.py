@@ -4,7 +4,6 @@ sampling, images. Each mistake is a `ConfigError` or `InputError` naming the opt
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -146,11 +145,20 @@ def check_images(images: Sequence[Path]) -> list[Path]:
     return list(images)
 
 
+SAMPLING_OPTIONS = {"max_new_tokens": "--max-new-tokens", "temperature": "--temperature", "top_p": "--top-p",
+                    "seed": "--seed"}
+
+
 def check_sampling(options) -> None:
-    """The generation loop's own checks (max_new_tokens, temperature, top_p), before the model loads."""
+    """The generation loop's own checks (max_new_tokens, temperature, top_p), before the model
+    loads; a mistake names the option as the user typed it (--top-p, not top_p)."""
     from hae_cli.model.sampling import SamplingConfig
 
-    SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
+    try:
+        SamplingConfig(options.max_new_tokens, options.temperature, options.top_p, options.seed)
+    except ConfigError as error:
+        field, _, rest = str(error).partition(" ")
+        raise ConfigError(f"{SAMPLING_OPTIONS.get(field, field)} {rest}") from None
 
 
 def check_kept_options(kept, max_new_tokens: int) -> None:
@@ -177,12 +185,6 @@ def kept_layer_for(kept, num_layers: int) -> int:
 
 def check_writable(path: Path, option: str = "--show-kept") -> None:
     """Fail before the run, not after it, when the picture could not be written."""
-    if path.suffix.lower() != ".png":
-        raise InputError(f"{option} writes a PNG: give a file name ending in .png, not {str(path)!r}")
-    if path.is_dir():
-        raise InputError(f"{option}: {str(path)!r} is a folder; give a file name ending in .png")
-    parent = path.parent
-    if not parent.is_dir():
-        raise InputError(f"{option}: folder {str(parent)!r} does not exist")
-    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise InputError(f"{option}: cannot write {str(path)!r} (permission denied)")
+    from hae_cli.checks import check_output_path
+
+    check_output_path(path, option, ".png")

@@ -2,7 +2,9 @@
 its views as the model saw it (for Phi-3.5-V: its crops after the HD transform, the `glb_GN`
 between, its global view), each image token's cell drawn as kept (the picture as is), evicted
 (dimmed to grey) or in the recycle bin (tinted orange), a row's separator token as a small
-square at the row's end. The family says what its views are (`VisionLanguageModel.image_cells`).
+square at the row's end. A patch held by some of the heads (per-head policies) is a gauge: the
+picture fills the held share of the cell from the bottom, evicted grey the rest, readable on
+any colour. The family says what its views are (`VisionLanguageModel.image_cells`).
 
 Drawn with Pillow (a core dependency), cell by cell, so a test can read a cell's status back
 from its pixels; `KeptLayout` says where every cell lies.
@@ -17,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from hae_cli.cache.kept_map import KeptMap
-from hae_cli.errors import InputError
+from hae_cli.checks import write_failed
 from hae_cli.model.interface import ImageCells, PictureView
 
 CELL = 12  # pixels per image token (a merged patch: 28 pixels of a 336-pixel crop)
@@ -95,7 +97,7 @@ def layout(images: list[ImageCells], header_height: int = HEADER_HEIGHT) -> Kept
         rows.append(row)
         y = row.y + row.height + ROW_GAP
         width = max(width, x - VIEW_GAP + MARGIN)
-    return KeptLayout(max(width, 860), y, rows)  # at least the legend's width
+    return KeptLayout(max(width, _legend_width()), y, rows)
 
 
 def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -> Image.Image:
@@ -119,7 +121,8 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
             x0, y0, x1, y1 = row.cell_box(v, r, c)
             separator = view.separator or (view.row_separators and c == view.cols)
             base = SEPARATOR_KEPT if separator else maps[v][r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL]
-            canvas[y0:y1, x0:x1] = _status_colour(base, float(share[slot]), bool(in_bin[slot]), bool(in_reserve[slot]))
+            base = np.broadcast_to(base, (y1 - y0, x1 - x0, 3))
+            canvas[y0:y1, x0:x1] = cell_pixels(base, float(share[slot]), bool(in_bin[slot]), bool(in_reserve[slot]))
         held, binned = kept.tokens_held(layer, image.index), kept.tokens_in_bin(layer, image.index)
         label = f"image {image.index}: {held} of {image.count} tokens held at layer {layer}"
         if binned:
@@ -128,7 +131,7 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
         if reserved:
             label += f", {reserved} in the reserve"
         if kept.heads > 1 and np.any((share > 0) & (share < 1)):
-            label += " (per head: lighter = held by more heads)"
+            label += " (per head: the picture fills the share of heads holding a patch)"
         labels.append((row, label))
 
     figure = Image.fromarray(np.clip(np.rint(canvas), 0, 255).astype(np.uint8), "RGB")
@@ -136,7 +139,7 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
     for n, line in enumerate(title_lines):
         draw.text((MARGIN, 6 + n * TITLE_LINE), line, fill=INK, font=font)
     names = next((cells.separator_names for cells in images if cells.separator_names), "")
-    _legend(draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1), names)
+    _legend(figure, draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1), names)
     for row in plan.rows:
         _frame(draw, row)
     for row, label in labels:
@@ -154,7 +157,7 @@ def save_png(figure: Image.Image, path: Path) -> Path:
     try:
         figure.save(path, format="PNG")
     except OSError as error:
-        raise InputError(f"cannot write {path}: {error.strerror or error}") from None
+        raise write_failed(error, path) from None
     return path
 
 
@@ -193,18 +196,53 @@ def _status_colour(base: np.ndarray, share: float, in_bin: bool, in_reserve: boo
     return base * (1 - fade) + GONE_GREY * fade
 
 
-def _legend(draw: ImageDraw.ImageDraw, font, x: int, y: int, separator_names: str = "") -> None:
-    light = np.array([220.0] * 3)
-    swatches = [
-        ("kept: the patch as the model saw it", light),
-        ("evicted", _status_colour(light, 0.0, False)),
-        ("in the recycle bin", _status_colour(light, 0.0, True)),
-        ("in the reserve", _status_colour(light, 0.0, False, True)),
-        (f"separator ({separator_names}) kept" if separator_names else "separator kept", SEPARATOR_KEPT),
+def cell_pixels(base: np.ndarray, share: float, in_bin: bool, in_reserve: bool = False) -> np.ndarray:
+    """A cell's pixels (`base`: rows x cols x 3, the picture or a colour) for a patch held by
+    `share` of the heads: the picture (1), evicted grey (0), or, in between, a gauge: the picture
+    in the bottom `share` of the rows, grey above."""
+    if in_bin or in_reserve or share >= 1.0 or share <= 0.0:
+        return _status_colour(base, 1.0 if share >= 1.0 else 0.0, in_bin, in_reserve)
+    rows = base.shape[0]
+    held = min(rows - 1, max(1, round(share * rows)))
+    out = _status_colour(base, 0.0, False)
+    out[rows - held:] = base[rows - held:]
+    return out
+
+
+def _sample_picture() -> np.ndarray:
+    """A swatch that looks like a picture: four colours, as a kept patch shows its own."""
+    swatch = np.empty((CELL, CELL, 3), dtype=np.float32)
+    half = CELL // 2
+    swatch[:half, :half], swatch[:half, half:] = (230, 90, 70), (90, 170, 230)
+    swatch[half:, :half], swatch[half:, half:] = (250, 210, 80), (110, 190, 110)
+    return swatch
+
+
+def legend_swatches(separator_names: str = "") -> list[tuple[str, np.ndarray]]:
+    """(label, CELL x CELL pixels) for the legend, each drawn as the cells are."""
+    picture = _sample_picture()
+    return [
+        ("kept: the patch as the model saw it", cell_pixels(picture, 1.0, False)),
+        ("evicted", cell_pixels(picture, 0.0, False)),
+        ("in the recycle bin", cell_pixels(picture, 0.0, True)),
+        ("in the reserve", cell_pixels(picture, 0.0, False, True)),
+        ("held by half the heads", cell_pixels(picture, 0.5, False)),
+        (f"separator ({separator_names}) kept" if separator_names else "separator kept",
+         np.broadcast_to(SEPARATOR_KEPT, (CELL, CELL, 3))),
     ]
-    for text, colour in swatches:
-        fill = tuple(int(round(v)) for v in colour)
-        draw.rectangle((x, y + 2, x + CELL, y + 2 + CELL), fill=fill, outline=(90, 90, 90))
+
+
+def _legend_width(separator_names: str = "sub_GN, glb_GN") -> int:
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    texts = [text for text, _ in legend_swatches(separator_names)]
+    return 2 * MARGIN + sum(CELL + 5 + int(probe.textlength(text, font=_font(13))) + 18 for text in texts)
+
+
+def _legend(image: Image.Image, draw: ImageDraw.ImageDraw, font, x: int, y: int, separator_names: str = "") -> None:
+    for text, pixels in legend_swatches(separator_names):
+        swatch = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
+        image.paste(swatch, (x, y + 2))
+        draw.rectangle((x - 1, y + 1, x + CELL, y + 2 + CELL), outline=(90, 90, 90))
         draw.text((x + CELL + 5, y), text, fill=INK, font=font)
         x += CELL + 5 + int(draw.textlength(text, font=font)) + 18
 

@@ -1,6 +1,10 @@
-"""How much memory this process holds: on the GPU (NVML, and torch's allocator) and on the host.
+"""How much memory this process holds: on the GPU (NVML, and torch's allocator) and on the host,
+now and at its peak.
 
-The panel shows it next to the KV bytes so a user can see that eviction frees real memory.
+The panel shows it next to the KV bytes so a user can see that eviction frees real memory. The
+figures are the whole process's (the model, the images as they are decoded and resized, the
+cache), and "now" is when the snapshot is taken: a large image can peak far above it while it
+is read, so the peak is shown too (the host's from the kernel's own count, `ru_maxrss`).
 NVML is optional: with no NVIDIA driver (a CPU machine, a container without the library)
 the probe reports host memory only and says why, instead of failing.
 """
@@ -21,10 +25,12 @@ NO_GPU_ERRORS = ("NVMLError_LibraryNotFound", "NVMLError_DriverNotLoaded")
 
 @dataclass(frozen=True)
 class MemorySnapshot:
-    host_rss_bytes: int
+    host_rss_bytes: int  # this process's resident memory now
     gpu_process_bytes: int | None = None  # this process, summed over GPUs (NVML)
     torch_allocated_bytes: int | None = None  # torch.cuda.memory_allocated()
     gpu_note: str | None = None  # why there is no GPU reading
+    host_peak_rss_bytes: int | None = None  # the most this process has held since it started
+    torch_peak_bytes: int | None = None  # torch.cuda.max_memory_allocated()
 
     @property
     def has_gpu(self) -> bool:
@@ -59,11 +65,15 @@ class MemoryProbe:
         self._nvml = pynvml
 
     def snapshot(self) -> MemorySnapshot:
+        rss = self._process.memory_info().rss
+        peak = _host_peak_bytes()
         return MemorySnapshot(
-            host_rss_bytes=self._process.memory_info().rss,
+            host_rss_bytes=rss,
             gpu_process_bytes=self._gpu_process_bytes(),
             torch_allocated_bytes=_torch_allocated_bytes(),
             gpu_note=self.gpu_note,
+            host_peak_rss_bytes=max(peak, rss) if peak is not None else None,
+            torch_peak_bytes=_torch_allocated_bytes(peak=True),
         )
 
     def close(self) -> None:
@@ -97,7 +107,17 @@ class MemoryProbe:
         return total if seen else 0
 
 
-def _torch_allocated_bytes() -> int | None:
+def _host_peak_bytes() -> int | None:
+    """The process's peak resident memory (`ru_maxrss`: kilobytes on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) if sys.platform == "darwin" else int(peak) * 1024
+
+
+def _torch_allocated_bytes(peak: bool = False) -> int | None:
     # Only if torch is already imported: probing must not pull torch into a process that has no model.
     torch = sys.modules.get("torch")
     if torch is None:
@@ -105,6 +125,6 @@ def _torch_allocated_bytes() -> int | None:
     try:
         if not torch.cuda.is_available() or not torch.cuda.is_initialized():
             return None
-        return int(torch.cuda.memory_allocated())
+        return int(torch.cuda.max_memory_allocated() if peak else torch.cuda.memory_allocated())
     except Exception:  # a broken CUDA setup must not break the display
         return None

@@ -311,7 +311,8 @@ def kv_line(state: PanelState) -> Text:
 
 def memory_line(memory: MemorySnapshot | None, kv_allocated: int = 0) -> Text:
     """What the process holds; first the KV cache's storage (its held rows and the room for the
-    next ones, up to budget + buffer), when there is one."""
+    next ones, up to budget + buffer), when there is one. The rest is the whole process (model,
+    images, cache): now, when the snapshot was taken, and at its peak."""
     line = Text()
     if kv_allocated:
         line.append("KV allocated ").append(format_bytes(kv_allocated), style="bold").append(" · ")
@@ -323,9 +324,14 @@ def memory_line(memory: MemorySnapshot | None, kv_allocated: int = 0) -> Text:
     if memory.torch_allocated_bytes is not None:
         line.append(" torch allocated " if line else "torch allocated ")
         line.append(format_bytes(memory.torch_allocated_bytes), style="bold")
+        if memory.torch_peak_bytes is not None:
+            line.append(", peak ").append(format_bytes(memory.torch_peak_bytes), style="bold")
     if memory.has_gpu:
         line.append(" · ")
-    line.append("host RSS ").append(format_bytes(memory.host_rss_bytes), style="bold")
+    line.append("host RSS now ").append(format_bytes(memory.host_rss_bytes), style="bold")
+    if memory.host_peak_rss_bytes is not None:
+        line.append(", peak ").append(format_bytes(memory.host_peak_rss_bytes), style="bold")
+    line.append(" (the whole process)", style="dim")
     if not memory.has_gpu and memory.gpu_note:
         line.append(f"  (GPU: {memory.gpu_note})", style="dim")  # "none" on a machine without one
     return line

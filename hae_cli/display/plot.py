@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from hae_cli.cache.stats import CacheStats
+from hae_cli.checks import write_failed
 from hae_cli.errors import HaeError
 
 
@@ -59,6 +60,8 @@ def occupancy_figure(runs: Mapping[str, Sequence[CacheStats]], title: str | None
     import textwrap
 
     styled = {name: (index, steps) for index, (name, steps) in enumerate(runs.items()) if occupancy_series(steps)[0]}
+    if styled and not has_curve(runs):
+        return _per_layer_figure(styled, title)
     apart = full if full in styled and len(styled) > 1 else None
     figure = Figure(figsize=(12, 6), dpi=100)
     FigureCanvasAgg(figure)
@@ -92,6 +95,54 @@ def occupancy_figure(runs: Mapping[str, Sequence[CacheStats]], title: str | None
 
     _image_bars(bars, {name: steps[-1] for name, (_, steps) in styled.items() if name != apart},
                 {name: index for name, (index, _) in styled.items()})
+    heading = title or "KV cache occupancy"
+    figure.suptitle("\n".join(textwrap.wrap(heading, 120)), fontsize=10)
+    figure.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.86 if len(heading) > 120 else 0.9)
+    return figure
+
+
+def has_curve(runs: Mapping[str, Sequence[CacheStats]]) -> bool:
+    """Some run decoded past its first step: occupancy over the steps is a curve worth drawing
+    (a one-token answer is the prefill and at most one step: two points, no curve)."""
+    return any(len(occupancy_series(steps)[0]) > 2 for steps in runs.values())
+
+
+def _per_layer_figure(styled: Mapping[str, tuple[int, Sequence[CacheStats]]], title: str | None):
+    """For answers too short for a curve: tokens each policy holds in each layer at its last
+    step, as grouped bars (where a policy prunes, and how far), beside the per-image bars."""
+    import textwrap
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    figure = Figure(figsize=(12, 6), dpi=100)
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(1, 2, width_ratios=(3, 2), wspace=0.22)
+    layers, bars = figure.add_subplot(grid[0, 0]), figure.add_subplot(grid[0, 1])
+    finals = {name: steps[-1] for name, (_, steps) in styled.items()}
+    width = 0.8 / max(1, len(finals))
+    most = 1
+    for n, (name, stats) in enumerate(finals.items()):
+        index = styled[name][0]
+        held = [layer.tokens_held for layer in stats.layers]
+        most = max([most] + held)
+        positions = [k - 0.4 + width * (n + 0.5) for k in range(len(held))]
+        layers.bar(positions, held, width=width, label=name, color=f"C{index % 10}",
+                   hatch=("", "//", "..", "xx", "\\\\", "++")[index % 6], edgecolor="white", linewidth=0.5)
+    count = max(len(stats.layers) for stats in finals.values())
+    layers.set_xticks(range(count))
+    layers.xaxis.set_major_locator(MaxNLocator(integer=True))
+    layers.yaxis.set_major_locator(MaxNLocator(integer=True))
+    layers.set_ylim(bottom=0, top=most * 1.25)
+    layers.set_xlabel("layer (0 = the first)")
+    layers.set_ylabel("tokens held")
+    steps = max(len(steps) for _, steps in styled.values()) - 1
+    layers.set_title(f"tokens held per layer at the end (the answers took {steps} decode step{'s' if steps != 1 else ''}"
+                     ": too few for a curve over the steps)", fontsize=9, loc="left")
+    layers.legend(loc="upper left", fontsize=8, ncol=3)
+    layers.grid(True, axis="y", alpha=0.3)
+    _image_bars(bars, finals, {name: index for name, (index, _) in styled.items()})
     heading = title or "KV cache occupancy"
     figure.suptitle("\n".join(textwrap.wrap(heading, 120)), fontsize=10)
     figure.subplots_adjust(left=0.07, right=0.98, bottom=0.1, top=0.86 if len(heading) > 120 else 0.9)
@@ -133,5 +184,5 @@ def plot_occupancy(runs: Mapping[str, Sequence[CacheStats]], path: str | Path, t
     try:
         figure.savefig(path, format="png")
     except OSError as error:
-        raise HaeError(f"cannot write the plot to {str(path)!r}: {error.strerror or error}") from None
+        raise write_failed(error, path) from None
     return path

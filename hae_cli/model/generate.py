@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hae_cli.cache.modality import Modality
+from hae_cli.checks import finite_logits
 from hae_cli.model.sampling import SamplingConfig
 
 __all__ = [
@@ -39,6 +40,7 @@ def prefill(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cac
     _notify(cache, "begin_tokens", tokens.modality, tokens.image_id, tokens.overview)
     logits = model.forward(embeds, position_ids, cache).logits[0, -1]
     _notify(cache, "end_step")
+    finite_logits(logits, model)
     return logits
 
 
@@ -60,6 +62,7 @@ def decode_one_token(model, token_id: int, position: int, cache) -> torch.Tensor
     _notify(cache, "begin_tokens", torch.tensor([Modality.GENERATED], dtype=torch.int8), torch.zeros(1, dtype=torch.int16))
     logits = model.forward(embeds, model.decode_position_ids(position), cache).logits[0, -1]
     _notify(cache, "end_step")
+    finite_logits(logits, model)
     return logits
 
 

@@ -23,12 +23,14 @@ from pathlib import Path
 import torch
 
 from hae_cli.cache.modality import Modality
+from hae_cli.checks import finite_weights
 from hae_cli.errors import CheckpointError
 from hae_cli.model.decoder import TextBackbone
-from hae_cli.model.image_file import load_image
+from hae_cli.model.image_file import check_aspect_ratio, image_name, load_image
 from hae_cli.model.interface import PromptTokens, UserTurn, VisionLanguageModel
 from hae_cli.model.limits import ModelLimits
 
+MOST_ASPECT_RATIO = 200  # Qwen2-VL's processor's own bound; LLaVA's would resize 20000x1 to 6,720,000x336
 _ANSWER = "\ue000"  # stands for the last answer while the template renders the next turn
 
 
@@ -94,6 +96,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             message = " ".join(str(error).split())[:300]
             raise CheckpointError(f"{folder}: cannot load the {cls.family} checkpoint: {message}") from None
+        finite_weights(dict(model.named_parameters()), folder)
         model.config.get_text_config()._attn_implementation = register_attention()  # the decoder only
         return cls(model, processor, folder, name)
 
@@ -131,7 +134,13 @@ class HFVisionLanguageModel(VisionLanguageModel):
         return {i for i in ids if i is not None}
 
     def read_image(self, source) -> HFImage:
-        return source if isinstance(source, HFImage) else HFImage(load_image(source))
+        if isinstance(source, HFImage):
+            return source
+        picture = load_image(source)
+        check_aspect_ratio(picture, image_name(source), MOST_ASPECT_RATIO, f"too thin a strip for {self.family}'s "
+                           "processor (Qwen2-VL's refuses one; others shrink it to a sliver or grow it to millions "
+                           "of pixels)")
+        return HFImage(picture)
 
     def image_layout(self, image: HFImage) -> dict:
         return dict(image.layout)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from hae_cli.checks import as_url, kind_of, looks_like_url, path_status
 from hae_cli.errors import InputError
 
 _WHITE = (255, 255, 255)
@@ -41,20 +42,53 @@ def load_image(source: str | Path | Image.Image) -> Image.Image:
     Pillow's decompression-bomb warning; larger ones are refused.
     """
     if isinstance(source, Image.Image):
-        name = getattr(source, "filename", "") or "<in-memory image>"
+        name = image_name(source)
         with _decode_errors(name):
             return _to_rgb(source, name)
     path = Path(source)
     name = str(source)
-    if not path.exists():
-        raise InputError(f"image not found: {name}")
-    if path.is_dir():
-        raise InputError(f"image path is a directory, not a file: {name}")
+    status = _image_file(path, name)
     with _decode_errors(name):
-        if path.stat().st_size == 0:
+        if status.st_size == 0:
             raise InputError(f"image file is empty: {name}")
         with Image.open(path) as image:
             return _to_rgb(image, name)
+
+
+def _image_file(path: Path, name: str):
+    """The image's `os.stat`, or `InputError` saying why it is not a file hae can read: what is
+    not there, a URL, stdin, a folder, a pipe or a device, or the operating system's refusal."""
+    if name == "-":
+        raise InputError("reading an image from stdin ('-') is not supported: save the image to a file and give "
+                         "its path")
+    status = path_status(path, "image")
+    if status is None:
+        if looks_like_url(name):
+            raise InputError(f"hae reads image files, not URLs: {as_url(name)}; download it first "
+                             f"(curl -o image.png '{as_url(name)}') and give the file")
+        raise InputError(f"image not found: {name}")
+    kind = kind_of(status)
+    if kind == "folder":
+        raise InputError(f"image path is a directory, not a file: {name}")
+    if kind != "file":
+        raise InputError(f"image {name} is a {kind}, not a file: hae reads an image file twice (checked before "
+                         "the model loads, then read), so save it to a file first")
+    return status
+
+
+def image_name(source) -> str:
+    """What messages call an image: its path, or a PIL image's file name."""
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<in-memory image>"
+    return str(source)
+
+
+def check_aspect_ratio(image: Image.Image, name: str, most: int, why: str) -> None:
+    """Refuse a strip more than `most` times longer than wide, saying `why` the model cannot take it."""
+    long, short = max(image.size), min(image.size)
+    if long > most * short:
+        raise InputError(f"image is {image.width}x{image.height} pixels ({long / short:,.0f}:1): {name}; {why}; "
+                         f"crop it, or pad it to at most {most}:1")
 
 
 def _too_large(name: str, error: Exception) -> InputError:
@@ -90,9 +124,14 @@ def _decode_errors(name: str) -> Iterator[None]:
 
 
 def _to_rgb(image: Image.Image, name: str) -> Image.Image:
-    """Decode frame 0, turn it as its EXIF orientation says, and convert any Pillow mode to
-    8-bit RGB."""
-    if getattr(image, "n_frames", 1) > 1:
+    """Decode the one picture, turn it as its EXIF orientation says, and convert any Pillow mode
+    to 8-bit RGB. An animation or a file of pages is refused (which frame the user means is not
+    for hae to guess); a camera's MPO JPEG is its first frame, the photo (the others are previews)."""
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1 and image.format != "MPO":
+        raise InputError(f"image has {frames} frames (an animation, or pages): {name}; hae reads one picture: "
+                         "save the one frame you mean as its own file")
+    if frames > 1:
         image.seek(0)
     image.load()
     if image.width == 0 or image.height == 0:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from hae_cli.checks import as_url, kind_of, looks_like_url, path_status
 from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
@@ -30,11 +31,18 @@ def resolve_model_path(model: str) -> Path:
                 f"the demo model is not installed at {DEMO_MODEL_DIR}; build it with scripts/train_demo_model.py"
             )
         return DEMO_MODEL_DIR
-    path = Path(model).expanduser()
-    if path.is_dir():
+    try:
+        path = Path(model).expanduser()
+    except RuntimeError:  # "~someone" for a user this machine does not know
+        raise ModelNotFoundError(f"model folder not found: {model} (no such user's home folder)") from None
+    status = path_status(path, "--model folder")
+    if status is not None and kind_of(status) == "folder":
         return path
-    if path.exists():
-        raise ModelNotFoundError(f"model path {model} is a file; pass the checkpoint folder")
+    if status is not None:
+        raise ModelNotFoundError(f"model path {model} is a {kind_of(status)}; pass the checkpoint folder")
+    if looks_like_url(model):
+        raise ModelNotFoundError(f"--model takes demo, a checkpoint folder or a hub id (owner/name, from the local "
+                                 f"Hugging Face cache), not a URL: {as_url(model)}")
     if not _looks_like_hub_id(model):
         raise ModelNotFoundError(f"model folder not found: {model}")
     return _from_hub_cache(model)

@@ -43,7 +43,7 @@ class SnapKVPolicy(ScorerPolicy):
 
     def prefill_requests(self, layer_idx: int, rows: Rows) -> dict[str, AttentionRequest]:
         q = len(rows)
-        if q <= self.prefill_kept(rows):
+        if q <= self.prefill_kept(rows) or q <= self.window:  # all kept: the window is the whole prompt
             return {}
         window = min(self.window, q)
         prefix = torch.arange(q - window, device=rows.index.device)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from hae_cli.checks import finite_weights
 from hae_cli.errors import CheckpointError
 from hae_cli.model.loading import DEMO_MODEL_DIR
 from hae_cli.model.phi3v.config import ModelConfig
@@ -52,10 +53,11 @@ def read_official_weights(folder: Path, dtype: torch.dtype, device: torch.device
     for file in weight_files(folder):
         try:
             with safe_open(str(file), framework="pt", device="cpu") as shard:
-                for key in shard.keys():
-                    tensors[key] = shard.get_tensor(key).to(device=device, dtype=dtype)
+                read = {key: shard.get_tensor(key).to(device=device, dtype=dtype) for key in shard.keys()}
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise CheckpointError(f"cannot read weights from {file}: {exc}") from None
+        finite_weights(read, folder, file.name)
+        tensors.update(read)
     return tensors
 
 

@@ -138,6 +138,22 @@ def _hd_geometry(width: int, height: int, num_crops: int, crop_size: int) -> tup
     return transposed, new_w, new_h
 
 
+def check_shape(image: Image.Image, config: ImageProcessorConfig, name: str) -> None:
+    """Refuse an image the HD transform would make thinner than one CLIP patch: the picture
+    would be a line of pixels inside white padding, and the model would describe the padding."""
+    _, new_w, new_h = _hd_geometry(image.width, image.height, config.num_crops, config.crop_size)
+    if new_h >= config.patch_size:
+        return
+    long, short = (new_w, new_h) if image.width >= image.height else (new_h, new_w)
+    crops = f"{config.num_crops} crop{'s' if config.num_crops != 1 else ''} of {config.crop_size} pixels"
+    most = config.num_crops * config.crop_size // config.patch_size
+    raise InputError(
+        f"image is {image.width}x{image.height} pixels: {name}; the HD transform ({crops}) makes it {long}x{short} "
+        f"pixels, thinner than one {config.patch_size}-pixel patch, so the model cannot see it; crop it, or pad it "
+        f"to at most {most}:1"
+    )
+
+
 def crop_grid(width: int, height: int, num_crops: int, crop_size: int) -> tuple[int, int]:
     """(h_crops, w_crops) the HD transform will produce, without touching pixels.
 

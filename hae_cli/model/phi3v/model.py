@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from hae_cli.model.image_file import load_image
+from hae_cli.model.image_file import image_name, load_image
 from hae_cli.model.interface import ImageCells, PromptTokens, UserTurn, VisionLanguageModel
 from hae_cli.model.phi3v.checkpoint import load_checkpoint, load_tokenizer, model_limits
 from hae_cli.model.phi3v.config import ModelConfig
 from hae_cli.model.phi3v.limits import checkpoint_limits
 from hae_cli.model.phi3v.image import (
-    ImageProcessorConfig, ProcessedImage, image_cells, preprocess, views_as_seen,
+    ImageProcessorConfig, ProcessedImage, check_shape, image_cells, preprocess, views_as_seen,
 )
 from hae_cli.model.phi3v.network import Phi3VForCausalLM
 from hae_cli.model.phi3v.prompt import build_prompt, encode_prompt_text, next_turn_text, story_message, user_message
@@ -76,7 +76,11 @@ class Phi35Vision(VisionLanguageModel):
     # --- images ---
 
     def read_image(self, source) -> ProcessedImage:
-        return source if isinstance(source, ProcessedImage) else preprocess(load_image(source), self.image_config)
+        if isinstance(source, ProcessedImage):
+            return source
+        picture = load_image(source)
+        check_shape(picture, self.image_config, image_name(source))
+        return preprocess(picture, self.image_config)
 
     def image_features(self, images: list[ProcessedImage]) -> list[torch.Tensor]:
         return self.network.image_embeddings(images)

@@ -1,0 +1,293 @@
+"""Checks on what a caller gives hae, each turning a mistake into one `HaeError` line that says
+what is wrong and what to do: paths (the operating system's refusals in plain words), the
+Python API's argument types, policy sizes against the model's context, and numbers that must
+be finite (weights, logits).
+
+No torch at import: the CLI runs the path checks before the library loads.
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from hae_cli.errors import ConfigError, HaeError, InputError, ResourceError
+
+NAME_MAX = 255  # bytes in one name of a path (Linux, macOS)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_URL = re.compile(r"^(?:[a-z][a-z0-9+.-]*:/|data:)", re.IGNORECASE)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def shown(path: str | Path, most: int = 80) -> str:
+    """A path as a message shows it: a name too long to read is cut in the middle."""
+    text = str(path)
+    if len(text) <= most:
+        return text
+    return f"{text[: most // 2]}...{text[-most // 4:]} ({len(os.fsencode(text)):,} bytes)"
+
+
+def looks_like_url(text: str) -> bool:
+    return bool(_URL.match(text))
+
+
+def as_url(text: str) -> str:
+    """A URL as the user typed it (a `Path` folds "http://" into "http:/")."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*):/(?!/)", r"\1://", text, flags=re.IGNORECASE)
+
+
+def path_status(path: str | Path, what: str) -> os.stat_result | None:
+    """`os.stat(path)` (links followed), or None when nothing is there. Any other refusal of the
+    operating system is an `InputError` naming `what` ("image", "--model folder") and saying why
+    in plain words: a name over 255 bytes, a folder the user cannot enter, a link loop, a link to
+    nothing, a file where a folder should be."""
+    try:
+        return os.stat(path)
+    except ValueError:  # an embedded NUL byte
+        raise InputError(f"{what} {shown(path)!r} holds a NUL character") from None
+    except FileNotFoundError:
+        target = _dangling_link(path)
+        if target is not None:
+            raise InputError(f"{what} not found: {shown(path)} is a symbolic link to {shown(target)}, "
+                             "which does not exist") from None
+        return None
+    except OSError as error:
+        raise InputError(os_error_message(error, path, what)) from None
+
+
+def os_error_message(error: OSError, path: str | Path, what: str) -> str:
+    """What an `OSError` on `path` means, in one line."""
+    code = error.errno
+    if code == errno.ENAMETOOLONG:
+        longest = max((len(os.fsencode(part)) for part in Path(path).parts), default=0)
+        return (f"cannot open {what} {shown(path)}: file name too long (a name in a path may have at most "
+                f"{NAME_MAX} bytes; the longest here has {longest:,})")
+    if code in (errno.EACCES, errno.EPERM):
+        folder = _folder_not_entered(Path(path))
+        where = f"no permission to enter folder {shown(folder)}" if folder is not None else "no permission to read it"
+        return f"cannot open {what} {shown(path)}: permission denied ({where})"
+    if code == errno.ELOOP:
+        return f"cannot open {what} {shown(path)}: a symbolic link loop (links that lead back to each other)"
+    if code == errno.ENOTDIR:
+        part = _file_as_folder(Path(path))
+        why = f"{shown(part)} is a file, not a folder" if part is not None else "a part of it is a file, not a folder"
+        return f"{what} not found: {shown(path)} ({why})"
+    return f"cannot open {what} {shown(path)}: {error.strerror or error}"
+
+
+def _dangling_link(path: str | Path) -> str | None:
+    try:
+        return os.readlink(path) if os.path.islink(path) else None
+    except OSError:
+        return None
+
+
+def _folder_not_entered(path: Path) -> Path | None:
+    """The first folder on the way to `path` that refuses the user."""
+    for parent in reversed(path.parents):
+        try:
+            os.stat(parent)
+            if parent != path and not os.access(parent, os.X_OK):
+                return parent
+        except PermissionError:
+            return parent.parent
+        except OSError:
+            return None
+    return None
+
+
+def _file_as_folder(path: Path) -> Path | None:
+    for parent in reversed(path.parents):
+        if os.path.isfile(parent):
+            return parent
+    return None
+
+
+def kind_of(status: os.stat_result) -> str:
+    """'file', 'folder', 'pipe', 'device' or 'socket'."""
+    mode = status.st_mode
+    if stat.S_ISREG(mode):
+        return "file"
+    if stat.S_ISDIR(mode):
+        return "folder"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "device"
+
+
+def check_output_path(path: Path, option: str, suffix: str | None = None) -> None:
+    """An output file can be written where it is asked for: checked before the run, not after it."""
+    if suffix is not None and path.suffix.lower() != suffix:
+        raise InputError(f"{option} writes a {suffix[1:].upper()}: give a file name ending in {suffix}, "
+                         f"not {shown(path)!r}")
+    status = path_status(path, f"{option} file")
+    if status is not None and kind_of(status) == "folder":
+        raise InputError(f"{option}: {shown(path)!r} is a folder; give a file name")
+    parent = path.parent
+    folder = path_status(parent, f"{option} folder")
+    if folder is None or kind_of(folder) != "folder":
+        raise InputError(f"{option}: folder {shown(parent)!r} does not exist")
+    if status is not None and kind_of(status) != "file":
+        return  # /dev/null, a pipe: written as they are
+    if not os.access(parent, os.W_OK) or (status is not None and not os.access(path, os.W_OK)):
+        raise InputError(f"{option}: cannot write {shown(path)!r} (permission denied)")
+
+
+def write_failed(error: OSError, path: str | Path) -> HaeError:
+    """A failed write of an output file: a full disk is the machine's (exit 1), anything else the path's."""
+    if error.errno in _DISK_FULL:
+        return ResourceError(f"cannot write {shown(path)}: {error.strerror}")
+    return InputError(f"cannot write {shown(path)}: {error.strerror or error}")
+
+
+def disk_full(error: OSError) -> bool:
+    return error.errno in _DISK_FULL
+
+
+# --------------------------------------------------------------------------- the Python API's arguments
+
+
+def model_name(model: object) -> str | os.PathLike:
+    """What `load_model` takes: "demo", a folder or a hub id."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise ConfigError(f"model must be \"demo\", a checkpoint folder or a hub id, got {type(model).__name__}")
+    return model
+
+
+def loaded_model(loaded: object) -> None:
+    """The model a run takes is what `load_model` returned, not its name."""
+    from hae_cli.model.interface import VisionLanguageModel
+
+    if not isinstance(loaded, VisionLanguageModel):
+        hint = f"; call load_model({loaded!r}) first" if isinstance(loaded, (str, os.PathLike)) else ""
+        raise ConfigError(f"the model must be what load_model returns, got {type(loaded).__name__}{hint}")
+
+
+def image_list(images: object, what: str = "images", nonempty: bool = False) -> list:
+    """`images` as a list: paths, PIL images, or images the model has read (`read_image`). One
+    image where a list is expected, a mapping, a number: each one line saying what to give."""
+    from PIL import Image
+
+    single = (str, bytes, os.PathLike, Image.Image)
+    if isinstance(images, single):
+        raise InputError(f"{what} must be a list of images, got one {type(images).__name__} "
+                         f"({shown(images, 60)!r}); write [{shown(images, 60)!r}]")
+    if isinstance(images, dict) or not isinstance(images, Iterable):
+        raise InputError(f"{what} must be a list of images (paths or PIL images), got {type(images).__name__}")
+    items = list(images)
+    for number, image in enumerate(items, start=1):
+        if isinstance(image, bytes) or not (isinstance(image, single) or hasattr(image, "num_tokens")):
+            article = "an" if type(image).__name__[0] in "aeiou" else "a"
+            raise InputError(f"image {number} is {article} {type(image).__name__} ({shown(repr(image), 60)}); "
+                             "give a path (str or Path) or a PIL image")
+    if nonempty and not items:
+        raise InputError(f"{what} must hold at least one image")
+    return items
+
+
+def parameter_dict(params: object, what: str = "policy_params") -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{what} must be a dict of parameter names and values, got {type(params).__name__}")
+    return params
+
+
+# --------------------------------------------------------------------------- policy sizes against the context
+
+
+# The parameters that count tokens. A count past the context holds nothing more than the
+# context does, but the cache sizes storage by budget + buffer up front.
+TOKEN_COUNTS = ("budget", "buffer", "sink", "recent", "bin_size", "window")
+HANDFUL = 16  # a budget that leaves fewer tokens than this per layer is said
+
+
+def fit_to_context(policy, limits):
+    """`policy` with every token count past the context capped at it, and a note for each: before
+    any storage is allocated. (policy, notes)"""
+    import dataclasses
+
+    changes, notes = {}, []
+    for name in TOKEN_COUNTS:
+        value = getattr(policy, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > limits.context_tokens:
+            changes[name] = limits.context_tokens
+            notes.append(f"{name} {value:,} is beyond the {limits.context_tokens:,} tokens {limits.name} attends "
+                         f"over: capped at {limits.context_tokens:,}")
+    if not changes or not dataclasses.is_dataclass(policy):
+        return policy, notes
+    return dataclasses.replace(policy, **changes), notes
+
+
+def small_budget_note(policy, prompt_tokens: int | None) -> list[str]:
+    """A note when the budget leaves fewer than a handful of tokens per layer: `1` (a count) and
+    `1.0` (the whole prompt) look alike and mean opposite things."""
+    budget = getattr(policy, "budget", None)
+    if budget is None or isinstance(budget, bool):
+        return []
+    if isinstance(budget, float):
+        if prompt_tokens is None:
+            return []
+        tokens = max(1, int(budget * prompt_tokens))
+    else:
+        tokens = budget
+    if tokens >= HANDFUL:
+        return []
+    of = f" of the {prompt_tokens:,}-token prompt" if prompt_tokens else ""
+    return [f"budget {budget} keeps {tokens} token{'s' if tokens != 1 else ''} per layer{of}; a whole number "
+            "counts tokens, a number with a point is a share of the prompt (0.5 keeps half, 1.0 keeps all of it)"]
+
+
+# --------------------------------------------------------------------------- finite numbers
+
+
+def finite_weights(tensors: dict, where: str | Path, file: str | None = None) -> None:
+    """Every floating weight is finite, or a `CheckpointError` naming the checkpoint, the first
+    weight that is not and its `file`.
+
+    Cheap: one float32 sum per tensor (a NaN or an inf anywhere makes the sum non-finite; at
+    memory speed on float32) and one sync for them all; only a sum that is not finite (a bad
+    weight, or finite weights summing past float32's range) is confirmed element by element.
+    The cost is in docs/BAD_INPUT.md."""
+    import torch
+
+    from hae_cli.errors import CheckpointError
+
+    floating = {name: tensor for name, tensor in tensors.items() if tensor.is_floating_point() and tensor.numel()}
+    if not floating:
+        return
+    sums = torch.stack([tensor.sum(dtype=torch.float32).to(next(iter(floating.values())).device)
+                        for tensor in floating.values()])
+    if bool(torch.isfinite(sums).all()):
+        return
+    for (name, tensor), total in zip(floating.items(), sums.tolist()):
+        if not math.isfinite(total) and not bool(torch.isfinite(tensor).all()):
+            source = f" in {file}" if file else ""
+            raise CheckpointError(
+                f"{where}: weight {name}{source} holds values that are not finite (NaN or inf): the checkpoint is "
+                "corrupt; copy or download it again"
+            )
+
+
+def finite_logits(logits, model) -> None:
+    """The model's next-token logits are finite, or a `CheckpointError` naming the checkpoint."""
+    import torch
+
+    from hae_cli.errors import CheckpointError
+
+    if not bool(torch.isfinite(logits).all()):
+        dtype = str(getattr(model, "dtype", "")).removeprefix("torch.")
+        overflow = f", or {dtype} overflowed (try --dtype float32)" if dtype in ("float16", "bfloat16") else ""
+        raise CheckpointError(
+            f"{getattr(model, 'name', 'the model')}: the model's logits are not finite (NaN or inf): its weights "
+            f"may be corrupt{overflow}"
+        )
