@@ -23,7 +23,7 @@ RESULTS_DIR = REPO / "benchmarks" / "results"
 if str(REPO) not in sys.path:  # `python benchmarks/x.py` from anywhere finds hae_cli
     sys.path.insert(0, str(REPO))
 
-from hae_cli.cli.validate import parse_value  # noqa: E402 (after the path fix above)
+from hae_cli.evaluation.matching import parse_list, parse_params  # noqa: E402,F401 (after the path fix above; for every benchmark)
 
 
 def other_heavy_processes() -> list[str]:
@@ -118,20 +118,6 @@ def seeded_subset(items: Sequence, limit: int | None, seed: int) -> list:
         return list(items)
     chosen = sorted(random.Random(seed).sample(range(len(items)), limit))
     return [items[i] for i in chosen]
-
-
-def parse_list(text: str, cast=str) -> list:
-    return [cast(part.strip()) for part in text.split(",") if part.strip()]
-
-
-def parse_params(text: str, sep: str = ",") -> dict:
-    """"visual_keep=0.4,buffer=8" -> {"visual_keep": 0.4, "buffer": 8}."""
-    params = {}
-    for item in text.split(sep):
-        if item.strip():
-            key, _, value = item.partition("=")
-            params[key.strip()] = parse_value(value.strip())  # the CLI's -p rule, one for both
-    return params
 
 
 def mib(n_bytes: float) -> float:

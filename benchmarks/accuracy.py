@@ -6,6 +6,8 @@ given the budget that matches that HAE setting's kept size *on the same question
 filter keeping as many image tokens as HAE kept, the top by g_j; fastv: the same share of
 image tokens dropped, after its layer K).
 The full cache is measured in the same run, so every ratio is a ratio of two measurements.
+The settings, the matching rule and the equal-KV verdicts are `hae_cli.evaluation.matching`'s,
+the one copy `benchmarks/conversation.py` and `hae eval` also run.
 
 Each image goes through the vision tower once; its features are reused for all of its
 questions and all policies (the tower's output depends on neither), through
@@ -34,7 +36,7 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -42,86 +44,15 @@ import _common as common  # noqa: E402
 
 import torch  # noqa: E402
 
+from hae_cli.evaluation import matching  # noqa: E402
+from hae_cli.evaluation.matching import (  # noqa: E402
+    BASELINES, Setting, choose_best, equal_kv_comparison, hae_settings, matched_plan, story_plan,
+)
+from hae_cli.evaluation.metrics import agreement  # noqa: E402
+from hae_cli.evaluation.runner import run_prompt  # noqa: E402
 from hae_cli.model.interface import UserTurn  # noqa: E402
 
-BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop")
-# Baselines that trim back to their budget while decoding: with the question fed after the
-# images they get the question's rows on top of HAE's kept size, so they never hold less.
-DECODE_TRIMMING = ("h2o", "streaming")
 QUESTION_AFTER_NOTE = ", questions fed after the compressed images"  # in table and plot titles
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A policy with parameters; a baseline's budget comes from `matched_to` (an HAE setting) per prompt."""
-
-    label: str
-    policy: str
-    params: dict = field(default_factory=dict)
-    matched_to: str | None = None
-
-
-@dataclass
-class Outcome:
-    """One prompt under one setting."""
-
-    token_ids: list[int]
-    bytes_per_step: list[int]
-    full_bytes_per_step: list[int]
-    held_after_prefill: int  # tokens per layer (max over layers)
-    image_after_prefill: int  # image tokens per layer (max over layers)
-    restored: int = 0
-    binned: int = 0
-
-    @property
-    def kv_mean(self) -> float:
-        return statistics.fmean(self.bytes_per_step)
-
-    @property
-    def kv_peak(self) -> int:
-        return max(self.bytes_per_step)
-
-
-def hae_settings(spec: str) -> list[Setting]:
-    """"thr,0.6,thr:r_g=1.5:r_i=0.1" -> threshold mode, visual_keep 0.6, tuned thresholds."""
-    settings = []
-    for part in common.parse_list(spec):
-        head, *options = part.split(":")
-        params: dict = {}
-        if head != "thr":
-            params["visual_keep"] = float(head)
-        params.update(common.parse_params(":".join(options), sep=":"))
-        label = "hae " + ("thr" if head == "thr" else f"vk{head}") + "".join(f" {o}" for o in options)
-        settings.append(Setting(label, "hae", params))
-    return settings
-
-
-def matched_params(baseline: str, hae: Setting, hae_outcome: Outcome, prompt, fastv_layer: int, fed_later: int = 0) -> dict:
-    """The budget that gives `baseline` HAE's kept size on this prompt (`fed_later`: prompt
-    rows fed after the compressed context, which every policy then holds)."""
-    from hae_cli.cache.modality import Modality
-
-    images = int((prompt.modality == Modality.IMAGE).sum())
-    if baseline == "mustdrop":
-        # the dual filter keeping as many image tokens as HAE kept: the top by g_j alone
-        # (r_i = 1: only the single most attended token is forced)
-        kept = max(1, hae_outcome.image_after_prefill)
-        return {**shared_params("mustdrop", hae.params), "visual_keep": min(1.0, (kept - 0.5) / max(1, images)), "r_i": 1.0}
-    if baseline == "fastv":
-        dropped = 1.0 - hae_outcome.image_after_prefill / max(1, images)
-        return {"prune_layer": fastv_layer, "drop_ratio": min(1.0, max(0.0, dropped))}
-    extra = fed_later if baseline in DECODE_TRIMMING else 0
-    return {"budget": max(1, hae_outcome.held_after_prefill) + extra}
-
-
-def shared_params(policy: str, params: dict) -> dict:
-    """The part of HAE's parameters that `policy` also takes (mustdrop: Stage 1's filter)."""
-    import dataclasses
-
-    from hae_cli.cache.policies import POLICIES
-
-    taken = {f.name for f in dataclasses.fields(POLICIES[policy])}
-    return {k: v for k, v in params.items() if k in taken}
 
 
 # --------------------------------------------------------------------------- running prompts
@@ -130,26 +61,6 @@ def shared_params(policy: str, params: dict) -> dict:
 def image_features(loaded, processed) -> torch.Tensor:
     with torch.inference_mode():
         return loaded.image_features([processed])[0]
-
-
-def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int, context_length: int | None = None) -> Outcome:
-    """Greedy answer under `policy`, with the bytes held after every step (`context_length`:
-    the prompt rows cached before the rest is fed; the first step is theirs)."""
-    from hae_cli.api import run_prepared
-
-    result = run_prepared(
-        loaded, prepared, policy=policy, policy_params=params, max_new_tokens=max_new_tokens, context_length=context_length
-    )
-    first = result.steps[0].layers
-    return Outcome(
-        token_ids=result.token_ids,
-        bytes_per_step=[s.bytes_held for s in result.steps],
-        full_bytes_per_step=[s.full_cache_bytes for s in result.steps],
-        held_after_prefill=max(layer.tokens_held for layer in first),
-        image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
-        restored=sum(sum(e.counts.values()) for e in result.events if e.action == "restored"),
-        binned=sum(sum(e.counts.values()) for e in result.events if e.action == "binned"),
-    )
 
 
 @dataclass
@@ -165,13 +76,6 @@ class Record:
     same_as_full: bool = True
     restored: int = 0
     binned: int = 0
-
-
-def agreement(ids: list[int], full_ids: list[int]) -> float:
-    """Share of the full cache's output tokens that this output reproduces at the same place."""
-    if not full_ids:
-        return float(not ids)
-    return sum(a == b for a, b in zip(ids, full_ids)) / len(full_ids)
 
 
 def summarize(label: str, setting: Setting, records: list[Record], full: list[Record]) -> dict:
@@ -239,30 +143,19 @@ class Workbench:
 # --------------------------------------------------------------------------- VQA
 
 
-def vqa_plan(hae: list[Setting], baselines: list[str], fastv_layer: int) -> list[Setting]:
-    plan = [Setting("full", "full")] + hae
-    for setting in hae:
-        for baseline in baselines:
-            plan.append(Setting(f"{baseline} @{setting.label[4:]}", baseline, matched_to=setting.label))
-    return plan
-
-
 def vqa_question(question, plan: list[Setting], fastv_layer: int, question_after: bool = False) -> dict[str, Record]:
     """One question under every setting of `plan` (baselines after the HAE setting they match)."""
     bench = _BENCH
-    by_label = {s.label: s for s in plan}
     prepared = bench.prompt(UserTurn(question.question, 1), [question.image_id])
     context = prepared.tokens.after_images() if question_after else None
     fed_later = prepared.embeds.shape[1] - context if question_after else 0
-    outcomes: dict[str, Outcome] = {}
+    outcomes = matching.run_plan(
+        plan, lambda setting, params: run_prompt(bench.loaded, prepared, setting.policy, params, max_new_tokens=2,
+                                                 context_length=context),
+        prepared.tokens, fastv_layer, fed_later)
     records: dict[str, Record] = {}
     for setting in plan:
-        params = setting.params
-        if setting.matched_to is not None:
-            hae = by_label[setting.matched_to]
-            params = matched_params(setting.policy, hae, outcomes[hae.label], prepared.tokens, fastv_layer, fed_later)
-        outcome = run_prompt(bench.loaded, prepared, setting.policy, params, max_new_tokens=2, context_length=context)
-        outcomes[setting.label] = outcome
+        outcome = outcomes[setting.label]
         correct = bench.decode(outcome.token_ids) == question.answer
         same = outcome.token_ids == outcomes[plan[0].label].token_ids
         records[setting.label] = Record(
@@ -301,68 +194,6 @@ def run_vqa(questions: list[tuple[int, object]], plan: list[Setting], results: d
         progress.update(done)
 
 
-def choose_best(rows: list[dict], target_drop: float) -> dict:
-    """The HAE row with the largest cut whose drop is within target; else the smallest drop."""
-    hae = [r for r in rows if r["policy"] == "hae"]
-    within = [r for r in hae if r["drop_points"] <= target_drop]
-    if within:
-        return max(within, key=lambda r: r["cut_pct"])
-    return min(hae, key=lambda r: (r["drop_points"], -r["cut_pct"]))
-
-
-def equal_kv_comparison(rows: list[dict], hae: list[Setting], baselines: list[str]) -> list[dict]:
-    """Per HAE setting: each baseline's accuracy at HAE's KV bytes.
-
-    Budget-matched baselines hold HAE's tokens on every prompt, so their own row is the
-    comparison. FastV keeps its first K layers whole, so its cut differs; its accuracy at
-    HAE's cut is read off its curve (linear interpolation). Where its curve does not reach
-    HAE's cut there is no equal-KV point: the baseline is left out of `hae_at_or_above_all`
-    and counts only in the stricter `hae_at_or_above_all_or_nearest`, against the accuracy of
-    its nearest point (which holds more KV).
-    """
-    by_label = {r["setting"]: r for r in rows}
-    out = []
-    for setting in hae:
-        mine = by_label[setting.label]
-        entry = {"hae": setting.label, "hae_accuracy": mine["accuracy"], "hae_cut_pct": mine["cut_pct"], "baselines": {}}
-        wins = strict_wins = True
-        for baseline in baselines:
-            row = by_label.get(f"{baseline} @{setting.label[4:]}")
-            if row is None:
-                continue
-            accuracy, how = row["accuracy"], "same budget"
-            if abs(row["cut_pct"] - mine["cut_pct"]) > 1.0:
-                curve = sorted((r["cut_pct"], r["accuracy"]) for r in rows if r["policy"] == baseline)
-                accuracy, how = _interpolate(curve, mine["cut_pct"])
-            shown = accuracy
-            if accuracy is None:  # outside its curve: compare with the nearest end of it
-                end_cut, shown = min(curve, key=lambda point: abs(point[0] - mine["cut_pct"]))
-                how = f"never at this cut; nearest point {end_cut:.1f}% at accuracy {shown:.4f}"
-            ok = mine["accuracy"] >= shown - 1e-12
-            entry["baselines"][baseline] = {
-                "accuracy_at_equal_kv": accuracy,
-                "compared_accuracy": shown,
-                "how": how,
-                "hae_at_or_above": ok,
-            }
-            strict_wins &= ok
-            if accuracy is not None:
-                wins &= ok
-        entry["hae_at_or_above_all"] = wins
-        entry["hae_at_or_above_all_or_nearest"] = strict_wins
-        out.append(entry)
-    return out
-
-
-def _interpolate(curve: list[tuple[float, float]], x: float) -> tuple[float | None, str]:
-    if not curve or x < curve[0][0] or x > curve[-1][0]:
-        return None, "outside its curve"
-    for (x0, y0), (x1, y1) in zip(curve, curve[1:]):
-        if x0 <= x <= x1:
-            return (y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)), "interpolated on its curve"
-    return curve[0][1], "interpolated on its curve"
-
-
 # --------------------------------------------------------------------------- stories
 
 _CAPTION = re.compile(r"image\s*(\d+)\s*:\s*a\s+(\w+)\s+(\w+)")
@@ -370,22 +201,6 @@ _CAPTION = re.compile(r"image\s*(\d+)\s*:\s*a\s+(\w+)\s+(\w+)")
 
 def captions(text: str) -> dict[int, tuple[str, str]]:
     return {int(k): (color, shape) for k, color, shape in _CAPTION.findall(text.lower())}
-
-
-def story_plan(hae_params: dict, budgets: list[float], buffer: int, other_prefills: list[Setting] = ()) -> list[Setting]:
-    """full; HAE's prefill alone, then with each decode budget beside the baselines at that
-    budget; then `other_prefills` (HAE settings) alone, to show what the prefill choice costs."""
-    plan = [Setting("full", "full"), Setting("hae (no budget)", "hae", dict(hae_params))]
-    for budget in budgets:
-        plan += [
-            Setting(f"hae B={budget}", "hae", {**hae_params, "budget": budget, "buffer": buffer}),
-            Setting(f"mustdrop B={budget}", "mustdrop", {**shared_params("mustdrop", hae_params), "budget": budget, "buffer": buffer}),
-            Setting(f"h2o B={budget}", "h2o", {"budget": budget}),
-            Setting(f"streaming B={budget}", "streaming", {"budget": budget}),
-            Setting(f"snapkv B={budget}", "snapkv", {"budget": budget}),
-        ]
-    plan += [Setting(s.label + ("" if "budget" in s.params else " (no budget)"), "hae", dict(s.params)) for s in other_prefills]
-    return plan
 
 
 def story_set(task) -> dict[str, Record]:
@@ -630,7 +445,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise SystemExit(f"unknown baseline {unknown[0]!r}; choose from {', '.join(BASELINES)}")
-    plan = vqa_plan(hae, baselines, args.fastv_layer)
+    plan = matched_plan(hae, baselines)
     everything = list(enumerate(easyvqa.load_split(args.split)))
     subset = common.seeded_subset(everything, args.limit or None, args.seed)
     out: dict = {"benchmark": "accuracy", "conditions": cond, "args": vars(args)}

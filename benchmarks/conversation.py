@@ -37,7 +37,9 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-import accuracy  # noqa: E402  (Setting, matched budgets, the equal-KV comparison, plot styles)
+import accuracy  # noqa: E402  (the workers and their image features, the comparison's table, plot styles)
+
+from hae_cli.evaluation import matching  # noqa: E402  (Setting, matched budgets, the equal-KV comparison)
 
 import torch  # noqa: E402
 
@@ -97,20 +99,14 @@ def one_conversation(task) -> dict[str, ConversationOutcome]:
     bench = accuracy.workbench()
     pairs = [bench.image(i) for i in image_ids]
     processed, features = [p for p, _ in pairs], [f for _, f in pairs]
-    by_label = {s.label: s for s in plan}
     # what the matching counts: the image tokens the prefill compresses
     prompt_tokens = SimpleNamespace(modality=torch.cat([p.modalities for p in processed]))
-    outcomes: dict[str, ConversationOutcome] = {}
-    for setting in plan:
-        params = setting.params
-        if setting.matched_to is not None:
-            hae = by_label[setting.matched_to]
-            params = accuracy.matched_params(setting.policy, hae, outcomes[hae.label], prompt_tokens, fastv_layer)
-        outcomes[setting.label] = run_conversation(bench.loaded, processed, features, turns, setting.policy, params)
-    return outcomes
+    return matching.run_plan(
+        plan, lambda setting, params: run_conversation(bench.loaded, processed, features, turns, setting.policy, params),
+        prompt_tokens, fastv_layer)
 
 
-def summarize(setting: accuracy.Setting, outcomes: list[ConversationOutcome], full: list[ConversationOutcome]) -> dict:
+def summarize(setting: matching.Setting, outcomes: list[ConversationOutcome], full: list[ConversationOutcome]) -> dict:
     per_turn = defaultdict(list)
     for outcome in outcomes:
         for t, ok in enumerate(outcome.correct, start=1):
@@ -240,7 +236,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--turns", default="4,6", help="questions per conversation, min,max (default 4,6)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the conversations")
     parser.add_argument("--hae", default=DEFAULT_HAE, help=f"HAE settings, as benchmarks/accuracy.py's --hae (default {DEFAULT_HAE})")
-    parser.add_argument("--baselines", default=",".join(accuracy.BASELINES), help="baselines at matched KV")
+    parser.add_argument("--baselines", default=",".join(matching.BASELINES), help="baselines at matched KV")
     parser.add_argument("--fastv-layer", type=int, default=2, help="FastV's K (default 2)")
     parser.add_argument("--spread-cuts", default="70,80", help="cut range (%%) for the best-minus-worst baseline spread")
     parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each (default 2; 1 = in this process)")
@@ -258,12 +254,12 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     common.set_threads(args.threads)
     cond = common.conditions(model=args.model, workers=args.workers)
-    hae = accuracy.hae_settings(args.hae)
+    hae = matching.hae_settings(args.hae)
     baselines = common.parse_list(args.baselines)
-    unknown = sorted(set(baselines) - set(accuracy.BASELINES))
+    unknown = sorted(set(baselines) - set(matching.BASELINES))
     if unknown:
-        raise SystemExit(f"unknown baseline {unknown[0]!r}; choose from {', '.join(accuracy.BASELINES)}")
-    plan = accuracy.vqa_plan(hae, baselines, args.fastv_layer)
+        raise SystemExit(f"unknown baseline {unknown[0]!r}; choose from {', '.join(matching.BASELINES)}")
+    plan = matching.matched_plan(hae, baselines)
     low, high = common.parse_list(args.spread_cuts, float)
     turns = tuple(common.parse_list(args.turns, int))
     out: dict = {"benchmark": "conversation", "conditions": cond, "args": vars(args), "by_images": {}}
@@ -272,7 +268,7 @@ def main(argv=None) -> dict:
         conversations = conversation_sets(args.split, args.conversations, n, turns, seed=args.seed + n)
         results = run_all(conversations, plan, args, f"conversations x{n}")
         rows = [summarize(s, results[s.label], results["full"]) for s in plan]
-        comparison = accuracy.equal_kv_comparison(rows, hae, baselines)
+        comparison = matching.equal_kv_comparison(rows, hae, baselines)
         spread = baseline_spread(rows, low, high)
         by_images[n] = rows
         out["by_images"][str(n)] = {"conversations": len(conversations), "questions": rows[0]["questions"],

@@ -9,11 +9,15 @@ here they become one line that says where the bad character is.
 Control characters (NUL, BEL, ESC and the terminal sequences it starts, DEL, the C1 range) are
 refused the same way: the tokenizer would take them as text, and they change the answer in
 silence. Tabs and line breaks are text.
+
+`parse_value` reads a policy parameter's value as typed (`-p gamma=0.9`, a benchmark's or
+`hae eval`'s setting): one rule for every place that takes one.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from hae_cli.errors import InputError
 
@@ -45,4 +49,21 @@ def checked_text(text: object, what: str) -> str:
                          "remove it (a terminal's colour codes or a pasted escape sequence, most likely)")
     if not text.strip():
         raise InputError(f"{what} is empty")
+    return text
+
+
+def parse_value(text: str) -> Any:
+    """A policy parameter's value as written: a bool, None, an int, a float, or the string."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "yes", "on"):
+        return True
+    if lowered in ("false", "no", "off"):
+        return False
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
     return text

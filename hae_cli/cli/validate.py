@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from hae_cli.errors import ConfigError, HaeError, InputError
+from hae_cli.user_text import parse_value
 
 
 def parse_budget(text: str) -> int | float:
@@ -33,23 +34,6 @@ def parse_budget(text: str) -> int | float:
             f"--budget {text} is above 1 as a fraction; a fraction must be in (0, 1], a token count a whole number (e.g. 512)"
         )
     return fraction
-
-
-def parse_value(text: str) -> Any:
-    """A policy parameter's value as written: a bool, None, an int, a float, or the string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "yes", "on"):
-        return True
-    if lowered in ("false", "no", "off"):
-        return False
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def collect_policy_args(
