@@ -92,24 +92,11 @@ def _jsonable(value):
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]], caption: str = "") -> None:
     """A Rich table on stdout (plain text when stdout is not a terminal)."""
     from rich.console import Console
-    from rich.table import Table
 
-    table = Table(title=title, caption=caption or None, caption_justify="left")
-    for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
-    for row in rows:
-        table.add_row(*(_cell(v) for v in row))
+    from hae_cli.evaluation.summary import rich_table
+
+    table = rich_table(title, columns, rows, caption)
     Console(width=max(100, sum(len(c) for c in columns) + 8 * len(columns))).print(table)
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:,.0f}"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return str(value)
 
 
 def seeded_subset(items: Sequence, limit: int | None, seed: int) -> list:

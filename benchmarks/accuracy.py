@@ -49,7 +49,9 @@ from hae_cli.evaluation.matching import (  # noqa: E402
     BASELINES, Setting, choose_best, equal_kv_comparison, hae_settings, matched_plan, story_plan,
 )
 from hae_cli.evaluation.metrics import agreement  # noqa: E402
+from hae_cli.evaluation.plot import POLICY_STYLES, draw_curves  # noqa: E402,F401  (conversation.py draws with the styles)
 from hae_cli.evaluation.runner import run_prompt  # noqa: E402
+from hae_cli.evaluation.summary import EQUAL_KV_CAPTION, equal_kv_table  # noqa: E402
 from hae_cli.model.interface import UserTurn  # noqa: E402
 
 QUESTION_AFTER_NOTE = ", questions fed after the compressed images"  # in table and plot titles
@@ -352,51 +354,13 @@ def plot(path: Path, vqa_rows: list[dict], stories: dict[int, list[dict]], title
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
     cells = iter(axes[0])
     if show_vqa:
-        _curves(next(cells), vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
+        draw_curves(next(cells), vqa_rows, "easy-VQA (matched budgets)", "accuracy %", "accuracy")
     for ax, (n, rows) in zip(cells, sorted(stories.items())):
-        _curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
+        draw_curves(ax, rows, f"captions, {n} images (decode budgets)", "full cache's output tokens reproduced %", "agree_with_full")
     fig.suptitle(textwrap.fill(title, width=int(15 * 6.5 * panels)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# A marker and line style per policy, so a baseline that ties HAE (mustdrop at HAE's kept
-# count on one-word answers) still shows on top of it.
-POLICY_STYLES = {
-    "full": dict(marker="*", markersize=12, linestyle="none"),
-    "hae": dict(marker="o", linewidth=2.5, zorder=3),
-    "mustdrop": dict(marker="x", markersize=9, linewidth=1.2, linestyle="--", zorder=4),
-    "fastv": dict(marker="s", linewidth=1.2),
-    "snapkv": dict(marker="^", linewidth=1.2),
-    "h2o": dict(marker="v", linewidth=1.2),
-    "streaming": dict(marker="D", linewidth=1.2, linestyle=":"),
-}
-
-
-def _curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> None:
-    """One line per policy over its budgets; HAE settings outside its main series (other
-    prefills, ablations) are single labelled points, not joined to the line."""
-    by_policy: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-    singles: list[tuple[float, float, str]] = []
-    for r in rows:
-        point = (r["cut_pct"], 100 * r[metric], r["setting"])
-        is_series = r["policy"] != "hae" or r["setting"] == "hae (no budget)" or r["setting"].startswith("hae B=") \
-            or not any(x["setting"].startswith("hae B=") or x["setting"] == "hae (no budget)" for x in rows)
-        (by_policy[r["policy"]] if is_series else singles).append(point)
-    for policy, points in by_policy.items():
-        points.sort()
-        xs, ys = [p[0] for p in points], [p[1] for p in points]
-        ax.plot(xs, ys, label=policy, **POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
-    for x, y, label in singles:
-        ax.plot([x], [y], marker="D", color="grey", linestyle="none", zorder=4)
-        short = label.replace("hae thr ", "").replace(" (no budget)", "").replace("budget=0.25 buffer=8 ", "B=0.25 ")
-        ax.annotate(textwrap.fill(short, 28), (x, y), textcoords="offset points", xytext=(-6, 0), ha="right", va="center", fontsize=6.5)
-    ax.set_xlabel("KV cut vs full cache (%)")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
 
 
 # --------------------------------------------------------------------------- main
@@ -528,28 +492,8 @@ def replot(path: Path) -> dict:
 
 
 def print_comparison(comparison: list[dict], baselines: list[str]) -> None:
-    rows = []
-    for entry in comparison:
-        row = [entry["hae"], f"{100 * entry['hae_accuracy']:.2f} @ {entry['hae_cut_pct']:.1f}%"]
-        for baseline in baselines:
-            b = entry["baselines"].get(baseline)
-            if b is None:
-                row.append(None)
-                continue
-            cell = f"{100 * b['compared_accuracy']:.2f}"
-            if b["accuracy_at_equal_kv"] is None:
-                cell += "*"
-            row.append(cell + ("" if b["hae_at_or_above"] else " >hae"))
-        row.append("yes" if entry["hae_at_or_above_all"] else "no")
-        row.append("yes" if entry["hae_at_or_above_all_or_nearest"] else "no")
-        rows.append(row)
-    common.print_table(
-        "accuracy % at HAE's KV bytes",
-        ["HAE setting", "hae acc @ cut"] + baselines + ["hae >= all at equal KV", "also >= nearest*"],
-        rows,
-        caption="* the baseline's curve never reaches this cut (no equal-KV point): its nearest point, "
-        "which holds more KV, is shown and counts only in the last column; >hae: the baseline is more accurate",
-    )
+    columns, rows = equal_kv_table(comparison, baselines)
+    common.print_table("accuracy % at HAE's KV bytes", columns, rows, caption=EQUAL_KV_CAPTION)
 
 
 if __name__ == "__main__":

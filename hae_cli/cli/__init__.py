@@ -4,7 +4,7 @@ Thin on purpose: it parses and validates options, calls `hae_cli.api`, and rende
 `hae_cli.display`. One module per responsibility: `app` (the Typer app and one-line errors),
 `options` (the shared options), `validate` (checks before the model loads), `output`
 (spinner, JSON), and one module per command group (`run`: ask and story; `chat`; `profile`;
-`policies`).
+`policies`; `eval`).
 """
 
 from hae_cli.cli.app import app, main
@@ -13,6 +13,7 @@ from hae_cli.cli.app import app, main
 from hae_cli.cli import run  # noqa: E402,F401  (ask, story)
 from hae_cli.cli import chat  # noqa: E402,F401,I001
 from hae_cli.cli import profile  # noqa: E402,F401,I001
+from hae_cli.cli import eval  # noqa: E402,F401,I001
 from hae_cli.cli import policies  # noqa: E402,F401,I001
 
 __all__ = ["app", "main"]

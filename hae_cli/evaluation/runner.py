@@ -1,9 +1,13 @@
 """One prompt under one setting, with what the comparison needs: the answer, the KV bytes
-after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`)."""
+after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`); and one
+item under every setting of a plan, scored (`ItemRunner`), in whatever process holds the model."""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import statistics
+from collections import OrderedDict
 from dataclasses import dataclass
 
 
@@ -57,3 +61,198 @@ def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int,
         loaded, prepared, policy=policy, policy_params=params, max_new_tokens=max_new_tokens, context_length=context_length
     )
     return outcome_of(result)
+
+
+# --------------------------------------------------------------------------- one item under a plan
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What every worker needs to answer an item the same way: the model, the task, the plan."""
+
+    model: str = "demo"
+    device: str | None = None
+    dtype: str | None = None
+    num_crops: int | None = None
+    task: str = "ask"
+    plan: tuple = ()  # Settings; full first, each baseline after the HAE setting it matches
+    fastv_layer: int = 2
+    max_new_tokens: int = 16
+
+    def to_json(self) -> dict:
+        """What a resumed run must share with the run it continues."""
+        return {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
+                "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
+                "max_new_tokens": self.max_new_tokens}
+
+
+class ItemRunner:
+    """A model loaded once, answering items greedily under every setting of the plan: the same
+    code in this process, in a local worker process and in a Ray actor."""
+
+    IMAGE_SETS_KEPT = 32  # items whose images were read and encoded, for the next items on them
+
+    def __init__(self, config: EvalConfig, loaded=None, threads: int | None = None) -> None:
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        if loaded is None:
+            from hae_cli.api import load_model
+
+            loaded = load_model(config.model, config.device, config.dtype, config.num_crops)
+        self.config, self.loaded = config, loaded
+        self._image_sets: OrderedDict = OrderedDict()
+
+    def run(self, item) -> dict:
+        """The item's result, as the results file keeps it: per setting the answers, their
+        scores and the KV bytes; or the one-line reason the item could not be run."""
+        from hae_cli.errors import HaeError
+
+        try:
+            answered = self._conversation(item) if self.config.task == "chat" else self._prompt(item)
+        except HaeError as error:
+            return {"id": item.id, "error": " ".join(f"{item.where}: {error}".split())}
+        full_answers = answered["full"][1]
+        return {"id": item.id, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
+                                                                  params)
+                                            for label, (outcome, answers, params) in answered.items()}}
+
+    # --- the tasks ---
+
+    def _prompt(self, item) -> dict:
+        """ask / story: one prompt, prepared once, run under each setting."""
+        from hae_cli.api import prepare
+
+        read, features = self._images(item)
+        prepared = prepare(self.loaded, read, item.questions[0].prompt, task=self.config.task,
+                           image_features=features)
+
+        def run(setting, params):
+            outcome = run_prompt(self.loaded, prepared, setting.policy, params, self.config.max_new_tokens)
+            return outcome, [(outcome.text, outcome.token_ids)]
+
+        return self._run_plan(run, prepared.tokens)
+
+    def _conversation(self, item) -> dict:
+        """chat: the images fed once (the prefill every policy compresses), then each question
+        into the same cache, each answer kept."""
+        from hae_cli.model.interface import UserTurn
+
+        read, features = self._images(item)
+        first = UserTurn(item.questions[0].prompt, len(read), labelled=len(read) != 1)
+
+        def run(setting, params):
+            return conversation_outcome(self.loaded, read, features, item.questions, setting.policy, params,
+                                        self.config.max_new_tokens)
+
+        return self._run_plan(run, self.loaded.prompt(first, read))  # the matching counts its image tokens
+
+    def _run_plan(self, run, tokens) -> dict:
+        """label -> (outcome, answers, the parameters it ran with), in the plan's order."""
+        from hae_cli.evaluation.matching import run_plan
+
+        answered = {}
+
+        def run_setting(setting, params):
+            outcome, answers = run(setting, params)
+            answered[setting.label] = (outcome, answers, params)
+            return outcome
+
+        run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer)
+        return answered
+
+    def _images(self, item) -> tuple[list, list]:
+        """The item's images read and through the vision tower, once per set of images (an
+        item's images are encoded together: some families cut an image differently in company)."""
+        import torch
+
+        key = tuple(i if isinstance(i, str) else hashlib.sha256(i).hexdigest() for i in item.images)
+        if key in self._image_sets:
+            self._image_sets.move_to_end(key)
+            return self._image_sets[key]
+        read = [self.loaded.read_image(_picture(source, item.where)) for source in item.images]
+        with torch.inference_mode():
+            features = self.loaded.image_features(read)
+        self._image_sets[key] = (read, features)
+        if len(self._image_sets) > self.IMAGE_SETS_KEPT:
+            self._image_sets.popitem(last=False)
+        return read, features
+
+
+def _picture(source, where: str):
+    """A path as it is; an image's bytes (a dataset's image column) opened as a picture for the
+    one image loader (`load_image`), named after its record."""
+    if isinstance(source, str):
+        return source
+    from PIL import Image, UnidentifiedImageError
+
+    from hae_cli.errors import InputError
+
+    try:
+        picture = Image.open(io.BytesIO(source))
+    except (UnidentifiedImageError, OSError, ValueError):
+        raise InputError("its image is not an image file (or an unsupported format)") from None
+    picture.filename = f"the image of {where}"
+    return picture
+
+
+def conversation_outcome(loaded, read, features, questions, policy: str, params: dict,
+                         max_new_tokens: int) -> tuple[Outcome, list[tuple[str, list[int]]]]:
+    """The questions asked in turn into one `Conversation` under `policy`: the outcome over
+    every step (the images' prefill, then each turn's feed and answer), and each answer."""
+    from hae_cli.conversation import Conversation
+
+    conversation = Conversation(loaded, read, image_features=features, policy=policy, policy_params=params,
+                                max_new_tokens=max_new_tokens)
+    steps, events, answers = [conversation.prefill_stats], [], []
+    prefill_seconds = decode_seconds = 0.0
+    for question in questions:
+        turn = conversation.ask(question.prompt)
+        steps += turn.result.steps
+        events += turn.result.events
+        answers.append((turn.result.text, turn.result.token_ids))
+        prefill_seconds += turn.result.prefill_seconds
+        decode_seconds += turn.result.decode_seconds
+    first = conversation.prefill_stats.layers
+    outcome = Outcome(
+        token_ids=[t for _, ids in answers for t in ids],
+        bytes_per_step=[s.bytes_held for s in steps],
+        full_bytes_per_step=[s.full_cache_bytes for s in steps],
+        held_after_prefill=max(layer.tokens_held for layer in first),
+        image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
+        restored=sum(sum(e.counts.values()) for e in events if e.action == "restored"),
+        binned=sum(sum(e.counts.values()) for e in events if e.action == "binned"),
+        text=answers[-1][0],
+        prefill_seconds=prefill_seconds,
+        decode_seconds=decode_seconds,
+    )
+    return outcome, answers
+
+
+def setting_result(outcome: Outcome, answers, full_answers, questions, params: dict) -> dict:
+    """One setting's result on one item: each answer scored, the KV bytes, the timings apart
+    (they are the only part that differs between two runs of the same item)."""
+    from hae_cli.evaluation.metrics import agreement, score_answer
+
+    scored = [score_answer(text, ids, full_ids, q.answers, q.choices)
+              for q, (text, ids), (_, full_ids) in zip(questions, answers, full_answers)]
+    return {
+        "params": params,
+        "answers": [text for text, _ in answers],
+        "token_ids": [ids for _, ids in answers],
+        "metrics": [metric for metric, _ in scored],
+        "scores": [score for _, score in scored],
+        "same_as_full": [ids == full_ids for (_, ids), (_, full_ids) in zip(answers, full_answers)],
+        "agreement": [agreement(ids, full_ids) for (_, ids), (_, full_ids) in zip(answers, full_answers)],
+        "kv_mean": outcome.kv_mean,
+        "kv_peak": outcome.kv_peak,
+        "full_kv_mean": statistics.fmean(outcome.full_bytes_per_step),
+        "full_kv_peak": max(outcome.full_bytes_per_step),
+        "held_after_prefill": outcome.held_after_prefill,
+        "image_after_prefill": outcome.image_after_prefill,
+        "restored": outcome.restored,
+        "binned": outcome.binned,
+        "timings": {"prefill_seconds": outcome.prefill_seconds, "decode_seconds": outcome.decode_seconds,
+                    "decode_tokens": sum(len(ids) for _, ids in answers)},
+    }

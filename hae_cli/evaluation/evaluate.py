@@ -1,0 +1,129 @@
+"""A whole evaluation: the items not yet in the results run on a backend, each result appended
+as it arrives, then the summary of every item, written beside them.
+
+    from pathlib import Path
+    from hae_cli.evaluation.evaluate import evaluate, plan_of
+    from hae_cli.evaluation.records import read_data
+    from hae_cli.evaluation.runner import EvalConfig
+
+    data = read_data(Path("data.jsonl"), task="ask")
+    config = EvalConfig(model="demo", plan=tuple(plan_of("thr,0.4", ["snapkv", "h2o"])))
+    report = evaluate(data, config, Path("results"))
+    print(report.summary["rows"])
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hae_cli.checks import write_failed
+from hae_cli.evaluation import matching
+from hae_cli.evaluation.parallel import Backend, run_items
+from hae_cli.evaluation.records import Data
+from hae_cli.evaluation.runner import EvalConfig
+from hae_cli.evaluation.store import ResultStore
+from hae_cli.evaluation.summary import summarize
+
+SUMMARY_FILE = "summary.json"
+PLOT_FILE = "accuracy.png"
+FORMAT = 1  # of config.json and results.jsonl
+
+
+def plan_of(budgets: str, baselines: list[str], settings: list[matching.Setting] = ()) -> list[matching.Setting]:
+    """full, the HAE settings of `budgets` (`matching.hae_settings`), each baseline matched to each
+    of them, then `settings` (policies at parameters of their own)."""
+    return matching.matched_plan(matching.hae_settings(budgets), baselines) + list(settings)
+
+
+@dataclass
+class Report:
+    """What a run did: the summary of every item with a result (None when stopped early)."""
+
+    out: Path
+    total: int  # items in the data
+    resumed: int  # items whose results were there already
+    ran: int = 0  # items run now
+    errors: list[str] = field(default_factory=list)  # items that could not run (one line each)
+    interrupted: bool = False
+    seconds: float = 0.0
+    summary: dict | None = None
+    plot: Path | None = None
+
+    @property
+    def done(self) -> int:
+        return self.resumed + self.ran
+
+    @property
+    def items_per_second(self) -> float:
+        return self.ran / self.seconds if self.seconds > 0 else 0.0
+
+
+def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | None = None, resume: bool = False,
+             loaded=None, target_drop: float = 1.0, plot: bool = True,
+             on_result: Callable[[int, int], None] | None = None) -> Report:
+    """Run the items of `data` that `out` has no result for (all of them unless `resume`),
+    appending each result to `out/results.jsonl` as it arrives; then, if every item has one,
+    write `summary.json` and the plot. `loaded`: for the in-process backend (one worker, no
+    Ray), the model, or a function that loads it (called once `out` is checked, before any
+    item runs). `on_result(done, total)` before the first item and after each. Ctrl-C (a `KeyboardInterrupt`) stops
+    the run with what finished kept: `report.interrupted`."""
+    backend = backend or Backend()
+    store = ResultStore(out, run_config(data, config), resume)
+    todo = [item for item in data.items if item.id not in store.results]
+    report = Report(out, len(data.items), store.resumed)
+    if callable(loaded) and todo:
+        loaded = loaded()
+    if on_result is not None:
+        on_result(report.done, report.total)
+    started = time.perf_counter()
+    with store:
+        results = run_items(todo, config, backend, loaded=loaded)
+        try:
+            for result in results:
+                store.append(result)
+                report.ran += 1
+                if on_result is not None:
+                    on_result(report.done, report.total)
+        except KeyboardInterrupt:
+            report.interrupted = True
+        finally:
+            results.close()  # the workers stop here, whatever ended the loop
+    report.seconds = time.perf_counter() - started
+    ordered = [store.results[item.id] for item in data.items if item.id in store.results]
+    report.errors = [r["error"] for r in ordered if "error" in r]
+    if report.interrupted:
+        return report
+    answered = [r for r in ordered if "error" not in r]
+    if answered:
+        report.summary = {"data": {"source": data.source, "items": len(data.items), "answered": len(answered),
+                                   "skipped_records": len(data.skipped), "failed_items": report.errors},
+                          "config": config.to_json(),
+                          **summarize(list(config.plan), answered, target_drop),
+                          "run": {"backend": backend.describe(), "resumed_items": report.resumed,
+                                  "items_run": report.ran, "seconds": round(report.seconds, 2),
+                                  "items_per_second": report.items_per_second}}
+        write_summary(out / SUMMARY_FILE, report.summary)
+        if plot:
+            report.plot = out / PLOT_FILE
+            from hae_cli.evaluation.plot import plot_accuracy
+
+            plot_accuracy(report.plot, report.summary["rows"], f"{Path(data.source).name}: {len(answered)} items, "
+                          f"task {config.task}", f"model {config.model}; {backend.describe()}")
+    return report
+
+
+def run_config(data: Data, config: EvalConfig) -> dict:
+    """What the results are of: a resume must match it exactly."""
+    return {"hae_eval": FORMAT, **config.to_json(),
+            "data": {"items": len(data.items), "fingerprint": data.fingerprint()}}
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    try:
+        path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise write_failed(error, path) from None

@@ -1,0 +1,203 @@
+"""Where the items run: in this process, in local worker processes, or in Ray actors. Each
+worker loads the model once (`ItemRunner`) and is fed items one at a time; its results come
+back here as they finish, in whatever order, and only this process writes them.
+
+Every backend runs the same `ItemRunner.run`, greedily, with the same torch thread count (1
+unless told), so an item's result does not depend on which one ran it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from hae_cli.errors import ConfigError, HaeError
+from hae_cli.evaluation.records import Item
+from hae_cli.evaluation.runner import EvalConfig, ItemRunner
+
+LOCAL = "local"  # --ray local: a Ray instance started for the run, on this machine
+RAY_OBJECT_STORE = 256 * 2**20  # a local instance's shared memory: the items and results are small
+
+
+class WorkerError(HaeError):
+    """A worker could not start (the model failed to load there): its one line."""
+
+    def __init__(self, message: str, exit_code: int = 2) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Backend:
+    """How many workers, with how many torch threads each, and where: `ray` None (this machine's
+    processes; 1 worker runs in this process), `"local"` (a Ray instance started here) or a
+    cluster's address (`"auto"`: the one this machine belongs to)."""
+
+    workers: int | None = None  # None: 1 here; under Ray, as many as the cluster has room for
+    threads: int = 1  # torch threads per worker (this process's too, when it is the worker)
+    ray: str | None = None
+
+    def describe(self) -> str:
+        if self.ray is not None:
+            return f"ray {self.ray}"
+        return f"{self.workers or 1} local worker{'s' if (self.workers or 1) > 1 else ''}"
+
+
+def run_items(items: Iterable[Item], config: EvalConfig, backend: Backend, loaded=None) -> Iterator[dict]:
+    """Each item's result (`ItemRunner.run`) as it finishes. `loaded`: a model already loaded
+    here, for the in-process backend. A worker that could not load the model ends the run with
+    its error (`WorkerError`)."""
+    if backend.ray is not None:
+        results = _ray_actors(items, config, backend)
+    elif (backend.workers or 1) > 1:
+        results = _local_processes(items, config, backend.workers, backend.threads)
+    else:
+        runner = ItemRunner(config, loaded=loaded, threads=backend.threads)
+        results = (runner.run(item) for item in items)
+    for result in results:
+        if "fatal" in result:
+            raise WorkerError(result["fatal"], result.get("exit_code", 2))
+        yield result
+
+
+def check_ray() -> None:
+    """Ray is an optional extra: say how to get it, before anything loads."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError("--ray needs Ray, an optional extra: pip install 'hae-cli[ray]' (or pip install ray)") from None
+
+
+# --------------------------------------------------------------------------- the workers' side
+
+
+_RUNNER: ItemRunner | None = None
+_FAILED: dict | None = None
+
+
+def start_worker(config: EvalConfig, threads: int | None) -> None:
+    """A worker's one model load; a failure is kept and handed back with the first item."""
+    global _RUNNER, _FAILED
+    _quiet_libraries()
+    try:
+        _RUNNER = ItemRunner(config, threads=threads)
+    except HaeError as error:
+        _FAILED = {"fatal": str(error), "exit_code": error.exit_code}
+
+
+def run_item(item: Item) -> dict:
+    if _FAILED is not None:
+        return {"id": item.id, **_FAILED}
+    return _RUNNER.run(item)
+
+
+def _quiet_libraries() -> None:
+    """transformers' notices off in a worker, as `hae` has them (a TRANSFORMERS_VERBOSITY set by the user wins)."""
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- local processes
+
+
+def _local_processes(items: Iterable[Item], config: EvalConfig, workers: int, threads: int) -> Iterator[dict]:
+    """`workers` spawned processes (no fork after torch has started threads), fed one item at a
+    time through the pool's queue."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(workers, initializer=_start_local_worker, initargs=(config, threads)) as pool:
+        yield from pool.imap_unordered(run_item, items, chunksize=1)
+
+
+def _start_local_worker(config: EvalConfig, threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's: it stops the pool
+    _exit_with_parent()
+    start_worker(config, threads)
+
+
+def _exit_with_parent() -> None:
+    """A worker whose parent was killed (SIGKILL: no chance to stop its pool) ends too, instead
+    of waiting on the pool's queue for ever."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+class _Actor:
+    """A Ray actor holding a loaded model (on its own GPU, or its CPU slots)."""
+
+    def __init__(self, config: EvalConfig, threads: int) -> None:
+        start_worker(config, threads)
+
+    def run(self, item: Item) -> dict:
+        return run_item(item)
+
+
+def _ray_actors(items: Iterable[Item], config: EvalConfig, backend: Backend) -> Iterator[dict]:
+    """Ray actors fed the items by Ray's `ActorPool`, each image shipped with its item (the
+    nodes need not share a file system)."""
+    check_ray()
+    import ray
+    from ray.util import ActorPool
+
+    threads = backend.threads
+    started = not ray.is_initialized()
+    if started:
+        _ray_init(ray, backend, threads)
+    actors = []
+    try:
+        resources = ray.cluster_resources()
+        wants_gpu = config.device is None or config.device.startswith("cuda")
+        gpus = int(resources.get("GPU", 0)) if wants_gpu else 0
+        count = backend.workers or max(1, gpus or int(resources.get("CPU", 1) // threads))
+        remote = ray.remote(num_cpus=threads, num_gpus=1 if gpus else 0)(_Actor)
+        actors = [remote.remote(config, threads) for _ in range(count)]
+        pool = ActorPool(actors)
+        yield from pool.map_unordered(lambda actor, item: actor.run.remote(_shipped(item)), list(items))
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        if started:
+            ray.shutdown()
+
+
+def _ray_init(ray, backend: Backend, threads: int) -> None:
+    quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    if backend.ray == LOCAL:
+        cpus = (backend.workers or os.cpu_count() or 1) * threads
+        ray.init(num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE, **quiet)
+        return
+    try:
+        ray.init(address=backend.ray, **quiet)
+    except ConnectionError as error:
+        raise ConfigError(f"--ray {backend.ray}: no Ray cluster there ({' '.join(str(error).split())[:160]}); "
+                          "start one with `ray start --head`, or use --ray local") from None
+
+
+def _shipped(item: Item) -> Item:
+    """The item with its image files' bytes in place of their paths."""
+    from dataclasses import replace
+
+    return replace(item, images=tuple(Path(i).read_bytes() if isinstance(i, str) else i for i in item.images))
