@@ -26,14 +26,15 @@ def normalize_answer(text: str) -> str:
     """"The Two dogs." -> "2 dogs"; "1,000" -> "1000"; "3.5" stays."""
     text = _NUMBER_COMMA.sub("", text.lower().replace("\n", " ").replace("\t", " ").strip())
     text = _PERIOD.sub("", _PUNCTUATION.sub(" ", _APOSTROPHE.sub("", text)))
-    words = [NUMBER_WORDS.get(word, word) for word in text.split() if word not in ARTICLES]
-    return " ".join(words)
+    words = text.split()
+    kept = [word for word in words if word not in ARTICLES] or words  # "a" alone is an answer, not an article
+    return " ".join(NUMBER_WORDS.get(word, word) for word in kept)
 
 
 def exact_match(answer: str, references: Sequence[str]) -> bool:
     """The answer equals one of the references once both are normalised."""
     mine = normalize_answer(answer)
-    return any(mine == normalize_answer(reference) for reference in references)
+    return bool(mine) and any(mine == normalize_answer(reference) for reference in references)
 
 
 def choice_prompt(question: str, choices: Sequence[str]) -> str:

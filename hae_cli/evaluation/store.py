@@ -123,8 +123,21 @@ def difference(stored: dict, wanted: dict, path: str = "") -> str:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
             return difference(a, b, here)
+        if isinstance(a, list) and isinstance(b, list):
+            return _list_difference(a, b, here)
         return f"{here}: {_short(b)} now, {_short(a)} in the stored run"
     return "they differ"
+
+
+def _list_difference(stored: list, wanted: list, here: str) -> str:
+    """The first entry where two lists part; a plan's settings by their labels."""
+    for k, (a, b) in enumerate(zip(stored, wanted), start=1):
+        if a != b:
+            if isinstance(a, dict) and isinstance(b, dict) and a.get("label") != b.get("label"):
+                return f"{here} entry {k}: {b.get('label')!r} now, {a.get('label')!r} in the stored run"
+            return difference(a, b, f"{here} entry {k}") if isinstance(a, dict) and isinstance(b, dict) \
+                else f"{here} entry {k}: {_short(b)} now, {_short(a)} in the stored run"
+    return f"{here}: {len(wanted)} entries now, {len(stored)} in the stored run"
 
 
 def _short(value) -> str:
