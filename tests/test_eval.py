@@ -244,6 +244,19 @@ def test_a_bad_record_is_skipped_with_its_line_or_refused_with_strict(tmp_path, 
     assert len((tmp_path / "skipping" / "results.jsonl").read_text().splitlines()) == 1
 
 
+def test_an_item_the_model_cannot_run_is_said_and_the_run_goes_on(tmp_path, demo):
+    from hae_cli.evaluation.evaluate import evaluate as run, plan_of
+    from hae_cli.evaluation.records import read_data
+    from hae_cli.evaluation.runner import EvalConfig
+
+    (tmp_path / "text.png").write_text("not a picture")
+    data = jsonl(tmp_path, GOOD, json.dumps({"id": "bad", "image": "text.png", "question": "q?"}))
+    report = run(read_data(data), EvalConfig(plan=tuple(plan_of("", []))), tmp_path / "out", loaded=demo, plot=False)
+    assert report.errors == ["data.jsonl line 2: not an image file (or an unsupported format): "
+                             f"{tmp_path / 'text.png'}"]
+    assert report.summary["data"]["failed_items"] == report.errors and report.summary["rows"][0]["items"] == 1
+
+
 def test_no_usable_record_is_one_line(tmp_path):
     data = jsonl(tmp_path, json.dumps({"image": "a.png", "question": "q?"}), json.dumps({"question": "q?"}))
     assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY), "no usable records in", "image not found: a.png",
