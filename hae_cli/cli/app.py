@@ -181,6 +181,8 @@ app = typer.Typer(
         "  [cyan]hae story p1.png p2.png p3.png --max-new-tokens 300[/cyan]\n\n"
         "  [cyan]hae chat p1.png p2.png[/cyan]   (ask turn after turn; the compressed cache carries over)\n\n"
         "  [cyan]hae profile --compare baseline,snapkv,h2o --plot occupancy.png[/cyan]\n\n"
+        "  [cyan]hae eval data.jsonl --out runs/mine[/cyan]   (every policy and budget scored on your data; "
+        "--resume, --workers, --ray)\n\n"
         "  [cyan]hae policies[/cyan]   (every policy and its parameters)\n\n"
         "  [cyan]hae families[/cyan]   (the model families --model loads)\n\n"
         "The default [bold]--model demo[/bold] is a small model shipped with hae: Phi-3.5-Vision's "
