@@ -175,7 +175,7 @@ def eval_command(
     from hae_cli.evaluation.parallel import Backend
     from hae_cli.evaluation.runner import EvalConfig
 
-    config = EvalConfig(model=_model_name(model, ray), device=device, dtype=dtype, num_crops=num_crops,
+    config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
                         task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
                         max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
     backend = Backend(workers, threads, ray)
@@ -236,7 +236,7 @@ def _fraction(text: str) -> bool:
         return False
 
 
-def _model_name(model: str, ray: str | None) -> str:
+def _model_name(model: str) -> str:
     """A checkpoint folder as an absolute path: a worker may start elsewhere (a Ray actor does)."""
     path = Path(model).expanduser()
     return str(path.resolve()) if model != "demo" and path.is_dir() else model

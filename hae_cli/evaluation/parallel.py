@@ -50,7 +50,10 @@ class Backend:
 def run_items(items: Iterable[Item], config: EvalConfig, backend: Backend, loaded=None) -> Iterator[dict]:
     """Each item's result (`ItemRunner.run`) as it finishes. `loaded`: a model already loaded
     here, for the in-process backend. A worker that could not load the model ends the run with
-    its error (`WorkerError`)."""
+    its error (`WorkerError`). Nothing to run starts no worker."""
+    items = list(items)
+    if not items:
+        return
     if backend.ray is not None:
         results = _ray_actors(items, config, backend)
     elif (backend.workers or 1) > 1:

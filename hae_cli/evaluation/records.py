@@ -148,6 +148,8 @@ def read_data(path: Path, task: str = "ask", columns: Columns = Columns(), split
     seen: dict[str, str] = {}
     keys_seen: set[str] = set()
     for number, where, raw in rows:
+        if limit is not None and len(data.items) >= limit:
+            break  # the first `limit` usable records; what lies after them is not read
         try:
             if isinstance(raw, RecordProblem):
                 raise raw
@@ -162,8 +164,7 @@ def read_data(path: Path, task: str = "ask", columns: Columns = Columns(), split
             data.skipped.append(str(problem))
             continue
         seen[item.id] = where
-        if limit is None or len(data.items) < limit:
-            data.items.append(item)
+        data.items.append(item)
     _check_columns(columns, keys_seen, source)
     if not data.items:
         why = f": {data.skipped[0]}" + (f" (and {len(data.skipped) - 1} more)" if len(data.skipped) > 1 else "") \
