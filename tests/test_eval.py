@@ -299,6 +299,20 @@ def test_a_missing_optional_extra_is_one_line(tmp_path, module, args, fragment):
     assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY, *args, PYTHONPATH=path), fragment)
 
 
+def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
+    """Ray itself would retry for minutes, printing; hae looks first."""
+    pytest.importorskip("ray")
+    import socket
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    started = time.monotonic()
+    assert_one_line_error(run_hae("eval", str(jsonl(tmp_path, GOOD)), *FULL_ONLY, "--ray", f"127.0.0.1:{port}"),
+                          f"--ray 127.0.0.1:{port}: no Ray cluster answers at", "ray start --head")
+    assert time.monotonic() - started < 60
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--policies", "nosuch"], "unknown policy 'nosuch'"),
     (["--budgets", "big"], "--budgets: 'big' is neither thr nor a fraction"),

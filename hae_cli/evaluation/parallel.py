@@ -192,11 +192,43 @@ def _ray_init(ray, backend: Backend, threads: int) -> None:
         cpus = (backend.workers or os.cpu_count() or 1) * threads
         ray.init(num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE, **quiet)
         return
+    no_cluster = f"--ray {backend.ray}: no Ray cluster answers"
+    how = "start one with `ray start --head`, or use --ray local"
+    try:
+        where = _cluster_address(backend.ray)
+    except (ConnectionError, ValueError) as error:
+        raise ConfigError(f"{no_cluster} ({' '.join(str(error).split())[:160]}); {how}") from None
+    if where is not None and not _answers(where):
+        raise ConfigError(f"{no_cluster} at {where}; {how}")
     try:
         ray.init(address=backend.ray, **quiet)
     except ConnectionError as error:
-        raise ConfigError(f"--ray {backend.ray}: no Ray cluster there ({' '.join(str(error).split())[:160]}); "
-                          "start one with `ray start --head`, or use --ray local") from None
+        raise ConfigError(f"{no_cluster} ({' '.join(str(error).split())[:160]}); {how}") from None
+
+
+def _cluster_address(address: str) -> str | None:
+    """HOST:PORT of the cluster `address` names ("auto": the one `ray start` recorded on this
+    machine, or RAY_ADDRESS), or None when it cannot be told before connecting. Ray itself
+    retries an address where nothing listens for minutes, printing as it goes."""
+    if address.startswith("ray://"):
+        return address.removeprefix("ray://")
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # a Ray without it: let ray.init find out
+        return None
+    return canonicalize_bootstrap_address(address)
+
+
+def _answers(address: str, timeout: float = 3.0) -> bool:
+    """Something accepts a connection at HOST:PORT (the cluster's GCS, or a Ray Client server)."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _shipped(item: Item) -> Item:
