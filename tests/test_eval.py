@@ -41,9 +41,9 @@ def summary(folder: Path) -> dict:
     return data
 
 
-def evaluate(tmp: Path, name: str, *args: str, data: Path = SAMPLES, timeout: float = 240) -> Path:
+def evaluate(tmp: Path, name: str, *args: str, data: Path = SAMPLES, timeout: float = 240, **env: str) -> Path:
     out = tmp / name
-    done = run_hae("eval", str(data), "--out", str(out), *PLAN, *args, timeout=timeout)
+    done = run_hae("eval", str(data), "--out", str(out), *PLAN, *args, timeout=timeout, **env)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return out
 
@@ -104,7 +104,8 @@ def test_two_local_workers_equal_one(uninterrupted, tmp_path):
 
 def test_a_ray_cluster_of_two_cpus_equals_the_local_run(uninterrupted, tmp_path):
     pytest.importorskip("ray")
-    out = evaluate(tmp_path, "ray", "--ray", "local", "--workers", "2", timeout=300)
+    # a cluster's address left behind (RAY_ADDRESS, or by `ray start`) must not stop --ray local starting its own
+    out = evaluate(tmp_path, "ray", "--ray", "local", "--workers", "2", timeout=300, RAY_ADDRESS="127.0.0.1:9")
     assert results(out) == results(uninterrupted)
     assert summary(out) == summary(uninterrupted)
     assert json.loads((out / "summary.json").read_text())["run"]["backend"] == "ray local"

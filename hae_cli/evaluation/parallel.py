@@ -190,7 +190,8 @@ def _ray_init(ray, backend: Backend, threads: int) -> None:
     quiet = dict(include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     if backend.ray == LOCAL:
         cpus = (backend.workers or os.cpu_count() or 1) * threads
-        ray.init(num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE, **quiet)
+        # address="local": a new instance even where `ray start` once left a cluster's address behind
+        ray.init(address="local", num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE, **quiet)
         return
     no_cluster = f"--ray {backend.ray}: no Ray cluster answers"
     how = "start one with `ray start --head`, or use --ray local"
