@@ -87,6 +87,7 @@ class EvictingLayer(CacheLayerMixin):
         self.bin = RecycleBin()
         self.reserve = RecycleBin()  # what a prefill set aside for a later question: never aged or trimmed
         self.reserve_active = False  # once anything was set aside, image tokens a round evicts go there too
+        self.protected = torch.zeros(0, dtype=torch.int64)  # token indices a later turn may not swap out
         self.stash = QueryStash()  # decode queries not yet folded into the scores
         self.attention_scaling: float | None = None
 
