@@ -162,12 +162,16 @@ def timed_prefill(model, prompt, embeds, policy: str, params: dict) -> dict:
     }
 
 
-def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
+def timed_decode(prefilled: dict, model, decode_tokens: int, compiled: bool = False, steps: int | None = None) -> dict:
     """`decode_tokens` greedy steps (no stop token) from a copy of a prefilled cache, each timed
-    (from the token chosen to the next logits)."""
-    from hae_cli.model.generate import SamplingConfig, decode
+    (from the token chosen to the next logits). `compiled`: through the compiled step, whose
+    storage gets room for `decode_tokens` whatever `steps` (fewer: a warm-up) runs, so one
+    warm-up per size compiles the graph the timed runs use."""
+    from hae_cli.model.generate import SamplingConfig, compiled_step, decode
 
     cache = copy.deepcopy(prefilled["cache"])
+    step = compiled_step(model, cache, decode_tokens) if compiled else None
+    decode_tokens = steps or decode_tokens
     before = dict(cache.overhead_seconds)
     kv_bytes, kv_allocated, step_seconds, started = [], [], [], []
 
@@ -182,7 +186,9 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
     with torch.inference_mode():
         decoded = decode(model, cache, prefilled["logits"], prefilled["position"],
                          SamplingConfig(max_new_tokens=decode_tokens), stop_ids=set(), feed_last=True,
-                         on_token=chosen, on_step=stepped)
+                         on_token=chosen, on_step=stepped, feed=step)
+    if step is not None and step.note:
+        raise RuntimeError(step.note)
     overhead = {k: cache.overhead_seconds[k] - before.get(k, 0.0) for k in cache.overhead_seconds}
     decode_seconds = sum(step_seconds)
     rounds = sum(1 for e in cache.events if e.stage == "decode" and e.layer == 0 and e.action in ("binned", "evicted"))
@@ -196,6 +202,7 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
         "rounds": rounds,
         "seconds_per_round": overhead["rounds"] / rounds if rounds else None,  # every layer's part of a round
         "tokens": decoded.token_ids,
+        "compile_seconds": step.warmup_seconds if step is not None else None,
     }
 
 
@@ -203,6 +210,7 @@ def timed_decode(prefilled: dict, model, decode_tokens: int) -> dict:
 
 
 PEERS = {"DynamicCache": "dynamic", "StaticCache": "static"}
+COMPILED_PEER = "StaticCache compiled"  # with --compile: torch.compile of the forward over a StaticCache
 
 
 def native_lm(model):
@@ -214,6 +222,9 @@ def native_lm(model):
 
     config = copy.deepcopy(model.config.text)
     config._attn_implementation = "sdpa"
+    # Phi-3.5-V's window (262,144) is past any prompt here, so dropping it changes no output; with it,
+    # StaticCache keeps its length as a Python int and a compiled forward recompiles at every step.
+    config.sliding_window = None
     with torch.device("meta"):
         lm = Phi3ForCausalLM(config)
     decoder = {k: v for k, v in model.network.official_state_dict().items() if not k.startswith("model.vision_embed_tokens.")}
@@ -237,10 +248,24 @@ def native_cache(lm, prefilled: dict, kind: str, decode_tokens: int):
     return cache
 
 
-def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int) -> dict:
-    """`decode_tokens` greedy steps of transformers' own forward, from the full cache's prefill."""
+def compiled_forward(lm):
+    """transformers' forward as a speed-minded user compiles it over a StaticCache (CUDA graphs
+    on CUDA), once per process."""
+    from hae_cli.model.compiled import default_mode
+
+    if not hasattr(lm, "compiled_forward"):
+        lm.compiled_forward = torch.compile(lm.forward, dynamic=False, mode=default_mode(lm.lm_head.weight.device))
+    return lm.compiled_forward
+
+
+def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int, steps: int | None = None) -> dict:
+    """`decode_tokens` greedy steps (`steps`: fewer, a warm-up, over the same cache size) of
+    transformers' own forward, from the full cache's prefill (`kind` "static compiled": the
+    compiled forward over a StaticCache)."""
     device = lm.lm_head.weight.device
-    cache = native_cache(lm, prefilled, kind, decode_tokens)
+    forward = compiled_forward(lm) if kind == "static compiled" else lm
+    cache = native_cache(lm, prefilled, kind.split()[0], decode_tokens)
+    decode_tokens = steps or decode_tokens
     logits, position = prefilled["logits"], prefilled["position"]
     step_seconds, tokens = [], []
     with torch.inference_mode():
@@ -249,7 +274,7 @@ def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int) -> d
             tokens.append(token)
             start = clock(device)
             ids, positions = torch.tensor([[token]], device=device), torch.tensor([[position]], device=device)
-            logits = lm(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+            logits = forward(input_ids=ids, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
             step_seconds.append(clock(device) - start)
             position += 1
     decode_seconds = sum(step_seconds)
@@ -259,23 +284,41 @@ def timed_native_decode(lm, prefilled: dict, kind: str, decode_tokens: int) -> d
 def measure_size(model, tokenizer, pictures: list, size: int, policies: dict, args, native=None) -> dict:
     """Prefill `--prefill-repeats` times and decode `--repeats` times (each from a copy of the
     last prefilled cache) per policy, and as often each peer (`native`: transformers' own model,
-    decoding from the full cache's prefill), interleaved so that load drift hits all alike."""
+    decoding from the full cache's prefill), interleaved so that load drift hits all alike.
+    With `--compile`, each policy also decodes through the compiled step ("<policy> compiled")
+    from the same prefills, and the peers gain transformers' compiled StaticCache forward; each
+    compiled graph is warmed up once per size before anything is timed."""
     prompt, embeds, images = image_prompt(model, tokenizer, pictures, size)
+    repeats = args.large_repeats if args.large_repeats and size >= args.large_size else args.repeats
+    compiled = [f"{name} compiled" for name in policies] if args.compile else []
+    peer_kinds = dict(PEERS, **({COMPILED_PEER: "static compiled"} if args.compile else {}))
     prefills: dict[str, list[dict]] = {name: [] for name in policies}
-    decodes: dict[str, list[dict]] = {name: [] for name in policies}
-    peers: dict[str, list[dict]] = {name: [] for name in (PEERS if native is not None else ())}
-    for rep in range(max(args.repeats, args.prefill_repeats)):
+    decodes: dict[str, list[dict]] = {name: [] for name in list(policies) + compiled}
+    peers: dict[str, list[dict]] = {name: [] for name in (peer_kinds if native is not None else ())}
+    warmups: dict[str, float] = {}
+    for rep in range(max(repeats, args.prefill_repeats)):
         for name, (policy, params) in policies.items():
             if rep < args.prefill_repeats or not prefills[name]:
                 prefills[name].append(timed_prefill(model, prompt, embeds, policy, params))
-            if rep < args.repeats:
-                decodes[name].append(timed_decode(prefills[name][-1], model, args.decode_tokens))
-        for name, kind in PEERS.items() if rep < args.repeats and peers else ():
+            if rep >= repeats:
+                continue
+            decodes[name].append(timed_decode(prefills[name][-1], model, args.decode_tokens))
+            if args.compile:
+                if rep == 0:
+                    warmup = timed_decode(prefills[name][-1], model, args.decode_tokens, compiled=True, steps=2)
+                    warmups[f"{name} compiled"] = warmup["compile_seconds"]
+                decodes[f"{name} compiled"].append(timed_decode(prefills[name][-1], model, args.decode_tokens, compiled=True))
+        for name, kind in peer_kinds.items() if rep < repeats and peers else ():
+            if rep == 0 and kind == "static compiled":
+                start = time.perf_counter()
+                timed_native_decode(native, prefills["full"][-1], kind, args.decode_tokens, steps=2)
+                warmups[name] = time.perf_counter() - start
             peers[name].append(timed_native_decode(native, prefills["full"][-1], kind, args.decode_tokens))
         for name in policies:  # only the newest prefilled cache is decoded from; free the others
             for old in prefills[name][:-1]:
                 old.pop("cache", None)
-    summary = {"prompt_tokens": int(embeds.shape[1]), "images": images}
+    summary = {"prompt_tokens": int(embeds.shape[1]), "images": images, "repeats": repeats,
+               "compile_warmup_seconds": warmups}
     ours = [run["tokens"] for run in decodes["full"]]
     for name, runs in peers.items():
         summary[name] = {
@@ -288,7 +331,8 @@ def measure_size(model, tokenizer, pictures: list, size: int, policies: dict, ar
         for run in prefills[name]:
             run.pop("cache", None)
             run.pop("logits", None)
-        p, d = prefills[name], decodes[name]
+    for name, d in decodes.items():
+        p = prefills[name.removesuffix(" compiled")]
         summary[name] = {
             "prefill_seconds": median_of(p, "prefill_seconds"),
             "prefill_overhead_seconds": median_of(p, "prefill_overhead_seconds"),
@@ -304,7 +348,9 @@ def measure_size(model, tokenizer, pictures: list, size: int, policies: dict, ar
             "kv_bytes_allocated_max": max(r["kv_bytes_allocated_max"] for r in d),
             "decode_rounds": d[0]["rounds"],
             "seconds_per_round": statistics.median(r["seconds_per_round"] for r in d) if d[0]["rounds"] else None,
-            "prefill_runs": p,
+            "same_tokens_as_eager": name in policies or all(
+                r["tokens"] == decodes[name.removesuffix(" compiled")][0]["tokens"] for r in d),
+            "prefill_runs": p if name in policies else "as for " + name.removesuffix(" compiled"),
             "decode_runs": d,
         }
     return summary
@@ -359,7 +405,68 @@ def compare(size: int, m: dict, weights_read: int) -> dict:
         "prefill_ratio": hae["prefill_seconds"] / full["prefill_seconds"],
         "kv_cut_pct": 100 * (1 - hae["kv_bytes_mean"] / full["kv_bytes_mean"]),
         "eviction_share_pct": 100 * hae["decode_overhead_share"],
+        **(compiled_ratios(m, weights_read) if "hae compiled" in m else {}),
     }
+
+
+def compiled_ratios(m: dict, weights_read: int) -> dict:
+    full, hae = m["full compiled"], m["hae compiled"]
+    speedup = hae["tokens_per_second"] / full["tokens_per_second"]
+    limit = traffic_limit(weights_read, full["kv_bytes_mean"], hae["kv_bytes_mean"])
+    return {
+        "compiled_speedup": speedup,
+        "compiled_traffic_limit": limit,
+        "compiled_speedup_over_limit": speedup / limit,
+        "compiled_over_eager": {name: m[f"{name} compiled"]["tokens_per_second"] / m[name]["tokens_per_second"]
+                                for name in ("full", "hae")},
+        "compiled_same_tokens": all(m[f"{name} compiled"]["same_tokens_as_eager"] for name in ("full", "hae")),
+    }
+
+
+def size_reaching(rows: list[dict], key: str, target: float = 1.5) -> str:
+    """The prompt size where `key` (a speedup) first reaches `target`: measured, or linearly
+    interpolated between the two sizes around it; or that it was not reached."""
+    points = [(row["prompt_tokens"], row[key]) for row in rows if key in row]
+    for (x0, y0), (x1, y1) in zip([(None, None)] + points, points):
+        if y1 >= target:
+            if x0 is None or y0 >= target:
+                return f"{x1:,} tokens (measured {y1:.2f}x)"
+            return f"about {x0 + (target - y0) * (x1 - x0) / (y1 - y0):,.0f} tokens (between {x0:,} at {y0:.2f}x and {x1:,} at {y1:.2f}x)"
+    if not points:
+        return "not measured"
+    return f"not within the sizes measured (best {max(y for _, y in points):.2f}x)"
+
+
+COMPILED_COLUMNS = (
+    "tokens", "full eager", "full compiled", "compiled/eager", "hae eager", "hae compiled", "compiled/eager",
+    "Static", "Static compiled", "speedup eager", "speedup compiled", "traffic limit", "compiled / limit",
+    "warm-up s (full, hae, Static)",
+)
+
+
+def print_compiled(rows: list[dict]) -> None:
+    """The compiled step beside eager, and transformers' compiled StaticCache forward (tok/s)."""
+    table = []
+    for row in rows:
+        tps = {name: row[name]["tokens_per_second"] if name in row else None
+               for name in ("full", "full compiled", "hae", "hae compiled", "StaticCache", COMPILED_PEER)}
+        warm = row.get("compile_warmup_seconds", {})
+        table.append([
+            row["prompt_tokens"], tps["full"], tps["full compiled"], row["compiled_over_eager"]["full"],
+            tps["hae"], tps["hae compiled"], row["compiled_over_eager"]["hae"], tps["StaticCache"], tps[COMPILED_PEER],
+            row["speedup"], row["compiled_speedup"], row["compiled_traffic_limit"], row["compiled_speedup_over_limit"],
+            ", ".join(f"{warm[k]:.1f}" if warm.get(k) is not None else "-"
+                      for k in ("full compiled", "hae compiled", COMPILED_PEER)),
+        ])
+    same = all(row["compiled_same_tokens"] for row in rows)
+    common.print_table(
+        "tokens per second: the compiled decode step beside eager, and transformers' compiled StaticCache forward",
+        COMPILED_COLUMNS, table,
+        caption=f"greedy tokens of the compiled step equal to eager: {'yes' if same else 'NO'}; speedup = hae / full "
+                "tok/s; warm-up = the first compiled call at that size (not in the tok/s)\n"
+                f"HAE reaches 1.5x over full: eager at {size_reaching(rows, 'speedup')}; "
+                f"compiled at {size_reaching(rows, 'compiled_speedup')}",
+    )
 
 
 def print_rows(title: str, rows: list[dict], caption: str) -> None:
@@ -414,6 +521,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     parser.add_argument("--out-dir", default=None, help="where to write speed.json (default benchmarks/results)")
     parser.add_argument("--no-peers", action="store_true", help="skip transformers' own Phi-3 (DynamicCache, StaticCache)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also decode through the compiled step (full and hae), and time transformers' StaticCache "
+                             "forward under torch.compile; one untimed warm-up per size compiles each graph")
+    parser.add_argument("--large-size", type=int, default=16384, help="sizes from here on use --large-repeats")
+    parser.add_argument("--large-repeats", type=int, default=0, help="timed decodes at the large sizes (0: --repeats)")
     parser.add_argument("--quiet", action="store_true")
     return parser.parse_args(argv)
 
@@ -478,6 +590,8 @@ def main(argv=None) -> dict:
         rows,
         common.describe_conditions(cond),
     )
+    if args.compile:
+        print_compiled(rows)
     out = {
         "benchmark": "speed",
         "conditions": cond,

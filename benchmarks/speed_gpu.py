@@ -7,7 +7,9 @@ tower is the tiny one: it only fills the image slots (313 per picture), and deco
 runs it. HAE runs in budget mode as in `speed.py` (`visual_keep=0.4, r_i=1.0`; random weights
 attend near uniformly). Per size, interleaved as in `speed.py`: one prefill per policy, then
 `--repeats` timed decodes of `--decode-tokens` greedy tokens for full, hae and both peers
-(CUDA synchronised around every step and every timed region of the cache). Reported:
+(CUDA synchronised around every step and every timed region of the cache), and (unless
+`--no-compile`) full and hae through the compiled step and transformers' StaticCache forward
+under torch.compile, each replayed as a CUDA graph, warmed up once per size. Reported:
 
 - decode tok/s, the traffic limit (W + K_full) / (W + K_hae) and the share of it achieved;
 - the eviction share of decode time and the time of one eviction round over all 32 layers;
@@ -156,11 +158,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--hae-params", default="", help="extra HAE parameters, e.g. buffer=16")
     parser.add_argument("--budget-seconds", type=float, default=420.0, help="skip sizes projected to end past this (default 420)")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model of hidden 128 (the CPU smoke test)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the compiled rows (our compiled step for full and hae, transformers' StaticCache "
+                             "forward under torch.compile; CUDA graphs on CUDA)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out-dir", default=None, help="where to write speed_gpu.json (default benchmarks/results)")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     args.prefill_repeats, args.threads, args.no_peers = 1, 0, False  # what speed.measure_size reads
+    args.large_size, args.large_repeats = 0, 0
     return args
 
 
@@ -229,6 +235,8 @@ def main(argv=None) -> dict:
         out["rows"],
         common.describe_conditions(cond),
     )
+    if args.compile and out["rows"]:
+        speed.print_compiled(out["rows"])
     transfer = out["bin_transfer"]
     common.print_table(
         "memory: NVML used with the cache minus without, against our K/V bytes (after decoding)",

@@ -80,6 +80,7 @@ class RunResult:
     notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
     kept: object | None = None  # KeptMap: what each layer held of each image (asked for with `show_kept`)
     image_layouts: list[dict] = field(default_factory=list)  # per image: how it was cut (`prepare`)
+    compile_seconds: float = 0.0  # the compiled decode step's warm-up (`compile=True`), not in decode_seconds
 
     @property
     def tokens_per_second(self) -> float:
@@ -127,6 +128,7 @@ class RunResult:
                 "eviction_share": self.eviction_share,
                 "decode_tokens": self.decode_tokens,
                 "tokens_per_second": self.tokens_per_second,
+                "compile_seconds": self.compile_seconds,
             },
             "kv_bytes": {
                 "final": self.kv_bytes_final,
@@ -220,12 +222,16 @@ def run_prepared(
     context_length: int | None = None,
     show_kept: bool = False,
     kept_step: int | None = None,
+    compile: bool = False,
+    on_compile: Callable[[float | None], None] | None = None,
 ) -> RunResult:
     """Generate from a prepared prompt with a fresh cache under `policy`. With
     `context_length`, the prompt's first tokens are cached (and compressed) before the rest is
     seen (`prepared.tokens.after_images()` splits right after the last image). With `show_kept`,
     `result.kept` is what each layer held of each image after decode step `kept_step` (None:
-    at the end; it stays None if the run ended before that step)."""
+    at the end; it stays None if the run ended before that step). `compile`: decode through a
+    compiled step (the same tokens, faster per token after a warm-up: `compile_seconds`);
+    `on_compile` is called with None as the warm-up starts and with its seconds at its end."""
     from hae_cli.cache.kept_map import image_slots, kept_map
     from hae_cli.model.generate import SamplingConfig, generate
 
@@ -252,7 +258,9 @@ def run_prepared(
             on_step(stats)
 
     generation = generate(loaded, tokens, prepared.embeds, cache, sampling, on_token=streamer.push,
-                          on_step=publish_step, context_length=context_length)
+                          on_step=publish_step, context_length=context_length, compile=compile,
+                          on_compile=on_compile)
+    notes += generation.notes
     if show_kept and kept_step is None and steps:
         kept = kept_map(cache, slots, steps[-1].step)
     text = loaded.decode_text(generation.token_ids).strip()
@@ -278,6 +286,7 @@ def run_prepared(
         notes=notes,
         kept=kept,
         image_layouts=prepared.image_layouts,
+        compile_seconds=generation.compile_seconds,
     )
 
 
@@ -299,6 +308,8 @@ def run(
     on_prefill: Callable[[], None] | None = None,
     show_kept: bool = False,
     kept_step: int | None = None,
+    compile: bool = False,
+    on_compile: Callable[[float | None], None] | None = None,
 ) -> RunResult:
     """Answer `question` about `images` (task "ask") or caption them in order (task "story").
     `on_prefill` is called once the images are read and encoded, as the model's prefill starts.
@@ -319,6 +330,7 @@ def run(
     result = run_prepared(
         loaded, prepared, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
         seed=seed, on_token=on_token, on_step=on_step, show_kept=show_kept, kept_step=kept_step,
+        compile=compile, on_compile=on_compile,
     )
     result.image_seconds = image_seconds
     return result

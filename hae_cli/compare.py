@@ -215,11 +215,13 @@ def run_profile(
     on_progress: Callable[[str], None] | None = None,
     show_kept: bool = False,
     kept_step: int | None = None,
+    compile: bool = False,
 ) -> ProfileReport:
     """Every prompt under the full cache (the baseline, run first) and each run: a `(policy name,
     params)` pair or a `Policy`.
     With `show_kept`, each policy's run of the first prompt records what it kept of each image
-    (after decode step `kept_step`, None: at the end) in its `kept`.
+    (after decode step `kept_step`, None: at the end) in its `kept`. `compile`: every run decodes
+    through the compiled step (its warm-up is in each result's `compile_seconds`, not in decode).
 
     Ctrl-C stops cleanly: what finished is kept and the report says it was interrupted.
     """
@@ -242,6 +244,8 @@ def run_profile(
                     loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
                     max_new_tokens=max_new_tokens, temperature=temperature,
                     top_p=top_p, seed=seed, on_progress=lambda message, label=label: progress(f"{label}: {message}"),
+                    compile=compile,
+                    on_compile=lambda seconds, label=label: seconds is None and progress(f"{label}: compiling the decode step"),
                     **kept,
                 )
             except KeyboardInterrupt:

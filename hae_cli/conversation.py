@@ -24,7 +24,7 @@ from hae_cli import checks
 from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_settings
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
-from hae_cli.model.generate import Decoded, SamplingConfig, decode, feed_question, prefill
+from hae_cli.model.generate import Decoded, SamplingConfig, compiled_step, decode, feed_question, prefill
 from hae_cli.model.interface import PromptTokens, UserTurn
 from hae_cli.user_text import checked_text
 
@@ -73,7 +73,8 @@ class Conversation:
     `images`: paths, PIL images, or images the model has read already (`loaded.read_image`);
     `image_features`: their vision-tower outputs (`loaded.image_features`), for callers that run
     many conversations over the same images (the benchmark). Each image goes through the tower
-    once either way."""
+    once either way. `compile`: answers are decoded through a compiled step (the same tokens; the
+    warm-up is paid at the first answer of the process)."""
 
     def __init__(
         self,
@@ -88,8 +89,10 @@ class Conversation:
         top_p: float = 1.0,
         seed: int = 0,
         on_progress: Callable[[str], None] | None = None,
+        compile: bool = False,
     ) -> None:
         self.loaded = loaded
+        self.compile = compile  # decode through a compiled step (`CompiledStep`): the same tokens
         checks.loaded_model(loaded)
         images = checks.image_list(images, nonempty=True)
         # a bad policy fails before any image is read; sizes past the context are capped with a note
@@ -117,6 +120,7 @@ class Conversation:
         on_token: Callable[[str], None] | None = None,
         on_step: Callable[[CacheStats], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        on_compile: Callable[[float | None], None] | None = None,
     ) -> Turn:
         """Feed the question (and any images added since the last turn), decode the answer into
         the cache, return the turn. `should_stop` is asked after every decode step: a True
@@ -160,11 +164,15 @@ class Conversation:
             publish()
             fed_seconds = time.perf_counter() - began
             began = time.perf_counter()
+            step = self._compiled_step(room, on_compile)
+            warm_before = step.warmup_seconds if step is not None else None
             # every emitted token is fed, so the transcript holds the answer the user saw
             decoded = decode(self.loaded, self.cache, logits, position, self.sampling, stop_ids=self.loaded.stop_ids,
                              generator=self._generator, max_new_tokens=room, feed_last=True,
-                             should_stop=should_stop, on_token=streamer.push, on_step=publish, decoded=Decoded())
-        decode_seconds = time.perf_counter() - began
+                             should_stop=should_stop, on_token=streamer.push, on_step=publish, decoded=Decoded(),
+                             feed=step)
+        compile_seconds = (step.warmup_seconds or 0.0) if step is not None and warm_before is None else 0.0
+        decode_seconds = time.perf_counter() - began - compile_seconds
         self._broken = False
         self._position = decoded.position
         self._in_cache = len(self._images)
@@ -177,7 +185,8 @@ class Conversation:
             prefill_seconds=fed_seconds, decode_seconds=decode_seconds,
             eviction_seconds=self.cache.eviction_seconds - start_overhead, decode_tokens=len(token_ids),
             steps=steps, events=self.cache.events[start_events:], interrupted=decoded.stopped_by == "interrupt",
-            stopped_by=decoded.stopped_by,
+            stopped_by=decoded.stopped_by, compile_seconds=compile_seconds,
+            notes=[step.note] if step is not None and step.note else [],
         )
         turn = Turn(len(self.turns) + 1, question, result, planned.images_added, len(tokens),
                     start_index, first_logits)
@@ -202,9 +211,21 @@ class Conversation:
         self.resets += 1
         self._start()
 
+    def _compiled_step(self, room: int, on_compile):
+        """The cache's compiled step (made at the first answer), with room for `room` more tokens."""
+        if not self.compile:
+            return None
+        if self._step is None:
+            self._step = compiled_step(self.loaded, self.cache, room, on_compile)
+        else:
+            self._step.make_room(room + 1)
+            self._step.on_compile = on_compile
+        return self._step
+
     def _start(self) -> None:
         """A fresh cache with every image so far fed, as the first turn's prefill."""
         self.cache = make_cache(self.loaded, self._policy)
+        self._step = None  # the compiled step over this cache, made at the first answer
         self.turns: list[Turn] = []
         self.history: list[tuple[UserTurn, str]] = []  # each user turn with its answer
         self._in_cache = len(self._images)  # images fed; the rest join the next turn

@@ -155,6 +155,10 @@ def test_speed_gpu_runs_at_tiny_size_on_cpu_and_skips_what_its_budget_cannot_fit
     (row,) = data["rows"]
     assert [s["size"] for s in data["skipped_sizes"]] == [100000000], "projected past the budget"
     assert row["peers_same_tokens_as_full"] and row["traffic_limit"] > 1.0
+    # the compiled rows: our compiled step gives eager's tokens; transformers' compiled forward decodes too
+    assert row["compiled_same_tokens"] and row["compiled_speedup"] > 0 and row["compiled_traffic_limit"] > 1.0
+    assert row["StaticCache compiled"]["same_tokens_as_full"]
+    assert row["hae compiled"]["decode_rounds"] == 1
     assert row["hae"]["decode_rounds"] == 1 and row["hae"]["seconds_per_round"] > 0
     assert data["bin_transfer"]["seconds_per_token_per_layer"] > 0
     per_token = 2 * 2 * 64 * 4  # K and V, 2 KV heads of 64, float32, per layer

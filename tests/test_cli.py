@@ -125,11 +125,12 @@ class FakeApi:
         return SimpleNamespace(name=model, num_layers=N_LAYERS, folder=Path("."), load_seconds=0.0)
 
     def run(self, loaded, images, question, *, task="ask", policy=None, max_new_tokens=128,
-            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None):
+            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None,
+            compile=False, on_compile=None):
         policy_params, policy = settings(policy), policy.name
         self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
                               policy_params=policy_params, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed))
+                              temperature=temperature, top_p=top_p, seed=seed, compile=compile))
         if on_progress:
             on_progress("reading images")
         if on_prefill:
@@ -318,7 +319,14 @@ def test_ask_plain_streams_the_answer_then_a_summary(fake_api, image):
     run = fake_api.runs[0]
     assert run["policy_params"] == {"budget": 0.5, "visual_keep": 0.4, "gamma": 0.9}
     assert (run["task"], run["question"], run["max_new_tokens"], run["seed"]) == ("ask", "What color?", 8, 3)
+    assert run["compile"] is False
     assert fake_api.loads[0] == dict(model="demo", device=None, dtype="float32", num_crops=4)
+
+
+def test_compile_flag_reaches_the_run_on_every_command(fake_api, image, tmp_path):
+    assert invoke("ask", image, "q", "--compile").exit_code == 0
+    assert invoke("story", image, "--compile").exit_code == 0
+    assert [r["compile"] for r in fake_api.runs] == [True, True]
 
 
 def test_budget_token_count_is_an_int(fake_api, image):

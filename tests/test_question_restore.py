@@ -25,7 +25,7 @@ ANSWER_STEPS = 5
 
 
 def params(**extra):
-    return dict(score_layer=0, visual_keep=0.3, r_i=0.95, image_floor=0.0, sink=2, recent=4, buffer=4, **extra)
+    return {**dict(score_layer=0, visual_keep=0.3, r_i=0.95, image_floor=0.0, sink=2, recent=4, buffer=4), **extra}
 
 
 def converse(lm, cache, questions=QUESTIONS, after_step=None, mask_fn=None, before_step=None):
@@ -192,3 +192,35 @@ def masked_forward(lm, embeds, positions, cache, mask_fn):
         hidden = layer(hidden, attention_mask=mask_fn(layer_idx, q, cache.get_seq_length(layer_idx) + q),
                        position_ids=positions[None], cache=cache, use_cache=True, position_embeddings=(cos, sin))
     return lm.lm_head(backbone.norm(hidden))
+
+
+def test_each_images_floor_stays_held_through_the_turns_and_only_the_rest_is_swapped():
+    """`turn_floor`: when each question is fed, the image tokens held are the prefill's floor first
+    (all of it, or, where rounds left fewer image tokens held than the floor has, only floor
+    tokens); without it the question's attention alone decides, and takes some of them."""
+    question_steps = [1 + turn * (1 + ANSWER_STEPS) for turn in range(len(QUESTIONS))]
+
+    def run(turn_floor: bool):
+        lm = tiny_lm(layers=2, seed=5)
+        cache = EvictingCache("hae", 2, **params(image_floor=0.3, visual_keep=0.1, turn_floor=turn_floor))
+        held_each_turn = []
+
+        def before(step, cache):
+            if step in question_steps:
+                held_each_turn.append([set(layer.token_index[0][layer.modality[0] == Modality.IMAGE].tolist())
+                                       for layer in cache.layers])
+
+        converse(lm, cache, before_step=before)
+        assert any(e.stage == "turn" and e.action == "restored" for e in cache.events)
+        return cache, held_each_turn
+
+    cache, held_each_turn = run(True)
+    floor = set(cache.layers[0].protected.tolist())
+    _, modality, _ = fake_prompt(**IMAGE_PROMPT, sep_every=6)
+    image_tokens = int((modality == Modality.IMAGE).sum())
+    assert len(floor) >= 0.3 * image_tokens and all(set(layer.protected.tolist()) == floor for layer in cache.layers)
+    assert all(floor <= held or held <= floor for turn in held_each_turn for held in turn)
+    unprotected, held_without = run(False)
+    assert unprotected.layers[0].protected.numel() == 0
+    assert not all(floor <= held or held <= floor for turn in held_without for held in turn), \
+        "the question alone takes floor tokens"

@@ -74,10 +74,15 @@ def clear_active() -> None:
 
 
 def hae_sdpa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, then the active cache observes what its policy needs."""
+    """transformers' SDPA attention, then the active cache observes what its policy needs (in a
+    compiled decode step, its `StaticStep` stashes the query)."""
+    static_step = kwargs.pop("hae_step", None)
     output = sdpa_attention_forward(
         module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
     )
+    if static_step is not None:
+        static_step.stash(module.layer_idx, query)
+        return output
     active = _ACTIVE.get()
     if active is None:
         return output

@@ -26,14 +26,15 @@ from transformers.cache_utils import Cache
 
 from hae_cli.cache.attention import register_attention, set_active
 from hae_cli.cache.forward import ForwardTokens, new_forward
-from hae_cli.cache.layer import EvictingLayer
+from hae_cli.cache.layer import GROWTH_ROWS, EvictingLayer
 from hae_cli.cache.modality import Modality
-from hae_cli.cache.observation import fold_scores, observe_prefill
+from hae_cli.cache.observation import fold, fold_scores, observe_prefill
 from hae_cli.cache.policies import Policy, make_policy
 from hae_cli.cache.prefill import PrefillCompaction
 from hae_cli.cache.question import observe_question, swap_for_question, take_back
 from hae_cli.cache.reporting import EventLog, Stopwatch, snapshot
 from hae_cli.cache.rounds import Rounds
+from hae_cli.cache.static_step import StaticStep
 from hae_cli.cache.stats import CacheStats
 
 
@@ -76,6 +77,7 @@ class EvictingCache(Cache):
         self._prefill = PrefillCompaction(self.layers, policy, self.log)
         self._rounds = Rounds(self.layers, policy, self.log)
         self._forward: ForwardTokens | None = None
+        self._static: StaticStep | None = None  # what a compiled decode step reads and writes
 
     @classmethod
     def from_config(cls, config, policy: Policy | str = "full", **kwargs) -> "EvictingCache":
@@ -136,7 +138,14 @@ class EvictingCache(Cache):
             self._prefill.finish(fwd, self.step)
             for layer_idx, layer in enumerate(self.layers):
                 layer.budget = self.policy.resolve_budget(layer_idx, self.tokens_fed, layer.held)
-        start = clock.add("prefill", start)
+        clock.add("prefill", start)
+        self._forward = None
+        self._close_step(prefill)
+
+    def _close_step(self, prefill: bool) -> None:
+        """Fold the scores that are due, run the rounds that are due; step += 1."""
+        clock = self.stopwatch
+        start = clock.now()
         fold_scores(self.layers, self.policy, due_only=True)
         start = clock.add("scores", start)
         self._rounds.run(self.step, "prefill" if prefill else "decode")
@@ -144,11 +153,52 @@ class EvictingCache(Cache):
             for layer in self.layers:
                 layer.limit_rows(self.policy.held_bound(layer.budget))
         clock.add("rounds", start)
-        self._forward = None
         self.log.flush()
         if self.history is not None:
             self.history.append(self.stats_at(self.step))
         self.step += 1
+
+    # --- a compiled decode step's side (`hae_cli.model.compiled`) ---
+
+    def make_room(self, new_tokens: int) -> None:
+        """Storage for `new_tokens` more rows in every layer without a bound (a layer with one
+        never holds more than `budget + buffer` between rounds), so that a compiled step's shapes
+        stay fixed while decoding them."""
+        for layer in self.layers:
+            if layer.row_bound is None:
+                layer.make_room(layer.held + new_tokens + 1)
+
+    def begin_static_step(self, query_shape: tuple[int, int]) -> StaticStep:
+        """Ready the cache for one generated token fed by a compiled step; returns the step's view
+        of the storage (`query_shape`: the model's query heads and head size, for the rings)."""
+        self._settle()
+        if self._forward is not None:
+            raise RuntimeError("begin_static_step: a forward is in progress")
+        if self.step == 0:
+            raise RuntimeError("begin_static_step: the prompt must be fed first")
+        for layer in self.layers:
+            if layer.held >= layer.capacity:  # only a layer without a bound can be full here
+                layer.make_room(layer.held + GROWTH_ROWS)
+        if self._static is None:
+            stashing = [self.policy.wants_decode_attention(i) for i in range(self.num_layers)]
+            self._static = StaticStep(self.layers, stashing, max(1, self.policy.buffer), query_shape)
+        self._static.refresh(self.layers, self.tokens_fed)
+        return self._static
+
+    def end_static_step(self) -> None:
+        """After a compiled step: mirror what it did, then fold, run the rounds; step += 1."""
+        self._static.advanced(self.layers)
+        self.tokens_fed += 1
+        self._close_step(prefill=False)
+        for layer in self.layers:  # a full ring is folded now: the next step has no slot for its query
+            ring = layer.stash.ring
+            if ring is not None and ring.filled >= ring.size:
+                fold(layer, self.policy.score_decay)
+
+    def abandon_static_step(self) -> None:
+        """A compiled step that failed: its device counts are set again from the host next time."""
+        if self._static is not None:
+            self._static.held_host = [-1] * self.num_layers
 
     def end_probe(self) -> None:
         """Close a probe: take its rows back out of every layer (as if never fed), then let the
@@ -202,6 +252,7 @@ class EvictingCache(Cache):
         self._prefill = PrefillCompaction(self.layers, self.policy, self.log)
         self._rounds = Rounds(self.layers, self.policy, self.log)
         self._forward = None
+        self._static = None
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         self._settle()

@@ -32,6 +32,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
+from hae_cli.cache.stash import QueryStash
 
 # The row dimension of each stored tensor: `[1, H, N, D]` K/V, `[H, N]` tags and scores.
 _ROW_DIM = {"keys": 2, "values": 2, "token_index": 1, "modality": 1, "image_id": 1, "scores": 1}
@@ -86,9 +87,8 @@ class EvictingLayer(CacheLayerMixin):
         self.bin = RecycleBin()
         self.reserve = RecycleBin()  # what a prefill set aside for a later question: never aged or trimmed
         self.reserve_active = False  # once anything was set aside, image tokens a round evicts go there too
-        self.stashed_queries: list[torch.Tensor] = []  # [H_q, q, D] each, post-RoPE, not yet in the scores
-        self.stashed_token_index: list[torch.Tensor] = []  # [q] each
-        self.stashed = 0  # queries stashed
+        self.protected = torch.zeros(0, dtype=torch.int64)  # token indices a later turn may not swap out
+        self.stash = QueryStash()  # decode queries not yet folded into the scores
         self.attention_scaling: float | None = None
 
     # --- transformers' CacheLayerMixin ---
@@ -295,18 +295,22 @@ class EvictingLayer(CacheLayerMixin):
     def stash_queries(self, queries: torch.Tensor, token_index: torch.Tensor) -> None:
         """Keep decode queries (`[H_q, q, D]`, post-RoPE, with their token indices `[q]`) until they are folded
         into the running scores (joined then, not at every step)."""
-        self.stashed_queries.append(queries)
-        self.stashed_token_index.append(token_index)
-        self.stashed += token_index.numel()
+        self.stash.add(queries, token_index)
+
+    @property
+    def stashed(self) -> int:
+        """Queries stashed and not yet folded."""
+        return len(self.stash)
 
     def take_stash(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The stashed queries `[H_q, t, D]` (oldest first) and their token indices `[t]`, or Nones."""
-        if not self.stashed_queries:
-            return None, None
-        queries, token_index = self.stashed_queries, self.stashed_token_index
-        stash = (queries[0], token_index[0]) if len(queries) == 1 else (torch.cat(queries, dim=1), torch.cat(token_index))
-        self.stashed_queries, self.stashed_token_index, self.stashed = [], [], 0
-        return stash
+        return self.stash.take()
+
+    def make_room(self, rows: int) -> None:
+        """Storage for at least `rows` rows now, so that steps up to there never resize it (a
+        compiled step needs its shapes fixed)."""
+        if self._storage and rows > self.capacity:
+            self._resize(rows)
 
     # --- the storage ---
 
@@ -335,8 +339,10 @@ class EvictingLayer(CacheLayerMixin):
     def _resize(self, capacity: int) -> None:
         """Move the held rows into new storage of `capacity` rows; the old storage is released."""
         old = self._storage
+        # zeros, not garbage: a compiled step attends over the spare rows too (masked), and a
+        # masked NaN in a value row would still poison the output (0 x NaN)
         self._storage = {
-            name: stored.new_empty(stored.shape[: _ROW_DIM[name]] + (capacity,) + stored.shape[_ROW_DIM[name] + 1 :])
+            name: stored.new_zeros(stored.shape[: _ROW_DIM[name]] + (capacity,) + stored.shape[_ROW_DIM[name] + 1 :])
             for name, stored in old.items()
         }
         self._write(0, {name: stored.narrow(_ROW_DIM[name], 0, self._held) for name, stored in old.items()})

@@ -39,6 +39,10 @@ class PrefillCompaction:
             self._compact_per_head(fwd, layer_idx, keep)
             return None
         kept = here[keep]
+        if decision.protected is not None:
+            protected = fwd.index[here[decision.protected.to(here.device)].to(fwd.index.device)].cpu()
+            for layer in self.layers:
+                layer.protected = torch.cat([layer.protected, protected])
         if decision.to_reserve:  # every layer computes the dropped rows: each sets them aside once it ran
             ran = [target for target in range(len(self.layers)) if target in fwd.layer_rows]
             for target in ran:

@@ -86,6 +86,7 @@ def chat(
         conversation = interruptible(lambda: Conversation(
             loaded, list(images), policy=checked.policy, max_new_tokens=options.max_new_tokens,
             temperature=options.temperature, top_p=options.top_p, seed=options.seed, on_progress=progress,
+            compile=options.compile,
         ), nothing)
         conversation.on_progress = None  # the spinner ends here; later images are read in a blink
     session = _Session(conversation, stdout, MemoryProbe(), checked.buffer, panels, json_output)
@@ -109,6 +110,14 @@ def chat(
     if session.interrupted_input:
         typer.echo("\ninterrupted", err=True)
         sys.exit(signals.exit_code())
+
+
+def _say_compile(seconds: float | None) -> None:
+    """--compile: the first answer compiles the decode step; say so, apart from the answer."""
+    if seconds is None:
+        typer.echo("compiling the decode step (once per session)...", err=True)
+    elif seconds:
+        typer.echo(f"compiled in {seconds:.1f} s", err=True)
 
 
 class _Session:
@@ -194,7 +203,7 @@ class _Session:
             streamed = True
 
         with signals.answer_stops_on_signal() as stop:
-            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop)
+            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop, on_compile=_say_compile)
         turn.result.image_seconds, self.image_seconds = self.image_seconds, 0.0
         added, self.added = self.added, []
         if not self.as_json:

@@ -154,7 +154,7 @@ def profile(
         report = run_profile(
             loaded, workload, [built[name] for name, _ in runs if name != BASELINE],
             max_new_tokens=options.max_new_tokens, temperature=options.temperature, top_p=options.top_p,
-            seed=options.seed, on_progress=progress,
+            seed=options.seed, on_progress=progress, compile=options.compile,
             **(dict(show_kept=True, kept_step=kept.step) if kept.path is not None else {}),
         )
     rows = report.rows

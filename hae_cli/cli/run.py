@@ -110,7 +110,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         state = PanelState(title=title, policy=policy.name, buffer=checked.buffer)
         watcher = RunWatcher(state, probe)
         kwargs = dict(task=task, policy=policy, max_new_tokens=options.max_new_tokens,
-                      temperature=options.temperature, top_p=options.top_p, seed=options.seed)
+                      temperature=options.temperature, top_p=options.top_p, seed=options.seed,
+                      compile=options.compile, on_compile=watcher.on_compile)
         if kept.path is not None:
             kwargs.update(show_kept=True, kept_step=kept.step)
         api = checked.api

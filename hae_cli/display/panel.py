@@ -281,6 +281,7 @@ class PanelState:
     text: str = ""
     notes: list[str] = field(default_factory=list)  # what the run capped, or why the answer is empty
     buffer: int | None = None  # the policy's buffer: a layer holds up to budget + buffer
+    compile_seconds: float | None = None  # the compiled decode step's warm-up (--compile), not in decode
 
 
 def kv_line(state: PanelState) -> Text:
@@ -351,6 +352,8 @@ def speed_line(state: PanelState) -> Text:
     else:
         line.append("…", style="dim")
     line.append(f" · {plural(state.decode_tokens, 'token')}")
+    if state.compile_seconds:
+        line.append(" · compile warm-up ").append(f"{state.compile_seconds:.1f} s", style="bold")
     if state.eviction_seconds is not None and state.prefill_seconds is not None:
         overhead = eviction_overhead_percent(
             state.policy, state.eviction_seconds, state.prefill_seconds + (state.decode_seconds or 0.0)
@@ -514,6 +517,7 @@ def state_from_result(result, title: str = "", memory: MemorySnapshot | None = N
         prompt_tokens=dict(result.prompt_tokens),
         text=result.text,
         notes=list(getattr(result, "notes", [])),
+        compile_seconds=getattr(result, "compile_seconds", None),
     )
 
 
@@ -601,6 +605,17 @@ class RunWatcher:
 
     def on_progress(self, message: str) -> None:
         self.state.status = message
+
+    def on_compile(self, seconds: float | None) -> None:
+        """The compiled decode step's warm-up: starting (None), or done after `seconds` (which
+        then do not count as decoding)."""
+        if seconds is None:
+            self.state.status = "compiling the decode step (warm-up)"
+            return
+        self.state.status = "decoding"
+        self.state.compile_seconds = seconds or None
+        if self._decode_started is not None:
+            self._decode_started += seconds
 
     def on_token(self, piece: str) -> None:
         self.state.text += piece

@@ -120,3 +120,23 @@ def _prune_mask(mask: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     past = kv_len - q_len
     columns = torch.cat([torch.arange(past, device=mask.device), past + keep])
     return mask[..., keep, :][..., columns]
+
+
+def static_decode_step(backbone: TextBackbone, ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       position_ids: torch.Tensor, step) -> torch.Tensor:
+    """One generated token (`ids` `[1, 1]`, its rotary `cos`/`sin` and position ids) through every
+    layer over a `StaticStep`'s fixed-shape storage; the next logits `[vocab]`. Every shape is
+    fixed between eviction rounds and nothing returns to Python: what `torch.compile` captures."""
+    hidden = backbone.embed_tokens(ids)
+    layer_position_ids = backbone.layer_position_ids(position_ids)
+    for layer_idx, decoder_layer in enumerate(backbone.layers):
+        hidden = decoder_layer(
+            hidden,
+            attention_mask=step.attention_mask(layer_idx),
+            position_ids=layer_position_ids,
+            cache=step,
+            use_cache=True,
+            position_embeddings=(cos, sin),
+            hae_step=step,
+        )
+    return backbone.lm_head(backbone.norm(hidden))[0, -1]

@@ -103,13 +103,16 @@ def decode(
     on_token: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
     decoded: Decoded | None = None,
+    feed: Callable[[int, int], torch.Tensor] | None = None,
 ) -> Decoded:
     """Sample from `logits`, feed the token at `position`, repeat: until a stop id, `max_new_tokens`
     (default: the sampling's), or `should_stop()` after a step.
 
     `feed_last`: also feed the last token (a conversation keeps its whole transcript in the
     cache); otherwise the loop ends without feeding it. `on_token(id)` runs for each token
-    kept, `on_step()` after each step. Results go into `decoded` (a new one by default)."""
+    kept, `on_step()` after each step. Results go into `decoded` (a new one by default).
+    `feed(token, position)` feeds a token and returns the next logits (a `CompiledStep`; default:
+    `decode_one_token`)."""
     out = decoded if decoded is not None else Decoded()
     out.position = position
     limit = sampling.max_new_tokens if max_new_tokens is None else max_new_tokens
@@ -123,7 +126,7 @@ def decode(
             on_token(token)
         if len(out.token_ids) == limit and not feed_last:
             break
-        logits = decode_one_token(model, token, out.position, cache)
+        logits = feed(token, out.position) if feed is not None else decode_one_token(model, token, out.position, cache)
         out.position += 1
         if on_step is not None:
             on_step()
@@ -140,6 +143,8 @@ class Generation:
     decode_seconds: float = 0.0
     stopped_by: str = "length"  # "stop_token", "length" or "interrupt"
     first_logits: torch.Tensor | None = None  # logits after prefill, for agreement checks
+    compile_seconds: float = 0.0  # the compiled step's warm-up (not in decode_seconds)
+    notes: list[str] = field(default_factory=list)  # a compile that fell back to eager
 
 
 @torch.inference_mode()
@@ -154,13 +159,18 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     on_step: Callable[[], None] | None = None,
     context_length: int | None = None,
+    compile: bool = False,
+    on_compile: Callable[[float | None], None] | None = None,
 ) -> Generation:
     """Greedy or sampled decoding of a prompt (`tokens`, `embeds`). Ctrl-C during decoding
     returns what was generated.
 
     `context_length`: feed the prompt's first tokens alone (the cache compresses them as a
     prompt), then the rest as a second forward, as when a question arrives after its images
-    were cached: the question cannot steer what the cache keeps."""
+    were cached: the question cannot steer what the cache keeps.
+
+    `compile`: decode through a compiled step (`CompiledStep`; the same tokens); `on_compile` is
+    called with None as its warm-up starts and with its seconds when it ends."""
     generator = torch.Generator().manual_seed(config.seed) if config.temperature > 0 else None
     stop_ids = model.stop_ids if stop_ids is None else stop_ids
     result = Generation()
@@ -184,11 +194,26 @@ def generate(
         on_step()
     start = time.perf_counter()
     decoded = Decoded()
+    step = compiled_step(model, cache, config.max_new_tokens, on_compile) if compile else None
     try:
         decode(model, cache, logits, position, config, stop_ids=stop_ids, generator=generator,
-               on_token=on_token, on_step=on_step, decoded=decoded)
+               on_token=on_token, on_step=on_step, decoded=decoded, feed=step)
     except KeyboardInterrupt:
         decoded.stopped_by = "interrupt"
     result.token_ids, result.stopped_by = decoded.token_ids, decoded.stopped_by
     result.decode_seconds = time.perf_counter() - start
+    if step is not None:
+        result.compile_seconds = step.warmup_seconds or 0.0
+        result.decode_seconds -= result.compile_seconds
+        result.notes += [step.note] if step.note else []
     return result
+
+
+def compiled_step(model, cache, max_new_tokens: int, on_compile: Callable[[float | None], None] | None = None):
+    """A `CompiledStep` over `cache`, with room made for `max_new_tokens` tokens (one more
+    when the last token is fed too)."""
+    from hae_cli.model.compiled import CompiledStep
+
+    step = CompiledStep(model, cache, on_compile=on_compile)
+    step.make_room(max_new_tokens + 1)
+    return step

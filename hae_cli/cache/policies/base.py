@@ -63,13 +63,15 @@ class PrefillKeep:
     so later layers never compute the dropped rows (index broadcasting). `to_reserve`: the
     dropped rows are not deleted but set aside in every layer's reserve, off the attention path,
     for a later question to bring back (`turn_swap`); every layer then computes them, and the
-    decision applies to each layer once it has run.
+    decision applies to each layer once it has run. `protected`: rows (of `keep`) a later
+    question may not swap out (`LayerView.protected`), for a rule that holds whatever is asked.
     """
 
     keep: torch.Tensor
     layers: tuple[int, ...]
     broadcast: bool = False
     to_reserve: bool = False  # the dropped rows go to every layer's reserve (computed by all layers)
+    protected: torch.Tensor | None = None  # [p] rows of this forward that stay through later turns
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,17 @@ class LayerView:
     bin_modality: torch.Tensor  # [M] int8
 
     reserve_modality: torch.Tensor | None = None  # [R] int8
+    # token indices (feed order) of the held rows, the reserve's and the bin's, and of the tokens a
+    # prefill protected from later turns' swaps (`PrefillKeep.protected`)
+    token_index: torch.Tensor | None = None  # [N]
+    reserve_index: torch.Tensor | None = None  # [R]
+    bin_index: torch.Tensor | None = None  # [M]
+    protected: torch.Tensor | None = None  # [P]
 
     @classmethod
     def of(cls, layer) -> "LayerView":
-        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality, layer.reserve.modality)
+        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality, layer.reserve.modality,
+                   layer.token_index[0], layer.reserve.token_index, layer.bin.token_index, layer.protected)
 
     @property
     def held(self) -> int:

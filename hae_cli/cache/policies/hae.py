@@ -102,6 +102,8 @@ class HAEPolicy(Policy):
                                  "conversation's images.")
     turn_restore: bool = param(True, "each new question reruns Stage 1 over the image tokens held and set "
                                      "aside; what it needs swaps in (the attended size stays).")
+    turn_floor: bool = param(True, "with turn_restore, each image's floor from the prefill stays held; "
+                                   "only the rest is chosen by the question.")
 
     def __post_init__(self) -> None:
         check_int("score_layer", self.score_layer, 0)
@@ -160,10 +162,13 @@ class HAEPolicy(Policy):
             else:
                 score = summary.sum.mean(dim=0)
             overview = None if rows.overview is None or self.floor_from == "image" else rows.overview[visual]
-            drop &= ~image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
+            floor = image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
+            drop &= ~floor
         decision = keep_all_but(visual[drop], layer_idx, rows)
         if decision is not None and self._reserves(rows):
-            return PrefillKeep(decision.keep, layers=tuple(range(rows.num_layers)), to_reserve=True)
+            protected = visual[floor] if self.image_floor > 0 and self.turn_floor else None
+            return PrefillKeep(decision.keep, layers=tuple(range(rows.num_layers)), to_reserve=True,
+                               protected=protected)
         return decision
 
     def _reserves(self, rows: Rows) -> bool:
@@ -214,9 +219,10 @@ class HAEPolicy(Policy):
 
     def turn_swap(self, layer_idx: int, view: LayerView, question: QuestionAttention, budget: int | None):
         """Stage 1's rule with the question at last: over the image tokens held and those set
-        aside (the reserve, and the bin's), keep as many as are held now, first every token some
-        head and query of the question needs (m_j >= r_i * max m), then the best by its share g_j;
-        the others leave for the reserve. The attended size stays."""
+        aside (the reserve, and the bin's), keep as many as are held now: each image's floor from
+        the prefill (`turn_floor`), then every token some head and query of the question needs
+        (m_j >= r_i * max m), then the best by its share g_j; the others leave for the reserve.
+        The attended size stays."""
         held = (view.modality == Modality.IMAGE).nonzero().squeeze(-1).cpu()
         reserved = (view.reserve_modality == Modality.IMAGE).nonzero().squeeze(-1)
         binned = (view.bin_modality == Modality.IMAGE).nonzero().squeeze(-1)
@@ -228,6 +234,9 @@ class HAEPolicy(Policy):
                        question.bin_max[:, binned].amax(dim=0)])
         needed = m >= self.r_i * m.max()
         rank = g + needed.float() * (g.max() + 1)  # the needed first, each group by its share
+        if self.turn_floor and view.protected is not None and view.protected.numel():
+            index = torch.cat([view.token_index.cpu()[held], view.reserve_index[reserved], view.bin_index[binned]])
+            rank = rank + torch.isin(index, view.protected).float() * 2 * (g.max() + 1)  # the floor before all
         keep = torch.zeros_like(needed)
         keep[rank.topk(held.numel()).indices] = True
         count = held.numel()
