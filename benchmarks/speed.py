@@ -464,8 +464,8 @@ def print_compiled(rows: list[dict]) -> None:
         COMPILED_COLUMNS, table,
         caption=f"greedy tokens of the compiled step equal to eager: {'yes' if same else 'NO'}; speedup = hae / full "
                 "tok/s; warm-up = the first compiled call at that size (not in the tok/s)\n"
-                f"HAE reaches 1.5x over full: eager at {size_reaching(rows, 'speedup')}; "
-                f"compiled at {size_reaching(rows, 'compiled_speedup')}",
+                f"where HAE reaches 1.5x over full: eager, {size_reaching(rows, 'speedup')}; "
+                f"compiled, {size_reaching(rows, 'compiled_speedup')}",
     )
 
 
