@@ -35,3 +35,29 @@ def test_deep_models_get_a_range_per_image():
 
 def test_no_images_no_table():
     assert image_table(CacheStats(0, [layer(0, ())], 0)) is None
+
+
+def test_a_conversations_reserve_gets_its_own_column_and_nothing_else_does():
+    last = LayerStats(1, {"text": 20, "image": 181, "separator": 0, "generated": 0}, 201, None, 5, 201 * 64, 0,
+                      [61, 120], [4, 1], reserve_tokens=445, reserve_by_image=[252, 193])
+    stats = CacheStats(1, [layer(0, (313, 313)), last], 0, image_sizes=[313, 313])
+    console = Console(record=True, width=80)
+    console.print(image_table(stats))
+    lines = console.export_text().splitlines()
+    assert lines[0].split() == ["image", "slots", "L0", "L1", "kept", "%", "bin", "reserve"]
+    assert lines[1].split() == ["image", "1", "313", "313", "61", "19", "4", "252"]
+    assert lines[2].split() == ["image", "2", "313", "313", "120", "38", "1", "193"]
+
+
+def test_the_summary_line_of_an_image_says_what_its_reserve_holds():
+    from hae_cli.display.panel import PanelState, render_summary
+
+    last = LayerStats(1, {"text": 20, "image": 181, "separator": 0, "generated": 0}, 201, None, 5, 201 * 64, 0,
+                      [61, 120], [4, 0], reserve_tokens=252, reserve_by_image=[252, 0])
+    stats = CacheStats(1, [layer(0, (313, 313)), last], 0, image_sizes=[313, 313])
+    console = Console(record=True, width=120)
+    console.print(render_summary(PanelState(title="chat", policy="hae", status="done", stats=stats)))
+    lines = [line for line in console.export_text().splitlines() if line.startswith("image")]
+    assert lines == ["image 1   61 of 313 tokens held at the last layer (61-313 across layers), 4 in its bin, "
+                     "252 set aside in the reserve",
+                     "image 2   120 of 313 tokens held at the last layer (120-313 across layers)"]

@@ -23,13 +23,22 @@ def image_rows(stats: CacheStats) -> list[tuple[str, int, int, int, int, int]]:
     return rows
 
 
+def reserved_by_image(stats: CacheStats) -> list[int]:
+    """Per image, what the last layer set aside in its reserve (a conversation's prefill drops,
+    kept off the attention path for a later question); all zeros outside a conversation."""
+    last = stats.layers[-1] if stats.layers else None
+    if last is None:
+        return []
+    return [last.reserve_by_image[k] if k < len(last.reserve_by_image) else 0 for k in range(len(stats.image_sizes))]
+
+
 PER_LAYER_COLUMNS = 8  # up to this many layers, a column each; deeper models get a range
 
 
 def image_table(stats: CacheStats) -> Table | None:
     """Per image: its slots, what each layer holds of them (a column per layer up to
     `PER_LAYER_COLUMNS`, else fewest-most), the last layer's share (index broadcasting makes it
-    the scoring layer's choice) and the last layer's bin."""
+    the scoring layer's choice), the last layer's bin and, in a conversation, its reserve."""
     rows = image_rows(stats)
     if not rows:
         return None
@@ -45,10 +54,14 @@ def image_table(stats: CacheStats) -> Table | None:
         table.add_column("last layer", justify="right")
     table.add_column("kept %", justify="right")
     table.add_column("bin", justify="right")
+    reserved = reserved_by_image(stats)
+    if any(reserved):
+        table.add_column("reserve", justify="right")
     for k, (label, size, fewest, most, last, binned) in enumerate(rows):
         if per_layer:
             held = [str(layer.tokens_by_image[k]) for layer in stats.layers]
         else:
             held = [str(fewest) if fewest == most else f"{fewest}-{most}", str(last)]
-        table.add_row(label, str(size), *held, f"{100 * last / max(1, size):.0f}", str(binned))
+        extra = [str(reserved[k])] if any(reserved) else []
+        table.add_row(label, str(size), *held, f"{100 * last / max(1, size):.0f}", str(binned), *extra)
     return table

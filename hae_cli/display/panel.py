@@ -18,7 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
-from hae_cli.display.images import image_rows, image_table
+from hae_cli.display.images import image_rows, image_table, reserved_by_image
 from hae_cli.display.memory import MemorySnapshot
 from hae_cli.compare import MODALITIES, ProfileRow, eviction_overhead_percent
 SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
@@ -489,11 +489,14 @@ def render_summary(state: PanelState) -> Group:
         line.append("; ".join(f"{k} {format_counts(v)}" for k, v in actions.items()))
         parts.append(line)
     if state.stats is not None:
-        for label, size, fewest, most, last, binned in image_rows(state.stats):
+        reserved = reserved_by_image(state.stats)
+        for k, (label, size, fewest, most, last, binned) in enumerate(image_rows(state.stats)):
             held = f"{last} of {size} tokens held at the last layer"
             if fewest != most:
                 held += f" ({fewest}-{most} across layers)"
-            parts.append(Text(f"{label:<10}", style="bold cyan").append(held + (f", {binned} in its bin" if binned else "")))
+            held += f", {binned} in its bin" if binned else ""
+            held += f", {reserved[k]} set aside in the reserve" if k < len(reserved) and reserved[k] else ""
+            parts.append(Text(f"{label:<10}", style="bold cyan").append(held))
     return Group(*parts)
 
 
