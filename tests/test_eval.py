@@ -297,7 +297,9 @@ def test_a_missing_optional_extra_is_one_line(tmp_path, module, args, fragment):
     (hidden / module / "__init__.py").write_text(f"raise ImportError(\"No module named {module!r}\")\n")
     data = write_formats(tmp_path / "data")["datasets" if module == "datasets" else "jsonl"]
     path = os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])
-    assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY, *args, PYTHONPATH=path), fragment)
+    assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY, *args, "--out", str(tmp_path / "o"),
+                                  PYTHONPATH=path), fragment)
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
@@ -309,9 +311,12 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
         free.bind(("127.0.0.1", 0))
         port = free.getsockname()[1]
     started = time.monotonic()
-    assert_one_line_error(run_hae("eval", str(jsonl(tmp_path, GOOD)), *FULL_ONLY, "--ray", f"127.0.0.1:{port}"),
+    out = tmp_path / "o"
+    assert_one_line_error(run_hae("eval", str(jsonl(tmp_path, GOOD)), *FULL_ONLY, "--ray", f"127.0.0.1:{port}",
+                                  "--out", str(out)),
                           f"--ray 127.0.0.1:{port}: no Ray cluster answers at", "ray start --head")
     assert time.monotonic() - started < 60
+    assert not out.exists()  # told before anything is written
 
 
 @pytest.mark.parametrize("args, fragment", [

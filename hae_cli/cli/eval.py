@@ -162,7 +162,7 @@ def eval_command(
     if ray is not None:
         from hae_cli.evaluation.parallel import check_ray
 
-        check_ray()
+        check_ray(ray)
     columns = Columns(id_column, image_column, question_column, answer_column, choices_column, turns_column)
     loaded_data = read_data(data, task.value, columns, split, strict, limit)
     _notes([f"skipped {line}" for line in loaded_data.skipped], "records skipped")

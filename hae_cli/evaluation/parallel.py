@@ -67,12 +67,15 @@ def run_items(items: Iterable[Item], config: EvalConfig, backend: Backend, loade
         yield result
 
 
-def check_ray() -> None:
-    """Ray is an optional extra: say how to get it, before anything loads."""
+def check_ray(address: str | None = None) -> None:
+    """Ray is an optional extra: say how to get it; and where `address` names a cluster, that
+    something answers there. Both before anything loads or is written."""
     try:
         import ray  # noqa: F401
     except ImportError:
         raise ConfigError("--ray needs Ray, an optional extra: pip install 'hae-cli[ray]' (or pip install ray)") from None
+    if address is not None and address != LOCAL:
+        _check_cluster(address)
 
 
 # --------------------------------------------------------------------------- the workers' side
@@ -193,18 +196,25 @@ def _ray_init(ray, backend: Backend, threads: int) -> None:
         # address="local": a new instance even where `ray start` once left a cluster's address behind
         ray.init(address="local", num_cpus=cpus, object_store_memory=RAY_OBJECT_STORE, **quiet)
         return
-    no_cluster = f"--ray {backend.ray}: no Ray cluster answers"
-    how = "start one with `ray start --head`, or use --ray local"
-    try:
-        where = _cluster_address(backend.ray)
-    except (ConnectionError, ValueError) as error:
-        raise ConfigError(f"{no_cluster} ({' '.join(str(error).split())[:160]}); {how}") from None
-    if where is not None and not _answers(where):
-        raise ConfigError(f"{no_cluster} at {where}; {how}")
+    _check_cluster(backend.ray)
     try:
         ray.init(address=backend.ray, **quiet)
     except ConnectionError as error:
-        raise ConfigError(f"{no_cluster} ({' '.join(str(error).split())[:160]}); {how}") from None
+        raise ConfigError(_no_cluster(backend.ray, f"({' '.join(str(error).split())[:160]})")) from None
+
+
+def _no_cluster(address: str, why: str) -> str:
+    return f"--ray {address}: no Ray cluster answers {why}; start one with `ray start --head`, or use --ray local"
+
+
+def _check_cluster(address: str) -> None:
+    """Something answers where `address` points, told in seconds (Ray itself would retry for minutes)."""
+    try:
+        where = _cluster_address(address)
+    except (ConnectionError, ValueError) as error:
+        raise ConfigError(_no_cluster(address, f"({' '.join(str(error).split())[:160]})")) from None
+    if where is not None and not _answers(where):
+        raise ConfigError(_no_cluster(address, f"at {where}"))
 
 
 def _cluster_address(address: str) -> str | None:
