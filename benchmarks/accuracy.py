@@ -80,7 +80,7 @@ class Record:
     binned: int = 0
 
 
-def summarize(label: str, setting: Setting, records: list[Record], full: list[Record]) -> dict:
+def summarize(setting: Setting, records: list[Record], full: list[Record]) -> dict:
     """One table row; `full` is the full cache on the same prompts (same run)."""
     n = len(records)
     accuracy = sum(r.correct for r in records) / n
@@ -88,9 +88,7 @@ def summarize(label: str, setting: Setting, records: list[Record], full: list[Re
     kv_mean = statistics.fmean(r.kv_mean for r in records)
     full_mean = statistics.fmean(r.kv_mean for r in full)
     return {
-        "setting": label,
-        "policy": setting.policy,
-        "params": setting.params if setting.matched_to is None else f"matched to {setting.matched_to}",
+        **setting.row_head(),
         "n": n,
         "accuracy": accuracy,
         "drop_points": 100 * (full_accuracy - accuracy),
@@ -420,7 +418,7 @@ def main(argv=None) -> dict:
         run_vqa(subset, plan, results, pool, args, "vqa subset")
         indices = [i for i, _ in subset]
         full_records = [results["full"][i] for i in indices]
-        vqa_rows = [summarize(s.label, s, [results[s.label][i] for i in indices], full_records) for s in plan]
+        vqa_rows = [summarize(s, [results[s.label][i] for i in indices], full_records) for s in plan]
         best = choose_best(vqa_rows, args.target_drop)
         comparison = equal_kv_comparison(vqa_rows, hae, baselines)
         out["vqa"] = {"questions": len(indices), "rows": vqa_rows, "best_hae": best["setting"], "equal_kv": comparison}
@@ -437,7 +435,7 @@ def main(argv=None) -> dict:
             run_vqa(pool_questions, [plan[0], *chosen], results, pool, args, "vqa full split")
             ids = [i for i, _ in pool_questions]
             full = [results["full"][i] for i in ids]
-            split_rows = [summarize(s.label, s, [results[s.label][i] for i in ids], full) for s in (plan[0], *chosen)]
+            split_rows = [summarize(s, [results[s.label][i] for i in ids], full) for s in (plan[0], *chosen)]
             out["vqa_full_split"] = {"questions": len(ids), "rows": split_rows}
             common.print_table(
                 f"easy-VQA {args.split}, {len(ids)} questions: full vs HAE ({', '.join(s.label for s in chosen)})",
@@ -454,7 +452,7 @@ def main(argv=None) -> dict:
             for n in common.parse_list(args.story_images, int):
                 sets = easyvqa.story_sets(args.split, args.story_sets, n, seed=args.seed)
                 records = run_stories(sets, story_settings, pool, args, f"captions x{n}")
-                rows = [summarize(s.label, s, records[s.label], records["full"]) for s in story_settings]
+                rows = [summarize(s, records[s.label], records["full"]) for s in story_settings]
                 stories[n] = rows
                 out["stories"]["by_images"][str(n)] = {"sets": len(sets), "rows": rows}
                 common.print_table(

@@ -120,9 +120,7 @@ def summarize(setting: matching.Setting, outcomes: list[ConversationOutcome], fu
     kv_mean = statistics.fmean(statistics.fmean(o.kv_bytes) for o in outcomes)
     full_mean = statistics.fmean(statistics.fmean(o.kv_bytes) for o in full)
     return {
-        "setting": setting.label,
-        "policy": setting.policy,
-        "params": setting.params if setting.matched_to is None else f"matched to {setting.matched_to}",
+        **setting.row_head(),
         "conversations": len(outcomes),
         "questions": len(answered),
         "accuracy": sum(answered) / len(answered),

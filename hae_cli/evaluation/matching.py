@@ -38,6 +38,11 @@ class Setting:
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
 
+    def row_head(self) -> dict:
+        """The first columns of a summary row: a matched baseline's parameters are its match."""
+        params = self.params if self.matched_to is None else f"matched to {self.matched_to}"
+        return {"setting": self.label, "policy": self.policy, "params": params}
+
 
 def parse_list(text: str, cast=str) -> list:
     return [cast(part.strip()) for part in text.split(",") if part.strip()]

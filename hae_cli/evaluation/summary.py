@@ -49,9 +49,7 @@ def setting_row(setting: Setting, results: list[dict], full: list[dict]) -> dict
     decode_seconds = sum(r["timings"]["decode_seconds"] for r in results)
     decode_tokens = sum(r["timings"]["decode_tokens"] for r in results)
     return {
-        "setting": setting.label,
-        "policy": setting.policy,
-        "params": setting.params if setting.matched_to is None else f"matched to {setting.matched_to}",
+        **setting.row_head(),
         "items": len(results),
         "questions": len(scores),
         "accuracy": accuracy,
