@@ -127,6 +127,20 @@ def test_index_broadcasting_equals_masking_from_the_scoring_layer_on(lm, prompt,
     _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
 
 
+def test_random_dropping_equals_masking_in_every_layer_but_the_first_prefill(lm, prompt):
+    """Random drops at layer 0's prefill and broadcasts: the first layer's prefill saw every
+    token, every later computation none of the dropped ones."""
+    cache = evicting_cache(lm, "random", budget=prompt[0].numel() - 12, seed=1)
+    result = greedy(lm, *prompt, cache, STEPS)
+    dropped = set(range(prompt[0].numel())) - set(cache.layers[0].token_index[0].tolist())
+    assert len(dropped) == 12 and all(prompt[1][p] == 1 for p in dropped)
+
+    def mask(step, layer_idx, q, kv):
+        return None if step == 0 and layer_idx == 0 else hide_keys(q, kv, dropped)
+
+    _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
+
+
 def test_fastv_pruning_equals_masking_in_later_layers_only(lm, prompt):
     """FastV: layers before `prune_layer` keep every token; later layers never see the dropped ones."""
     cache = evicting_cache(lm, "fastv", prune_layer=2, drop_ratio=0.5)

@@ -310,3 +310,23 @@ def test_reports_overhead_history_and_events(lm, prompt):
     steps = [e.step for e in cache.events]
     assert steps == sorted(steps) and cache.stats().step == 8
     assert cache.stats().events == [e for e in cache.events if e.step == 8]
+
+
+def test_random_keeps_text_and_a_seeded_draw_of_image_tokens_to_the_budget(lm, prompt):
+    ids, modality, _ = prompt
+    length, budget = ids.numel(), 24
+    image = (modality == Modality.IMAGE).nonzero().squeeze(-1)
+    others = (modality != Modality.IMAGE).nonzero().squeeze(-1)
+    first, positions = prefill_positions(lm, prompt, "random", budget=budget, seed=3)
+    kept = positions[0][0]
+    assert kept.numel() == budget and set(others.tolist()) <= set(kept.tolist())
+    draw = torch.randperm(image.numel(), generator=torch.Generator().manual_seed(3))
+    dropped = image[draw[: length - budget]]
+    assert sorted(set(range(length)) - set(kept.tolist())) == sorted(dropped.tolist())
+    assert all(torch.equal(p, positions[0]) for p in positions), "every layer holds the same tokens"
+    _, other_seed = prefill_positions(lm, prompt, "random", budget=budget, seed=4)
+    assert not torch.equal(other_seed[0], positions[0])
+    greedy(lm, *prompt, first, 0)
+    cache = evicting_cache(lm, "random", budget=budget)
+    greedy(lm, *prompt, cache, 6)
+    assert all(layer.held == budget + 6 for layer in cache.layers), "decoding appends without evicting"

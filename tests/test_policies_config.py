@@ -67,7 +67,7 @@ def test_unknown_policy_and_parameter():
 
 
 def test_defaults_are_the_methods():
-    assert set(POLICIES) == {"full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"}
+    assert set(POLICIES) == {"full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop", "random"}
     assert policy_parameters("hae") == {
         "score_layer": 1, "r_g": 1.5, "r_i": 0.5, "visual_keep": None, "image_floor": 0.15,
         "floor_from": "overview", "floor_score": "distinct", "budget": None, "gamma": 0.95,

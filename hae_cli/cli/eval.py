@@ -25,7 +25,7 @@ from hae_cli.errors import ConfigError, InputError
 DATA_PANEL = "Data"
 RUN_PANEL = "Where it runs"
 DEFAULT_BUDGETS = "thr,0.6,0.4,0.25"
-DEFAULT_POLICIES = "fastv,snapkv,h2o,streaming,mustdrop"
+DEFAULT_POLICIES = "fastv,snapkv,h2o,streaming,mustdrop,random"
 DEFAULT_MAX_NEW_TOKENS = {"ask": 16, "story": 128, "chat": 16}
 NOTES_SHOWN = 10  # skipped records and failed items listed on stderr; the rest counted
 
@@ -74,7 +74,7 @@ def eval_command(
     )] = EvalTask.ask,
     policies: Annotated[str, typer.Option(
         "--policies", rich_help_panel=POLICY_PANEL, metavar="NAMES",
-        help="Policies run at HAE's KV on each item: snapkv / h2o / streaming get the tokens per layer HAE "
+        help="Policies run at HAE's KV on each item: snapkv / h2o / streaming / random get the tokens per layer HAE "
              "held after prefill, mustdrop as many image tokens, fastv the same share of image tokens dropped "
              "after its layer --fastv-layer. The full cache (the reference) and hae always run. \"\" for none.",
     )] = DEFAULT_POLICIES,

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from hae_cli.user_text import parse_value
 
-BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop")
+BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop", "random")
 # Baselines that trim back to their budget while decoding: with the question fed after the
 # images they get the question's rows on top of HAE's kept size, so they never hold less.
 DECODE_TRIMMING = ("h2o", "streaming")

@@ -16,6 +16,7 @@ POLICY_STYLES = {
     "snapkv": dict(marker="^", linewidth=1.2),
     "h2o": dict(marker="v", linewidth=1.2),
     "streaming": dict(marker="D", linewidth=1.2, linestyle=":"),
+    "random": dict(marker="P", linewidth=1.2, linestyle="-."),
 }
 
 

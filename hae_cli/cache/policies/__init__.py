@@ -20,7 +20,7 @@ from hae_cli.cache.policies.scorer import ScorerPolicy
 from hae_cli.errors import ConfigError
 
 PLUGIN_VARIABLE = "HAE_POLICY_MODULES"
-_ORDER = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop"]  # then new ones, by name
+_ORDER = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop", "random"]  # then new ones, by name
 
 
 def _discover() -> dict[str, type[Policy]]:
