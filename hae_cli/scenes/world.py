@@ -144,9 +144,25 @@ def _grid(crops: int) -> int:
     return int(round(crops ** 0.5))
 
 
-def _draw_shape(draw, o: SceneObject) -> None:
+def object_map(scene: Scene) -> np.ndarray:
+    """`[side, side]` uint8: which object covers each pixel (its index + 1; 0 = background), the
+    tags included: where a trainer reads what each patch shows."""
+    from PIL import Image, ImageDraw
+
+    picture = Image.new("L", (scene.side, scene.side), 0)
+    draw = ImageDraw.Draw(picture)
+    for index, o in enumerate(scene.objects, start=1):
+        _draw_shape(draw, o, fill=index)
+    pixels = np.array(picture)
+    for index, o in enumerate(scene.objects, start=1):
+        x, y = o.center
+        pixels[y - TAG_HALF[0]: y + TAG_HALF[0] + 1, x - TAG_HALF[1]: x + TAG_HALF[1] + 1] = index
+    return pixels
+
+
+def _draw_shape(draw, o: SceneObject, fill=None) -> None:
     x, y, r = *o.center, o.radius
-    fill = COLORS[o.color]
+    fill = COLORS[o.color] if fill is None else fill
     if o.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif o.shape == "square":
