@@ -89,6 +89,12 @@ def eval_command(
         help="A policy at parameters of its own, repeatable: [bold]--setting h2o:budget=0.3[/bold]. "
              "hae policies lists every parameter.",
     )] = None,
+    fewer_crops: Annotated[str, typer.Option(
+        "--fewer-crops", rich_help_panel=POLICY_PANEL, metavar="N[,N]",
+        help="Also run the full cache with the images read at N crops each (Phi-3.5-V; e.g. 1 for 4-crop "
+             "images): fewer pixels instead of fewer tokens, each at its own KV, the first baseline a user "
+             "asks for.",
+    )] = "",
     fastv_layer: Annotated[int, typer.Option(
         "--fastv-layer", min=1, rich_help_panel=POLICY_PANEL, help="FastV's K: its first K layers keep the "
                                                                    "whole prompt.",
@@ -169,7 +175,7 @@ def eval_command(
     out = out if out is not None else Path(f"hae-eval-{data.stem or data.resolve().name}")
     with progress_on_stderr() as spinner:
         spinner(LOADING_LIBRARIES)
-        plan = build_plan(policies, budgets, setting or [], fastv_layer)
+        plan = build_plan(policies, budgets, setting or [], fastv_layer, fewer_crops)
         library()
     from hae_cli.evaluation.evaluate import evaluate
     from hae_cli.evaluation.parallel import Backend
@@ -191,11 +197,12 @@ def eval_command(
     _report(report, json_output, config)
 
 
-def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: int) -> list:
-    """full, HAE at each of --budgets, each of --policies matched to each, each --setting: every
-    policy and parameter checked (built once) before the model loads."""
+def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: int, fewer_crops: str = "") -> list:
+    """full, HAE at each of --budgets, each of --policies matched to each, each --setting, the full
+    cache at each of --fewer-crops: every policy and parameter checked (built once) before the
+    model loads."""
     from hae_cli.evaluation.evaluate import plan_of
-    from hae_cli.evaluation.matching import Setting, parse_list, parse_params
+    from hae_cli.evaluation.matching import Setting, fewer_crops_settings, parse_list, parse_params
 
     baselines = [validate.check_policy_name(name) for name in parse_list(policies)]
     baselines = list(dict.fromkeys(b for b in baselines if b not in ("hae", "full")))
@@ -219,7 +226,7 @@ def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: in
         params = parse_params(":".join(options), sep=":")
         validate.checked_policy(policy, params)
         own.append(Setting(" ".join([policy, *options]), policy, params))
-    plan = plan_of(budgets, baselines, own)
+    plan = plan_of(budgets, baselines, own) + fewer_crops_settings(_crop_counts(fewer_crops))
     labels = [s.label for s in plan]
     twice = next((label for label in labels if labels.count(label) > 1), None)
     if twice is not None:
@@ -227,6 +234,17 @@ def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: in
     if "fastv" in baselines:
         validate.checked_policy("fastv", {"prune_layer": fastv_layer})
     return plan
+
+
+def _crop_counts(text: str) -> list[int]:
+    from hae_cli.evaluation.matching import parse_list
+
+    counts = []
+    for part in parse_list(text):
+        if not part.isdigit() or int(part) < 1:
+            raise ConfigError(f"--fewer-crops: {part!r} is not a crop count (a whole number >= 1, e.g. 1)")
+        counts.append(int(part))
+    return counts
 
 
 def _fraction(text: str) -> bool:
@@ -308,7 +326,7 @@ def _notes(lines: list[str], what: str) -> None:
 def _report(report, as_json: bool, config) -> None:
     """The tables (or the JSON) on stdout; what was written, skipped or failed on stderr."""
     from hae_cli.evaluation.summary import (
-        EQUAL_KV_CAPTION, ROW_COLUMNS, equal_kv_table, rich_table, table_rows,
+        EQUAL_KV_CAPTION, ROW_COLUMNS, by_type_table, equal_kv_table, rich_table, table_rows,
     )
 
     with signals.writing_result():
@@ -333,6 +351,9 @@ def _report(report, as_json: bool, config) -> None:
                 caption="accuracy: exact match after VQA normalisation, the option chosen, or the full cache's "
                         "answer where a record has no reference; KV: bytes held after every step, cut against the "
                         "full cache on the same items"))
+            typed = by_type_table(summary["rows"])
+            if typed is not None:
+                console.print(rich_table("accuracy % by question type (questions)", *typed))
             baselines = list(dict.fromkeys(s.policy for s in config.plan if s.matched_to is not None))
             if summary["equal_kv"]:
                 columns, rows = equal_kv_table(summary["equal_kv"], baselines)

@@ -34,14 +34,19 @@ class Setting:
     policy: str
     params: dict = field(default_factory=dict)
     matched_to: str | None = None
+    crops: int | None = None  # images read at this many crops (the fewer-pixels baseline); None: the run's
 
     def to_json(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.crops is None:  # as before the field existed, so that older runs resume
+            del data["crops"]
+        return data
 
     def row_head(self) -> dict:
         """The first columns of a summary row: a matched baseline's parameters are its match."""
         params = self.params if self.matched_to is None else f"matched to {self.matched_to}"
-        return {"setting": self.label, "policy": self.policy, "params": params}
+        crops = {} if self.crops is None else {"crops": self.crops}
+        return {"setting": self.label, "policy": self.policy, "params": params, **crops}
 
 
 def parse_list(text: str, cast=str) -> list:
@@ -110,6 +115,12 @@ def matched_plan(hae: list[Setting], baselines: list[str]) -> list[Setting]:
         for baseline in baselines:
             plan.append(Setting(f"{baseline} @{setting.label[4:]}", baseline, matched_to=setting.label))
     return plan
+
+
+def fewer_crops_settings(crops: list[int]) -> list[Setting]:
+    """The full cache with the images read at fewer crops: fewer pixels instead of fewer tokens,
+    each at its own KV."""
+    return [Setting(f"full @{n} crop{'s' if n != 1 else ''}", "full", crops=n) for n in crops]
 
 
 def story_plan(hae_params: dict, budgets: list[float], buffer: int, other_prefills: list[Setting] = ()) -> list[Setting]:

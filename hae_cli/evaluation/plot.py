@@ -17,6 +17,7 @@ POLICY_STYLES = {
     "h2o": dict(marker="v", linewidth=1.2),
     "streaming": dict(marker="D", linewidth=1.2, linestyle=":"),
     "random": dict(marker="P", linewidth=1.2, linestyle="-."),
+    "fewer crops": dict(marker="h", markersize=9, linewidth=1.2, linestyle=(0, (1, 1))),
 }
 
 
@@ -29,7 +30,7 @@ def draw_curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> N
         point = (r["cut_pct"], 100 * r[metric], r["setting"])
         is_series = r["policy"] != "hae" or r["setting"] == "hae (no budget)" or r["setting"].startswith("hae B=") \
             or not any(x["setting"].startswith("hae B=") or x["setting"] == "hae (no budget)" for x in rows)
-        (by_policy[r["policy"]] if is_series else singles).append(point)
+        (by_policy["fewer crops" if r.get("crops") else r["policy"]] if is_series else singles).append(point)
     for policy, points in by_policy.items():
         points.sort()
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -46,15 +47,25 @@ def draw_curves(ax, rows: list[dict], title: str, ylabel: str, metric: str) -> N
 
 
 def plot_accuracy(path: Path, rows: list[dict], title: str, subtitle: str) -> None:
-    """One panel: each policy's accuracy over its settings against the KV cut they reach."""
+    """Each policy's accuracy over its settings against the KV cut they reach: one panel, and
+    one more per question type where the data has types."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5.2))
-    draw_curves(ax, rows, title, "accuracy %", "accuracy")
+    kinds = list(dict.fromkeys(t for r in rows for t in r.get("by_type", {})))
+    panels = [(title, rows)] + [(f"{kind} ({rows[0]['by_type'][kind]['questions']} questions)",
+                                 [{**r, "accuracy": r["by_type"][kind]["accuracy"]} for r in rows if kind in r["by_type"]])
+                                for kind in kinds]
+    columns = 1 if len(panels) == 1 else 4
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(7.5 if columns == 1 else 20, 5.2 * lines), squeeze=False)
+    for ax, (panel_title, panel_rows) in zip(axes.flat, panels):
+        draw_curves(ax, panel_rows, panel_title, "accuracy %", "accuracy")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.suptitle(textwrap.fill(subtitle, width=110), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120 if columns == 1 else 80)
     plt.close(fig)

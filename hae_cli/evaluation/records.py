@@ -6,7 +6,8 @@ A record names its image (`image`) or images (`images`), relative to the file (t
 folder for a `datasets` path column; an image column holds the pictures themselves), and asks a
 `question`, or holds `turns` (`{"question", "answer"}` each) for `--task chat`. `answer` (or
 `answers`: one or more references, or VQA's `[{"answer": ...}]`) is optional: without one the
-answer is scored by its agreement with the full cache's. With `choices` (a list of options) the
+answer is scored by its agreement with the full cache's. A `type` (per record, or per turn) is a
+label the summary also groups scores by. With `choices` (a list of options) the
 question is multiple choice and the answer is the right option's letter, text or 0-based
 index. An `id` is optional (default: the record's number, from 0). Other key names are mapped
 with `Columns` (the CLI's `--question-column`, ...).
@@ -20,6 +21,7 @@ No torch at import: the CLI reads the data before the model loads.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterator
@@ -44,6 +46,7 @@ class Question:
     text: str | None  # None: a story's default instruction
     answers: tuple[str, ...] = ()
     choices: tuple[str, ...] = ()
+    type: str | None = None  # the record's `type`: scores are also summed per type (e.g. the scene world's)
 
     @property
     def prompt(self) -> str | None:
@@ -212,6 +215,16 @@ def parse_record(raw: object, number: int, where: str, base: Path, task: str, co
 
 
 def _question(raw: dict, columns: Columns, where: str, task: str) -> Question:
+    question = _untyped_question(raw, columns, where, task)
+    kind = raw.get("type")
+    if kind is None:
+        return question
+    if not isinstance(kind, str) or not kind.strip():
+        raise RecordProblem(f"{where}: type must be text (a label to group scores by), got {_kind(kind)}")
+    return dataclasses.replace(question, type=kind.strip())
+
+
+def _untyped_question(raw: dict, columns: Columns, where: str, task: str) -> Question:
     text = _value(raw, columns, "question")
     if text is None and task != "story":
         raise RecordProblem(f"{where}: no question" + (f" ({columns.question!r})" if columns.question else ""))

@@ -103,6 +103,9 @@ class ItemRunner:
             loaded = load_model(config.model, config.device, config.dtype, config.num_crops)
         self.config, self.loaded = config, loaded
         self._image_sets: OrderedDict = OrderedDict()
+        self._fewer_crops: dict = {}
+        for setting in config.plan:  # a crop count the model refuses: said before any item runs
+            self._model(setting.crops)
 
     def run(self, item) -> dict:
         """The item's result, as the results file keeps it: per setting the answers, their
@@ -114,39 +117,55 @@ class ItemRunner:
         except HaeError as error:
             return {"id": item.id, "error": " ".join(f"{item.where}: {error}".split())}
         full_answers = answered["full"][1]
-        return {"id": item.id, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
+        types = {"types": [q.type for q in item.questions]} if any(q.type for q in item.questions) else {}
+        return {"id": item.id, **types, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
                                                                   params)
                                             for label, (outcome, answers, params) in answered.items()}}
 
     # --- the tasks ---
 
     def _prompt(self, item) -> dict:
-        """ask / story: one prompt, prepared once, run under each setting."""
+        """ask / story: one prompt, prepared once (per crop count), run under each setting."""
         from hae_cli.api import prepare
 
-        read, features = self._images(item)
-        prepared = prepare(self.loaded, read, item.questions[0].prompt, task=self.config.task,
-                           image_features=features)
+        prepared: dict = {}
+
+        def ready(crops):
+            if crops not in prepared:
+                loaded = self._model(crops)
+                read, features = self._images(item, crops)
+                prepared[crops] = loaded, prepare(loaded, read, item.questions[0].prompt, task=self.config.task,
+                                                  image_features=features)
+            return prepared[crops]
 
         def run(setting, params):
-            outcome = run_prompt(self.loaded, prepared, setting.policy, params, self.config.max_new_tokens)
+            loaded, prompt = ready(setting.crops)
+            outcome = run_prompt(loaded, prompt, setting.policy, params, self.config.max_new_tokens)
             return outcome, [(outcome.text, outcome.token_ids)]
 
-        return self._run_plan(run, prepared.tokens)
+        return self._run_plan(run, ready(None)[1].tokens)
 
     def _conversation(self, item) -> dict:
         """chat: the images fed once (the prefill every policy compresses), then each question
         into the same cache, each answer kept."""
         from hae_cli.model.interface import UserTurn
 
-        read, features = self._images(item)
-        first = UserTurn(item.questions[0].prompt, len(read), labelled=len(read) != 1)
-
         def run(setting, params):
-            return conversation_outcome(self.loaded, read, features, item.questions, setting.policy, params,
-                                        self.config.max_new_tokens)
+            read, features = self._images(item, setting.crops)
+            return conversation_outcome(self._model(setting.crops), read, features, item.questions, setting.policy,
+                                        params, self.config.max_new_tokens)
 
+        read, _ = self._images(item, None)
+        first = UserTurn(item.questions[0].prompt, len(read), labelled=len(read) != 1)
         return self._run_plan(run, self.loaded.prompt(first, read))  # the matching counts its image tokens
+
+    def _model(self, crops: int | None):
+        """The model, or the same weights reading images at `crops` crops."""
+        if crops is None:
+            return self.loaded
+        if crops not in self._fewer_crops:
+            self._fewer_crops[crops] = self.loaded.at_crops(crops)
+        return self._fewer_crops[crops]
 
     def _run_plan(self, run, tokens) -> dict:
         """label -> (outcome, answers, the parameters it ran with), in the plan's order."""
@@ -162,18 +181,20 @@ class ItemRunner:
         run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer)
         return answered
 
-    def _images(self, item) -> tuple[list, list]:
-        """The item's images read and through the vision tower, once per set of images (an
-        item's images are encoded together: some families cut an image differently in company)."""
+    def _images(self, item, crops: int | None = None) -> tuple[list, list]:
+        """The item's images read and through the vision tower, once per set of images and crop
+        count (an item's images are encoded together: some families cut an image differently
+        in company)."""
         import torch
 
-        key = tuple(i if isinstance(i, str) else hashlib.sha256(i).hexdigest() for i in item.images)
+        key = (crops, *(i if isinstance(i, str) else hashlib.sha256(i).hexdigest() for i in item.images))
         if key in self._image_sets:
             self._image_sets.move_to_end(key)
             return self._image_sets[key]
-        read = [self.loaded.read_image(_picture(source, item.where)) for source in item.images]
+        loaded = self._model(crops)
+        read = [loaded.read_image(_picture(source, item.where)) for source in item.images]
         with torch.inference_mode():
-            features = self.loaded.image_features(read)
+            features = loaded.image_features(read)
         self._image_sets[key] = (read, features)
         if len(self._image_sets) > self.IMAGE_SETS_KEPT:
             self._image_sets.popitem(last=False)

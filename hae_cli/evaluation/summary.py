@@ -18,7 +18,8 @@ MIB = 2**20
 def summarize(plan: list[Setting], results: list[dict], target_drop: float = 1.0) -> dict:
     """`results`: the items' results in the data's order (those that ran; not the failed)."""
     full = [r["settings"]["full"] for r in results]
-    rows = [setting_row(setting, [r["settings"][setting.label] for r in results], full) for setting in plan]
+    types = [r.get("types") for r in results]
+    rows = [setting_row(setting, [r["settings"][setting.label] for r in results], full, types) for setting in plan]
     matched = [s for s in plan if s.matched_to is None and any(t.matched_to == s.label for t in plan)]
     baselines = list(dict.fromkeys(s.policy for s in plan if s.matched_to is not None))
     hae_rows = [r for r in rows if r["policy"] == "hae"]
@@ -33,8 +34,9 @@ def summarize(plan: list[Setting], results: list[dict], target_drop: float = 1.0
     }
 
 
-def setting_row(setting: Setting, results: list[dict], full: list[dict]) -> dict:
-    """One setting over the items; `full` is the full cache on the same items (same run)."""
+def setting_row(setting: Setting, results: list[dict], full: list[dict], types: list | None = None) -> dict:
+    """One setting over the items; `full` is the full cache on the same items (same run);
+    `types`: each item's question types (None where it has none), for `by_type`."""
     scores = [s for r in results for s in r["scores"]]
     full_scores = [s for r in full for s in r["scores"]]
     kv_mean = statistics.fmean(r["kv_mean"] for r in results)
@@ -46,6 +48,11 @@ def setting_row(setting: Setting, results: list[dict], full: list[dict]) -> dict
     for r in results:
         for metric, score in zip(r["metrics"], r["scores"]):
             by_metric.setdefault(metric, []).append(score)
+    by_type: dict[str, list[float]] = {}
+    for r, kinds in zip(results, types or [None] * len(results)):
+        for kind, score in zip(kinds or (), r["scores"]):
+            if kind is not None:
+                by_type.setdefault(kind, []).append(score)
     decode_seconds = sum(r["timings"]["decode_seconds"] for r in results)
     decode_tokens = sum(r["timings"]["decode_tokens"] for r in results)
     return {
@@ -55,6 +62,7 @@ def setting_row(setting: Setting, results: list[dict], full: list[dict]) -> dict
         "accuracy": accuracy,
         "drop_points": 100 * (sum(full_scores) / len(full_scores) - accuracy),
         "by_metric": {m: {"questions": len(v), "accuracy": sum(v) / len(v)} for m, v in sorted(by_metric.items())},
+        "by_type": {t: {"questions": len(v), "accuracy": sum(v) / len(v)} for t, v in sorted(by_type.items())},
         "same_as_full": sum(same for r in results for same in r["same_as_full"]) / len(scores),
         "agreement": statistics.fmean(a for r in results for a in r["agreement"]),
         "kv_bytes_mean": kv_mean,
@@ -81,6 +89,16 @@ def table_rows(rows: list[dict]) -> list[list]:
     return [[r["setting"], 100 * r["accuracy"], r["drop_points"], 100 * r["same_as_full"], r["kv_bytes_mean"] / MIB,
              r["kv_bytes_peak"] / MIB, r["cut_pct"], r["peak_cut_pct"], r["speed"]["decode_tokens_per_second"],
              r["speed"]["prefill_ms_mean"]] for r in rows]
+
+
+def by_type_table(rows: list[dict]) -> tuple[list[str], list[list]] | None:
+    """(columns, rows): each setting's accuracy % per question type, with its cut; None without types."""
+    kinds = list(dict.fromkeys(t for r in rows for t in r["by_type"]))
+    if not kinds:
+        return None
+    columns = ["setting", "cut %"] + [f"{t} ({rows[0]['by_type'][t]['questions']})" for t in kinds]
+    return columns, [[r["setting"], r["cut_pct"]] + [100 * r["by_type"][t]["accuracy"] if t in r["by_type"] else None
+                                                     for t in kinds] for r in rows]
 
 
 EQUAL_KV_CAPTION = ("* the baseline's curve never reaches this cut (no equal-KV point): its nearest point, which holds "

@@ -153,6 +153,11 @@ class VisionLanguageModel:
         if value is not None:
             raise ConfigError(f"{option} applies to Phi-3.5-Vision checkpoints, not to {family}")
 
+    def at_crops(self, num_crops: int) -> "VisionLanguageModel":
+        """The same weights reading images at `num_crops` crops: the fewer-pixels baseline
+        ("why not just lower the resolution?"). A family without crops refuses."""
+        raise ConfigError(f"{self.name} ({self.family}) reads images without crops: no fewer-crops setting")
+
     @property
     def device(self) -> torch.device:
         return self.backbone.lm_head.weight.device

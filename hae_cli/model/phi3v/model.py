@@ -3,6 +3,8 @@ template, token for token as the official code does it (`docs/FIDELITY.md`)."""
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,6 +66,12 @@ class Phi35Vision(VisionLanguageModel):
         image_config = ImageProcessorConfig(num_crops=num_crops, crop_size=config.crop_size, patch_size=config.patch_size)
         limits = checkpoint_limits(config.text.max_position_embeddings, num_crops)
         return cls(network, tokenizer, image_config, limits, Path("."), name)
+
+    def at_crops(self, num_crops: int) -> "Phi35Vision":
+        self.limits.check_crops(num_crops)
+        fewer = copy.copy(self)
+        fewer.image_config = replace(self.image_config, num_crops=num_crops)
+        return fewer
 
     @property
     def stop_ids(self) -> set[int]:
