@@ -8,8 +8,8 @@
 Each image holds several objects (shape, colour, size) with a small digit on each, readable in
 Phi-3.5-V's crops and not in its global view (`hae_cli/scenes/world.py`). Each record has the
 question's type (`type`: color, shape, label, count, exist, spatial; per turn in chat). Seeds:
-0 and 1 train the scenes model; 2 is the test seed of the benchmarks. The same seed gives the
-same bytes.
+the scenes model trains on 2468 and 2469 (`scripts/train_scenes_model.py`), the benchmarks tune
+on seed 1 and report on seed 2. The same seed gives the same bytes.
 """
 
 from __future__ import annotations

@@ -256,8 +256,10 @@ def _fraction(text: str) -> bool:
 
 def _model_name(model: str) -> str:
     """A checkpoint folder as an absolute path: a worker may start elsewhere (a Ray actor does)."""
+    from hae_cli.model.loading import SHIPPED_MODELS
+
     path = Path(model).expanduser()
-    return str(path.resolve()) if model != "demo" and path.is_dir() else model
+    return str(path.resolve()) if model not in SHIPPED_MODELS and path.is_dir() else model
 
 
 def _can_plot() -> bool:

@@ -16,21 +16,28 @@ from hae_cli.checks import as_url, kind_of, looks_like_url, path_status
 from hae_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent.parent / "demo_model"
+SCENES_MODEL_DIR = Path(__file__).resolve().parent.parent / "scenes_model"
+# The models that ship with the package: --model NAME, what each was trained on, and how it is rebuilt.
+SHIPPED_MODELS = {
+    "demo": (DEMO_MODEL_DIR, "easy-VQA: one shape on a plain 64x64 image (1 crop)", "scripts/train_demo_model.py"),
+    "scenes": (SCENES_MODEL_DIR, "the scene world: 3-12 labelled objects on 672x672 images (4 crops)",
+               "scripts/train_scenes_model.py"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(model: str) -> Path:
-    """A local folder, "demo" (the shipped demo model), or a hub id found in the local HF cache.
+    """A local folder, a shipped model's name ("demo", "scenes"), or a hub id found in the local
+    HF cache.
 
     With HF_HUB_OFFLINE set nothing is downloaded; otherwise a hub id missing from the
     cache is downloaded once.
     """
-    if model == "demo":
-        if not (DEMO_MODEL_DIR / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"the demo model is not installed at {DEMO_MODEL_DIR}; build it with scripts/train_demo_model.py"
-            )
-        return DEMO_MODEL_DIR
+    if model in SHIPPED_MODELS:
+        folder, _, trainer = SHIPPED_MODELS[model]
+        if not (folder / "config.json").is_file():
+            raise ModelNotFoundError(f"the {model} model is not installed at {folder}; build it with {trainer}")
+        return folder
     try:
         path = Path(model).expanduser()
     except RuntimeError:  # "~someone" for a user this machine does not know

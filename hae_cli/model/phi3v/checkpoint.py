@@ -12,9 +12,11 @@ import torch
 
 from hae_cli.checks import finite_weights
 from hae_cli.errors import CheckpointError
-from hae_cli.model.loading import DEMO_MODEL_DIR
+from hae_cli.model.loading import DEMO_MODEL_DIR, SCENES_MODEL_DIR
 from hae_cli.model.phi3v.config import ModelConfig
-from hae_cli.model.phi3v.limits import ModelLimits, checkpoint_limits, demo_model_limits
+from hae_cli.model.phi3v.limits import (
+    SCENES_MODEL_CROPS, SCENES_MODEL_MAX_IMAGES, ModelLimits, checkpoint_limits, demo_model_limits, shipped_model_limits,
+)
 from hae_cli.model.phi3v.network import Phi3VForCausalLM, from_official_key
 
 OFFICIAL_MODEL_ID = "microsoft/Phi-3.5-vision-instruct"
@@ -23,9 +25,12 @@ SINGLE_FILE = "model.safetensors"
 
 
 def model_limits(folder: Path, config: ModelConfig, file_crops: int) -> ModelLimits:
-    """What this checkpoint was built for: the demo model's own training, else Phi-3.5-V's."""
+    """What this checkpoint was built for: a shipped model's own training, else Phi-3.5-V's."""
     if folder.resolve() == DEMO_MODEL_DIR.resolve():
         return demo_model_limits(config.text.original_max_position_embeddings)
+    if folder.resolve() == SCENES_MODEL_DIR.resolve():
+        return shipped_model_limits("the scenes model", SCENES_MODEL_CROPS, SCENES_MODEL_MAX_IMAGES,
+                                    config.text.original_max_position_embeddings)
     return checkpoint_limits(config.text.max_position_embeddings, file_crops)
 
 

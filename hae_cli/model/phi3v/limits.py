@@ -14,13 +14,20 @@ from hae_cli.model.limits import ModelLimits
 PHI35V_MAX_CROPS = 16
 DEMO_MODEL_CROPS = 1  # scripts/train_demo_model.py: NUM_CROPS
 DEMO_MODEL_MAX_IMAGES = 8  # scripts/train_demo_model.py: max(STORY_SIZES)
+SCENES_MODEL_CROPS = 4  # scripts/train_scenes_model.py: NUM_CROPS
+SCENES_MODEL_MAX_IMAGES = 4  # its chats and stories: 2-4 images
 
 
 def demo_model_limits(original_positions: int) -> ModelLimits:
+    return shipped_model_limits("the demo model", DEMO_MODEL_CROPS, DEMO_MODEL_MAX_IMAGES, original_positions)
+
+
+def shipped_model_limits(name: str, crops: int, images: int, original_positions: int) -> ModelLimits:
+    """A shipped model's limits: what its trainer gave it, inside LongRoPE's original positions."""
     return ModelLimits(
-        name="the demo model",
-        max_crops=DEMO_MODEL_CROPS,
-        max_images=DEMO_MODEL_MAX_IMAGES,
+        name=name,
+        max_crops=crops,
+        max_images=images,
         context_tokens=original_positions,
         context_reason="the LongRoPE positions it was trained inside",
     )
