@@ -127,6 +127,19 @@ def test_index_broadcasting_equals_masking_from_the_scoring_layer_on(lm, prompt,
     _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
 
 
+def test_dropping_emptied_rows_separators_equals_masking_them(lm, prompt):
+    """HAE's separators=with_row: the separators dropped with their rows are never seen again."""
+    cache = evicting_cache(lm, "hae", score_layer=1, visual_keep=0.1, image_floor=0.0, r_i=1.0, separators="with_row")
+    result = greedy(lm, *prompt, cache, STEPS)
+    dropped = set(range(prompt[0].numel())) - set(cache.layers[0].token_index[0].tolist())
+    assert any(prompt[1][p] == 2 for p in dropped), "some separator went with its row"
+
+    def mask(step, layer_idx, q, kv):
+        return None if step == 0 and layer_idx <= 1 else hide_keys(q, kv, dropped)
+
+    _assert_same(result, masked_greedy(lm, prompt[0], STEPS, mask))
+
+
 def test_random_dropping_equals_masking_in_every_layer_but_the_first_prefill(lm, prompt):
     """Random drops at layer 0's prefill and broadcasts: the first layer's prefill saw every
     token, every later computation none of the dropped ones."""

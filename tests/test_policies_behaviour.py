@@ -330,3 +330,25 @@ def test_random_keeps_text_and_a_seeded_draw_of_image_tokens_to_the_budget(lm, p
     cache = evicting_cache(lm, "random", budget=budget)
     greedy(lm, *prompt, cache, 6)
     assert all(layer.held == budget + 6 for layer in cache.layers), "decoding appends without evicting"
+
+
+def test_hae_drops_a_rows_separator_with_its_row_only_when_asked(lm):
+    """separators=with_row: a separator goes iff every image token of the row before it went; a
+    separator that closes no row (one opening a view) stays. The default keeps them all."""
+    ids, modality, image_id = fake_prompt(before=6, images=36, after=8, sep_every=6)
+    modality[6] = int(Modality.SEPARATOR)  # a separator that opens the image, as glb_GN opens a view
+    prompt = (ids, modality, image_id)
+    params = dict(visual_keep=0.1, image_floor=0.0, r_i=1.0)
+    _, kept_rows = prefill_positions(lm, prompt, "hae", separators="with_row", **params)
+    kept = set(kept_rows[0][0].tolist())
+    row_start, emptied = 0, 0
+    for s in (modality == Modality.SEPARATOR).nonzero().squeeze(-1).tolist():
+        row = [p for p in range(row_start, s) if modality[p] == Modality.IMAGE]
+        assert (s in kept) == (not row or any(p in kept for p in row)), s
+        emptied += bool(row) and s not in kept
+        row_start = s + 1
+    assert emptied >= 2, "some rows were emptied"
+    assert all(p in kept for p in range(ids.numel()) if modality[p] == Modality.TEXT)
+    _, default_rows = prefill_positions(lm, prompt, "hae", **params)
+    separators = set((modality == Modality.SEPARATOR).nonzero().squeeze(-1).tolist())
+    assert separators <= set(default_rows[0][0].tolist())

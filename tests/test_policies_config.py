@@ -70,7 +70,7 @@ def test_defaults_are_the_methods():
     assert set(POLICIES) == {"full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop", "random"}
     assert policy_parameters("hae") == {
         "score_layer": 1, "r_g": 1.5, "r_i": 0.5, "visual_keep": None, "image_floor": 0.15,
-        "floor_from": "overview", "floor_score": "distinct", "budget": None, "gamma": 0.95,
+        "floor_from": "overview", "floor_score": "distinct", "separators": "keep", "budget": None, "gamma": 0.95,
         "buffer": 32, "sink": 4, "recent": 32, "w_visual": 0.5, "w_text": 1.0, "bin_size": None,
         "bin_ttl": 4, "broadcast": False, "reserve": "auto", "turn_restore": True, "turn_floor": True,
     }

@@ -35,6 +35,7 @@ from hae_cli.errors import ConfigError
 
 
 FLOOR_SCORES = ("distinct", "attention")
+SEPARATORS = ("keep", "with_row")
 FLOOR_FROM = ("overview", "image")
 RESERVE = ("auto", "on", "off")
 
@@ -81,6 +82,8 @@ class HAEPolicy(Policy):
                                         "\"image\" (all its tokens, every view).")
     floor_score: str = param("distinct", "\"distinct\" (a token's value vectors at `score_layer` far from its "
                                          "image's mean) or \"attention\" (g_j): how the floor ranks an image's tokens.")
+    separators: str = param("keep", "\"keep\": every image separator stays; \"with_row\": a row's separator "
+                                    "goes with its row when Stage 1 drops all of the row's tokens.")
     budget: int | float | None = param(None, "tokens per layer B; int = a count, float in (0, 1] = a fraction of "
                                              "the prompt, None = the size after prefill pruning.")
     gamma: float = param(0.95, "running score decay, s <- gamma * s + a_t (a_t: attention received at step t, "
@@ -116,6 +119,8 @@ class HAEPolicy(Policy):
             raise ConfigError(f"floor_from must be one of {', '.join(FLOOR_FROM)}, got {self.floor_from!r}")
         if self.floor_score not in FLOOR_SCORES:
             raise ConfigError(f"floor_score must be one of {', '.join(FLOOR_SCORES)}, got {self.floor_score!r}")
+        if self.separators not in SEPARATORS:
+            raise ConfigError(f"separators must be one of {', '.join(SEPARATORS)}, got {self.separators!r}")
         check_budget(self.budget)
         check_float("gamma", self.gamma, 0.0, 1.0)
         check_int("buffer", self.buffer, 0)
@@ -164,7 +169,10 @@ class HAEPolicy(Policy):
             overview = None if rows.overview is None or self.floor_from == "image" else rows.overview[visual]
             floor = image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
             drop &= ~floor
-        decision = keep_all_but(visual[drop], layer_idx, rows)
+        dropped = visual[drop]
+        if self.separators == "with_row":
+            dropped = torch.cat([dropped, emptied_row_separators(rows.modality, dropped)]).sort().values
+        decision = keep_all_but(dropped, layer_idx, rows)
         if decision is not None and self._reserves(rows):
             protected = visual[floor] if self.image_floor > 0 and self.turn_floor else None
             return PrefillKeep(decision.keep, layers=tuple(range(rows.num_layers)), to_reserve=True,
@@ -265,6 +273,22 @@ def image_floor_keep(image_of: torch.Tensor, score: torch.Tensor, floor: float, 
         pool = members[overview[members]] if bool(overview[members].any()) else members
         keep[pool[score[pool].topk(min(count, pool.numel())).indices]] = True
     return keep
+
+
+def emptied_row_separators(modality: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
+    """The separators whose row, the run of image tokens just before them, is all in `dropped`
+    [ours]. A separator with no image token before it (one that opens a view) is not a row's."""
+    image = modality == Modality.IMAGE
+    gone = torch.zeros_like(image)
+    gone[dropped.to(image.device)] = True
+    separators = (modality == Modality.SEPARATOR).nonzero().squeeze(-1).tolist()
+    out, start = [], 0
+    for s in separators:
+        row = image[start:s]
+        if bool(row.any()) and bool(gone[start:s][row].all()):
+            out.append(s)
+        start = s + 1
+    return torch.tensor(out, dtype=torch.long, device=dropped.device)
 
 
 def distinctness(values: torch.Tensor, image_of: torch.Tensor) -> torch.Tensor:
