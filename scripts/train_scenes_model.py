@@ -13,9 +13,10 @@ model (`scripts/train_demo_model.py`, whose sequence trees and schedule this reu
 2. language: the vision part is frozen and the Phi-3 decoder learns, at 4 crops an image, to
    answer typed questions about one image (a tree: the image's prompt once, six questions as
    branches), conversations over 2-4 labelled images (3-6 turns, each fed after the answer
-   before it, as `hae chat` feeds them), and captions of four images. A lookup guide (one
-   head of layer 1) asks each answer row to attend to the tokens of the objects its question
-   names; it shapes the training only.
+   before it, as `hae chat` feeds them), and captions of four images. Two guides lay out the
+   circuit (they shape the training only): one head of layer 0 asks each answer row to read
+   its question's content words, one of layer 1 to attend to the tokens of the objects the
+   question names.
 
 Training is resumable: every `--save-minutes` the state goes to `--state` (outside the
 repository), and a run started again with the same `--state` continues from there. The data
@@ -70,6 +71,7 @@ TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_att
 VISION = {**TINY_VISION, **dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
                                 projection_dim=64)}
 LOOKUP_HEAD = (1, 0)
+READ_HEAD = (0, 0)  # the answer row gathers its question's content words here, for the lookup after it
 NO_DIGIT = 10
 
 
@@ -86,7 +88,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     guide_weight: float = 1.0
-    mix: tuple[str, ...] = ("ask", "chat", "ask", "story")
+    mix: tuple[str, ...] = ("ask", "chat", "ask", "story", "ask", "chat")
     ask_images_per_step: int = 2
     save_minutes: float = 4.0
 
@@ -198,6 +200,17 @@ class SceneData:
         self.seed = seed
         self.image_config = ImageProcessorConfig(num_crops=NUM_CROPS, crop_size=CROP, patch_size=14)
         self.end_id = tokenizer.convert_tokens_to_ids("<|end|>")
+        content = [*COLORS, *SHAPES, *(s + "s" for s in SHAPES), "left", "right", "above", "below", "number", "many",
+                   "color", "shape", "there"]
+        self.content_ids = torch.tensor(tokenizer.convert_tokens_to_ids(content))
+
+    def reads(self, ids: torch.Tensor, answer_rows: list[int], starts: list[int]) -> list[tuple[int, torch.Tensor]]:
+        """For each answer row, its question's content-word rows (between `starts[i]` and the row)."""
+        out = []
+        for row, start in zip(answer_rows, starts):
+            words = torch.isin(ids[start:row + 1], self.content_ids).nonzero().squeeze(-1) + start
+            out.append((row, words))
+        return out
 
     def item(self, step: int, task: str, images=None, objects=None):
         """The item of step `step` (train seeds: 2 * seed and 2 * seed + 1 alternate)."""
@@ -220,7 +233,9 @@ class SceneData:
         branches = [(p[prefix_len:].tolist(), self.target(q.answer)) for p, q in zip(prompts, questions)]
         ids, positions, mask, labels, answer_rows = _tree(prompts[0][:prefix_len].tolist(), branches)
         looks = [(row, named_rows(scene, images[0], q.names)) for row, q in zip(answer_rows, questions)]
-        return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=looks)
+        starts = [row - (len(branch) - 1) for row, (branch, _) in zip(answer_rows, branches)]
+        return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=looks,
+                    reads=self.reads(ids, answer_rows, starts))
 
     def chat(self, step: int) -> dict:
         """2-4 labelled images, then 3-6 turns, each after the answer before it."""
@@ -251,15 +266,19 @@ class SceneData:
             first_slot = int((images[q.image - 1].modalities == Modality.IMAGE).nonzero()[0])
             looks.append((start - 1, local - first_slot + slot_start[q.image]))
         length = len(ids)
-        return dict(ids=torch.tensor(ids), positions=torch.arange(length), mask=None, labels=labels, images=images,
-                    scenes=item.scenes, looks=looks)
+        last_slot = int((torch.tensor(ids) < 0).nonzero()[-1])
+        starts = [last_slot + 1] + [stop for _, stop, _ in spans[:-1]]
+        ids = torch.tensor(ids)
+        return dict(ids=ids, positions=torch.arange(length), mask=None, labels=labels, images=images,
+                    scenes=item.scenes, looks=looks, reads=self.reads(ids, [start - 1 for start, *_ in spans], starts))
 
     def story(self, step: int) -> dict:
         item = self.item(step, "story")
         images = self.process(item.scenes)
         prompt = build_prompt(self.tokenizer, story_message(item.questions[0].question, len(images)), images).input_ids
         ids, positions, mask, labels, _ = _tree([], [(prompt.tolist(), self.target(item.questions[0].answer))])
-        return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=[])
+        return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=[],
+                    reads=[])
 
 
 # --------------------------------------------------------------------------- stages
@@ -325,6 +344,9 @@ def sequence_loss(model, sequence: dict, capture: AttentionCapture) -> tuple[tor
         if rows.numel():
             log_probs = capture.log_probs(*LOOKUP_HEAD, 0, torch.tensor([row]))[0]
             guide.append(-log_probs[rows].logsumexp(0))
+    for row, rows in sequence["reads"]:  # every content word of the question, evenly
+        if rows.numel():
+            guide.append(-capture.log_probs(*READ_HEAD, 0, torch.tensor([row]))[0, rows].mean())
     return loss, torch.stack(guide).mean() if guide else torch.zeros(())
 
 
@@ -336,7 +358,7 @@ class _Prompt:
 def train_language(model, data: SceneData, config: TrainConfig, state: dict, save) -> None:
     from transformers import AttentionInterface
 
-    capture = AttentionCapture({LOOKUP_HEAD[0]})
+    capture = AttentionCapture({LOOKUP_HEAD[0], READ_HEAD[0]})
     AttentionInterface.register(GUIDED_ATTENTION, capture)
     model.config.text._attn_implementation = GUIDED_ATTENTION
     params = [p for n, p in model.named_parameters() if not n.startswith("vision") and p.requires_grad]
