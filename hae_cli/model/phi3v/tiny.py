@@ -88,7 +88,7 @@ def official_config(vocab_size: int, bos: int, eos: int, pad: int, text: dict, v
             "short_factor": [1.0 + 0.01 * i for i in range(half)],
             "type": "su",
         },
-        "rope_theta": 10000.0,
+        "rope_theta": text.get("rope_theta", 10000.0),
         "sliding_window": 262144,
         "tie_word_embeddings": False,
         "torch_dtype": "float32",
