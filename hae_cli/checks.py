@@ -15,8 +15,10 @@ import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hae_cli.errors import ConfigError, HaeError, InputError, ResourceError
+from hae_cli.user_text import parse_value
 
 NAME_MAX = 255  # bytes in one name of a path (Linux, macOS)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -200,6 +202,56 @@ def parameter_dict(params: object, what: str = "policy_params") -> dict:
     if not isinstance(params, dict):
         raise ConfigError(f"{what} must be a dict of parameter names and values, got {type(params).__name__}")
     return params
+
+
+# --------------------------------------------------------------------------- numbers as written
+
+
+_WHOLE = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
+
+
+def parse_budget(text: str, option: str = "--budget") -> int | float:
+    """'512' -> 512 tokens; '0.5' -> half the prompt. Anything else is a `ConfigError` naming
+    `option` as the user wrote it (`--budget`, `-p budget`) and saying what is wrong with it."""
+    raw = text.strip()
+    if _WHOLE.fullmatch(raw):
+        tokens = int(raw)
+        if tokens <= 0:
+            raise ConfigError(f"{option} must be > 0, got {text!r}")
+        return tokens
+    if not _DECIMAL.fullmatch(raw):
+        try:
+            float(raw)  # Python reads '1_000', 'inf', 'nan': say what they are, not that they are too big
+        except ValueError:
+            raise ConfigError(f"{option} must be a token count (e.g. 512) or a fraction of the prompt in (0, 1] "
+                              f"(e.g. 0.5), got {text!r}") from None
+        if "_" in raw:
+            raise ConfigError(f"{option} {text!r}: write the number without '_' (e.g. {raw.replace('_', '')})")
+        raise ConfigError(f"{option} must be a finite number: a token count (e.g. 512) or a fraction of the prompt "
+                          f"in (0, 1] (e.g. 0.5), got {text!r}")
+    fraction = float(raw)
+    if not math.isfinite(fraction):  # 1e400
+        raise ConfigError(f"{option} {text} is too large to be a number hae can hold; a token count is a whole "
+                          "number (e.g. 512), a fraction is in (0, 1]")
+    if fraction <= 0:
+        raise ConfigError(f"{option} must be > 0, got {text!r}")
+    if fraction > 1:
+        raise ConfigError(f"{option} {text} is above 1 as a fraction; a fraction must be in (0, 1], a token count "
+                          "a whole number (e.g. 512)")
+    return fraction
+
+
+def parse_param_value(name: str, value: str, option: str) -> Any:
+    """One policy parameter's value as written (`-p name=value`, or an eval setting's
+    `:name=value`): a budget by the budget rule; NaN is no value of any parameter."""
+    if name == "budget":
+        return parse_budget(value, option)
+    parsed = parse_value(value)
+    if isinstance(parsed, float) and math.isnan(parsed):
+        raise ConfigError(f"{option} must be a number, got {value.strip()!r}")
+    return parsed
+
 
 
 # --------------------------------------------------------------------------- policy sizes against the context

@@ -58,7 +58,7 @@ def read_workload(folder: Path) -> list[Prompt]:
     if not path.is_file():
         raise InputError(f"no questions.json in {folder}; pass --images and --question")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read {path}: {error}") from None
     if not isinstance(entries, list):

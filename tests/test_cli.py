@@ -252,7 +252,7 @@ def test_unknown_policy(fake_api, image):
 
 @pytest.mark.parametrize("budget, fragment", [
     ("0", "must be > 0"), ("-5", "must be > 0"), ("0.0", "must be > 0"), ("-0.5", "must be > 0"),
-    ("1.5", "above 1 as a fraction"), ("abc", "token count"), ("nan", "must be > 0"), ("", "token count"),
+    ("1.5", "above 1 as a fraction"), ("abc", "token count"), ("nan", "must be a finite number"), ("", "token count"),
 ])
 def test_bad_budget(fake_api, image, budget, fragment):
     assert_one_line_error(invoke("ask", image, "what?", "--budget", budget), "--budget", fragment)

@@ -290,7 +290,7 @@ def _question_lines(script: Path | None) -> Iterator[str]:
     else stdin's, else a prompt."""
     if script is not None:
         try:
-            text = script.read_bytes().decode("utf-8")
+            text = script.read_bytes().decode("utf-8-sig")  # a BOM (Notepad's UTF-8) is no question
         except OSError as error:
             raise InputError(f"cannot read --script {script}: {error.strerror or error}") from None
         except UnicodeDecodeError:

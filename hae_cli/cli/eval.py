@@ -220,13 +220,29 @@ def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: in
         validate.checked_policy(policy, params)
         own.append(Setting(" ".join([policy, *options]), policy, params))
     plan = plan_of(budgets, baselines, own)
-    labels = [s.label for s in plan]
-    twice = next((label for label in labels if labels.count(label) > 1), None)
-    if twice is not None:
-        raise ConfigError(f"the setting {twice!r} is given twice")
+    _check_given_once(plan, len(own))
     if "fastv" in baselines:
         validate.checked_policy("fastv", {"prune_layer": fastv_layer})
     return plan
+
+
+def _check_given_once(plan: list, settings: int) -> None:
+    """No setting runs twice; the message says where each copy came from (the full cache is
+    always in the plan, as the reference)."""
+    origin = ["the full cache, always run" if s.policy == "full" and s.matched_to is None and i == 0
+              else "--budgets" if s.policy == "hae" and s.matched_to is None else "--policies x --budgets"
+              for i, s in enumerate(plan[: len(plan) - settings])] + ["--setting"] * settings
+    seen: dict[str, str] = {}
+    for setting, where in zip(plan, origin):
+        if setting.label not in seen:
+            seen[setting.label] = where
+            continue
+        first = seen[setting.label]
+        if first.startswith("the full cache"):
+            raise ConfigError(f"--setting {setting.label}: the full cache always runs (it is the reference every "
+                              "setting is compared with); drop this --setting")
+        both = f"twice by {where}" if first == where else f"by {first} and again by {where}"
+        raise ConfigError(f"the setting {setting.label!r} is given {both}; give it once")
 
 
 def _fraction(text: str) -> bool:

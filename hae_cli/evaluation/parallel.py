@@ -213,8 +213,16 @@ def _check_cluster(address: str) -> None:
         where = _cluster_address(address)
     except (ConnectionError, ValueError) as error:
         raise ConfigError(_no_cluster(address, f"({' '.join(str(error).split())[:160]})")) from None
-    if where is not None and not _answers(where):
-        raise ConfigError(_no_cluster(address, f"at {where}"))
+    written = address.removeprefix("ray://")
+    if where is None or _answers(where) or (written != where and _answers(written)):
+        return
+    if address == "auto":
+        at = f"at {where} (the cluster this machine last joined, or RAY_ADDRESS)"
+    elif written != where:
+        at = f"at {written} (nor at {where}, the address Ray makes of it)"
+    else:
+        at = f"at {where}"
+    raise ConfigError(_no_cluster(address, at))
 
 
 def _cluster_address(address: str) -> str | None:

@@ -337,7 +337,7 @@ def _json_records(path: Path) -> Iterator[tuple[int, str, object]]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise InputError(f"{shown(path)} is not UTF-8 text (byte {error.start:,})") from None
     except OSError as error:
