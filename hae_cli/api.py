@@ -62,6 +62,16 @@ def policy_settings(policy) -> dict:
     return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if getattr(policy, f.name) != f.default}
 
 
+def policy_parameters(policy) -> dict:
+    """Every parameter of the policy a run used, defaults and caps included: what a result records,
+    so that it says what ran, not what was asked for."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(policy):
+        return {}
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+
+
 @dataclass
 class RunResult:
     policy: str
@@ -81,6 +91,7 @@ class RunResult:
     kept: object | None = None  # KeptMap: what each layer held of each image (asked for with `show_kept`)
     image_layouts: list[dict] = field(default_factory=list)  # per image: how it was cut (`prepare`)
     compile_seconds: float = 0.0  # the compiled decode step's warm-up (`compile=True`), not in decode_seconds
+    policy_params: dict = field(default_factory=dict)  # every parameter the policy ran with (`policy_parameters`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -114,6 +125,7 @@ class RunResult:
 
         return {
             "policy": self.policy,
+            "policy_params": self.policy_params,
             "text": self.text,
             "token_ids": self.token_ids,
             "interrupted": self.interrupted,
@@ -272,6 +284,7 @@ def run_prepared(
         )
     return RunResult(
         policy=cache.policy.name,
+        policy_params=policy_parameters(cache.policy),
         text=text,
         token_ids=generation.token_ids,
         prompt_tokens=tokens.counts_by_modality(),

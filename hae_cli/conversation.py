@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hae_cli import checks
-from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_settings
+from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
 from hae_cli.model.generate import Decoded, SamplingConfig, compiled_step, decode, feed_question, prefill
@@ -97,7 +97,7 @@ class Conversation:
         images = checks.image_list(images, nonempty=True)
         # a bad policy fails before any image is read; sizes past the context are capped with a note
         self._policy, self.notes = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
-        self.policy, self.policy_params = self._policy.name, policy_settings(self._policy)
+        self.policy, self.policy_params = self._policy.name, policy_parameters(self._policy)
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
         self.on_progress = on_progress  # told what is being read and encoded; None: nobody
         self._generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
@@ -181,7 +181,7 @@ class Conversation:
         text = self.loaded.decode_text(token_ids).strip()
         self.history.append((planned.turn, text))
         result = RunResult(
-            policy=self.policy, text=text, token_ids=token_ids, prompt_tokens=tokens.counts_by_modality(),
+            policy=self.policy, policy_params=self.policy_params, text=text, token_ids=token_ids, prompt_tokens=tokens.counts_by_modality(),
             prefill_seconds=fed_seconds, decode_seconds=decode_seconds,
             eviction_seconds=self.cache.eviction_seconds - start_overhead, decode_tokens=len(token_ids),
             steps=steps, events=self.cache.events[start_events:], interrupted=decoded.stopped_by == "interrupt",

@@ -97,3 +97,20 @@ def test_files_with_a_utf8_byte_order_mark_are_read(tmp_path):
     script = tmp_path / "q.txt"
     script.write_bytes(b"\xef\xbb\xbfwhat shape is in image 1?\n")
     assert list(_question_lines(script)) == ["what shape is in image 1?"]
+
+
+def test_every_json_result_records_the_policy_and_the_parameters_it_ran_with():
+    """What ran, not what was asked for: every parameter, the defaults and a budget capped at the
+    context included (ask, story, chat; profile's runs are the same RunResult)."""
+    asked = invoke("ask", SAMPLE, "what color is the shape?", "--policy", "h2o", "--budget", "99999999", "-n", "2",
+                   "--json")
+    assert asked.exit_code == 0, asked.output
+    payload = json.loads(asked.stdout)
+    assert payload["policy"] == "h2o"
+    assert payload["policy_params"] == {"budget": 4096, "recent": None, "buffer": 0}
+    chat = CliRunner().invoke(cli.app, ["chat", str(SAMPLE), "-p", "buffer=8", "-n", "2", "--json"],
+                              input="what shape is in image 1?\n")
+    assert chat.exit_code == 0, chat.output
+    record = json.loads(chat.stdout)
+    assert record["policy_params"]["buffer"] == 8 and "gamma" in record["policy_params"]
+    assert record["turns"][0]["policy_params"] == record["policy_params"]
