@@ -202,8 +202,9 @@ def prepare(
     """Read the images, build the chat prompt and embed it. The result does not depend on the
     policy, so one prepared prompt can be run under many (`run_prepared`). `images`: paths, PIL
     images, or images the model has read already (`loaded.read_image`)."""
-    progress = on_progress or (lambda message: None)
     checks.loaded_model(loaded)
+    checks.callbacks(on_progress=on_progress)
+    progress = on_progress or (lambda message: None)
     images = checks.image_list(images)
     if not images:
         raise InputError(f"no images given for `{task}`")
@@ -247,6 +248,8 @@ def run_prepared(
     from hae_cli.cache.kept_map import image_slots, kept_map
     from hae_cli.model.generate import SamplingConfig, generate
 
+    _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, show_kept=show_kept,
+                         kept_step=kept_step, compile=compile)
     notes = []
     tokens = prepared.tokens
     max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
@@ -332,6 +335,8 @@ def run(
 
     # Bad options fail before any image is read or embedded.
     checks.loaded_model(loaded)
+    _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, on_progress=on_progress,
+                         on_prefill=on_prefill, show_kept=show_kept, kept_step=kept_step, compile=compile)
     images = checks.image_list(images)
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
     policy = policy_of(policy, policy_params)
@@ -347,6 +352,12 @@ def run(
     )
     result.image_seconds = image_seconds
     return result
+
+
+def _check_run_arguments(*, show_kept, kept_step, compile, **functions) -> None:
+    checks.callbacks(**functions)
+    checks.flags(show_kept=show_kept, compile=compile)
+    checks.step_number(kept_step, "kept_step")
 
 
 class TextStreamer:

@@ -196,6 +196,28 @@ def image_list(images: object, what: str = "images", nonempty: bool = False) -> 
     return items
 
 
+def callbacks(**given: object) -> None:
+    """Each `on_...=` a caller gives is a function or None: a number there would fail deep in a
+    run as a bare `TypeError` ('int' object is not callable)."""
+    for name, value in given.items():
+        if value is not None and not callable(value):
+            raise ConfigError(f"{name} must be a function (or None), got {type(value).__name__} ({shown(repr(value), 40)})")
+
+
+def flags(**given: object) -> None:
+    """Each flag is True or False: 'yes' or 1 is not read as either."""
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {type(value).__name__} ({shown(repr(value), 40)})")
+
+
+def step_number(value: object, name: str) -> None:
+    """A decode step (0 = after prefill), or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{name} must be a decode step, a whole number >= 0 (0 = after prefill), or None; "
+                          f"got {value!r}")
+
+
 def parameter_dict(params: object, what: str = "policy_params") -> dict:
     if params is None:
         return {}

@@ -94,6 +94,8 @@ class Conversation:
         self.loaded = loaded
         self.compile = compile  # decode through a compiled step (`CompiledStep`): the same tokens
         checks.loaded_model(loaded)
+        checks.callbacks(on_progress=on_progress)
+        checks.flags(compile=compile)
         images = checks.image_list(images, nonempty=True)
         # a bad policy fails before any image is read; sizes past the context are capped with a note
         self._policy, self.notes = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
@@ -128,6 +130,7 @@ class Conversation:
         in the middle of a step (a KeyboardInterrupt) leaves the cache cut: the conversation
         then refuses to go on until `reset`."""
         question = checked_text(question, "the question")
+        checks.callbacks(on_token=on_token, on_step=on_step, should_stop=should_stop, on_compile=on_compile)
         if self._broken:
             raise InputError("the last turn was cut in the middle of a step; /reset to start over")
         planned = self._next_turn(question)
