@@ -22,7 +22,7 @@ from hae_cli.checks import os_error_message
 from hae_cli.cli import signals
 from hae_cli.cli.app import app, one_line
 from hae_cli.cli.options import OUTPUT_PANEL, RunOptions, run_command_options
-from hae_cli.cli.output import interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.output import interruptible, json_only_stdout, memory_json, progress_on_stderr, write_json
 from hae_cli.cli.prepare import check_run, load
 from hae_cli.cli.validate import check_images
 from hae_cli.errors import HaeError, InputError
@@ -72,6 +72,11 @@ def chat(
 
     Each answer streams as it is written; after it (on a terminal) the cache panel shows every layer's occupancy and what this turn evicted, binned and restored. Later questions can ask about what earlier ones did not: that is where eviction shows its cost.
     """
+    with json_only_stdout(json_output):
+        _chat(images, script, json_output, no_live, options)
+
+
+def _chat(images: list[Path], script: Path | None, json_output: bool, no_live: bool, options: RunOptions) -> None:
     nothing = {"interrupted": True, "turns": [], "model": options.model} if json_output else None
     checked = check_run("chat", options, images, nothing)
     lines = _question_lines(script)

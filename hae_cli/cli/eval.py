@@ -18,7 +18,7 @@ from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     OUTPUT_PANEL, POLICY_PANEL, DeviceOpt, DtypeOpt, ModelOpt, NumCropsOpt,
 )
-from hae_cli.cli.output import library, progress_on_stderr, write_json
+from hae_cli.cli.output import json_only_stdout, library, progress_on_stderr, write_json
 from hae_cli.cli.prepare import LOADING_LIBRARIES
 from hae_cli.errors import ConfigError, InputError
 
@@ -157,38 +157,39 @@ def eval_command(
 
     Every item is answered greedily under the full cache, each HAE setting (--budgets), each policy of --policies given the KV HAE held on that item, and each --setting. An answer is scored against the record's references (VQA's normalised exact match: case, punctuation, articles, number words), as the letter of a multiple choice, or, with no reference, by agreement with the full cache. Each item's result is appended to OUT/results.jsonl as it finishes: a stopped run continues with --resume and sums to the same summary.
     """
-    from hae_cli.evaluation.records import Columns, read_data
+    with json_only_stdout(json_output):
+        from hae_cli.evaluation.records import Columns, read_data
 
-    if ray is not None:
-        from hae_cli.evaluation.parallel import check_ray
+        if ray is not None:
+            from hae_cli.evaluation.parallel import check_ray
 
-        check_ray(ray)
-    columns = Columns(id_column, image_column, question_column, answer_column, choices_column, turns_column)
-    loaded_data = read_data(data, task.value, columns, split, strict, limit)
-    _notes([f"skipped {line}" for line in loaded_data.skipped], "records skipped")
-    out = out if out is not None else Path(f"hae-eval-{data.stem or data.resolve().name}")
-    with progress_on_stderr() as spinner:
-        spinner(LOADING_LIBRARIES)
-        plan = build_plan(policies, budgets, setting or [], fastv_layer)
-        library()
-    from hae_cli.evaluation.evaluate import evaluate
-    from hae_cli.evaluation.parallel import Backend
-    from hae_cli.evaluation.runner import EvalConfig
+            check_ray(ray)
+        columns = Columns(id_column, image_column, question_column, answer_column, choices_column, turns_column)
+        loaded_data = read_data(data, task.value, columns, split, strict, limit)
+        _notes([f"skipped {line}" for line in loaded_data.skipped], "records skipped")
+        out = out if out is not None else Path(f"hae-eval-{data.stem or data.resolve().name}")
+        with progress_on_stderr() as spinner:
+            spinner(LOADING_LIBRARIES)
+            plan = build_plan(policies, budgets, setting or [], fastv_layer)
+            library()
+        from hae_cli.evaluation.evaluate import evaluate
+        from hae_cli.evaluation.parallel import Backend
+        from hae_cli.evaluation.runner import EvalConfig
 
-    config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
-                        task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
-                        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
-    backend = Backend(workers, threads, ray)
-    plot = not no_plot and _can_plot()
-    bar = _Bar(enabled=not quiet, description=f"items on {backend.describe()}")
-    here = ray is None and (workers or 1) == 1
-    try:
-        report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
-                          plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
-                          on_result=bar.advance)
-    finally:
-        bar.stop()
-    _report(report, json_output, config)
+        config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
+                            task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
+        backend = Backend(workers, threads, ray)
+        plot = not no_plot and _can_plot()
+        bar = _Bar(enabled=not quiet, description=f"items on {backend.describe()}")
+        here = ray is None and (workers or 1) == 1
+        try:
+            report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
+                              plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
+                              on_result=bar.advance)
+        finally:
+            bar.stop()
+        _report(report, json_output, config)
 
 
 def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: int) -> list:

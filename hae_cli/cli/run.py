@@ -16,7 +16,9 @@ from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     NO_KEPT, SAMPLING_PANEL, JsonFlag, KeptOptions, NoLiveFlag, RunOptions, run_command_options,
 )
-from hae_cli.cli.output import Progress, interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.output import (
+    Progress, interruptible, json_only_stdout, memory_json, progress_on_stderr, write_json,
+)
 from hae_cli.cli.prepare import check_run, load
 from hae_cli.cli.validate import check_kept_options, kept_layer_for
 from hae_cli.errors import InputError
@@ -48,7 +50,8 @@ def ask(
     The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
     """
     checked_text(question, "the question")
-    generate_and_show("ask", [image], question, options, json_output, live=not no_live, kept=kept)
+    with json_only_stdout(json_output):
+        generate_and_show("ask", [image], question, options, json_output, live=not no_live, kept=kept)
 
 
 @app.command(
@@ -80,7 +83,8 @@ def story(
     """
     if prompt is not None:
         checked_text(prompt, "--prompt")
-    generate_and_show("story", images, prompt, options, json_output, live=not no_live, kept=kept)
+    with json_only_stdout(json_output):
+        generate_and_show("story", images, prompt, options, json_output, live=not no_live, kept=kept)
 
 
 
