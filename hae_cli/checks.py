@@ -144,6 +144,58 @@ def check_output_path(path: Path, option: str, suffix: str | None = None) -> Non
         raise InputError(f"{option}: cannot write {shown(path)!r} (permission denied)")
 
 
+def _identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
+    """A path's resolved form, and its device and inode where it exists (links, hard links)."""
+    try:
+        status = os.stat(path)
+        return os.path.realpath(path), (status.st_dev, status.st_ino)
+    except (OSError, ValueError):
+        return os.path.realpath(path), None
+
+
+def image_inputs(images: Iterable) -> list[tuple[str, Path]]:
+    """A run's image files, as `check_outputs` names them ("image 2")."""
+    return [(f"image {number}", image) for number, image in enumerate(images, start=1)
+            if isinstance(image, (str, Path))]
+
+
+def model_files(model: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """The files of a local checkpoint folder ("demo": the shipped one), as inputs of a run."""
+    if model is None:
+        return []
+    folder = Path(__file__).resolve().parent / "demo_model" if str(model) == "demo" else Path(model).expanduser()
+    try:
+        return [("a file of the model", path) for path in folder.iterdir() if path.is_file()]
+    except OSError:  # a hub id, or a folder that is not there (the load says so)
+        return []
+
+
+def check_outputs(outputs: Iterable[tuple[str, str | Path]], inputs: Iterable[tuple[str, object]]) -> None:
+    """No file a run writes is one of its inputs (an image, the data, a checkpoint's file), nor
+    another of its outputs: the same resolved path, or the same file under another name (a link,
+    a hard link). Checked before the run, so that nothing the user has is written over.
+    `outputs`: (option, path); `inputs`: (what it is, path; anything else is not a file)."""
+    written: dict = {}
+    for option, path in outputs:
+        real, inode = _identity(path)
+        earlier = written.get(real) or (written.get(inode) if inode is not None else None)
+        if earlier is not None:
+            raise InputError(f"{earlier[0]} and {option} would both write {shown(path)}; give each its own file")
+        written[real] = (option, path)
+        if inode is not None:
+            written[inode] = (option, path)
+    for what, source in inputs:
+        if not isinstance(source, (str, Path)):
+            continue
+        real, inode = _identity(source)
+        hit = written.get(real) or (written.get(inode) if inode is not None else None)
+        if hit is not None:
+            option, path = hit
+            named = "" if str(path) == str(source) else f" ({shown(source)})"
+            raise InputError(f"{option} {shown(path)} is {what}{named}, an input of this run: writing there would "
+                             "replace it; give another file name")
+
+
 def write_failed(error: OSError, path: str | Path) -> HaeError:
     """A failed write of an output file: a full disk is the machine's (exit 1), anything else the path's."""
     if error.errno in _DISK_FULL:

@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 
 from hae_cli.cli import signals, validate
-from hae_cli.checks import check_output_path, kind_of, path_status
+from hae_cli.checks import check_output_path, check_outputs, image_inputs, kind_of, model_files, path_status
 from hae_cli.cli.app import app
 from hae_cli.cli.options import OUTPUT_PANEL, KeptOptions, RunOptions, Task, run_command_options
 from hae_cli.cli.output import interruptible, json_only_stdout, library, progress_on_stderr, write_json
@@ -138,7 +138,14 @@ def profile(
                 raise ConfigError(f"no policy in this profile takes parameter {unused[0]!r} "
                                   f"({', '.join(p for _, p in runs)})")
             workload = build_workload(images, question, task, samples, limit)
-            check_images(sorted({p for prompt in workload for p in prompt.images}))
+            read = sorted({p for prompt in workload for p in prompt.images})
+            check_images(read)
+            inputs = image_inputs(read) + model_files(options.model)
+            if not images:
+                from hae_cli.compare import sample_folder
+
+                inputs.append(("the workload", (samples or sample_folder()) / "questions.json"))
+            check_outputs(_outputs(plot, json_file, kept, [name for name, _ in runs]), inputs)
             api = library()
 
         from hae_cli.display.panel import compare_table
@@ -188,6 +195,18 @@ def profile(
             sys.exit(signals.exit_code())
 
 
+def _outputs(plot: Path | None, json_file: Path | None, kept: KeptOptions, names: list[str]) -> list:
+    """(option, path) of every file the profile writes."""
+    files = [("--plot", plot), ("--json", json_file if json_file is not None and str(json_file) != "-" else None)]
+    files += [("--show-kept", _kept_path(kept.path, name)) for name in names] if kept.path is not None else []
+    return [(option, path) for option, path in files if path is not None]
+
+
+def _kept_path(path: Path, name: str) -> Path:
+    """FILE.png -> FILE_<policy>.png: one picture per policy."""
+    return path.with_name(f"{path.stem}_{name}{path.suffix}")
+
+
 def _write_kept_per_policy(report, prompt, kept: KeptOptions, layer: int, loaded) -> None:
     """One --show-kept PNG per policy, of the first prompt: FILE.png -> FILE_<policy>.png. A policy
     whose run ended before --kept-step is said on stderr and drawn by none."""
@@ -196,7 +215,7 @@ def _write_kept_per_policy(report, prompt, kept: KeptOptions, layer: int, loaded
     for name, results in report.results.items():
         if not results:
             continue
-        path = kept.path.with_name(f"{kept.path.stem}_{name}{kept.path.suffix}")
+        path = _kept_path(kept.path, name)
         written = write_run_png(results[0], path, layer, list(prompt.images), loaded,
                                 f"{name} · {prompt.task} {prompt.label()}")
         if written is None:

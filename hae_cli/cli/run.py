@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from hae_cli.checks import check_outputs, image_inputs, model_files
 from hae_cli.cli import signals
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
@@ -95,6 +96,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                       as_json: bool, live: bool, kept: KeptOptions = NO_KEPT) -> None:
     """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
     check_kept_options(kept, options.max_new_tokens)
+    if kept.path is not None:
+        check_outputs([("--show-kept", kept.path)], image_inputs(images) + model_files(options.model))
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     checked = check_run(task, options, images, nothing)

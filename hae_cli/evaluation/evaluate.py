@@ -20,12 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hae_cli.checks import write_failed
+from hae_cli.checks import check_outputs, write_failed
 from hae_cli.evaluation import matching
 from hae_cli.evaluation.parallel import Backend, run_items
 from hae_cli.evaluation.records import Data
 from hae_cli.evaluation.runner import EvalConfig
-from hae_cli.evaluation.store import ResultStore
+from hae_cli.evaluation.store import CONFIG_FILE, RESULTS_FILE, ResultStore
 from hae_cli.evaluation.summary import summarize
 
 SUMMARY_FILE = "summary.json"
@@ -72,6 +72,10 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
     item runs). `on_result(done, total)` before the first item and after each. Ctrl-C (a `KeyboardInterrupt`) stops
     the run with what finished kept: `report.interrupted`."""
     backend = backend or Backend()
+    written = (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE) + ((PLOT_FILE,) if plot else ())
+    check_outputs([("--out", out / name) for name in written],
+                  [("the data", data.source)] + [(f"an image of {item.where}", image)
+                                                 for item in data.items for image in item.images])
     store = ResultStore(out, run_config(data, config), resume)
     todo = [item for item in data.items if item.id not in store.results]
     report = Report(out, len(data.items), store.resumed)
