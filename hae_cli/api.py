@@ -181,6 +181,57 @@ def user_turn(task: str, question: str | None, num_images: int):
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 
+def unknown_pieces(tokenizer, text: str) -> list[str]:
+    """The pieces of `text` that `tokenizer` reads as its unknown token (any family: ids equal to
+    its `unk_token_id`), merged where they touch, in order, once each."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [span for token, span in zip(encoded["input_ids"], encoded["offset_mapping"]) if token == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer: no offsets; word by word
+        spans, at = [], 0
+        for word in text.split():
+            at = text.index(word, at)
+            if unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+                spans.append((at, at + len(word)))
+            at += len(word)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return list(dict.fromkeys(text[start:end].strip() or text[start:end] for start, end in merged))
+
+
+def text_notes(loaded, text: str | None, what: str, num_images: int) -> list[str]:
+    """What the model cannot read in a user's text, one note each: words its tokenizer maps to
+    the unknown token (the answer cannot take them into account), and an image number past the
+    images there are."""
+    from hae_cli.user_text import image_numbers, shown_text
+
+    if not text:
+        return []
+    notes = []
+    unknown = unknown_pieces(loaded.tokenizer, text)
+    if unknown:
+        model = "the demo model" if getattr(loaded, "name", None) == "demo" else getattr(loaded, "name", "the model")
+        words = ", ".join(f"'{shown_text(piece)}'" for piece in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        unk = getattr(loaded.tokenizer, "unk_token", None) or "unknown"
+        known = "; it knows only easy-VQA's words (shapes, colors, yes, no)" if model == "the demo model" else ""
+        notes.append(f"{what} has {'a word' if len(unknown) == 1 else 'words'} {model}'s tokenizer does not know: "
+                     f"{words}, read as {unk}, so the answer cannot take {'it' if len(unknown) == 1 else 'them'} "
+                     f"into account{known}")
+    past = [number for number in image_numbers(text) if not 1 <= number <= num_images]
+    if past:
+        there = f"there is {num_images} image" if num_images == 1 else f"there are {num_images} images"
+        named = ", ".join(f"image {number}" for number in past)
+        notes.append(f"{what} names {named}, but {there} (image 1{f' to image {num_images}' if num_images > 1 else ''})")
+    return notes
+
+
 @dataclass
 class PreparedPrompt:
     """A prompt ready for the decoder: its tokens (with modality tags) and their embeddings."""
@@ -188,6 +239,7 @@ class PreparedPrompt:
     tokens: object  # PromptTokens
     embeds: torch.Tensor  # [1, L, hidden]
     image_layouts: list[dict] = field(default_factory=list)  # per image: how the family cut it
+    notes: list[str] = field(default_factory=list)  # what the model cannot read in the user's text (`text_notes`)
 
 
 def prepare(
@@ -217,7 +269,9 @@ def prepare(
     progress(f"encoding images ({len(tokens)} prompt tokens)")
     with torch.inference_mode():
         embeds = loaded.embed(tokens, read, image_features)
-    return PreparedPrompt(tokens, embeds, [loaded.image_layout(image) for image in read])
+    said = "the question" if task == "ask" else "the story prompt"
+    return PreparedPrompt(tokens, embeds, [loaded.image_layout(image) for image in read],
+                          text_notes(loaded, question, said, len(images)))
 
 
 def run_prepared(
@@ -250,7 +304,7 @@ def run_prepared(
 
     _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, show_kept=show_kept,
                          kept_step=kept_step, compile=compile)
-    notes = []
+    notes = list(prepared.notes)
     tokens = prepared.tokens
     max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
     notes += [capped] if capped else []

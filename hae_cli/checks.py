@@ -196,6 +196,20 @@ def check_outputs(outputs: Iterable[tuple[str, str | Path]], inputs: Iterable[tu
                              "replace it; give another file name")
 
 
+def optional_extra(module: str, needed_by: str, extra: str) -> None:
+    """An optional package a command needs is installed: said before the model loads, not after
+    the run (found without importing it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"{needed_by} needs {module}, an optional extra: pip install 'hae-cli[{extra}]' "
+                          f"(or pip install {module})")
+
+
 def write_failed(error: OSError, path: str | Path) -> HaeError:
     """A failed write of an output file: a full disk is the machine's (exit 1), anything else the path's."""
     if error.errno in _DISK_FULL:

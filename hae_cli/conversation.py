@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hae_cli import checks
-from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters
+from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters, text_notes
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
 from hae_cli.model.generate import Decoded, SamplingConfig, compiled_step, decode, feed_question, prefill
@@ -189,7 +189,8 @@ class Conversation:
             eviction_seconds=self.cache.eviction_seconds - start_overhead, decode_tokens=len(token_ids),
             steps=steps, events=self.cache.events[start_events:], interrupted=decoded.stopped_by == "interrupt",
             stopped_by=decoded.stopped_by, compile_seconds=compile_seconds,
-            notes=[step.note] if step is not None and step.note else [],
+            notes=text_notes(self.loaded, question, "the question", len(self._images))
+            + ([step.note] if step is not None and step.note else []),
         )
         turn = Turn(len(self.turns) + 1, question, result, planned.images_added, len(tokens),
                     start_index, first_logits)

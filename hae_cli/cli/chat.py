@@ -216,6 +216,8 @@ class _Session:
                 sys.stdout.write(turn.result.text)
             sys.stdout.write("\n")
             sys.stdout.flush()
+        for note in turn.result.notes:
+            typer.echo(f"note: {note}", err=True)
         if stop.ends_session:
             typer.echo(f"(answer stopped{signals.describe()})", err=True)
             self.ended = True

@@ -330,6 +330,7 @@ def _report(report, as_json: bool, config) -> None:
 
     with signals.writing_result():
         _notes([f"item failed: {line}" for line in report.errors], "items failed")
+        _notes(report.notes, "notes on what the model cannot read (summary.json: data.notes)")
         if report.interrupted:
             typer.echo(f"interrupted{signals.describe()}: {report.done} of {report.total} items have results in "
                        f"{report.out}; run the same command with --resume to continue", err=True)

@@ -11,7 +11,9 @@ import typer
 from rich.console import Console
 
 from hae_cli.cli import signals, validate
-from hae_cli.checks import check_output_path, check_outputs, image_inputs, kind_of, model_files, path_status
+from hae_cli.checks import (
+    check_output_path, check_outputs, image_inputs, kind_of, model_files, optional_extra, path_status,
+)
 from hae_cli.cli.app import app
 from hae_cli.cli.options import OUTPUT_PANEL, KeptOptions, RunOptions, Task, run_command_options
 from hae_cli.cli.output import interruptible, json_only_stdout, library, progress_on_stderr, write_json
@@ -122,6 +124,7 @@ def profile(
             checked_text(question, "--question")
         if plot is not None:
             check_output_path(plot, "--plot", ".png")
+            optional_extra("matplotlib", "--plot", "plot")
         if json_file is not None and str(json_file) != "-":
             check_output_path(json_file, "--json")
         if samples is not None:

@@ -48,6 +48,7 @@ class Report:
     resumed: int  # items whose results were there already
     ran: int = 0  # items run now
     errors: list[str] = field(default_factory=list)  # items that could not run (one line each)
+    notes: list[str] = field(default_factory=list)  # what the model could not read in the items' text
     interrupted: bool = False
     seconds: float = 0.0
     summary: dict | None = None
@@ -99,12 +100,14 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
     report.seconds = time.perf_counter() - started
     ordered = [store.results[item.id] for item in data.items if item.id in store.results]
     report.errors = [r["error"] for r in ordered if "error" in r]
+    report.notes = [note for r in ordered for note in r.get("notes", ())]
     if report.interrupted:
         return report
     answered = [r for r in ordered if "error" not in r]
     if answered:
         report.summary = {"data": {"source": data.source, "items": len(data.items), "answered": len(answered),
-                                   "skipped_records": len(data.skipped), "failed_items": report.errors},
+                                   "skipped_records": len(data.skipped), "failed_items": report.errors,
+                                   "notes": report.notes},
                           "config": config.to_json(),
                           **summarize(list(config.plan), answered, target_drop),
                           "run": {"backend": backend.describe(), "resumed_items": report.resumed,
