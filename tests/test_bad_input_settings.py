@@ -114,3 +114,18 @@ def test_every_json_result_records_the_policy_and_the_parameters_it_ran_with():
     record = json.loads(chat.stdout)
     assert record["policy_params"]["buffer"] == 8 and "gamma" in record["policy_params"]
     assert record["turns"][0]["policy_params"] == record["policy_params"]
+
+
+def test_a_missing_optional_extra_is_said_before_the_model_loads(monkeypatch, tmp_path):
+    """profile --plot without matplotlib ran the whole profile, then failed."""
+    import sys
+
+    from hae_cli import api
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the check")
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    monkeypatch.setattr(api, "load_model", no_load)
+    one_error(invoke("profile", "--images", SAMPLE, "-q", "what shape is in the image?", "--plot",
+                     tmp_path / "p.png"), "--plot needs matplotlib", "pip install 'hae-cli[plot]'")

@@ -41,8 +41,9 @@ CHAT_COMMANDS = {
     "  [cyan]hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png[/cyan]\n\n"
     "  then: [cyan]what shape is in image 1?[/cyan]  [cyan]what color is the shape in image 2?[/cyan]  "
     "[cyan]/images sample_images/easyvqa_test_0394.png[/cyan]  [cyan]which image shows a circle?[/cyan]\n\n"
-    "  [cyan]printf 'what shape is in image 1?\\nis there a circle in image 2?\\n' | hae chat a.png b.png --budget 0.3[/cyan]\n\n"
-    "  [cyan]hae chat a.png b.png --script questions.txt --json > turns.json[/cyan]\n\n"
+    "  [cyan]printf 'what shape is in image 1?\\nis there a circle in image 2?\\n' | hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png "
+    "--budget 0.3[/cyan]\n\n"
+    "  [cyan]hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png --script sample_images/chat_questions.txt --json > turns.json[/cyan]\n\n"
     "Commands inside the chat: " + ", ".join(CHAT_COMMANDS) + ". "
     "Ctrl-C stops the answer being written (the conversation goes on); Ctrl-D ends it.",
 )

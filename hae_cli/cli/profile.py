@@ -78,9 +78,10 @@ def check_samples(folder: Path) -> None:
     epilog="[bold]Examples[/bold]\n\n"
     "  [cyan]hae profile[/cyan]   (the samples in sample_images/: full cache vs hae)\n\n"
     "  [cyan]hae profile --compare baseline,snapkv,h2o --budget 0.5 --json profile.json[/cyan]\n\n"
-    "  [cyan]hae profile --images cat.jpg --question \"What is it?\" --plot occupancy.png[/cyan]\n\n"
-    "  [cyan]hae profile --images p1.png --images p2.png --task story -n 200 --budget 256[/cyan]\n\n"
-    "  [cyan]hae profile --images cat.jpg -q \"What is it?\" -c snapkv --show-kept kept.png[/cyan]   "
+    "  [cyan]hae profile --images sample_images/easyvqa_test_0698.png --question \"what shape is in the image?\" --plot occupancy.png[/cyan]   "
+    "(--plot needs matplotlib: pip install 'hae-cli\\[plot]')\n\n"
+    "  [cyan]hae profile --images sample_images/easyvqa_test_0063.png --images sample_images/easyvqa_test_0198.png --task story -n 200 --budget 256[/cyan]\n\n"
+    "  [cyan]hae profile --images sample_images/easyvqa_test_0698.png -q \"what shape is in the image?\" -c snapkv --show-kept kept.png[/cyan]   "
     "(kept_baseline.png, kept_hae.png, kept_snapkv.png)",
 )
 @run_command_options(max_new_tokens=64, kept=True)

@@ -28,12 +28,14 @@ from hae_cli.user_text import checked_text
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n"
-    "  [cyan]hae ask cat.jpg \"What color is the cat?\"[/cyan]\n\n"
-    "  [cyan]hae ask chart.png \"Summarise the trend.\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --policy h2o --budget 0.5[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --json | jq .timings[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --show-kept kept.png --kept-layer 0[/cyan]   (the patches each layer still holds)\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\"[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"what shape is in the image?\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\" --policy h2o --budget 0.5[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\" --json | jq .timings[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"what shape is in the image?\" --show-kept kept.png --kept-layer 0[/cyan]   "
+    "(the patches each layer still holds)\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"What is in the picture?\" --model microsoft/Phi-3.5-vision-instruct "
+    "--device cuda[/cyan]   (the real model, from the local Hugging Face cache)",
 )
 @run_command_options(max_new_tokens=128, kept=True)
 def ask(
@@ -57,8 +59,8 @@ def ask(
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n"
-    "  [cyan]hae story p1.png p2.png p3.png[/cyan]\n\n"
-    "  [cyan]hae story frames/*.jpg --prompt \"Tell a bedtime story about these pictures.\" -n 400[/cyan]\n\n"
+    "  [cyan]hae story sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png sample_images/easyvqa_test_0394.png[/cyan]\n\n"
+    "  [cyan]hae story sample_images/*.png --prompt \"Describe each image in order.\" -n 400[/cyan]\n\n"
     "  [cyan]hae story sample_images/easyvqa_test_0698.png sample_images/easyvqa_test_0416.png "
     "sample_images/easyvqa_test_0394.png sample_images/easyvqa_test_0063.png --budget 200 -p buffer=8[/cyan]   "
     "(a tight budget: watch tokens go to the bin and come back, \"restored\")",

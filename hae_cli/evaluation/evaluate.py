@@ -6,7 +6,7 @@ as it arrives, then the summary of every item, written beside them.
     from hae_cli.evaluation.records import read_data
     from hae_cli.evaluation.runner import EvalConfig
 
-    data = read_data(Path("data.jsonl"), task="ask")
+    data = read_data(Path("sample_images/eval.jsonl"), task="ask")
     config = EvalConfig(model="demo", plan=tuple(plan_of("thr,0.4", ["snapkv", "h2o"])))
     report = evaluate(data, config, Path("results"))
     print(report.summary["rows"])

@@ -128,7 +128,8 @@ class ItemRunner:
         for number, question in enumerate(item.questions, start=1):
             where = f"{item.where} turn {number}" if len(item.questions) > 1 else item.where
             said = "the instruction" if self.config.task == "story" else "the question"
-            notes += [f"{where}: {note}" for note in text_notes(self.loaded, question.prompt, said, len(item.images))]
+            users = "\n".join([question.text or "", *question.choices])  # not hae's own instruction to choose
+            notes += [f"{where}: {note}" for note in text_notes(self.loaded, users, said, len(item.images))]
         return notes
 
     # --- the tasks ---
