@@ -158,6 +158,8 @@ def read_data(path: Path, task: str = "ask", columns: Columns = Columns(), split
             item = parse_record(raw, number, where, base, task, columns)
             if item.id in seen:
                 raise RecordProblem(f"{where}: id {item.id!r} is also {seen[item.id]}'s")
+            if strict:
+                _images_open(item)
         except RecordProblem as problem:
             if strict:
                 raise InputError(f"{problem} (drop --strict to skip such records)") from None
@@ -285,6 +287,19 @@ def _image_file(path: Path, written: str, where: str) -> str:
     if kind_of(status) != "file":
         raise RecordProblem(f"{where}: image {shown(written)} is a {kind_of(status)}, not a file")
     return str(path.resolve())
+
+
+def _images_open(item: Item) -> None:
+    """Every image of the record decodes (hae's one image loader): what --strict promises before
+    anything runs, so that a truncated file is not an item that fails an hour in."""
+    from hae_cli.evaluation.runner import _picture
+    from hae_cli.model.image_file import load_image
+
+    for source in item.images:
+        try:
+            load_image(_picture(source, item.where))
+        except InputError as error:
+            raise RecordProblem(f"{item.where}: {error}") from None
 
 
 def _value(raw: dict, columns: Columns, what: str):
