@@ -326,7 +326,7 @@ def _notes(lines: list[str], what: str) -> None:
 def _report(report, as_json: bool, config) -> None:
     """The tables (or the JSON) on stdout; what was written, skipped or failed on stderr."""
     from hae_cli.evaluation.summary import (
-        EQUAL_KV_CAPTION, ROW_COLUMNS, equal_kv_table, rich_table, table_rows,
+        EQUAL_KV_CAPTION, ROW_COLUMNS, best_line, equal_kv_table, rich_table, table_rows,
     )
 
     with signals.writing_result():
@@ -358,12 +358,11 @@ def _report(report, as_json: bool, config) -> None:
                 console.print(rich_table("accuracy % at HAE's KV bytes", columns, rows, EQUAL_KV_CAPTION))
             best = summary["best_hae"]
             if best is not None:
-                within = "within" if best["within_target"] else "none within; the smallest drop"
-                console.print(f"largest HAE cut {within} {summary['target_drop_points']:g} points of the full "
-                              f"cache: {best['setting']}, {best['cut_pct']:.1f}% less KV, "
-                              f"{100 * best['accuracy']:.2f}% accuracy ({best['drop_points']:+.2f} points)")
+                console.print(best_line(best, summary["target_drop_points"]))
+        for warning in summary["warnings"]:
+            typer.echo(f"note: {warning}", err=True)
         run = summary["run"]
         plot = f", {report.plot.name}" if report.plot is not None else ""
-        typer.echo(f"{report.done} items ({run['resumed_items']} from before, {run['items_run']} run now in "
+        typer.echo(f"{report.done} item{'' if report.done == 1 else 's'} ({run['resumed_items']} from before, {run['items_run']} run now in "
                    f"{run['seconds']:.1f} s, {run['items_per_second']:.2f} items/s on {run['backend']}); "
                    f"results in {report.out}/: results.jsonl, summary.json{plot}", err=True)

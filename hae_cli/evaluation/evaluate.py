@@ -49,6 +49,7 @@ class Report:
     ran: int = 0  # items run now
     errors: list[str] = field(default_factory=list)  # items that could not run (one line each)
     notes: list[str] = field(default_factory=list)  # what the model could not read in the items' text
+    warnings: list[str] = field(default_factory=list)  # what the summary leaves out, and why
     interrupted: bool = False
     seconds: float = 0.0
     summary: dict | None = None
@@ -79,7 +80,13 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
                                                  for item in data.items for image in item.images])
     store = ResultStore(out, run_config(data, config), resume)
     todo = [item for item in data.items if item.id not in store.results]
-    report = Report(out, len(data.items), store.resumed)
+    report = Report(out, len(data.items), len(data.items) - len(todo))  # the data's items only
+    ids = {item.id for item in data.items}
+    foreign = [key for key in store.results if key not in ids]
+    if foreign:
+        report.warnings.append(f"{out / RESULTS_FILE} holds {len(foreign)} result{'s' if len(foreign) > 1 else ''} "
+                               f"of no item in the data (id {', '.join(repr(k) for k in foreign[:3])}"
+                               f"{', ...' if len(foreign) > 3 else ''}); left out of the counts and the summary")
     if callable(loaded) and todo:
         loaded = loaded()
     if on_result is not None:
@@ -109,7 +116,7 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
                                    "skipped_records": len(data.skipped), "failed_items": report.errors,
                                    "notes": report.notes},
                           "config": config.to_json(),
-                          **summarize(list(config.plan), answered, target_drop),
+                          **summarize(list(config.plan), answered, target_drop, report.warnings),
                           "run": {"backend": backend.describe(), "resumed_items": report.resumed,
                                   "items_run": report.ran, "seconds": round(report.seconds, 2),
                                   "items_per_second": report.items_per_second}}
