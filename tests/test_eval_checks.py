@@ -95,3 +95,84 @@ def test_resume_counts_only_the_datas_items(tmp_path):
     assert "1 item (1 from before, 0 run now" in resumed.stderr, resumed.stderr
     assert any(text.startswith("note: ") and "1 result of no item in the data (id 'foreign')" in text
                for text in resumed.stderr.splitlines())
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """A machine of 4 cores and 1 GiB of available memory, a worker taking about 300 MiB."""
+    from hae_cli.evaluation import parallel
+
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 4)
+    monkeypatch.setattr(parallel, "_available_memory", lambda: 2**30)
+    monkeypatch.setattr(parallel, "memory_per_worker", lambda model: 300 * 2**20)
+
+
+@pytest.mark.parametrize("asked, items, expected, fragment", [
+    (dict(workers=999), 4, dict(workers=3), "--workers 999: running 3 (4 items to run, 4 cores at 1 thread each, "
+                                            "1.0 GiB of memory available at about 300.0 MiB a worker)"),
+    (dict(workers=16), 2, dict(workers=2), "--workers 16: running 2 (2 items to run"),
+    (dict(workers=4, threads=2), 10, dict(workers=2), "--workers 4: running 2"),  # 4 cores at 2 threads
+    (dict(workers=1, threads=64), 10, dict(threads=4), "--threads 64: using 4"),  # not named in the issue
+    (dict(workers=8, ray="local"), 3, dict(workers=3), "--workers 8: running 3 (3 items to run)"),  # not named
+])
+def test_workers_are_capped_by_items_cores_and_memory_in_one_note(machine, asked, items, expected, fragment):
+    from hae_cli.evaluation.parallel import Backend
+
+    fitted, note = Backend(**asked).fitted(items, "demo")
+    assert {key: getattr(fitted, key) for key in expected} == expected
+    assert fragment in note and "\n" not in note
+
+
+def test_workers_within_bounds_are_no_note(machine):
+    from hae_cli.evaluation.parallel import Backend
+
+    assert Backend(workers=2).fitted(10, "demo") == (Backend(workers=2), None)
+
+
+MANY_WORKERS = """
+import sys
+from pathlib import Path
+from hae_cli.evaluation.evaluate import plan_of
+from hae_cli.evaluation.parallel import _local_processes
+from hae_cli.evaluation.records import read_data
+from hae_cli.evaluation.runner import EvalConfig
+
+items = read_data(Path("sample_images")).items
+results = _local_processes(items, EvalConfig(plan=tuple(plan_of("thr", []))), 12, 1)
+print("starting", flush=True)
+try:
+    for result in results:
+        pass
+except KeyboardInterrupt:
+    results.close()  # as evaluate() does: the pool stops
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_while_many_workers_start_prints_no_traceback():
+    """12 workers on this machine (more than the cap allows from the command line): a terminal's
+    Ctrl-C reaches the whole process group while they still start (import), and no worker
+    prints a traceback. A real process group: the point is the signal."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from hae_process import hae_env
+
+    process = subprocess.Popen([sys.executable, "-c", MANY_WORKERS], cwd=REPO, env=hae_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    assert process.stdout.readline() == b"starting\n"
+    time.sleep(0.3)  # the pool is starting its processes
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr.decode()[-3000:]
+    assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr.decode()[-3000:]
+
+
+def test_the_command_says_what_it_capped_the_workers_to(tmp_path):
+    result = small_eval(REPO / "sample_images", tmp_path / "run", "--workers", "999", "--limit", "1")
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "--workers 999" in line]
+    assert len(said) == 1 and said[0].startswith("note: --workers 999: running 1 (1 item to run"), result.stderr

@@ -187,7 +187,7 @@ def eval_command(
         try:
             report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
                               plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
-                              on_result=bar.advance)
+                              on_result=bar.advance, on_note=lambda line: typer.echo(f"note: {line}", err=True))
         finally:
             bar.stop()
         _report(report, json_output, config)
