@@ -92,10 +92,17 @@ class RunResult:
     image_layouts: list[dict] = field(default_factory=list)  # per image: how it was cut (`prepare`)
     compile_seconds: float = 0.0  # the compiled decode step's warm-up (`compile=True`), not in decode_seconds
     policy_params: dict = field(default_factory=dict)  # every parameter the policy ran with (`policy_parameters`)
+    timed_tokens: int | None = None  # the tokens decode_seconds covers, where not all (a compiled step's first call)
+
+    @property
+    def speed_tokens(self) -> int:
+        """The decode tokens `decode_seconds` covers."""
+        return self.decode_tokens if self.timed_tokens is None else self.timed_tokens
 
     @property
     def tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        """0.0 where nothing was timed (a compiled one-token answer: its one step compiled)."""
+        return self.speed_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def _final(self, measure: str) -> int:
         return getattr(self.steps[-1], measure) if self.steps else 0
@@ -139,6 +146,7 @@ class RunResult:
                 "eviction_seconds": self.eviction_seconds,
                 "eviction_share": self.eviction_share,
                 "decode_tokens": self.decode_tokens,
+                "decode_tokens_timed": self.speed_tokens,
                 "tokens_per_second": self.tokens_per_second,
                 "compile_seconds": self.compile_seconds,
             },
@@ -357,6 +365,7 @@ def run_prepared(
         kept=kept,
         image_layouts=prepared.image_layouts,
         compile_seconds=generation.compile_seconds,
+        timed_tokens=generation.timed_tokens,
     )
 
 

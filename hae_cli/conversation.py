@@ -24,7 +24,9 @@ from hae_cli import checks
 from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters, text_notes
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
-from hae_cli.model.generate import Decoded, SamplingConfig, compiled_step, decode, feed_question, prefill
+from hae_cli.model.generate import (
+    Decoded, SamplingConfig, after_first_call, compiled_step, decode, feed_question, prefill,
+)
 from hae_cli.model.interface import PromptTokens, UserTurn
 from hae_cli.user_text import checked_text
 
@@ -175,7 +177,9 @@ class Conversation:
                              should_stop=should_stop, on_token=streamer.push, on_step=publish, decoded=Decoded(),
                              feed=step)
         compile_seconds = (step.warmup_seconds or 0.0) if step is not None and warm_before is None else 0.0
-        decode_seconds = time.perf_counter() - began - compile_seconds
+        decode_seconds, timed_tokens = time.perf_counter() - began - compile_seconds, None
+        if step is not None and warm_before is None:  # this turn made the step's first call
+            decode_seconds, timed_tokens = after_first_call(step, decode_seconds, len(decoded.token_ids))
         self._broken = False
         self._position = decoded.position
         self._in_cache = len(self._images)
@@ -188,7 +192,7 @@ class Conversation:
             prefill_seconds=fed_seconds, decode_seconds=decode_seconds,
             eviction_seconds=self.cache.eviction_seconds - start_overhead, decode_tokens=len(token_ids),
             steps=steps, events=self.cache.events[start_events:], interrupted=decoded.stopped_by == "interrupt",
-            stopped_by=decoded.stopped_by, compile_seconds=compile_seconds,
+            stopped_by=decoded.stopped_by, compile_seconds=compile_seconds, timed_tokens=timed_tokens,
             notes=text_notes(self.loaded, question, "the question", len(self._images))
             + ([step.note] if step is not None and step.note else []),
         )

@@ -118,12 +118,23 @@ def _chat(images: list[Path], script: Path | None, json_output: bool, no_live: b
         sys.exit(signals.exit_code())
 
 
-def _say_compile(seconds: float | None) -> None:
-    """--compile: the first answer compiles the decode step; say so, apart from the answer."""
-    if seconds is None:
-        typer.echo("compiling the decode step (once per session)...", err=True)
-    elif seconds:
-        typer.echo(f"compiled in {seconds:.1f} s", err=True)
+class _CompileNotes:
+    """--compile: the session's first answer compiles the decode step; say so, apart from the
+    answer. A later first call (after /reset, a fresh cache) reuses the graph unless the cache's
+    storage changed shape: only a real compile is said then, as a compile again."""
+
+    def __init__(self) -> None:
+        self.compiled = False
+
+    def __call__(self, seconds: float | None) -> None:
+        if seconds is None:
+            if not self.compiled:
+                typer.echo("\ncompiling the decode step...", err=True)
+            return
+        if seconds:
+            again = " again (the cache's storage changed shape)" if self.compiled else ""
+            typer.echo(f"compiled the decode step{again} in {seconds:.1f} s", err=True)
+        self.compiled = True
 
 
 class _Session:
@@ -136,6 +147,7 @@ class _Session:
         self.ended = False
         self.added: list[int] = []  # the images /images added for the next turn (their numbers)
         self.image_seconds = 0.0  # and how long reading and encoding them took
+        self.compile_notes = _CompileNotes()
 
     def run(self, lines: Iterator[str], interactive: bool) -> None:
         """Until EOF, /quit or a signal that ends the session. A Ctrl-C outside an answer (which
@@ -209,7 +221,7 @@ class _Session:
             streamed = True
 
         with signals.answer_stops_on_signal() as stop:
-            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop, on_compile=_say_compile)
+            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop, on_compile=self.compile_notes)
         turn.result.image_seconds, self.image_seconds = self.image_seconds, 0.0
         added, self.added = self.added, []
         if not self.as_json:
