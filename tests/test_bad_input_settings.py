@@ -9,26 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from hae_cli import cli
+from cli_runner import invoke, one_error
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_images" / "easyvqa_test_0698.png"
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def one_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.mark.parametrize("command", [["ask", SAMPLE, "what color?"], ["story", SAMPLE], ["chat", SAMPLE],
@@ -108,8 +94,7 @@ def test_every_json_result_records_the_policy_and_the_parameters_it_ran_with():
     payload = json.loads(asked.stdout)
     assert payload["policy"] == "h2o"
     assert payload["policy_params"] == {"budget": 4096, "recent": None, "buffer": 0}
-    chat = CliRunner().invoke(cli.app, ["chat", str(SAMPLE), "-p", "buffer=8", "-n", "2", "--json"],
-                              input="what shape is in image 1?\n")
+    chat = invoke("chat", SAMPLE, "-p", "buffer=8", "-n", "2", "--json", input="what shape is in image 1?\n")
     assert chat.exit_code == 0, chat.output
     record = json.loads(chat.stdout)
     assert record["policy_params"]["buffer"] == 8 and "gamma" in record["policy_params"]

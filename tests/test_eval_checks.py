@@ -10,25 +10,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from hae_cli import cli
+from cli_runner import invoke, one_error
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "sample_images" / "easyvqa_test_0698.png"
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli.app, [str(a) for a in args])
-
-
-def one_error(result, *fragments: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output[-2000:])
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def records(folder: Path, *lines: dict) -> Path:

@@ -9,17 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from hae_cli import cli
+from cli_runner import invoke
 
 REPO = Path(__file__).resolve().parent.parent
 TEAL = REPO / "sample_images" / "easyvqa_test_0416.png"
 OTHER = REPO / "sample_images" / "easyvqa_test_0063.png"
 
-
-def invoke(*args, input: str | None = None):
-    return CliRunner().invoke(cli.app, [str(a) for a in args], input=input)
 
 
 def notes(stderr: str) -> list[str]:

@@ -187,7 +187,7 @@ def eval_command(
         try:
             report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
                               plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
-                              on_result=bar.advance, on_note=lambda line: typer.echo(f"note: {line}", err=True))
+                              on_result=bar.advance, on_backend=bar.backend)
         finally:
             bar.stop()
         _report(report, json_output, config)
@@ -298,6 +298,12 @@ class _Bar:
             console=self.console, transient=True)
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=total, completed=done, rate="")
+
+    def backend(self, backend, note: str | None) -> None:
+        """The backend as it runs (its workers capped): the bar names it; the cap is a note."""
+        self.description = f"items on {backend.describe()}"
+        if note is not None:
+            typer.echo(f"note: {note}", err=True)
 
     def advance(self, done: int, total: int) -> None:
         if not self.enabled:

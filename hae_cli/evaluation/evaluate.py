@@ -67,13 +67,13 @@ class Report:
 def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | None = None, resume: bool = False,
              loaded=None, target_drop: float = 1.0, plot: bool = True,
              on_result: Callable[[int, int], None] | None = None,
-             on_note: Callable[[str], None] | None = None) -> Report:
+             on_backend: Callable[[Backend, str | None], None] | None = None) -> Report:
     """Run the items of `data` that `out` has no result for (all of them unless `resume`),
     appending each result to `out/results.jsonl` as it arrives; then, if every item has one,
     write `summary.json` and the plot. `loaded`: for the in-process backend (one worker, no
     Ray), the model, or a function that loads it (called once `out` is checked, before any
-    item runs). `on_result(done, total)` before the first item and after each; `on_note(line)` with
-    what the workers asked for were capped to (`Backend.fitted`). Ctrl-C (a `KeyboardInterrupt`) stops
+    item runs). `on_result(done, total)` before the first item and after each; `on_backend(backend, note)`
+    with the backend as it will run (`Backend.fitted`: workers capped, and the note saying so, or None). Ctrl-C (a `KeyboardInterrupt`) stops
     the run with what finished kept: `report.interrupted`."""
     backend = backend or Backend()
     written = (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE) + ((PLOT_FILE,) if plot else ())
@@ -90,8 +90,8 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
                                f"of no item in the data (id {', '.join(repr(k) for k in foreign[:3])}"
                                f"{', ...' if len(foreign) > 3 else ''}); left out of the counts and the summary")
     backend, capped = backend.fitted(len(todo), config.model)
-    if capped is not None and on_note is not None:
-        on_note(capped)
+    if on_backend is not None:
+        on_backend(backend, capped)
     if callable(loaded) and todo:
         loaded = loaded()
     if on_result is not None:
