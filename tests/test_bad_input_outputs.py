@@ -72,6 +72,17 @@ def test_eval_out_files_over_the_data_or_its_images_are_refused(tmp_path):
     assert listed.read_bytes() == before
 
 
+def test_eval_out_into_the_model_folder_is_refused(tmp_path):
+    """Not named in the issue: --out the checkpoint's folder would write config.json over its own."""
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(REPO / "hae_cli" / "demo_model", folder)
+    before = (folder / "config.json").read_bytes()
+    one_error(invoke("eval", REPO / "sample_images", "--model", folder, "--out", folder, "--limit", "1"),
+              "config.json is a file of the model")
+    assert (folder / "config.json").read_bytes() == before
+
+
 def test_a_file_of_the_model_folder_is_an_input(tmp_path):
     from hae_cli.checks import check_outputs, model_files
     from hae_cli.errors import InputError

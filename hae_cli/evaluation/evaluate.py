@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hae_cli.checks import check_outputs, write_failed
+from hae_cli.checks import check_outputs, model_files, write_failed
 from hae_cli.evaluation import matching
 from hae_cli.evaluation.parallel import Backend, run_items
 from hae_cli.evaluation.records import Data
@@ -79,7 +79,8 @@ def evaluate(data: Data, config: EvalConfig, out: Path, *, backend: Backend | No
     written = (CONFIG_FILE, RESULTS_FILE, SUMMARY_FILE) + ((PLOT_FILE,) if plot else ())
     check_outputs([("--out", out / name) for name in written],
                   [("the data", data.source)] + [(f"an image of {item.where}", image)
-                                                 for item in data.items for image in item.images])
+                                                 for item in data.items for image in item.images]
+                  + model_files(config.model))
     store = ResultStore(out, run_config(data, config), resume)
     todo = [item for item in data.items if item.id not in store.results]
     report = Report(out, len(data.items), len(data.items) - len(todo))  # the data's items only
