@@ -55,3 +55,12 @@ def test_anything_printed_during_a_json_run_goes_to_stderr(chatty_policy, args):
     result = CliRunner().invoke(cli.app, [str(a) for a in args], input="what shape is in image 1?\n")
     only_json(result)
     assert "a library's own line" in result.stderr
+
+
+def test_eval_json_stdout_holds_the_summary_alone(chatty_policy, tmp_path):
+    """Not named in the issue: hae eval --json, its notes and whatever prints meanwhile on stderr."""
+    result = CliRunner().invoke(cli.app, ["eval", str(REPO / "sample_images" / "eval.jsonl"), "--out",
+                                          str(tmp_path / "run"), "--policies", "", "--budgets", "thr", "--no-plot",
+                                          "-n", "2", "--limit", "1", "--json"])
+    assert only_json(result)["data"]["answered"] == 1
+    assert "a library's own line" in result.stderr
