@@ -55,13 +55,14 @@ def test_a_number_hae_cannot_use_is_named_as_it_is(args, fragments, wrong):
     (["--setting", "h2o:budget=0.3:budget=0.4"], ["budget is given twice"]),  # not named
     (["--setting", "h2o:budget=inf"], ["budget must be a finite number"]),  # not named
 ], ids=["full", "setting-twice", "budgets-twice", "visual-keep-twice", "param-twice", "inf"])
-def test_eval_settings_given_twice_say_where_each_came_from(args, fragments):
-    one_error(invoke("eval", REPO / "sample_images", *args), *fragments)
+def test_eval_settings_given_twice_say_where_each_came_from(args, fragments, tmp_path):
+    one_error(invoke("eval", REPO / "sample_images", "--out", tmp_path / "run", *args), *fragments)
 
 
-def test_a_ray_address_is_named_as_written():
+def test_a_ray_address_is_named_as_written(tmp_path):
     pytest.importorskip("ray")
-    line = one_error(invoke("eval", REPO / "sample_images", "--ray", "127.0.0.1:1"), "--ray 127.0.0.1:1")
+    line = one_error(invoke("eval", REPO / "sample_images", "--out", tmp_path / "run", "--ray", "127.0.0.1:1"),
+                     "--ray 127.0.0.1:1")
     assert "answers at 127.0.0.1:1" in line
 
 
