@@ -62,6 +62,16 @@ def policy_settings(policy) -> dict:
     return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if getattr(policy, f.name) != f.default}
 
 
+def policy_parameters(policy) -> dict:
+    """Every parameter of the policy a run used, defaults and caps included: what a result records,
+    so that it says what ran, not what was asked for."""
+    import dataclasses
+
+    if not dataclasses.is_dataclass(policy):
+        return {}
+    return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy)}
+
+
 @dataclass
 class RunResult:
     policy: str
@@ -81,10 +91,18 @@ class RunResult:
     kept: object | None = None  # KeptMap: what each layer held of each image (asked for with `show_kept`)
     image_layouts: list[dict] = field(default_factory=list)  # per image: how it was cut (`prepare`)
     compile_seconds: float = 0.0  # the compiled decode step's warm-up (`compile=True`), not in decode_seconds
+    policy_params: dict = field(default_factory=dict)  # every parameter the policy ran with (`policy_parameters`)
+    timed_tokens: int | None = None  # the tokens decode_seconds covers, where not all (a compiled step's first call)
+
+    @property
+    def speed_tokens(self) -> int:
+        """The decode tokens `decode_seconds` covers."""
+        return self.decode_tokens if self.timed_tokens is None else self.timed_tokens
 
     @property
     def tokens_per_second(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        """0.0 where nothing was timed (a compiled one-token answer: its one step compiled)."""
+        return self.speed_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def _final(self, measure: str) -> int:
         return getattr(self.steps[-1], measure) if self.steps else 0
@@ -114,6 +132,7 @@ class RunResult:
 
         return {
             "policy": self.policy,
+            "policy_params": self.policy_params,
             "text": self.text,
             "token_ids": self.token_ids,
             "interrupted": self.interrupted,
@@ -127,6 +146,7 @@ class RunResult:
                 "eviction_seconds": self.eviction_seconds,
                 "eviction_share": self.eviction_share,
                 "decode_tokens": self.decode_tokens,
+                "decode_tokens_timed": self.speed_tokens,
                 "tokens_per_second": self.tokens_per_second,
                 "compile_seconds": self.compile_seconds,
             },
@@ -169,6 +189,57 @@ def user_turn(task: str, question: str | None, num_images: int):
     raise ConfigError(f"unknown task {task!r} (use ask or story)")
 
 
+def unknown_pieces(tokenizer, text: str) -> list[str]:
+    """The pieces of `text` that `tokenizer` reads as its unknown token (any family: ids equal to
+    its `unk_token_id`), merged where they touch, in order, once each."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or not text:
+        return []
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [span for token, span in zip(encoded["input_ids"], encoded["offset_mapping"]) if token == unk]
+    except (NotImplementedError, TypeError, ValueError, KeyError):  # a slow tokenizer: no offsets; word by word
+        spans, at = [], 0
+        for word in text.split():
+            at = text.index(word, at)
+            if unk in tokenizer(word, add_special_tokens=False)["input_ids"]:
+                spans.append((at, at + len(word)))
+            at += len(word)
+    merged: list[list[int]] = []
+    for start, end in spans:
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    return list(dict.fromkeys(text[start:end].strip() or text[start:end] for start, end in merged))
+
+
+def text_notes(loaded, text: str | None, what: str, num_images: int) -> list[str]:
+    """What the model cannot read in a user's text, one note each: words its tokenizer maps to
+    the unknown token (the answer cannot take them into account), and an image number past the
+    images there are."""
+    from hae_cli.user_text import image_numbers, shown_text
+
+    if not text:
+        return []
+    notes = []
+    unknown = unknown_pieces(loaded.tokenizer, text)
+    if unknown:
+        model = "the demo model" if getattr(loaded, "name", None) == "demo" else getattr(loaded, "name", "the model")
+        words = ", ".join(f"'{shown_text(piece)}'" for piece in unknown[:8]) + (" ..." if len(unknown) > 8 else "")
+        unk = getattr(loaded.tokenizer, "unk_token", None) or "unknown"
+        known = "; it knows only easy-VQA's words (shapes, colors, yes, no)" if model == "the demo model" else ""
+        notes.append(f"{what} has {'a word' if len(unknown) == 1 else 'words'} {model}'s tokenizer does not know: "
+                     f"{words}, read as {unk}, so the answer cannot take {'it' if len(unknown) == 1 else 'them'} "
+                     f"into account{known}")
+    past = [number for number in image_numbers(text) if not 1 <= number <= num_images]
+    if past:
+        there = f"there is {num_images} image" if num_images == 1 else f"there are {num_images} images"
+        named = ", ".join(f"image {number}" for number in past)
+        notes.append(f"{what} names {named}, but {there} (image 1{f' to image {num_images}' if num_images > 1 else ''})")
+    return notes
+
+
 @dataclass
 class PreparedPrompt:
     """A prompt ready for the decoder: its tokens (with modality tags) and their embeddings."""
@@ -176,6 +247,7 @@ class PreparedPrompt:
     tokens: object  # PromptTokens
     embeds: torch.Tensor  # [1, L, hidden]
     image_layouts: list[dict] = field(default_factory=list)  # per image: how the family cut it
+    notes: list[str] = field(default_factory=list)  # what the model cannot read in the user's text (`text_notes`)
 
 
 def prepare(
@@ -190,8 +262,9 @@ def prepare(
     """Read the images, build the chat prompt and embed it. The result does not depend on the
     policy, so one prepared prompt can be run under many (`run_prepared`). `images`: paths, PIL
     images, or images the model has read already (`loaded.read_image`)."""
-    progress = on_progress or (lambda message: None)
     checks.loaded_model(loaded)
+    checks.callbacks(on_progress=on_progress)
+    progress = on_progress or (lambda message: None)
     images = checks.image_list(images)
     if not images:
         raise InputError(f"no images given for `{task}`")
@@ -204,7 +277,9 @@ def prepare(
     progress(f"encoding images ({len(tokens)} prompt tokens)")
     with torch.inference_mode():
         embeds = loaded.embed(tokens, read, image_features)
-    return PreparedPrompt(tokens, embeds, [loaded.image_layout(image) for image in read])
+    said = "the question" if task == "ask" else "the story prompt"
+    return PreparedPrompt(tokens, embeds, [loaded.image_layout(image) for image in read],
+                          text_notes(loaded, question, said, len(images)))
 
 
 def run_prepared(
@@ -235,7 +310,9 @@ def run_prepared(
     from hae_cli.cache.kept_map import image_slots, kept_map
     from hae_cli.model.generate import SamplingConfig, generate
 
-    notes = []
+    _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, show_kept=show_kept,
+                         kept_step=kept_step, compile=compile)
+    notes = list(prepared.notes)
     tokens = prepared.tokens
     max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
     notes += [capped] if capped else []
@@ -272,6 +349,7 @@ def run_prepared(
         )
     return RunResult(
         policy=cache.policy.name,
+        policy_params=policy_parameters(cache.policy),
         text=text,
         token_ids=generation.token_ids,
         prompt_tokens=tokens.counts_by_modality(),
@@ -287,6 +365,7 @@ def run_prepared(
         kept=kept,
         image_layouts=prepared.image_layouts,
         compile_seconds=generation.compile_seconds,
+        timed_tokens=generation.timed_tokens,
     )
 
 
@@ -319,6 +398,8 @@ def run(
 
     # Bad options fail before any image is read or embedded.
     checks.loaded_model(loaded)
+    _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, on_progress=on_progress,
+                         on_prefill=on_prefill, show_kept=show_kept, kept_step=kept_step, compile=compile)
     images = checks.image_list(images)
     SamplingConfig(max_new_tokens, temperature, top_p, seed)
     policy = policy_of(policy, policy_params)
@@ -334,6 +415,12 @@ def run(
     )
     result.image_seconds = image_seconds
     return result
+
+
+def _check_run_arguments(*, show_kept, kept_step, compile, **functions) -> None:
+    checks.callbacks(**functions)
+    checks.flags(show_kept=show_kept, compile=compile)
+    checks.step_number(kept_step, "kept_step")
 
 
 class TextStreamer:

@@ -15,8 +15,10 @@ import re
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from hae_cli.errors import ConfigError, HaeError, InputError, ResourceError
+from hae_cli.user_text import parse_value
 
 NAME_MAX = 255  # bytes in one name of a path (Linux, macOS)
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -142,6 +144,72 @@ def check_output_path(path: Path, option: str, suffix: str | None = None) -> Non
         raise InputError(f"{option}: cannot write {shown(path)!r} (permission denied)")
 
 
+def _identity(path: str | Path) -> tuple[str, tuple[int, int] | None]:
+    """A path's resolved form, and its device and inode where it exists (links, hard links)."""
+    try:
+        status = os.stat(path)
+        return os.path.realpath(path), (status.st_dev, status.st_ino)
+    except (OSError, ValueError):
+        return os.path.realpath(path), None
+
+
+def image_inputs(images: Iterable) -> list[tuple[str, Path]]:
+    """A run's image files, as `check_outputs` names them ("image 2")."""
+    return [(f"image {number}", image) for number, image in enumerate(images, start=1)
+            if isinstance(image, (str, Path))]
+
+
+def model_files(model: str | os.PathLike | None) -> list[tuple[str, Path]]:
+    """The files of a local checkpoint folder ("demo": the shipped one), as inputs of a run."""
+    if model is None:
+        return []
+    folder = Path(__file__).resolve().parent / "demo_model" if str(model) == "demo" else Path(model).expanduser()
+    try:
+        return [("a file of the model", path) for path in folder.iterdir() if path.is_file()]
+    except OSError:  # a hub id, or a folder that is not there (the load says so)
+        return []
+
+
+def check_outputs(outputs: Iterable[tuple[str, str | Path]], inputs: Iterable[tuple[str, object]]) -> None:
+    """No file a run writes is one of its inputs (an image, the data, a checkpoint's file), nor
+    another of its outputs: the same resolved path, or the same file under another name (a link,
+    a hard link). Checked before the run, so that nothing the user has is written over.
+    `outputs`: (option, path); `inputs`: (what it is, path; anything else is not a file)."""
+    written: dict = {}
+    for option, path in outputs:
+        real, inode = _identity(path)
+        earlier = written.get(real) or (written.get(inode) if inode is not None else None)
+        if earlier is not None:
+            raise InputError(f"{earlier[0]} and {option} would both write {shown(path)}; give each its own file")
+        written[real] = (option, path)
+        if inode is not None:
+            written[inode] = (option, path)
+    for what, source in inputs:
+        if not isinstance(source, (str, Path)):
+            continue
+        real, inode = _identity(source)
+        hit = written.get(real) or (written.get(inode) if inode is not None else None)
+        if hit is not None:
+            option, path = hit
+            named = "" if str(path) == str(source) else f" ({shown(source)})"
+            raise InputError(f"{option} {shown(path)} is {what}{named}, an input of this run: writing there would "
+                             "replace it; give another file name")
+
+
+def optional_extra(module: str, needed_by: str, extra: str) -> None:
+    """An optional package a command needs is installed: said before the model loads, not after
+    the run (found without importing it)."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConfigError(f"{needed_by} needs {module}, an optional extra: pip install 'hae-cli[{extra}]' "
+                          f"(or pip install {module})")
+
+
 def write_failed(error: OSError, path: str | Path) -> HaeError:
     """A failed write of an output file: a full disk is the machine's (exit 1), anything else the path's."""
     if error.errno in _DISK_FULL:
@@ -194,12 +262,84 @@ def image_list(images: object, what: str = "images", nonempty: bool = False) -> 
     return items
 
 
+def callbacks(**given: object) -> None:
+    """Each `on_...=` a caller gives is a function or None: a number there would fail deep in a
+    run as a bare `TypeError` ('int' object is not callable)."""
+    for name, value in given.items():
+        if value is not None and not callable(value):
+            raise ConfigError(f"{name} must be a function (or None), got {type(value).__name__} ({shown(repr(value), 40)})")
+
+
+def flags(**given: object) -> None:
+    """Each flag is True or False: 'yes' or 1 is not read as either."""
+    for name, value in given.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be True or False, got {type(value).__name__} ({shown(repr(value), 40)})")
+
+
+def step_number(value: object, name: str) -> None:
+    """A decode step (0 = after prefill), or None."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigError(f"{name} must be a decode step, a whole number >= 0 (0 = after prefill), or None; "
+                          f"got {value!r}")
+
+
 def parameter_dict(params: object, what: str = "policy_params") -> dict:
     if params is None:
         return {}
     if not isinstance(params, dict):
         raise ConfigError(f"{what} must be a dict of parameter names and values, got {type(params).__name__}")
     return params
+
+
+# --------------------------------------------------------------------------- numbers as written
+
+
+_WHOLE = re.compile(r"[+-]?\d+")
+_DECIMAL = re.compile(r"[+-]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][+-]?\d+)?")
+
+
+def parse_budget(text: str, option: str = "--budget") -> int | float:
+    """'512' -> 512 tokens; '0.5' -> half the prompt. Anything else is a `ConfigError` naming
+    `option` as the user wrote it (`--budget`, `-p budget`) and saying what is wrong with it."""
+    raw = text.strip()
+    if _WHOLE.fullmatch(raw):
+        tokens = int(raw)
+        if tokens <= 0:
+            raise ConfigError(f"{option} must be > 0, got {text!r}")
+        return tokens
+    if not _DECIMAL.fullmatch(raw):
+        try:
+            float(raw)  # Python reads '1_000', 'inf', 'nan': say what they are, not that they are too big
+        except ValueError:
+            raise ConfigError(f"{option} must be a token count (e.g. 512) or a fraction of the prompt in (0, 1] "
+                              f"(e.g. 0.5), got {text!r}") from None
+        if "_" in raw:
+            raise ConfigError(f"{option} {text!r}: write the number without '_' (e.g. {raw.replace('_', '')})")
+        raise ConfigError(f"{option} must be a finite number: a token count (e.g. 512) or a fraction of the prompt "
+                          f"in (0, 1] (e.g. 0.5), got {text!r}")
+    fraction = float(raw)
+    if not math.isfinite(fraction):  # 1e400
+        raise ConfigError(f"{option} {text} is too large to be a number hae can hold; a token count is a whole "
+                          "number (e.g. 512), a fraction is in (0, 1]")
+    if fraction <= 0:
+        raise ConfigError(f"{option} must be > 0, got {text!r}")
+    if fraction > 1:
+        raise ConfigError(f"{option} {text} is above 1 as a fraction; a fraction must be in (0, 1], a token count "
+                          "a whole number (e.g. 512)")
+    return fraction
+
+
+def parse_param_value(name: str, value: str, option: str) -> Any:
+    """One policy parameter's value as written (`-p name=value`, or an eval setting's
+    `:name=value`): a budget by the budget rule; NaN is no value of any parameter."""
+    if name == "budget":
+        return parse_budget(value, option)
+    parsed = parse_value(value)
+    if isinstance(parsed, float) and math.isnan(parsed):
+        raise ConfigError(f"{option} must be a number, got {value.strip()!r}")
+    return parsed
+
 
 
 # --------------------------------------------------------------------------- policy sizes against the context

@@ -58,7 +58,7 @@ def read_workload(folder: Path) -> list[Prompt]:
     if not path.is_file():
         raise InputError(f"no questions.json in {folder}; pass --images and --question")
     try:
-        entries = json.loads(path.read_text(encoding="utf-8"))
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise InputError(f"cannot read {path}: {error}") from None
     if not isinstance(entries, list):
@@ -150,7 +150,7 @@ def summarize(name: str, results: Sequence, baseline: Sequence | None = None, ex
     """One policy's `RunResult`s as a row; `baseline` (same prompts, same order) gives agreement,
     `expected` (answers per prompt, None where unknown) gives correctness."""
     decode_seconds = sum(r.decode_seconds for r in results)
-    decode_tokens = sum(r.decode_tokens for r in results)
+    decode_tokens = sum(r.speed_tokens for r in results)  # those decode_seconds covers
     kept = [tokens_kept_per_layer(r.steps[-1] if r.steps else None) for r in results]
     same = match = first = None
     if baseline is not None:

@@ -21,10 +21,12 @@ from pathlib import Path
 import torch
 
 from hae_cli import checks
-from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_settings
+from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters, text_notes
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
-from hae_cli.model.generate import Decoded, SamplingConfig, compiled_step, decode, feed_question, prefill
+from hae_cli.model.generate import (
+    Decoded, SamplingConfig, after_first_call, compiled_step, decode, feed_question, prefill,
+)
 from hae_cli.model.interface import PromptTokens, UserTurn
 from hae_cli.user_text import checked_text
 
@@ -94,10 +96,12 @@ class Conversation:
         self.loaded = loaded
         self.compile = compile  # decode through a compiled step (`CompiledStep`): the same tokens
         checks.loaded_model(loaded)
+        checks.callbacks(on_progress=on_progress)
+        checks.flags(compile=compile)
         images = checks.image_list(images, nonempty=True)
         # a bad policy fails before any image is read; sizes past the context are capped with a note
         self._policy, self.notes = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
-        self.policy, self.policy_params = self._policy.name, policy_settings(self._policy)
+        self.policy, self.policy_params = self._policy.name, policy_parameters(self._policy)
         self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
         self.on_progress = on_progress  # told what is being read and encoded; None: nobody
         self._generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
@@ -128,6 +132,7 @@ class Conversation:
         in the middle of a step (a KeyboardInterrupt) leaves the cache cut: the conversation
         then refuses to go on until `reset`."""
         question = checked_text(question, "the question")
+        checks.callbacks(on_token=on_token, on_step=on_step, should_stop=should_stop, on_compile=on_compile)
         if self._broken:
             raise InputError("the last turn was cut in the middle of a step; /reset to start over")
         planned = self._next_turn(question)
@@ -172,7 +177,9 @@ class Conversation:
                              should_stop=should_stop, on_token=streamer.push, on_step=publish, decoded=Decoded(),
                              feed=step)
         compile_seconds = (step.warmup_seconds or 0.0) if step is not None and warm_before is None else 0.0
-        decode_seconds = time.perf_counter() - began - compile_seconds
+        decode_seconds, timed_tokens = time.perf_counter() - began - compile_seconds, None
+        if step is not None and warm_before is None:  # this turn made the step's first call
+            decode_seconds, timed_tokens = after_first_call(step, decode_seconds, len(decoded.token_ids))
         self._broken = False
         self._position = decoded.position
         self._in_cache = len(self._images)
@@ -181,12 +188,13 @@ class Conversation:
         text = self.loaded.decode_text(token_ids).strip()
         self.history.append((planned.turn, text))
         result = RunResult(
-            policy=self.policy, text=text, token_ids=token_ids, prompt_tokens=tokens.counts_by_modality(),
+            policy=self.policy, policy_params=self.policy_params, text=text, token_ids=token_ids, prompt_tokens=tokens.counts_by_modality(),
             prefill_seconds=fed_seconds, decode_seconds=decode_seconds,
             eviction_seconds=self.cache.eviction_seconds - start_overhead, decode_tokens=len(token_ids),
             steps=steps, events=self.cache.events[start_events:], interrupted=decoded.stopped_by == "interrupt",
-            stopped_by=decoded.stopped_by, compile_seconds=compile_seconds,
-            notes=[step.note] if step is not None and step.note else [],
+            stopped_by=decoded.stopped_by, compile_seconds=compile_seconds, timed_tokens=timed_tokens,
+            notes=text_notes(self.loaded, question, "the question", len(self._images))
+            + ([step.note] if step is not None and step.note else []),
         )
         turn = Turn(len(self.turns) + 1, question, result, planned.images_added, len(tokens),
                     start_index, first_logits)

@@ -67,3 +67,17 @@ def parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
+
+
+_IMAGE_NUMBER = re.compile(r"\b(?:image|picture|photo|img)\s*(?:#|no\.?|number)?\s*(\d+)", re.IGNORECASE)
+
+
+def image_numbers(text: str) -> list[int]:
+    """The image numbers a text names ("image 2", "picture #3"), in order, once each."""
+    return list(dict.fromkeys(int(number) for number in _IMAGE_NUMBER.findall(text)))
+
+
+def shown_text(piece: str) -> str:
+    """A piece of user text as a note quotes it: characters a terminal would not show as text
+    (U+202E turns the line around, U+200B is invisible) written as \\u escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in piece)

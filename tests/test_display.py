@@ -185,6 +185,7 @@ class FakeResult:
     decode_seconds: float = 2.0
     eviction_seconds: float = 0.05
     decode_tokens: int = 4
+    speed_tokens: int = 4  # the decode tokens decode_seconds covers
     tokens_per_second: float = 2.0
     steps: list[CacheStats] = field(default_factory=lambda: [known_stats(4, 0), known_stats(4, 4)])
     events: list[EvictionEvent] = field(default_factory=lambda: known_stats(4).events)
@@ -514,7 +515,7 @@ def test_the_budget_legend_says_layers_hold_up_to_budget_plus_buffer():
 
 def test_the_full_cache_shows_no_eviction_overhead():
     rows = [summarize(name, [types.SimpleNamespace(
-        policy=policy, decode_seconds=1.0, decode_tokens=10, steps=[known_stats(2)], token_ids=[1, 2], text="a",
+        policy=policy, decode_seconds=1.0, decode_tokens=10, speed_tokens=10, steps=[known_stats(2)], token_ids=[1, 2], text="a",
         prefill_seconds=0.5, eviction_seconds=0.2, kv_bytes_final=1, kv_bytes_peak=1, full_cache_bytes_final=1,
         full_cache_bytes_peak=1, interrupted=False)]) for name, policy in (("baseline", "full"), ("hae", "hae"))]
     assert rows[0].eviction_overhead_percent is None and rows[1].eviction_overhead_percent == pytest.approx(100 * 0.2 / 1.5)

@@ -22,7 +22,7 @@ from hae_cli.checks import os_error_message
 from hae_cli.cli import signals
 from hae_cli.cli.app import app, one_line
 from hae_cli.cli.options import OUTPUT_PANEL, RunOptions, run_command_options
-from hae_cli.cli.output import interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.output import interruptible, json_only_stdout, memory_json, progress_on_stderr, write_json
 from hae_cli.cli.prepare import check_run, load
 from hae_cli.cli.validate import check_images
 from hae_cli.errors import HaeError, InputError
@@ -41,8 +41,9 @@ CHAT_COMMANDS = {
     "  [cyan]hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png[/cyan]\n\n"
     "  then: [cyan]what shape is in image 1?[/cyan]  [cyan]what color is the shape in image 2?[/cyan]  "
     "[cyan]/images sample_images/easyvqa_test_0394.png[/cyan]  [cyan]which image shows a circle?[/cyan]\n\n"
-    "  [cyan]printf 'what shape is in image 1?\\nis there a circle in image 2?\\n' | hae chat a.png b.png --budget 0.3[/cyan]\n\n"
-    "  [cyan]hae chat a.png b.png --script questions.txt --json > turns.json[/cyan]\n\n"
+    "  [cyan]printf 'what shape is in image 1?\\nis there a circle in image 2?\\n' | hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png "
+    "--budget 0.3[/cyan]\n\n"
+    "  [cyan]hae chat sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png --script sample_images/chat_questions.txt --json > turns.json[/cyan]\n\n"
     "Commands inside the chat: " + ", ".join(CHAT_COMMANDS) + ". "
     "Ctrl-C stops the answer being written (the conversation goes on); Ctrl-D ends it.",
 )
@@ -72,6 +73,11 @@ def chat(
 
     Each answer streams as it is written; after it (on a terminal) the cache panel shows every layer's occupancy and what this turn evicted, binned and restored. Later questions can ask about what earlier ones did not: that is where eviction shows its cost.
     """
+    with json_only_stdout(json_output):
+        _chat(images, script, json_output, no_live, options)
+
+
+def _chat(images: list[Path], script: Path | None, json_output: bool, no_live: bool, options: RunOptions) -> None:
     nothing = {"interrupted": True, "turns": [], "model": options.model} if json_output else None
     checked = check_run("chat", options, images, nothing)
     lines = _question_lines(script)
@@ -112,12 +118,23 @@ def chat(
         sys.exit(signals.exit_code())
 
 
-def _say_compile(seconds: float | None) -> None:
-    """--compile: the first answer compiles the decode step; say so, apart from the answer."""
-    if seconds is None:
-        typer.echo("compiling the decode step (once per session)...", err=True)
-    elif seconds:
-        typer.echo(f"compiled in {seconds:.1f} s", err=True)
+class _CompileNotes:
+    """--compile: the session's first answer compiles the decode step; say so, apart from the
+    answer. A later first call (after /reset, a fresh cache) reuses the graph unless the cache's
+    storage changed shape: only a real compile is said then, as a compile again."""
+
+    def __init__(self) -> None:
+        self.compiled = False
+
+    def __call__(self, seconds: float | None) -> None:
+        if seconds is None:
+            if not self.compiled:
+                typer.echo("\ncompiling the decode step...", err=True)
+            return
+        if seconds:
+            again = " again (the cache's storage changed shape)" if self.compiled else ""
+            typer.echo(f"compiled the decode step{again} in {seconds:.1f} s", err=True)
+        self.compiled = True
 
 
 class _Session:
@@ -130,6 +147,7 @@ class _Session:
         self.ended = False
         self.added: list[int] = []  # the images /images added for the next turn (their numbers)
         self.image_seconds = 0.0  # and how long reading and encoding them took
+        self.compile_notes = _CompileNotes()
 
     def run(self, lines: Iterator[str], interactive: bool) -> None:
         """Until EOF, /quit or a signal that ends the session. A Ctrl-C outside an answer (which
@@ -203,7 +221,7 @@ class _Session:
             streamed = True
 
         with signals.answer_stops_on_signal() as stop:
-            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop, on_compile=_say_compile)
+            turn = self.conversation.ask(question, on_token=on_token, should_stop=stop, on_compile=self.compile_notes)
         turn.result.image_seconds, self.image_seconds = self.image_seconds, 0.0
         added, self.added = self.added, []
         if not self.as_json:
@@ -211,6 +229,8 @@ class _Session:
                 sys.stdout.write(turn.result.text)
             sys.stdout.write("\n")
             sys.stdout.flush()
+        for note in turn.result.notes:
+            typer.echo(f"note: {note}", err=True)
         if stop.ends_session:
             typer.echo(f"(answer stopped{signals.describe()})", err=True)
             self.ended = True
@@ -290,7 +310,7 @@ def _question_lines(script: Path | None) -> Iterator[str]:
     else stdin's, else a prompt."""
     if script is not None:
         try:
-            text = script.read_bytes().decode("utf-8")
+            text = script.read_bytes().decode("utf-8-sig")  # a BOM (Notepad's UTF-8) is no question
         except OSError as error:
             raise InputError(f"cannot read --script {script}: {error.strerror or error}") from None
         except UnicodeDecodeError:

@@ -18,7 +18,7 @@ from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     OUTPUT_PANEL, POLICY_PANEL, DeviceOpt, DtypeOpt, ModelOpt, NumCropsOpt,
 )
-from hae_cli.cli.output import library, progress_on_stderr, write_json
+from hae_cli.cli.output import json_only_stdout, library, progress_on_stderr, write_json
 from hae_cli.cli.prepare import LOADING_LIBRARIES
 from hae_cli.errors import ConfigError, InputError
 
@@ -47,18 +47,19 @@ class EvalTask(str, Enum):
     epilog="[bold]Examples[/bold]\n\n"
     "  [cyan]hae eval sample_images --limit 4[/cyan]   (the --samples folder: every policy at HAE's KV, "
     "4 HAE settings)\n\n"
-    "  [cyan]hae eval data.jsonl --policies snapkv,h2o --budgets thr,0.4 --out runs/a[/cyan]\n\n"
-    "  [cyan]hae eval data.jsonl --out runs/a --resume[/cyan]   (after Ctrl-C, a kill or a crash: "
+    "  [cyan]hae eval sample_images/eval.jsonl --policies snapkv,h2o --budgets thr,0.4 --out runs/a[/cyan]\n\n"
+    "  [cyan]hae eval sample_images/eval.jsonl --out runs/a --resume[/cyan]   (after Ctrl-C, a kill or a crash: "
     "continues where it stopped)\n\n"
-    "  [cyan]hae eval data.jsonl --setting h2o:budget=0.3 --setting hae:budget=0.3:buffer=8 --policies \"\" "
-    "--budgets \"\"[/cyan]   (each policy at parameters of its own)\n\n"
+    "  [cyan]hae eval sample_images/eval.jsonl --setting h2o:budget=0.3 --setting hae:budget=0.3:buffer=8 "
+    "--policies \"\" --budgets \"\"[/cyan]   (each policy at parameters of its own)\n\n"
     "  [cyan]hae eval my_dataset/ --split validation --question-column query --answer-column label[/cyan]   "
     "(a datasets folder written by save_to_disk)\n\n"
-    "  [cyan]hae eval convs.jsonl --task chat --workers 2[/cyan]   (two local processes, a model each)\n\n"
-    "  [cyan]hae eval data.jsonl --model Qwen/Qwen2-VL-2B-Instruct --ray auto[/cyan]   (Ray actors on a "
+    "  [cyan]hae eval sample_images/chat.jsonl --task chat --workers 2[/cyan]   (two local processes, a model "
+    "each)\n\n"
+    "  [cyan]hae eval sample_images/eval.jsonl --model Qwen/Qwen2-VL-2B-Instruct --ray auto[/cyan]   (Ray actors on a "
     "running cluster: one per GPU)\n\n"
-    "A JSONL record: [cyan]{\"id\": \"q1\", \"image\": \"img/1.png\", \"question\": \"What color is the car?\", "
-    "\"answers\": [\"red\", \"dark red\"]}[/cyan]; [bold]images[/bold] for several, [bold]choices[/bold] for a "
+    "A JSONL record (sample_images/eval.jsonl): [cyan]{\"id\": \"q1\", \"image\": \"easyvqa_test_0416.png\", "
+    "\"question\": \"what color is the shape?\", \"answers\": [\"teal\"]}[/cyan]; [bold]images[/bold] for several, [bold]choices[/bold] for a "
     "multiple choice (the answer: a letter), [bold]turns[/bold] for --task chat; no answer: scored by "
     "agreement with the full cache. Writes OUT/results.jsonl (one line per item, as it finishes), "
     "OUT/summary.json and OUT/accuracy.png.",
@@ -163,38 +164,39 @@ def eval_command(
 
     Every item is answered greedily under the full cache, each HAE setting (--budgets), each policy of --policies given the KV HAE held on that item, and each --setting. An answer is scored against the record's references (VQA's normalised exact match: case, punctuation, articles, number words), as the letter of a multiple choice, or, with no reference, by agreement with the full cache. Each item's result is appended to OUT/results.jsonl as it finishes: a stopped run continues with --resume and sums to the same summary.
     """
-    from hae_cli.evaluation.records import Columns, read_data
+    with json_only_stdout(json_output):
+        from hae_cli.evaluation.records import Columns, read_data
 
-    if ray is not None:
-        from hae_cli.evaluation.parallel import check_ray
+        if ray is not None:
+            from hae_cli.evaluation.parallel import check_ray
 
-        check_ray(ray)
-    columns = Columns(id_column, image_column, question_column, answer_column, choices_column, turns_column)
-    loaded_data = read_data(data, task.value, columns, split, strict, limit)
-    _notes([f"skipped {line}" for line in loaded_data.skipped], "records skipped")
-    out = out if out is not None else Path(f"hae-eval-{data.stem or data.resolve().name}")
-    with progress_on_stderr() as spinner:
-        spinner(LOADING_LIBRARIES)
-        plan = build_plan(policies, budgets, setting or [], fastv_layer, fewer_crops)
-        library()
-    from hae_cli.evaluation.evaluate import evaluate
-    from hae_cli.evaluation.parallel import Backend
-    from hae_cli.evaluation.runner import EvalConfig
+            check_ray(ray)
+        columns = Columns(id_column, image_column, question_column, answer_column, choices_column, turns_column)
+        loaded_data = read_data(data, task.value, columns, split, strict, limit)
+        _notes([f"skipped {line}" for line in loaded_data.skipped], "records skipped")
+        out = out if out is not None else Path(f"hae-eval-{data.stem or data.resolve().name}")
+        with progress_on_stderr() as spinner:
+            spinner(LOADING_LIBRARIES)
+            plan = build_plan(policies, budgets, setting or [], fastv_layer, fewer_crops)
+            library()
+        from hae_cli.evaluation.evaluate import evaluate
+        from hae_cli.evaluation.parallel import Backend
+        from hae_cli.evaluation.runner import EvalConfig
 
-    config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
-                        task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
-                        max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
-    backend = Backend(workers, threads, ray)
-    plot = not no_plot and _can_plot()
-    bar = _Bar(enabled=not quiet, description=f"items on {backend.describe()}")
-    here = ray is None and (workers or 1) == 1
-    try:
-        report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
-                          plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
-                          on_result=bar.advance)
-    finally:
-        bar.stop()
-    _report(report, json_output, config)
+        config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
+                            task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
+        backend = Backend(workers, threads, ray)
+        plot = not no_plot and _can_plot()
+        bar = _Bar(enabled=not quiet, description=f"items on {backend.describe()}")
+        here = ray is None and (workers or 1) == 1
+        try:
+            report = evaluate(loaded_data, config, out, backend=backend, resume=resume, target_drop=target_drop,
+                              plot=plot, loaded=(lambda: _load_here(config, bar)) if here else None,
+                              on_result=bar.advance, on_backend=bar.backend)
+        finally:
+            bar.stop()
+        _report(report, json_output, config)
 
 
 def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: int, fewer_crops: str = "") -> list:
@@ -226,11 +228,9 @@ def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: in
         params = parse_params(":".join(options), sep=":")
         validate.checked_policy(policy, params)
         own.append(Setting(" ".join([policy, *options]), policy, params))
-    plan = plan_of(budgets, baselines, own) + fewer_crops_settings(_crop_counts(fewer_crops))
-    labels = [s.label for s in plan]
-    twice = next((label for label in labels if labels.count(label) > 1), None)
-    if twice is not None:
-        raise ConfigError(f"the setting {twice!r} is given twice")
+    plan = plan_of(budgets, baselines, own)
+    _check_given_once(plan, len(own))
+    plan += fewer_crops_settings(_crop_counts(fewer_crops))
     if "fastv" in baselines:
         validate.checked_policy("fastv", {"prune_layer": fastv_layer})
     return plan
@@ -243,8 +243,29 @@ def _crop_counts(text: str) -> list[int]:
     for part in parse_list(text):
         if not part.isdigit() or int(part) < 1:
             raise ConfigError(f"--fewer-crops: {part!r} is not a crop count (a whole number >= 1, e.g. 1)")
+        if int(part) in counts:
+            raise ConfigError(f"--fewer-crops: {int(part)} is given twice; give it once")
         counts.append(int(part))
     return counts
+
+
+def _check_given_once(plan: list, settings: int) -> None:
+    """No setting runs twice; the message says where each copy came from (the full cache is
+    always in the plan, as the reference)."""
+    origin = ["the full cache, always run" if s.policy == "full" and s.matched_to is None and i == 0
+              else "--budgets" if s.policy == "hae" and s.matched_to is None else "--policies x --budgets"
+              for i, s in enumerate(plan[: len(plan) - settings])] + ["--setting"] * settings
+    seen: dict[str, str] = {}
+    for setting, where in zip(plan, origin):
+        if setting.label not in seen:
+            seen[setting.label] = where
+            continue
+        first = seen[setting.label]
+        if first.startswith("the full cache"):
+            raise ConfigError(f"--setting {setting.label}: the full cache always runs (it is the reference every "
+                              "setting is compared with); drop this --setting")
+        both = f"twice by {where}" if first == where else f"by {first} and again by {where}"
+        raise ConfigError(f"the setting {setting.label!r} is given {both}; give it once")
 
 
 def _fraction(text: str) -> bool:
@@ -301,6 +322,12 @@ class _Bar:
         self._progress.start()
         self._task = self._progress.add_task(self.description, total=total, completed=done, rate="")
 
+    def backend(self, backend, note: str | None) -> None:
+        """The backend as it runs (its workers capped): the bar names it; the cap is a note."""
+        self.description = f"items on {backend.describe()}"
+        if note is not None:
+            typer.echo(f"note: {note}", err=True)
+
     def advance(self, done: int, total: int) -> None:
         if not self.enabled:
             return
@@ -328,11 +355,12 @@ def _notes(lines: list[str], what: str) -> None:
 def _report(report, as_json: bool, config) -> None:
     """The tables (or the JSON) on stdout; what was written, skipped or failed on stderr."""
     from hae_cli.evaluation.summary import (
-        EQUAL_KV_CAPTION, ROW_COLUMNS, by_type_table, equal_kv_table, rich_table, table_rows,
+        EQUAL_KV_CAPTION, ROW_COLUMNS, best_line, by_type_table, equal_kv_table, rich_table, table_rows,
     )
 
     with signals.writing_result():
         _notes([f"item failed: {line}" for line in report.errors], "items failed")
+        _notes(report.notes, "notes on what the model cannot read (summary.json: data.notes)")
         if report.interrupted:
             typer.echo(f"interrupted{signals.describe()}: {report.done} of {report.total} items have results in "
                        f"{report.out}; run the same command with --resume to continue", err=True)
@@ -362,12 +390,11 @@ def _report(report, as_json: bool, config) -> None:
                 console.print(rich_table("accuracy % at HAE's KV bytes", columns, rows, EQUAL_KV_CAPTION))
             best = summary["best_hae"]
             if best is not None:
-                within = "within" if best["within_target"] else "none within; the smallest drop"
-                console.print(f"largest HAE cut {within} {summary['target_drop_points']:g} points of the full "
-                              f"cache: {best['setting']}, {best['cut_pct']:.1f}% less KV, "
-                              f"{100 * best['accuracy']:.2f}% accuracy ({best['drop_points']:+.2f} points)")
+                console.print(best_line(best, summary["target_drop_points"]))
+        for warning in summary["warnings"]:
+            typer.echo(f"note: {warning}", err=True)
         run = summary["run"]
         plot = f", {report.plot.name}" if report.plot is not None else ""
-        typer.echo(f"{report.done} items ({run['resumed_items']} from before, {run['items_run']} run now in "
+        typer.echo(f"{report.done} item{'' if report.done == 1 else 's'} ({run['resumed_items']} from before, {run['items_run']} run now in "
                    f"{run['seconds']:.1f} s, {run['items_per_second']:.2f} items/s on {run['backend']}); "
                    f"results in {report.out}/: results.jsonl, summary.json{plot}", err=True)

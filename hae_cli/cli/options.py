@@ -77,7 +77,7 @@ MaxNewTokensOpt = Annotated[int, typer.Option(
     "--max-new-tokens", "-n", min=1, rich_help_panel=SAMPLING_PANEL, help="Most tokens to generate.",
 )]
 TemperatureOpt = Annotated[float, typer.Option(
-    "--temperature", "-t", min=0.0, rich_help_panel=SAMPLING_PANEL, help="0 = greedy (reproducible).",
+    "--temperature", "-t", rich_help_panel=SAMPLING_PANEL, help="0 = greedy (reproducible).",
 )]
 TopPOpt = Annotated[float, typer.Option(
     "--top-p", rich_help_panel=SAMPLING_PANEL, help="Nucleus sampling mass in (0, 1], with --temperature > 0.",

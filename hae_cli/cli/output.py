@@ -87,12 +87,35 @@ def memory_json(memory) -> dict | None:
     return asdict(memory) if memory is not None else None
 
 
+_json_stdout: list = []  # the real stdout while `json_only_stdout` holds it for the JSON document
+
+
+@contextmanager
+def json_only_stdout(enabled: bool = True):
+    """Under --json (or --json -), stdout holds one JSON document and nothing else, whatever the
+    run does meanwhile (a chat's /stats panel, a library's print): everything else written to
+    stdout goes to stderr until `write_json` writes the document to the real stdout."""
+    if not enabled:
+        yield
+        return
+    real = sys.stdout
+    _json_stdout.append(real)
+    sys.stdout = sys.stderr
+    try:
+        yield
+    finally:
+        if sys.stdout is sys.stderr:
+            sys.stdout = real
+        _json_stdout.remove(real)
+
+
 def write_json(payload: dict, path: Path | None = None) -> None:
     """One JSON document to stdout (`path` None or '-') or to a file."""
     text = json.dumps(payload, indent=2) + "\n"
     if path is None or str(path) == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        out = _json_stdout[-1] if _json_stdout else sys.stdout
+        out.write(text)
+        out.flush()
         return
     try:
         path.write_text(text, encoding="utf-8")

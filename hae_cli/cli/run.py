@@ -11,12 +11,15 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from hae_cli.checks import check_outputs, image_inputs, model_files
 from hae_cli.cli import signals
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
     NO_KEPT, SAMPLING_PANEL, JsonFlag, KeptOptions, NoLiveFlag, RunOptions, run_command_options,
 )
-from hae_cli.cli.output import Progress, interruptible, memory_json, progress_on_stderr, write_json
+from hae_cli.cli.output import (
+    Progress, interruptible, json_only_stdout, memory_json, progress_on_stderr, write_json,
+)
 from hae_cli.cli.prepare import check_run, load
 from hae_cli.cli.validate import check_kept_options, kept_layer_for
 from hae_cli.errors import InputError
@@ -25,12 +28,14 @@ from hae_cli.user_text import checked_text
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n"
-    "  [cyan]hae ask cat.jpg \"What color is the cat?\"[/cyan]\n\n"
-    "  [cyan]hae ask chart.png \"Summarise the trend.\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --policy h2o --budget 0.5[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --json | jq .timings[/cyan]\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --show-kept kept.png --kept-layer 0[/cyan]   (the patches each layer still holds)\n\n"
-    "  [cyan]hae ask cat.jpg \"What is it?\" --model microsoft/Phi-3.5-vision-instruct --device cuda[/cyan]",
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\"[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"what shape is in the image?\" --budget 256 --visual-keep 0.3[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\" --policy h2o --budget 0.5[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0416.png \"what color is the shape?\" --json | jq .timings[/cyan]\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"what shape is in the image?\" --show-kept kept.png --kept-layer 0[/cyan]   "
+    "(the patches each layer still holds)\n\n"
+    "  [cyan]hae ask sample_images/easyvqa_test_0698.png \"What is in the picture?\" --model microsoft/Phi-3.5-vision-instruct "
+    "--device cuda[/cyan]   (the real model, from the local Hugging Face cache)",
 )
 @run_command_options(max_new_tokens=128, kept=True)
 def ask(
@@ -48,13 +53,14 @@ def ask(
     The panel shows, per layer, the tokens held (text / image / separator / generated, and the recycle bin) against the budget, the last eviction events, memory, and speed.
     """
     checked_text(question, "the question")
-    generate_and_show("ask", [image], question, options, json_output, live=not no_live, kept=kept)
+    with json_only_stdout(json_output):
+        generate_and_show("ask", [image], question, options, json_output, live=not no_live, kept=kept)
 
 
 @app.command(
     epilog="[bold]Examples[/bold]\n\n"
-    "  [cyan]hae story p1.png p2.png p3.png[/cyan]\n\n"
-    "  [cyan]hae story frames/*.jpg --prompt \"Tell a bedtime story about these pictures.\" -n 400[/cyan]\n\n"
+    "  [cyan]hae story sample_images/easyvqa_test_0063.png sample_images/easyvqa_test_0198.png sample_images/easyvqa_test_0394.png[/cyan]\n\n"
+    "  [cyan]hae story sample_images/*.png --prompt \"Describe each image in order.\" -n 400[/cyan]\n\n"
     "  [cyan]hae story sample_images/easyvqa_test_0698.png sample_images/easyvqa_test_0416.png "
     "sample_images/easyvqa_test_0394.png sample_images/easyvqa_test_0063.png --budget 200 -p buffer=8[/cyan]   "
     "(a tight budget: watch tokens go to the bin and come back, \"restored\")",
@@ -80,7 +86,8 @@ def story(
     """
     if prompt is not None:
         checked_text(prompt, "--prompt")
-    generate_and_show("story", images, prompt, options, json_output, live=not no_live, kept=kept)
+    with json_only_stdout(json_output):
+        generate_and_show("story", images, prompt, options, json_output, live=not no_live, kept=kept)
 
 
 
@@ -91,6 +98,8 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
                       as_json: bool, live: bool, kept: KeptOptions = NO_KEPT) -> None:
     """Validate, load, run once, render. Exits 128 + the signal (130: Ctrl-C) if the run was interrupted."""
     check_kept_options(kept, options.max_new_tokens)
+    if kept.path is not None:
+        check_outputs([("--show-kept", kept.path)], image_inputs(images) + model_files(options.model))
     # Under --json, an interruption before any token still leaves one JSON document on stdout.
     nothing = {"interrupted": True, "text": "", "token_ids": [], "model": options.model} if as_json else None
     checked = check_run(task, options, images, nothing)

@@ -4,56 +4,42 @@ sampling, images. Each mistake is a `ConfigError` or `InputError` naming the opt
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from hae_cli.errors import ConfigError, HaeError, InputError
-from hae_cli.user_text import parse_value
-
-
-def parse_budget(text: str) -> int | float:
-    """'512' -> 512 tokens; '0.5' -> half the prompt. Anything else is a `ConfigError`."""
-    raw = text.strip()
-    if re.fullmatch(r"[+-]?\d+", raw):
-        tokens = int(raw)
-        if tokens <= 0:
-            raise ConfigError(f"--budget must be > 0, got {text!r}")
-        return tokens
-    try:
-        fraction = float(raw)
-    except ValueError:
-        raise ConfigError(
-            f"--budget must be a token count (e.g. 512) or a fraction of the prompt in (0, 1] (e.g. 0.5), got {text!r}"
-        ) from None
-    if not math.isfinite(fraction) or fraction <= 0:
-        raise ConfigError(f"--budget must be > 0, got {text!r}")
-    if fraction > 1:
-        raise ConfigError(
-            f"--budget {text} is above 1 as a fraction; a fraction must be in (0, 1], a token count a whole number (e.g. 512)"
-        )
-    return fraction
+from hae_cli.checks import parse_budget, parse_param_value
 
 
 def collect_policy_args(
     budget: str | None, visual_keep: float | None, score_layer: int | None, params: Sequence[str] | None
 ) -> dict[str, Any]:
+    """The policy parameters of `--budget`, `--visual-keep`, `--score-layer` and each `-p`. One
+    parameter given twice (`--budget 0.5 -p budget=0.3`, or two `-p budget=`) is refused: which
+    one wins would be a guess."""
     args: dict[str, Any] = {}
+    given: dict[str, str] = {}
+
+    def add(name: str, value: Any, written: str) -> None:
+        if name in given:
+            raise ConfigError(f"{name} is given twice ({given[name]} and {written}); give it once")
+        given[name], args[name] = written, value
+
     for item in params or ():
         name, sep, value = item.partition("=")
         name = name.strip().replace("-", "_")
         if not sep or not name:
             raise ConfigError(f"--param expects NAME=VALUE, got {item!r}")
-        args[name] = parse_budget(value) if name == "budget" else parse_value(value)
+        add(name, parse_param_value(name, value, f"-p {name}"), f"-p {item.strip()}")
     if budget is not None:
-        args["budget"] = parse_budget(budget)
+        add("budget", parse_budget(budget), f"--budget {budget}")
     if visual_keep is not None:
         if not (math.isfinite(visual_keep) and 0 < visual_keep <= 1):
             raise ConfigError(f"--visual-keep must be a fraction in (0, 1] (e.g. 0.4), got {visual_keep}")
-        args["visual_keep"] = visual_keep
+        add("visual_keep", visual_keep, f"--visual-keep {visual_keep:g}")
     if score_layer is not None:
-        args["score_layer"] = score_layer
+        add("score_layer", score_layer, f"--score-layer {score_layer}")
     return args
 
 

@@ -349,6 +349,8 @@ def speed_line(state: PanelState) -> Text:
     line.append(" · decode ")
     if state.tokens_per_second:
         line.append(f"{state.tokens_per_second:.1f} tok/s", style="bold")
+    elif state.status in ("done", "interrupted") and state.decode_tokens:
+        line.append("not timed", style="dim")  # its one step was the compiled step's first call
     else:
         line.append("…", style="dim")
     line.append(f" · {plural(state.decode_tokens, 'token')}")

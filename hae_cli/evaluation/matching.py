@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from hae_cli.user_text import parse_value
+from hae_cli.errors import ConfigError
 
 BASELINES = ("fastv", "snapkv", "h2o", "streaming", "mustdrop", "random")
 # Baselines that trim back to their budget while decoding: with the question fed after the
@@ -55,11 +55,16 @@ def parse_list(text: str, cast=str) -> list:
 
 def parse_params(text: str, sep: str = ",") -> dict:
     """"visual_keep=0.4,buffer=8" -> {"visual_keep": 0.4, "buffer": 8}."""
+    from hae_cli.checks import parse_param_value
+
     params = {}
     for item in text.split(sep):
         if item.strip():
             key, _, value = item.partition("=")
-            params[key.strip()] = parse_value(value.strip())  # the CLI's -p rule, one for both
+            key = key.strip()
+            if key in params:
+                raise ConfigError(f"{key} is given twice in {text!r}; give it once")
+            params[key] = parse_param_value(key, value.strip(), key)  # the CLI's -p rule, one for both
     return params
 
 
@@ -71,7 +76,11 @@ def hae_settings(spec: str) -> list[Setting]:
         params: dict = {}
         if head != "thr":
             params["visual_keep"] = float(head)
-        params.update(parse_params(":".join(options), sep=":"))
+        own = parse_params(":".join(options), sep=":")
+        if "visual_keep" in own and "visual_keep" in params:
+            raise ConfigError(f"--budgets {part!r}: visual_keep is given twice ({head} and visual_keep="
+                              f"{own['visual_keep']}); give it once")
+        params.update(own)
         label = "hae " + ("thr" if head == "thr" else f"vk{head}") + "".join(f" {o}" for o in options)
         settings.append(Setting(label, "hae", params))
     return settings

@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from hae_cli.errors import ConfigError, HaeError
@@ -41,10 +41,84 @@ class Backend:
     threads: int = 1  # torch threads per worker (this process's too, when it is the worker)
     ray: str | None = None
 
+    def fitted(self, items: int, model: str) -> tuple[Backend, str | None]:
+        """This backend with its workers and threads capped by what the run can use: no more
+        workers than items to run, nor (on this machine) than its cores (at `threads` each) and
+        its available memory hold; no more threads than cores. With the one-line note of what was
+        used, when anything was capped (None otherwise)."""
+        cores = usable_cores()
+        threads = min(self.threads, cores) if self.ray is None else self.threads  # Ray's nodes have their own
+        limits = f"{items} item{'s' if items != 1 else ''} to run"
+        if self.ray is not None or (self.workers or 1) == 1:
+            workers = min(self.workers, max(1, items)) if self.workers else self.workers
+            limits += f", {cores} core{'s' if cores != 1 else ''} here" if self.ray is None else ""
+        else:
+            from hae_cli.display.panel import format_bytes
+
+            worker_bytes = memory_per_worker(model)
+            available = _available_memory()
+            workers = max(1, min(self.workers, items, cores // threads, available // worker_bytes))
+            limits += (f", {cores} core{'s' if cores != 1 else ''} at {threads} thread{'s' if threads != 1 else ''} "
+                       f"each, {format_bytes(available)} of memory available at about {format_bytes(worker_bytes)} "
+                       "a worker")
+        if workers == self.workers and threads == self.threads:
+            return self, None
+        said = []
+        if workers != self.workers:
+            said.append(f"--workers {self.workers}: running {workers}")
+        if threads != self.threads:
+            said.append(f"--threads {self.threads}: using {threads}")
+        return replace(self, workers=workers, threads=threads), f"{'; '.join(said)} ({limits})"
+
     def describe(self) -> str:
         if self.ray is not None:
             return f"ray {self.ray}"
         return f"{self.workers or 1} local worker{'s' if (self.workers or 1) > 1 else ''}"
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or `taskset` narrows)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS, Windows
+        return max(1, os.cpu_count() or 1)
+
+
+def _available_memory() -> int:
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def memory_per_worker(model: str) -> int:
+    """About what one worker process holds: what this process holds now (Python, torch and
+    transformers imported) plus the checkpoint's weights as they lie on disk."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss) + weights_bytes(model)
+
+
+def weights_bytes(model: str) -> int:
+    """The size of a checkpoint's weight files ("demo", a folder, or a hub id already in the
+    local Hugging Face cache; 0 where it cannot be found without the network)."""
+    from hae_cli.checks import model_files
+
+    files = model_files(model)
+    if not files and "/" in model and not Path(model).expanduser().exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            files = model_files(snapshot_download(model, local_files_only=True))
+        except Exception:  # noqa: BLE001 - not in the cache: the load will say so
+            files = []
+    total = 0
+    for _, path in files:
+        if path.suffix in (".safetensors", ".bin", ".pt", ".pth"):
+            try:
+                total += path.stat().st_size
+            except OSError:
+                pass
+    return total
 
 
 def run_items(items: Iterable[Item], config: EvalConfig, backend: Backend, loaded=None) -> Iterator[dict]:
@@ -119,8 +193,32 @@ def _local_processes(items: Iterable[Item], config: EvalConfig, workers: int, th
     import multiprocessing
 
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_local_worker, initargs=(config, threads)) as pool:
+    with _no_ctrl_c_in_children():
+        pool = context.Pool(workers, initializer=_start_local_worker, initargs=(config, threads))
+    with pool:
         yield from pool.imap_unordered(run_item, items, chunksize=1)
+
+
+class _no_ctrl_c_in_children:  # noqa: N801 (a context manager, named as what it does)
+    """While the pool starts its processes, Ctrl-C is ignored here, so each child starts with it
+    ignored (an ignored signal stays ignored across exec): a Ctrl-C while a worker is still
+    importing torch stops the run in this process alone, with no traceback from each worker.
+    This process takes Ctrl-C again as soon as the processes are started."""
+
+    def __enter__(self):
+        import signal
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            self.previous = None
 
 
 def _start_local_worker(config: EvalConfig, threads: int) -> None:
@@ -213,8 +311,16 @@ def _check_cluster(address: str) -> None:
         where = _cluster_address(address)
     except (ConnectionError, ValueError) as error:
         raise ConfigError(_no_cluster(address, f"({' '.join(str(error).split())[:160]})")) from None
-    if where is not None and not _answers(where):
-        raise ConfigError(_no_cluster(address, f"at {where}"))
+    written = address.removeprefix("ray://")
+    if where is None or _answers(where) or (written != where and _answers(written)):
+        return
+    if address == "auto":
+        at = f"at {where} (the cluster this machine last joined, or RAY_ADDRESS)"
+    elif written != where:
+        at = f"at {written} (nor at {where}, the address Ray makes of it)"
+    else:
+        at = f"at {where}"
+    raise ConfigError(_no_cluster(address, at))
 
 
 def _cluster_address(address: str) -> str | None:
@@ -244,6 +350,4 @@ def _answers(address: str, timeout: float = 3.0) -> bool:
 
 def _shipped(item: Item) -> Item:
     """The item with its image files' bytes in place of their paths."""
-    from dataclasses import replace
-
     return replace(item, images=tuple(Path(i).read_bytes() if isinstance(i, str) else i for i in item.images))

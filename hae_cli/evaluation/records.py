@@ -161,6 +161,8 @@ def read_data(path: Path, task: str = "ask", columns: Columns = Columns(), split
             item = parse_record(raw, number, where, base, task, columns)
             if item.id in seen:
                 raise RecordProblem(f"{where}: id {item.id!r} is also {seen[item.id]}'s")
+            if strict:
+                _images_open(item)
         except RecordProblem as problem:
             if strict:
                 raise InputError(f"{problem} (drop --strict to skip such records)") from None
@@ -300,6 +302,19 @@ def _image_file(path: Path, written: str, where: str) -> str:
     return str(path.resolve())
 
 
+def _images_open(item: Item) -> None:
+    """Every image of the record decodes (hae's one image loader): what --strict promises before
+    anything runs, so that a truncated file is not an item that fails an hour in."""
+    from hae_cli.evaluation.runner import _picture
+    from hae_cli.model.image_file import load_image
+
+    for source in item.images:
+        try:
+            load_image(_picture(source, item.where))
+        except InputError as error:
+            raise RecordProblem(f"{item.where}: {error}") from None
+
+
 def _value(raw: dict, columns: Columns, what: str):
     for name in columns.names(what):
         if name in raw and raw[name] is not None:
@@ -350,7 +365,7 @@ def _json_records(path: Path) -> Iterator[tuple[int, str, object]]:
 
 def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as error:
         raise InputError(f"{shown(path)} is not UTF-8 text (byte {error.start:,})") from None
     except OSError as error:

@@ -118,9 +118,23 @@ class ItemRunner:
             return {"id": item.id, "error": " ".join(f"{item.where}: {error}".split())}
         full_answers = answered["full"][1]
         types = {"types": [q.type for q in item.questions]} if any(q.type for q in item.questions) else {}
-        return {"id": item.id, **types, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
-                                                                  params)
-                                            for label, (outcome, answers, params) in answered.items()}}
+        result = {"id": item.id, **types, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
+                                                                    params)
+                                              for label, (outcome, answers, params) in answered.items()}}
+        notes = self._notes(item)
+        return {**result, "notes": notes} if notes else result
+
+    def _notes(self, item) -> list[str]:
+        """What the model cannot read in the item's questions, each note naming where it is."""
+        from hae_cli.api import text_notes
+
+        notes = []
+        for number, question in enumerate(item.questions, start=1):
+            where = f"{item.where} turn {number}" if len(item.questions) > 1 else item.where
+            said = "the instruction" if self.config.task == "story" else "the question"
+            users = "\n".join([question.text or "", *question.choices])  # not hae's own instruction to choose
+            notes += [f"{where}: {note}" for note in text_notes(self.loaded, users, said, len(item.images))]
+        return notes
 
     # --- the tasks ---
 

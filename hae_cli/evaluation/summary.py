@@ -15,15 +15,21 @@ from hae_cli.evaluation.matching import Setting, choose_best, equal_kv_compariso
 MIB = 2**20
 
 
-def summarize(plan: list[Setting], results: list[dict], target_drop: float = 1.0) -> dict:
-    """`results`: the items' results in the data's order (those that ran; not the failed)."""
+def summarize(plan: list[Setting], results: list[dict], target_drop: float = 1.0, warnings: list[str] = ()) -> dict:
+    """`results`: the items' results in the data's order (those that ran; not the failed);
+    `warnings`: what the caller knows the summary must say (a resumed file's foreign lines)."""
     full = [r["settings"]["full"] for r in results]
     types = [r.get("types") for r in results]
     rows = [setting_row(setting, [r["settings"][setting.label] for r in results], full, types) for setting in plan]
     matched = [s for s in plan if s.matched_to is None and any(t.matched_to == s.label for t in plan)]
     baselines = list(dict.fromkeys(s.policy for s in plan if s.matched_to is not None))
     hae_rows = [r for r in rows if r["policy"] == "hae"]
-    best = choose_best(rows, target_drop) if hae_rows else None
+    warnings = list(warnings)
+    if rows[0]["accuracy"] == 0:  # a cut "within 1 point" of nothing says nothing
+        warnings.append(f"the full cache answers none of the {rows[0]['questions']} questions right (0%): the "
+                        "references may not be answers (check --answer-column), or the model does not know the "
+                        "task; no HAE cut is judged against it")
+    best = choose_best(rows, target_drop) if hae_rows and rows[0]["accuracy"] > 0 else None
     return {
         "rows": rows,
         "equal_kv": equal_kv_comparison(rows, matched, baselines) if matched and baselines else [],
@@ -31,7 +37,21 @@ def summarize(plan: list[Setting], results: list[dict], target_drop: float = 1.0
         "best_hae": None if best is None else {
             "setting": best["setting"], "accuracy": best["accuracy"], "drop_points": best["drop_points"],
             "cut_pct": best["cut_pct"], "within_target": best["drop_points"] <= target_drop},
+        "warnings": warnings,
     }
+
+
+def best_line(best: dict, target_drop: float) -> str:
+    """The summary's verdict in words: the largest HAE cut within the target, or, when none is,
+    the closest setting; a drop said as below (or above) the full cache, never as a signed number."""
+    points = f"{target_drop:g} point{'' if target_drop == 1 else 's'}"
+    drop = best["drop_points"]
+    against = ("the full cache's accuracy" if abs(drop) < 0.005 else
+               f"{drop:.2f} points below the full cache" if drop > 0 else f"{-drop:.2f} points above the full cache")
+    what = f"{best['setting']}, {best['cut_pct']:.1f}% less KV, {100 * best['accuracy']:.2f}% accuracy ({against})"
+    if best["within_target"]:
+        return f"largest HAE cut within {points} of the full cache: {what}"
+    return f"no HAE setting is within {points} of the full cache; the closest: {what}"
 
 
 def setting_row(setting: Setting, results: list[dict], full: list[dict], types: list | None = None) -> dict:

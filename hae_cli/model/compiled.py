@@ -73,6 +73,7 @@ class CompiledStep:
         self.compiling = compile
         self.on_compile = on_compile
         self.warmup_seconds: float | None = None
+        self.first_call_end: float | None = None  # when the first (compiling) call was done: speed counts after it
         self.note: str | None = None
         self._eager = False  # fell back
         self._rotary_probe = torch.empty(0, dtype=model.dtype, device=model.device)
@@ -110,6 +111,8 @@ class CompiledStep:
                 self.on_compile(self.warmup_seconds)
         self.cache.end_static_step()
         finite_logits(logits, self.model)
+        if first:
+            self.first_call_end = time.perf_counter()
         return logits
 
     def _fall_back(self, error: Exception) -> None:

@@ -127,7 +127,7 @@ def read_config(folder: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"no config.json in {folder}")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw = json.loads(path.read_text(encoding="utf-8-sig"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"config.json in {folder} is not valid JSON: {exc}") from None
     if not isinstance(raw, dict):

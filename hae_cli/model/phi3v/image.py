@@ -88,7 +88,7 @@ class ImageProcessorConfig:
         """
         path = Path(folder) / "preprocessor_config.json"
         try:
-            data = json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8-sig"))
         except FileNotFoundError:
             raise CheckpointError(f"missing preprocessor_config.json in {folder}") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
