@@ -237,7 +237,8 @@ class SceneData:
         prefix_len = shared_prefix_length(prompts)
         branches = [(p[prefix_len:].tolist(), self.target(q.answer)) for p, q in zip(prompts, questions)]
         ids, positions, mask, labels, answer_rows = _tree(prompts[0][:prefix_len].tolist(), branches)
-        looks = [(row, named_rows(scene, images[0], q.names)) for row, q in zip(answer_rows, questions)]
+        first_slot = int((ids == -1).nonzero()[0])  # the image's rows start after the prompt's opening text
+        looks = [(row, first_slot + named_rows(scene, images[0], q.names)) for row, q in zip(answer_rows, questions)]
         starts = [row - (len(branch) - 1) for row, (branch, _) in zip(answer_rows, branches)]
         return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=looks,
                     reads=self.reads(ids, answer_rows, starts))
