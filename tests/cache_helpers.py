@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
 
-import hae_cli.cache  # noqa: F401  (registers "hae_sdpa")
 from hae_cli.cache import EvictingCache, Modality
+from hae_cli.cache.attention import register_attention
 from hae_cli.model.decoder import run_decoder
 
 VOCAB = 96
@@ -37,6 +37,7 @@ def tiny_lm(layers: int = 4, seed: int = 0, attention: str = "hae_sdpa") -> Phi3
         eos_token_id=2,
     )
     lm = Phi3ForCausalLM(config).float().eval()
+    register_attention()  # "hae_sdpa" is known only once registered: a test file run alone needs it
     lm.config._attn_implementation = attention
     return lm
 
