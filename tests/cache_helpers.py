@@ -12,6 +12,7 @@ from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
 
 import hae_cli.cache  # noqa: F401  (registers "hae_sdpa")
 from hae_cli.cache import EvictingCache, Modality
+from hae_cli.cache.attention import ATTENTION_NAME, register_attention
 from hae_cli.model.decoder import run_decoder
 
 VOCAB = 96
@@ -37,6 +38,8 @@ def tiny_lm(layers: int = 4, seed: int = 0, attention: str = "hae_sdpa") -> Phi3
         eos_token_id=2,
     )
     lm = Phi3ForCausalLM(config).float().eval()
+    if attention == ATTENTION_NAME:
+        register_attention()  # a file run alone: no EvictingCache has registered it yet
     lm.config._attn_implementation = attention
     return lm
 
