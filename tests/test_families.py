@@ -24,7 +24,7 @@ from hae_cli.model.generate import SamplingConfig, decode_one_token, generate, p
 torch.set_num_threads(1)
 ATOL = 1e-4
 WRITERS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava",
-           "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3"}
+           "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
 SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own grid where a family has one
 
 
@@ -183,6 +183,31 @@ def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
             logits.append(forward(loaded.embed_ids(torch.tensor([token])), loaded.decode_position_ids(position + k),
                                   k + 1))
     return torch.stack(logits)
+
+
+# The processor options that give an image's overview alone, where a family's processor has them,
+# and the [rows, cols] of tiles the family cuts each of `pictures(3)` into (wide, wide, tall).
+OVERVIEW_ALONE = {"internvl": {"crop_to_patches": False}}
+TILES = {"internvl": [[2, 3], [1, 2], [2, 1]]}
+
+
+def test_the_overview_slots_hold_the_features_of_the_whole_image(loaded):
+    """What HAE's floor draws on: the slots tagged overview are exactly those whose embeddings are
+    the model's own features of the image seen whole (InternVL's thumbnail)."""
+    options = OVERVIEW_ALONE.get(loaded.config.model_type)
+    if options is None:
+        pytest.skip("the family's processor cannot give the overview alone")
+    images = pictures(3)
+    prepared = api.prepare(loaded, images, "what is shown?", task="story")
+    overview = prepared.tokens.overview
+    with torch.inference_mode():
+        whole = loaded.processor.image_processor(images, return_tensors="pt", **options)["pixel_values"]
+        features = loaded.model.model.get_image_features(whole).pooler_output
+    per_image = [int((overview & (prepared.tokens.image_id == k + 1)).sum()) for k in range(3)]
+    assert per_image == [features.shape[1]] * 3
+    torch.testing.assert_close(prepared.embeds[0, overview], features.reshape(-1, features.shape[-1]), atol=1e-5,
+                               rtol=0)
+    assert [layout["tiles"] for layout in prepared.image_layouts] == TILES[loaded.config.model_type]
 
 
 # ----------------------------------------------------------------------------- the commands, end to end

@@ -29,8 +29,7 @@ ModelOpt = Annotated[str, typer.Option(
          "easy-VQA (coloured shapes) for trying hae offline on a CPU; it knows nothing else. A folder, or a hub id "
          "such as [bold]microsoft/Phi-3.5-vision-instruct[/bold] or [bold]Qwen/Qwen2-VL-2B-Instruct[/bold] taken "
          "from the local Hugging Face cache (nothing is downloaded with HF_HUB_OFFLINE=1), of any family "
-         "[bold]hae families[/bold] lists: Phi-3.5-V, Qwen2-VL / 2.5-VL, LLaVA-1.5 / NeXT / OneVision, "
-         "Idefics3 / SmolVLM.",
+         "[bold]hae families[/bold] lists.",
 )]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", rich_help_panel=MODEL_PANEL, help="cpu, cuda or cuda:N. Default: cuda if available, else cpu.",

@@ -116,8 +116,8 @@ class HFVisionLanguageModel(VisionLanguageModel):
         modality = [int(Modality.IMAGE if t == self.image_token_id else Modality.SEPARATOR) for t in run.ids]
         return modality, [False] * len(run.ids)
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
-        """How image `index` (of `count` in its prompt) was cut, as JSON."""
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
+        """How image `index` (of `count` in its prompt; `picture`, the RGB image) was cut, as JSON."""
         return {"tokens": len(run.ids)}
 
     # --- the interface ---
@@ -255,7 +255,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
             modality += [int(Modality.TEXT)] * len(text)
             image_id += [0] * len(text)
             overview += [False] * len(text)
-            image.layout = self.layout_of(run, inputs, k, len(images))
+            image.layout = self.layout_of(run, inputs, k, len(images), image.picture)
             tags, views = self.tag_run(run, image.layout)
             out_ids += run.ids
             modality += tags

@@ -25,7 +25,7 @@ class Qwen2VL(HFVisionLanguageModel):
     def layer_position_ids(self, position_ids):
         return None  # as Qwen2-VL's text model passes them, given three rows
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         t, h, w = image_inputs["image_grid_thw"][index].tolist()
         merge = self.config.vision_config.spatial_merge_size
         return {"tokens": len(run.ids), "grid": [h // merge, w // merge], "frames": t}
