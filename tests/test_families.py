@@ -24,7 +24,8 @@ from hae_cli.model.generate import SamplingConfig, decode_one_token, generate, p
 torch.set_num_threads(1)
 ATOL = 1e-4
 WRITERS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava",
-           "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl"}
+           "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl",
+           "mistral3": "mistral3"}
 SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own grid where a family has one
 
 
@@ -185,10 +186,11 @@ def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
     return torch.stack(logits)
 
 
-# The processor options that give an image's overview alone, where a family's processor has them,
-# and the [rows, cols] of tiles the family cuts each of `pictures(3)` into (wide, wide, tall).
+# The processor options that give an image's overview alone, where a family's processor has them.
 OVERVIEW_ALONE = {"internvl": {"crop_to_patches": False}}
-TILES = {"internvl": [[2, 3], [1, 2], [2, 1]]}
+# How a family cuts each of `pictures(3)` (wide, wide, tall): InternVL's tiles, Mistral 3's rows
+# and columns of merged patches (the longest edge fit to 112 pixels, 28 a token), [rows, cols].
+LAYOUTS = {"internvl": ("tiles", [[2, 3], [1, 2], [2, 1]]), "mistral3": ("grid", [[3, 4], [2, 4], [4, 2]])}
 
 
 def test_the_overview_slots_hold_the_features_of_the_whole_image(loaded):
@@ -207,7 +209,24 @@ def test_the_overview_slots_hold_the_features_of_the_whole_image(loaded):
     assert per_image == [features.shape[1]] * 3
     torch.testing.assert_close(prepared.embeds[0, overview], features.reshape(-1, features.shape[-1]), atol=1e-5,
                                rtol=0)
-    assert [layout["tiles"] for layout in prepared.image_layouts] == TILES[loaded.config.model_type]
+
+
+def test_each_images_views_hold_its_slots_as_tagged(loaded):
+    """What --show-kept draws agrees with the tags: each image is cut as the family's processor cuts
+    it, and the slots its views draw as separators (a row's end, a marker view) are exactly those
+    tagged separator."""
+    from hae_cli.cache.modality import Modality
+
+    images = pictures(3)
+    prepared = api.prepare(loaded, images, "what is shown?", task="story")
+    if loaded.config.model_type in LAYOUTS:
+        key, expected = LAYOUTS[loaded.config.model_type]
+        assert [layout[key] for layout in prepared.image_layouts] == expected
+    for k, (picture, layout) in enumerate(zip(images, prepared.image_layouts)):
+        cells = loaded.image_cells(picture, layout)
+        drawn = [bool(cells.views[v].separator or c == cells.views[v].cols) for v, c in zip(cells.view, cells.col)]
+        tagged = (prepared.tokens.modality[prepared.tokens.image_id == k + 1] == Modality.SEPARATOR).tolist()
+        assert drawn == tagged
 
 
 # ----------------------------------------------------------------------------- the commands, end to end

@@ -43,8 +43,11 @@ FAMILIES = {
     "smolvlm": ("idefics3", "SmolVLMForConditionalGeneration", [(100, 200), (200, 100), (150, 150)]),
     # A 2 x 3 grid and its thumbnail, a 2 x 1 grid and its thumbnail, one tile alone.
     "internvl": ("internvl", "InternVLForConditionalGeneration", [(120, 200), (40, 90), (100, 100)]),
+    "mistral3": ("mistral3", "Mistral3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
 }
 VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm", "internvl"}
+# AutoProcessor needs torchvision for these: a video slot, or (Mistral 3's Pixtral) a module that imports it.
+AUTO_NEEDS_TORCHVISION = VIDEO_SLOT | {"mistral3"}
 
 
 @dataclass
@@ -140,7 +143,7 @@ def test_rendered_prompt_encodes_like_apply_chat_template(family):
 
 def test_processor_built_without_auto_processor_matches_it(family):
     """Where AutoProcessor works without torchvision, the fallback build gives the same processor."""
-    if family.model_type in VIDEO_SLOT and not is_torchvision_available():
+    if family.model_type in AUTO_NEEDS_TORCHVISION and not is_torchvision_available():
         pytest.skip("AutoProcessor needs torchvision for this family")
     auto = AutoProcessor.from_pretrained(family.folder)
     built = build_without_video(type(auto), family.folder)
@@ -151,13 +154,17 @@ def test_processor_built_without_auto_processor_matches_it(family):
         assert torch.equal(expected[key], actual[key]), key
 
 
-def test_video_slot_without_torchvision(family):
-    if family.model_type not in VIDEO_SLOT or is_torchvision_available():
+def test_the_processor_is_built_without_torchvision(family):
+    """Where AutoProcessor refuses without torchvision, `load_processor` still builds the family's own
+    class (the fixture did), and only a video raises."""
+    if family.model_type not in AUTO_NEEDS_TORCHVISION or is_torchvision_available():
         pytest.skip("AutoProcessor builds this processor")
     with pytest.raises((ImportError, ValueError), match="(?i)torchvision"):  # InternVL's says ValueError
         AutoProcessor.from_pretrained(family.folder)
-    with pytest.raises(ImportError, match="Videos need torchvision"):
-        family.processor.video_processor(videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
+    assert type(family.processor).__name__ == PROCESSOR_MAPPING[type(family.model.config)].__name__
+    if family.model_type in VIDEO_SLOT:
+        with pytest.raises(ImportError, match="Videos need torchvision"):
+            family.processor.video_processor(videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
 
 
 @pytest.mark.parametrize("n_images", [1, 3])
@@ -177,6 +184,7 @@ def test_image_token_layout(family, n_images):
         "idefics3": check_tiles_layout,
         "smolvlm": check_tiles_layout,
         "internvl": check_thumbnail_layout,
+        "mistral3": check_row_breaks_layout,
     }[family.model_type]
     tags = check(family, inputs, images)
     assert [sum(1 for tag in tags if tag[0] == image) for image in range(len(images))] == tokens_per_image
@@ -333,4 +341,26 @@ def check_thumbnail_layout(family, inputs, images):
     for image in range(len(images)):
         is_overview = torch.tensor([tag[0] == image and tag[1] == "global" for tag in tags])
         torch.testing.assert_close(features[is_overview], thumbnails[image], atol=1e-5, rtol=0)
+    return tags
+
+
+def check_row_breaks_layout(family, inputs, images):
+    """Mistral 3: per image, rows of merged patches (image_sizes / (patch x merge)), each row of
+    [IMG] tokens followed by [IMG_BREAK], the last by [IMG_END]; the features are the model's own,
+    one per [IMG], in order."""
+    processor, model = family.processor, family.model.model
+    step = processor.patch_size * processor.spatial_merge_size
+    tags, expected = [], []
+    for image, (height, width) in enumerate(inputs["image_sizes"].tolist()):
+        rows, cols = height // step, width // step
+        tags += [(image, "image", row, col) for row in range(rows) for col in range(cols)]
+        for row in range(rows):
+            expected += [processor.image_token_id] * cols
+            expected.append(processor.image_end_token_id if row == rows - 1 else processor.image_break_token_id)
+    ids = inputs["input_ids"][0].tolist()
+    markers = {processor.image_token_id, processor.image_break_token_id, processor.image_end_token_id}
+    assert [t for t in ids if t in markers] == expected
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert sum(f.shape[0] for f in features) == len(tags)
     return tags

@@ -86,6 +86,16 @@ def gpt2_bpe(leading_specials: list[str], vocab_size: int = 480) -> Tokenizer:
     return tokenizer
 
 
+def tekken_bpe(control_tokens: list[str], vocab_size: int = 480) -> Tokenizer:
+    """Mistral's Tekken as a `tokenizer.json` (Mistral-Small-3.1, Pixtral): byte-level BPE after a
+    tiktoken-style split, its control tokens (`<unk>`, `<s>`, `</s>`, `[INST]`, ... `[IMG]`) at ids
+    0, 1, ... ahead of the vocabulary, and no BOS added (the chat template writes `<s>`)."""
+    return _byte_level(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ]), vocab_size, control_tokens)
+
+
 def llama2_sentencepiece_bpe(
     unk: str = "<unk>", bos: str = "<s>", eos: str = "</s>", vocab_size: int = 480
 ) -> Tokenizer:
@@ -190,6 +200,9 @@ def _bos_template(tokenizer: Tokenizer, bos: str) -> processors.TemplateProcessi
 
 
 # Shared by the tiny checkpoint writers of every family (hae_cli/model/<family>/tiny.py).
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # the image normalisation of CLIP-trained towers
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def spread_weights(model: torch.nn.Module, seed: int, never_generated: list[int] = ()) -> None:
