@@ -25,7 +25,7 @@ torch.set_num_threads(1)
 ATOL = 1e-4
 WRITERS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava",
            "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl",
-           "mistral3": "mistral3"}
+           "mistral3": "mistral3", "gemma3": "gemma3"}
 SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own grid where a family has one
 
 
@@ -102,10 +102,11 @@ def test_each_chat_turn_equals_one_forward_over_the_transcript(loaded):
         conversation.ask(question)
     ids = torch.tensor([conversation.fed_ids])
     expanded, _ = loaded._expand([loaded.read_image(image) for image in images])
-    pixels = {k: v for k, v in expanded.items() if k not in ("input_ids", "attention_mask", "mm_token_type_ids")}
+    token_types = {"mm_token_type_ids", "token_type_ids"} & set(expanded)  # Qwen2-VL's, Gemma 3's
+    pixels = {k: v for k, v in expanded.items() if k not in {"input_ids", "attention_mask", *token_types}}
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), **pixels}
-    if "image_grid_thw" in pixels:  # Qwen2-VL: which ids are image tokens
-        inputs["mm_token_type_ids"] = (ids == loaded.image_token_id).long()
+    for name in token_types:  # which ids are image tokens
+        inputs[name] = (ids == loaded.image_token_id).long()
     with torch.inference_mode():
         logits = loaded.model(**inputs).logits[0]
     for turn in conversation.turns:
@@ -145,15 +146,19 @@ def test_hae_eviction_equals_masking_through_pruning_rounds_and_restores(loaded)
     # what the prompt's forward saw: the pruning alone (no budget, so no round when it ends)
     unbudgeted = EvictingCache(api.policy_of("hae", {"score_layer": 0}), loaded.num_layers)
     step_by_step(loaded, prepared, full_tokens[:1], unbudgeted)
-    pruned = set(range(length)) - set(unbudgeted.layers[-1].token_index[0].tolist())
+    last = max(i for i, layer in enumerate(unbudgeted.layers) if layer.window is None)  # a window trims more
+    pruned = set(range(length)) - set(unbudgeted.layers[last].token_index[0].tolist())
     assert pruned, "the prefill pruned nothing"
+
+    prompt_masks = family_prefill_masks(loaded, prepared)
 
     def mask(step, layer, q, kv):
         if step == 0:  # the prompt's forward: rows pruned at the scoring layer are hidden after it
             hidden = sorted(pruned) if layer > policy.score_layer else []
+            allowed = prompt_masks[layer].clone()
         else:
             hidden = sorted(set(range(kv - 1)) - set(held[step - 1][layer].tolist()))
-        allowed = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
+            allowed = torch.ones(q, kv, dtype=torch.bool).tril(kv - q)
         if hidden:
             allowed[:, hidden] = False
         return allowed[None, None]
@@ -162,19 +167,38 @@ def test_hae_eviction_equals_masking_through_pruning_rounds_and_restores(loaded)
     torch.testing.assert_close(ours, reference, atol=ATOL, rtol=0)
 
 
+def family_prefill_masks(loaded, prepared) -> list[torch.Tensor]:
+    """Per layer, the prompt's mask `[q, q]` (True = attend) as the family's own code makes it:
+    causal, or Gemma 3's (a sliding window on sliding layers, an image's soft tokens both ways)."""
+    q = len(prepared.tokens)
+    causal = torch.ones(q, q, dtype=torch.bool).tril()
+    config = loaded.text_config
+    if getattr(config, "sliding_window", None) is None or not hasattr(config, "layer_types"):
+        return [causal] * loaded.num_layers
+    from transformers.models.gemma3.modeling_gemma3 import (
+        create_masks_for_vision_model,
+        get_block_sequence_ids_for_mask,
+    )
+
+    token_types = (prepared.tokens.input_ids == loaded.image_token_id).long()[None]
+    masks = create_masks_for_vision_model(config, prepared.embeds, None, None, torch.arange(q)[None],
+                                          get_block_sequence_ids_for_mask(token_types))
+    return [masks[kind][0, 0] for kind in config.layer_types]
+
+
 def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
     """Every token kept in a DynamicCache, the mask from `mask_fn(step, layer, q, kv)` per layer."""
-    backbone, cache = loaded.backbone, DynamicCache(config=loaded.text_config)
+    backbone, cache = loaded.backbone, DynamicCache()
     logits = []
 
     def forward(embeds, position_ids, step):
         hidden = embeds
-        cos, sin = backbone.rotary_emb(hidden, position_ids=position_ids)
+        embeddings = backbone.position_embeddings(hidden, position_ids)
         q = hidden.shape[1]
         for layer_idx, layer in enumerate(backbone.layers):
             hidden = layer(hidden, attention_mask=mask_fn(step, layer_idx, q, cache.get_seq_length(layer_idx) + q),
                            position_ids=backbone.layer_position_ids(position_ids), cache=cache, use_cache=True,
-                           position_embeddings=(cos, sin))
+                           position_embeddings=embeddings[layer_idx])
         return backbone.lm_head(backbone.norm(hidden))[0, -1]
 
     with torch.inference_mode():
@@ -264,6 +288,7 @@ def test_ask_story_chat_and_profile_on_every_family(loaded, files, tmp_path):
     story = cli("story", *files, "--model", model, "-n", "8", "--budget", "0.5", "-p", "buffer=2", "--json")
     layers = story["final_cache"]["layers"]
     assert len(layers[0]["tokens_by_image"]) == 3 and all(layer["tokens_held"] <= layer["budget"] + 2 for layer in layers)
+    assert all(layer["window"] is None or layer["tokens_held"] < layer["window"] for layer in layers)  # Gemma 3's
     script = tmp_path / "questions.txt"
     script.write_text("what is in image 1?\n/images " + files[2] + "\nand image 3?\n")
     chat = cli("chat", *files[:2], "--model", model, "-n", "4", "--script", script, "--json")
@@ -289,12 +314,11 @@ def test_an_unsupported_model_type_is_one_line_naming_the_supported_ones(tmp_pat
 
     from hae_cli import cli as commands
 
-    (tmp_path / "config.json").write_text('{"model_type": "gemma3"}')
+    (tmp_path / "config.json").write_text('{"model_type": "paligemma"}')
     result = CliRunner().invoke(commands.app, ["ask", files[0], "what?", "--model", str(tmp_path)])
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == 2 and len(lines) == 1 and "'gemma3' is not supported" in lines[0]
-    for model_type in ("phi3_v", "qwen2_vl", "qwen2_5_vl", "llava", "llava_next", "llava_onevision", "idefics3",
-                       "smolvlm"):
+    assert result.exit_code == 2 and len(lines) == 1 and "'paligemma' is not supported" in lines[0]
+    for model_type in ("phi3_v", *WRITERS):
         assert model_type in lines[0]
     listing = CliRunner().invoke(commands.app, ["families"], env={"COLUMNS": "200"})
     assert listing.exit_code == 0 and "Qwen2-VL" in listing.stdout and "the base view" in listing.stdout

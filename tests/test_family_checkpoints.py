@@ -44,6 +44,7 @@ FAMILIES = {
     # A 2 x 3 grid and its thumbnail, a 2 x 1 grid and its thumbnail, one tile alone.
     "internvl": ("internvl", "InternVLForConditionalGeneration", [(120, 200), (40, 90), (100, 100)]),
     "mistral3": ("mistral3", "Mistral3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
+    "gemma3": ("gemma3", "Gemma3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
 }
 VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm", "internvl"}
 # AutoProcessor needs torchvision for these: a video slot, or (Mistral 3's Pixtral) a module that imports it.
@@ -174,7 +175,9 @@ def test_image_token_layout(family, n_images):
     images = pictures(family.image_sizes[:n_images], seed=4)
     inputs = encode(family.processor, images, return_text_replacement_offsets=True)
     expansions = inputs.pop("text_replacement_offsets")[0]
-    tokens_per_image = [expansion["replacement"].count(family.processor.image_token) for expansion in expansions]
+    # the token that receives features: the placeholder, or what Gemma 3 expands it into
+    feature = family.processor.tokenizer.image_token if family.model_type == "gemma3" else family.processor.image_token
+    tokens_per_image = [expansion["replacement"].count(feature) for expansion in expansions]
     check = {
         "qwen2_vl": check_qwen_layout,
         "qwen2_5_vl": check_qwen_layout,
@@ -185,6 +188,7 @@ def test_image_token_layout(family, n_images):
         "smolvlm": check_tiles_layout,
         "internvl": check_thumbnail_layout,
         "mistral3": check_row_breaks_layout,
+        "gemma3": check_soft_tokens_layout,
     }[family.model_type]
     tags = check(family, inputs, images)
     assert [sum(1 for tag in tags if tag[0] == image) for image in range(len(images))] == tokens_per_image
@@ -363,4 +367,21 @@ def check_row_breaks_layout(family, inputs, images):
     with torch.no_grad():
         features = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
     assert sum(f.shape[0] for f in features) == len(tags)
+    return tags
+
+
+def check_soft_tokens_layout(family, inputs, images):
+    """Gemma 3: per image `<start_of_image>`, mm_tokens_per_image soft tokens (a square, row-major),
+    `<end_of_image>`; token_type_ids mark exactly the soft tokens (what the bidirectional mask reads)."""
+    config = family.model.config
+    side = math.isqrt(config.mm_tokens_per_image)
+    tags = [(image, "image", k // side, k % side) for image in range(len(images)) for k in range(side * side)]
+    ids = inputs["input_ids"][0]
+    soft = ids == config.image_token_id
+    assert int(soft.sum()) == len(tags)
+    assert int((ids == config.boi_token_id).sum()) == int((ids == config.eoi_token_id).sum()) == len(images)
+    assert torch.equal(inputs["token_type_ids"][0].bool(), soft)
+    with torch.no_grad():
+        features = family.model.model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert tuple(features.shape[:2]) == (len(images), side * side)
     return tags

@@ -64,6 +64,10 @@ class TextBackbone:
     def rule(self, layer_idx: int) -> LayerRule:
         return PLAIN if self.rules is None else self.rules[layer_idx]
 
+    def sees_image_blocks(self) -> bool:
+        """Whether any layer lets an image's tokens see each other both ways."""
+        return self.rules is not None and any(rule.image_blocks for rule in self.rules)
+
     def windows(self) -> list[int | None]:
         """Each layer's sliding window (None: it sees every token)."""
         return [self.rule(i).window for i in range(len(self.layers))]

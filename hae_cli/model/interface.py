@@ -85,6 +85,14 @@ class PromptTokens:
         )
 
 
+def image_blocks(modality: torch.Tensor) -> torch.Tensor:
+    """`[L]`: each contiguous run of image-feature slots numbered 0, 1, ...; -1 elsewhere (the
+    blocks a layer with `LayerRule.image_blocks` lets see each other both ways)."""
+    is_image = modality == Modality.IMAGE
+    starts = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_image[:-1]])
+    return torch.where(is_image, starts.long().cumsum(0) - 1, -1)
+
+
 @dataclass(frozen=True)
 class PictureView:
     """One view of an image as the model saw it, cut into the cells its tokens stand for.
@@ -221,9 +229,11 @@ class VisionLanguageModel:
         return torch.tensor([[position]], device=self.device)
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None,
-                logits_rows: int | None = 1) -> DecoderOutput:
-        """The decoder, layer by layer (the cache's `after_layer` may prune rows between layers)."""
-        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows)
+                logits_rows: int | None = 1, tokens: PromptTokens | None = None) -> DecoderOutput:
+        """The decoder, layer by layer (the cache's `after_layer` may prune rows between layers).
+        `tokens`: the prompt rows fed, whose image runs layers with `image_blocks` see both ways."""
+        blocks = image_blocks(tokens.modality) if tokens is not None and self.backbone.sees_image_blocks() else None
+        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows, image_blocks=blocks)
 
     # --- text ---
 

@@ -102,16 +102,31 @@ def llama2_sentencepiece_bpe(
     """Llama 2's (and Mistral 7B's) SentencePiece BPE converted to tokenizer.json, as in the
     llava-hf repos: spaces become "▁" with one prepended, unknown characters fall back to the
     `<0xNN>` byte tokens at ids 3-258, and the post-processor prepends `bos`."""
+    return sentencepiece_bpe([unk, bos, eos], unk, bos, prepend_space=True, vocab_size=vocab_size)
+
+
+def gemma_bpe(vocab_size: int = 480) -> Tokenizer:
+    """Gemma 3's SentencePiece BPE as its tokenizer.json has it: `<pad>`, `<eos>`, `<bos>`, `<unk>`
+    at ids 0-3, spaces become "▁" with none prepended, byte fallback, runs of newlines as tokens
+    of their own (so a blank line next to an image's expansion merges with its neighbours), and
+    the post-processor prepends `<bos>`."""
+    corpus = CORPUS + ["\n".join(CORPUS[:4]), "\n\n".join(CORPUS[4:]), "a\n\n\nb\n\nc"]
+    return sentencepiece_bpe(["<pad>", "<eos>", "<bos>", "<unk>"], "<unk>", "<bos>", prepend_space=False,
+                             vocab_size=vocab_size, corpus=corpus)
+
+
+def sentencepiece_bpe(specials: list[str], unk: str, bos: str, *, prepend_space: bool, vocab_size: int = 480,
+                      corpus: list[str] = CORPUS) -> Tokenizer:
+    """A SentencePiece BPE converted to tokenizer.json: `specials` first, then the 256 `<0xNN>`
+    byte tokens, then the merges trained on `corpus`; "▁" for spaces (one prepended where
+    `prepend_space`), byte fallback, `bos` prepended by the post-processor."""
     tokenizer = Tokenizer(models.BPE(unk_token=unk))
-    tokenizer.normalizer = normalizers.Sequence([
-        normalizers.Prepend(SENTENCEPIECE_SPACE),
-        normalizers.Replace(" ", SENTENCEPIECE_SPACE),
-    ])
+    steps = [normalizers.Prepend(SENTENCEPIECE_SPACE)] if prepend_space else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SENTENCEPIECE_SPACE)])
     # Training only: keep merges inside words, as SentencePiece does.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(SENTENCEPIECE_SPACE, behavior="merged_with_next")
-    specials = [unk, bos, eos]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
 
     trained = json.loads(tokenizer.to_str())["model"]
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
@@ -122,11 +137,12 @@ def llama2_sentencepiece_bpe(
 
     converted = Tokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     converted.normalizer = tokenizer.normalizer
+    strip = [decoders.Strip(" ", 1, 0)] if prepend_space else []
     converted.decoder = decoders.Sequence([
         decoders.Replace(SENTENCEPIECE_SPACE, " "),
         decoders.ByteFallback(),
         decoders.Fuse(),
-        decoders.Strip(" ", 1, 0),
+        *strip,
     ])
     converted.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     converted.post_processor = _bos_template(converted, bos)
