@@ -25,7 +25,8 @@ torch.set_num_threads(1)
 ATOL = 1e-4
 WRITERS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_vl", "llava": "llava", "llava_next": "llava",
            "llava_onevision": "llava", "idefics3": "idefics3", "smolvlm": "idefics3", "internvl": "internvl",
-           "mistral3": "mistral3", "gemma3": "gemma3"}
+           "mistral3": "mistral3", "gemma3": "gemma3", "qwen3_vl": "qwen3_vl",
+           "qwen3_vl_moe": "qwen3_vl"}
 SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own grid where a family has one
 
 
@@ -191,6 +192,8 @@ def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
     backbone, cache = loaded.backbone, DynamicCache()
     logits = []
 
+    additions = loaded.layer_additions(prepared.tokens) or {}  # Qwen3-VL's deepstack, at the prompt
+
     def forward(embeds, position_ids, step):
         hidden = embeds
         embeddings = backbone.position_embeddings(hidden, position_ids)
@@ -199,6 +202,8 @@ def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
             hidden = layer(hidden, attention_mask=mask_fn(step, layer_idx, q, cache.get_seq_length(layer_idx) + q),
                            position_ids=backbone.layer_position_ids(position_ids), cache=cache, use_cache=True,
                            position_embeddings=embeddings[layer_idx])
+            if step == 0 and layer_idx in additions:
+                hidden = hidden + additions[layer_idx]
         return backbone.lm_head(backbone.norm(hidden))[0, -1]
 
     with torch.inference_mode():

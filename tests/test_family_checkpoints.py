@@ -45,8 +45,10 @@ FAMILIES = {
     "internvl": ("internvl", "InternVLForConditionalGeneration", [(120, 200), (40, 90), (100, 100)]),
     "mistral3": ("mistral3", "Mistral3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
     "gemma3": ("gemma3", "Gemma3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", [(64, 64), (96, 64), (128, 96)]),
+    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLMoeForConditionalGeneration", [(64, 64), (96, 64), (128, 96)]),
 }
-VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm", "internvl"}
+VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm", "internvl", "qwen3_vl", "qwen3_vl_moe"}
 # AutoProcessor needs torchvision for these: a video slot, or (Mistral 3's Pixtral) a module that imports it.
 AUTO_NEEDS_TORCHVISION = VIDEO_SLOT | {"mistral3"}
 
@@ -189,6 +191,8 @@ def test_image_token_layout(family, n_images):
         "internvl": check_thumbnail_layout,
         "mistral3": check_row_breaks_layout,
         "gemma3": check_soft_tokens_layout,
+        "qwen3_vl": check_qwen_layout,
+        "qwen3_vl_moe": check_qwen_layout,
     }[family.model_type]
     tags = check(family, inputs, images)
     assert [sum(1 for tag in tags if tag[0] == image) for image in range(len(images))] == tokens_per_image

@@ -1,5 +1,5 @@
 """The model interface over transformers' native vision-language classes: what Qwen2-VL, the
-LLaVA family, Idefics3/SmolVLM, InternVL, Mistral 3 and Gemma 3 share.
+LLaVA family, Idefics3/SmolVLM, InternVL, Mistral 3, Gemma 3 and Qwen3-VL share.
 
 Everything model-specific is the family's own transformers code: `AutoModelForImageTextToText`
 loads the checkpoint, the family's processor (`load_processor`) resizes and normalises images,
@@ -115,6 +115,10 @@ class HFVisionLanguageModel(VisionLanguageModel):
         """Each decoder layer's rotary embedding, window and image blocks (None: all plain)."""
         return None
 
+    def vision_features(self, output) -> torch.Tensor:
+        """`[slots, D]` from what `get_image_features` returned: the features each slot receives."""
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output])
+
     def feature_token_id(self) -> int:
         """The token whose slots receive the image features: the processor's placeholder, unless
         the family expands it into another (Gemma 3's `<start_of_image>` -> `<image_soft_token>`)."""
@@ -167,7 +171,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
         kwargs = {k: v.to(self.device) for k, v in inputs.items() if k in accepted and k != "pixel_values"}
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
-            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in get(pixels, **kwargs).pooler_output])
+            features = self.vision_features(get(pixels, **kwargs))
         counts = [sum(1 for t in run.ids if t == self.image_token_id) for run in runs]
         if sum(counts) != features.shape[0]:
             raise RuntimeError(f"{self.family}: {features.shape[0]} image features for {sum(counts)} image tokens")

@@ -231,9 +231,17 @@ class VisionLanguageModel:
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None,
                 logits_rows: int | None = 1, tokens: PromptTokens | None = None) -> DecoderOutput:
         """The decoder, layer by layer (the cache's `after_layer` may prune rows between layers).
-        `tokens`: the prompt rows fed, whose image runs layers with `image_blocks` see both ways."""
+        `tokens`: the prompt rows fed (their image runs, for layers with `image_blocks`, and what
+        `layer_additions` adds)."""
         blocks = image_blocks(tokens.modality) if tokens is not None and self.backbone.sees_image_blocks() else None
-        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows, image_blocks=blocks)
+        additions = self.layer_additions(tokens) if tokens is not None else None
+        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows, image_blocks=blocks,
+                           additions=additions)
+
+    def layer_additions(self, tokens: PromptTokens) -> dict[int, torch.Tensor] | None:
+        """What the family adds to given layers' outputs for these rows (layer -> `[1, L, hidden]`;
+        Qwen3-VL's deepstack features), computed by `embed`; None: nothing."""
+        return None
 
     # --- text ---
 

@@ -222,7 +222,8 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def spread_weights(model: torch.nn.Module, seed: int, never_generated: list[int] = ()) -> None:
-    """Redraw every weight from `seed`: N(0, 1/fan_in) matrices, N(0, 1) embeddings and free
+    """Redraw every weight from `seed`: N(0, 1/fan_in) matrices (each expert's, for a mixture of
+    experts' packed `[E, out, in]`), N(0, 1) embeddings and free
     vectors, norms kept at one and biases at zero; the output rows of `never_generated` tokens
     are zero, so their logit (0) stays under the top one.
 
@@ -243,6 +244,8 @@ def spread_weights(model: torch.nn.Module, seed: int, never_generated: list[int]
             for name, weight in module.named_parameters(recurse=False):
                 if isinstance(module, torch.nn.Embedding) or (weight.dim() == 1 and not is_norm and name != "bias"):
                     std = 1.0
+                elif weight.dim() == 3 and not isinstance(module, torch.nn.Conv1d):  # experts: [E, out, in]
+                    std = weight.shape[-1] ** -0.5
                 elif weight.dim() >= 2:
                     std = weight[0].numel() ** -0.5
                 else:

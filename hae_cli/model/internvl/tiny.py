@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
 
-from hae_cli.model.qwen2_vl.tiny import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS
+from hae_cli.model.qwen2_vl.tiny import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS, qwen_tokenizer_config
 from hae_cli.model.tiny_hf_tokenizer import add_tokens, qwen2_bpe, save_tokenizer_files, spread_weights, write_json
 
 # The chat template transformers' `convert_internvl_weights_to_hf.py` writes (no default system turn).
@@ -92,27 +92,10 @@ def write_tiny_checkpoint(folder: Path, model_type: str = "internvl", seed: int 
     )
     model.save_pretrained(folder)
 
-    save_tokenizer_files(
-        folder,
-        tokenizer,
-        {
-            "add_prefix_space": False,
-            "additional_special_tokens": SPECIAL_TOKENS[1:] + INTERNVL_TOKENS,
-            "extra_special_tokens": NAMED_TOKENS,
-            "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|im_end|>",
-            "errors": "replace",
-            "model_max_length": 8192,
-            "pad_token": "<|endoftext|>",
-            "return_token_type_ids": False,
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        },
-        vocab_files=True,
-    )
+    config_fields = {"additional_special_tokens": SPECIAL_TOKENS[1:] + INTERNVL_TOKENS, "extra_special_tokens":
+                     NAMED_TOKENS, "return_token_type_ids": False}
+    save_tokenizer_files(folder, tokenizer, qwen_tokenizer_config(CHAT_TEMPLATE, 8192, **config_fields),
+                         vocab_files=True)
     write_json(folder, "chat_template.json", {"chat_template": CHAT_TEMPLATE})
     write_json(folder, "processor_config.json", {"image_seq_length": image_seq_length(),
                                                  "processor_class": "InternVLProcessor"})

@@ -103,6 +103,26 @@ VARIANTS = {
 }  # fmt: skip
 
 
+def qwen_tokenizer_config(chat_template: str, model_max_length: int, **fields) -> dict:
+    """`tokenizer_config.json` of the Qwen2 / Qwen3 tokenizer the Qwen-based VLM repos ship (`fields`
+    added or replaced)."""
+    return {
+        "add_prefix_space": False,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "bos_token": None,
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+        **fields,
+    }
+
+
 def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
     """Write a tiny random `model_type` ("qwen2_vl" or "qwen2_5_vl") checkpoint into `folder`,
     loadable by `AutoModelForImageTextToText` and `AutoProcessor` like the real Instruct repos."""
@@ -159,20 +179,7 @@ def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
     save_tokenizer_files(
         folder,
         tokenizer,
-        {
-            "add_prefix_space": False,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
-            "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|im_end|>",
-            "errors": "replace",
-            "model_max_length": variant["model_max_length"],
-            "pad_token": "<|endoftext|>",
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        },
+        qwen_tokenizer_config(CHAT_TEMPLATE, variant["model_max_length"]),
         vocab_files=True,
     )
     write_json(folder, "chat_template.json", {"chat_template": CHAT_TEMPLATE})
