@@ -215,6 +215,57 @@ def masked_logits(loaded, prepared, tokens, mask_fn) -> torch.Tensor:
     return torch.stack(logits)
 
 
+def test_the_compiled_steps_fixed_shape_walk_gives_the_eager_logits(loaded):
+    """The decode step `--compile` captures, run without the compiler: each layer's own rotary
+    embedding, a sliding layer held to its window, through HAE's rounds and restores."""
+    from hae_cli.model.compiled import CompiledStep
+
+    prepared, steps = api.prepare(loaded, pictures(2), "describe them", task="story"), 24
+    params = {"budget": 0.4, "buffer": 2, "recent": 2, "sink": 2, "score_layer": 0}
+
+    def run(fixed: bool) -> tuple[torch.Tensor, EvictingCache]:
+        cache = api.make_cache(loaded, "hae", params)
+        with torch.inference_mode():
+            position_ids, position = loaded.position_ids(prepared.tokens, 0)
+            logits = prefill(loaded, prepared.embeds, prepared.tokens, position_ids, cache)
+            step = CompiledStep(loaded, cache, compile=False) if fixed else None
+            if step is not None:
+                step.make_room(steps + 1)
+            seen = []
+            for k in range(steps):
+                token = int(logits.argmax())
+                logits = step(token, position + k) if step else decode_one_token(loaded, token, position + k, cache)
+                seen.append(logits.float())
+        return torch.stack(seen), cache
+
+    (eager, eager_cache), (fixed, fixed_cache) = run(False), run(True)
+    torch.testing.assert_close(fixed, eager, atol=ATOL, rtol=0)
+    assert [layer.held for layer in fixed_cache.layers] == [layer.held for layer in eager_cache.layers]
+    assert any(e.action == "binned" for e in fixed_cache.events)
+
+
+POLICY_PARAMS = {"full": {}, "hae": {"budget": 0.5, "buffer": 2, "score_layer": 0},
+                 "streaming": {"budget": 24, "buffer": 2}, "h2o": {"budget": 24, "buffer": 2},
+                 "snapkv": {"budget": 24}, "fastv": {"prune_layer": 1}, "mustdrop": {"score_layer": 0, "budget": 24}}
+
+
+@pytest.mark.parametrize("policy", list(POLICY_PARAMS))
+def test_every_policy_on_a_family_with_its_own_layer_rules(loaded, policy):
+    """Families whose layers differ (Gemma 3's windows) or take additions (Qwen3-VL's deepstack):
+    every policy decodes, keeps its budget, and a sliding layer never holds more than its window."""
+    from hae_cli.model.interface import VisionLanguageModel
+
+    if loaded.backbone.rules is None and type(loaded).layer_additions is VisionLanguageModel.layer_additions:
+        pytest.skip("every layer follows the same rules")
+    prepared = api.prepare(loaded, pictures(2), "describe them", task="story")
+    cache = api.make_cache(loaded, policy, POLICY_PARAMS[policy])
+    result = generate(loaded, prepared.tokens, prepared.embeds, cache, SamplingConfig(max_new_tokens=12), stop_ids=set())
+    assert len(result.token_ids) == 12
+    for layer in cache.layers:
+        assert layer.budget is None or layer.held <= cache.policy.held_bound(layer.budget)
+        assert layer.window is None or layer.held < layer.window
+
+
 # The processor options that give an image's overview alone, where a family's processor has them.
 OVERVIEW_ALONE = {"internvl": {"crop_to_patches": False}}
 # How a family cuts each of `pictures(3)` (wide, wide, tall): InternVL's tiles, Mistral 3's rows
