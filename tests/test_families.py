@@ -354,15 +354,44 @@ def test_ask_story_chat_and_profile_on_every_family(loaded, files, tmp_path):
     assert [row["name"] for row in report["summary"]] == ["baseline", "hae", "h2o"]
 
 
-def test_num_crops_is_refused_where_a_family_has_no_crops(loaded, files):
+# Each family's image option: a value that cuts `pictures(1)` into fewer tokens, and the same
+# setting given to the family's processor at call time, as a user of transformers gives it.
+IMAGE_OPTIONS = {
+    "max_pixels": (6 * 32 * 32, lambda value, size: {"size": {"shortest_edge": size.shortest_edge, "longest_edge": value}}),
+    "max_tiles": (1, lambda value, size: {"max_patches": value}),
+    "longest_edge": (56, lambda value, size: {"size": {"longest_edge": value}}),
+}
+
+
+def test_an_image_option_is_the_familys_own_processor_setting(loaded):
+    from hae_cli.model.hf_processor import load_processor
+
+    if not loaded.image_options:
+        pytest.skip("the family has no image option")
+    (option,) = loaded.image_options
+    value, processor_kwargs = IMAGE_OPTIONS[option]
+    images = pictures(1)
+    smaller = api.load_model(str(loaded.folder), image_options={option: value})
+    prepared = api.prepare(smaller, images, "what is shown?", task="ask")
+    processor = load_processor(loaded.folder)
+    rendered = processor.apply_chat_template([loaded._user(api.user_turn("ask", "what is shown?", 1))],
+                                             add_generation_prompt=True)
+    expected = processor(text=[rendered], images=[images], add_special_tokens=loaded._adds_bos(rendered),
+                         return_tensors="pt", **processor_kwargs(value, processor.image_processor.size))["input_ids"][0]
+    assert prepared.tokens.input_ids.tolist() == expected.tolist()
+    assert len(prepared.tokens) < len(api.prepare(loaded, images, "what is shown?", task="ask").tokens)
+
+
+def test_an_image_option_a_family_lacks_is_one_line(loaded, files):
     from typer.testing import CliRunner
 
     from hae_cli import cli as commands
 
-    if loaded.model_types == ("phi3_v",):
-        pytest.skip("Phi-3.5-V has crops")
     result = CliRunner().invoke(commands.app, ["ask", files[0], "what?", "--model", str(loaded.folder), "--num-crops", "2"])
-    assert result.exit_code == 2 and "--num-crops applies to Phi-3.5-Vision checkpoints" in result.stderr
+    lines = result.stderr.strip().splitlines()
+    takes = ", ".join(loaded.image_options) or "none"
+    assert result.exit_code == 2 and lines == [
+        f"error: image option num_crops: {loaded.family} has no such option (its image options: {takes})"]
 
 
 def test_an_unsupported_model_type_is_one_line_naming_the_supported_ones(tmp_path, files):

@@ -79,19 +79,21 @@ class HFVisionLanguageModel(VisionLanguageModel):
                                   context_reason="its max_position_embeddings")
 
     @classmethod
-    def load(cls, folder, device, dtype, *, name: str, num_crops: int | None = None, on_progress=None):
+    def load(cls, folder, device, dtype, *, name: str, options: dict[str, int] | None = None, on_progress=None):
         from transformers import AutoModelForImageTextToText
 
         from hae_cli.cache.attention import register_attention
         from hae_cli.model.hf_processor import load_processor
 
-        cls.refuse_option("--num-crops", num_crops, cls.family)
+        options = cls.checked_options(options)
         progress = on_progress or (lambda message: None)
         progress(f"loading the processor from {folder}")
         try:
             processor = load_processor(folder)
         except ImportError as error:  # a dependency the family's processor needs
             raise CheckpointError(f"{folder}: the {cls.family} processor cannot be built: {error}") from None
+        for option, value in options.items():
+            cls.set_image_option(processor.image_processor, option, value)
         progress(f"loading weights from {folder} ({device}, {str(dtype).removeprefix('torch.')})")
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -114,6 +116,12 @@ class HFVisionLanguageModel(VisionLanguageModel):
     def layer_rules(self) -> list[LayerRule] | None:
         """Each decoder layer's rotary embedding, window and image blocks (None: all plain)."""
         return None
+
+    @classmethod
+    def set_image_option(cls, image_processor, option: str, value: int) -> None:
+        """Apply one of the family's `image_options` to its image processor (as the processor's
+        own call-time setting of the same name would)."""
+        raise NotImplementedError(option)
 
     def vision_features(self, output) -> torch.Tensor:
         """`[slots, D]` from what `get_image_features` returned: the features each slot receives."""

@@ -138,6 +138,8 @@ class VisionLanguageModel:
     image_tokens: ClassVar[str] = ""  # how an image becomes tokens
     overview: ClassVar[str] = ""  # what HAE's per-image floor draws on
     kept_views: ClassVar[str] = ""  # what --show-kept draws
+    # the family's own image resolution settings, name -> what it sets (`--image-option NAME=N`)
+    image_options: ClassVar[dict[str, str]] = {}
 
     name: str
     folder: Path
@@ -152,14 +154,23 @@ class VisionLanguageModel:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype, *, name: str,
-             num_crops: int | None = None, on_progress=None) -> "VisionLanguageModel":
-        """Read the checkpoint in `folder` strictly; `on_progress(message)` hears what is being read."""
+             options: dict[str, int] | None = None, on_progress=None) -> "VisionLanguageModel":
+        """Read the checkpoint in `folder` strictly; `options`: its image options (checked by
+        `checked_options`); `on_progress(message)` hears what is being read."""
         raise NotImplementedError
 
-    @staticmethod
-    def refuse_option(option: str, value, family: str) -> None:
-        if value is not None:
-            raise ConfigError(f"{option} applies to Phi-3.5-Vision checkpoints, not to {family}")
+    @classmethod
+    def checked_options(cls, options: dict[str, int] | None) -> dict[str, int]:
+        """`options` if each is one of the family's `image_options` with a whole value of at
+        least 1; otherwise one line saying what the family takes."""
+        options = dict(options or {})
+        for option, value in options.items():
+            if option not in cls.image_options:
+                takes = ", ".join(cls.image_options) or "none"
+                raise ConfigError(f"image option {option}: {cls.family} has no such option (its image options: {takes})")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"image option {option}={value!r}: a whole number of at least 1")
+        return options
 
     @property
     def device(self) -> torch.device:

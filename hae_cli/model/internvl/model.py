@@ -23,6 +23,11 @@ class InternVL(TiledImages, HFVisionLanguageModel):
     end_of_turn = ("<|im_end|>",)
     overview_caption = "thumbnail"
     marker_caption = "<img> </img>"
+    image_options = {"max_tiles": "most tiles an image is cut into (the thumbnail comes on top)"}
+
+    @classmethod
+    def set_image_option(cls, image_processor, option: str, value: int) -> None:
+        image_processor.max_patches = value
 
     def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         per_view = self.processor.image_seq_length
