@@ -226,6 +226,10 @@ class EvictingCache(Cache):
         if self._static is not None:
             self._static.held_host = [-1] * self.num_layers
 
+    def wants_question_probe(self) -> bool:
+        """Whether a new turn's question is first fed as a probe (`begin_tokens(probe=True)`)."""
+        return self.policy.wants_question_probe()
+
     def end_probe(self) -> None:
         """Close a probe: take its rows back out of every layer (as if never fed), then let the
         policy swap what the question asked for into the held rows (`turn_swap`)."""

@@ -48,8 +48,8 @@ def feed_question(model, embeds: torch.Tensor, tokens, position_ids: torch.Tenso
     """A new turn's question (after images or answers already cached): where the cache's policy
     asks for it, fed first as a probe whose attention brings back what the question needs, then
     fed for real; returns the last row's logits."""
-    policy = getattr(cache, "policy", None)
-    if policy is not None and policy.wants_question_probe():
+    wants_probe = getattr(cache, "wants_question_probe", None)
+    if wants_probe is not None and wants_probe():
         cache.begin_tokens(tokens.modality, tokens.image_id, tokens.overview, probe=True)
         model.forward(embeds, position_ids, cache, tokens=tokens)
         cache.end_probe()
