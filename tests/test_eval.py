@@ -215,6 +215,19 @@ def test_a_native_family_runs_every_task(tmp_path, model_type):
     assert settings["snapkv @vk0.4"]["params"] == {"budget": settings["hae vk0.4"]["held_after_prefill"]}
 
 
+def test_an_image_option_reaches_the_workers_model_and_the_stored_configuration(tmp_path):
+    """--image-option is part of what a resumed run must share; a run stored without it still resumes."""
+    from hae_cli.evaluation.runner import EvalConfig, ItemRunner
+    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
+
+    folder = str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0))
+    config = EvalConfig(model=folder, image_options=(("max_pixels", 6 * 28 * 28),))
+    runner = ItemRunner(config)
+    assert runner.loaded.processor.image_processor.size.longest_edge == 6 * 28 * 28
+    assert config.to_json()["image_options"] == {"max_pixels": 6 * 28 * 28}
+    assert "image_options" not in EvalConfig(model=folder).to_json()
+
+
 # ----------------------------------------------------------------------------- bad input, one line each
 
 
