@@ -126,13 +126,16 @@ def run_decoder(
     windows = backbone.windows()
     if any(windows) and hasattr(cache, "set_windows"):
         cache.set_windows(windows)
-    fed = _fed_index(cache, hidden.shape[1], hidden.device) if backbone.rules is not None else None
+    # One new token over a cache that keeps each layer to its window (ours trims it at every step's
+    # end) sees every held row: no mask to build, and no host sync for it at each decode step.
+    plain = backbone.rules is None or (hidden.shape[1] == 1 and hasattr(cache, "set_windows"))
+    fed = None if plain else _fed_index(cache, hidden.shape[1], hidden.device)
     hidden_lengths = []
     for layer_idx, decoder_layer in enumerate(backbone.layers):
         hidden_lengths.append(hidden.shape[1])
         if attention_mask is not None:
             mask = attention_mask
-        elif backbone.rules is None:
+        elif plain:
             mask = _chunk_mask(cache, layer_idx, hidden)
         else:
             blocks = None if image_blocks is None else image_blocks.to(hidden.device)[kept_rows]
