@@ -235,3 +235,54 @@ class _Offset:
 
     def __call__(self, token: int, position: int) -> torch.Tensor:
         return self.step(token, position + self.start)
+
+
+def test_per_head_eviction_with_windows_equals_masking_per_head(gemma):
+    """Where heads hold different tokens (a per-head policy's choice: here a global and a sliding
+    layer keep alternate old tokens in their two key heads), a later forward of several tokens (a
+    chat turn) gets a mask per head: each head's window over what it holds, causality. Every
+    step's logits equal a full cache masking, per head, what was not held."""
+    backbone = gemma_backbone(gemma)
+    cache = EvictingCache("full", 4)
+    tokens, chunks = ids(30, seed=7), [12] + [1] * 12 + [6]
+    held, ours, start = [], [], 0
+    with torch.inference_mode():
+        for step, size in enumerate(chunks):
+            if step == len(chunks) - 1:  # before the turn: the heads of a global and a sliding layer
+                for layer, recent in ((cache.layers[1], 4), (cache.layers[0], 0)):  # keep different tokens
+                    rows = torch.arange(layer.held)
+                    old = rows[: layer.held - recent]
+                    layer.compact(torch.stack([torch.cat([old[head::2], rows[layer.held - recent:]]) for head in (0, 1)]))
+            held.append([cache.held_index(i).clone() for i in range(4)])  # [1 or H_kv, n] before the step
+            cache.begin_tokens(torch.zeros(size, dtype=torch.int8))
+            ours.append(run_decoder(backbone, backbone.embed_tokens(tokens[:, start : start + size]),
+                                    torch.arange(start, start + size), cache, logits_rows=None).logits[0])
+            cache.end_step()
+            start += size
+    assert held[-1][0].shape[0] == held[-1][1].shape[0] == 2, "before the turn, heads hold different tokens"
+
+    groups = gemma.config.num_attention_heads // gemma.config.num_key_value_heads
+    reference, start, full = [], 0, DynamicCache()
+    with torch.inference_mode():
+        for step, size in enumerate(chunks):
+            hidden = backbone.embed_tokens(tokens[:, start : start + size])
+            positions = torch.arange(start, start + size)[None]
+            embeddings = backbone.position_embeddings(hidden, positions)
+            query = torch.arange(start, start + size)
+            keys = torch.arange(start + size)
+            for layer_idx, layer in enumerate(backbone.layers):
+                allowed = keys[None, :] <= query[:, None]
+                window = backbone.rule(layer_idx).window
+                if window is not None:
+                    allowed = allowed & (query[:, None] - keys[None, :] < window)
+                per_head = allowed.expand(held[step][layer_idx].shape[0], -1, -1).clone()
+                if step:
+                    past = torch.zeros(per_head.shape[0], start, dtype=torch.bool)
+                    past.scatter_(1, held[step][layer_idx], True)
+                    per_head[:, :, :start] &= past[:, None, :]
+                mask = per_head.repeat_interleave(groups, dim=0)[None] if per_head.shape[0] > 1 else per_head[None]
+                hidden = layer(hidden, attention_mask=mask, position_ids=positions, cache=full, use_cache=True,
+                               position_embeddings=embeddings[layer_idx])
+            reference.append(backbone.lm_head(backbone.norm(hidden))[0])
+            start += size
+    torch.testing.assert_close(torch.cat(ours), torch.cat(reference), atol=ATOL, rtol=0)
