@@ -223,7 +223,7 @@ def test_an_image_option_reaches_the_workers_model_and_the_stored_configuration(
     folder = str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0))
     config = EvalConfig(model=folder, image_options=(("max_pixels", 6 * 28 * 28),))
     runner = ItemRunner(config)
-    assert runner.loaded.processor.image_processor.size.longest_edge == 6 * 28 * 28
+    assert runner.loaded.processor_kwargs["size"]["longest_edge"] == 6 * 28 * 28
     assert config.to_json()["image_options"] == {"max_pixels": 6 * 28 * 28}
     assert "image_options" not in EvalConfig(model=folder).to_json()
 

@@ -354,32 +354,56 @@ def test_ask_story_chat_and_profile_on_every_family(loaded, files, tmp_path):
     assert [row["name"] for row in report["summary"]] == ["baseline", "hae", "h2o"]
 
 
-# Each family's image option: a value that cuts `pictures(1)` into fewer tokens, and the same
-# setting given to the family's processor at call time, as a user of transformers gives it.
+# Each family's image option: a value that changes how a picture of (width, height) is cut, the
+# same setting given to the family's processor at call time (as a user of transformers gives it),
+# and the [rows, cols] of tiles or crops the layout then says, where it has them.
 IMAGE_OPTIONS = {
-    "max_pixels": (6 * 32 * 32, lambda value, size: {"size": {"shortest_edge": size.shortest_edge, "longest_edge": value}}),
-    "max_tiles": (1, lambda value, size: {"max_patches": value}),
-    "longest_edge": (56, lambda value, size: {"size": {"longest_edge": value}}),
+    "max_pixels": (6 * 32 * 32, lambda value, size: {"size": {"shortest_edge": size.shortest_edge, "longest_edge": value}},
+                   (200, 120), None),
+    "max_tiles": (1, lambda value, size: {"max_patches": value}, (200, 120), [0, 0]),
+    "longest_edge": (56, lambda value, size: {"size": {"longest_edge": value}}, (200, 120), None),
+    "pan_and_scan_crops": (2, lambda value, size: {"do_pan_and_scan": True, "pan_and_scan_max_num_crops": value},
+                           (900, 300), [1, 2]),
 }
 
 
 def test_an_image_option_is_the_familys_own_processor_setting(loaded):
+    """The ids are the processor's with that setting, the layout follows, and greedy tokens equal
+    the family's own generate on the processor's inputs (Gemma 3's crops: an image block each)."""
     from hae_cli.model.hf_processor import load_processor
 
     if not loaded.image_options:
         pytest.skip("the family has no image option")
     (option,) = loaded.image_options
-    value, processor_kwargs = IMAGE_OPTIONS[option]
-    images = pictures(1)
-    smaller = api.load_model(str(loaded.folder), image_options={option: value})
-    prepared = api.prepare(smaller, images, "what is shown?", task="ask")
+    value, processor_kwargs, size, tiles = IMAGE_OPTIONS[option]
+    pixels = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+    pixels[:, : size[0] // 3] = (200, 30, 30)
+    pixels[size[1] // 2 :, size[0] // 2 :] = (30, 30, 220)
+    images = [Image.fromarray(pixels)]
+    option_loaded = api.load_model(str(loaded.folder), image_options={option: value})
+    prepared = api.prepare(option_loaded, images, "what is shown?", task="ask")
     processor = load_processor(loaded.folder)
     rendered = processor.apply_chat_template([loaded._user(api.user_turn("ask", "what is shown?", 1))],
                                              add_generation_prompt=True)
-    expected = processor(text=[rendered], images=[images], add_special_tokens=loaded._adds_bos(rendered),
-                         return_tensors="pt", **processor_kwargs(value, processor.image_processor.size))["input_ids"][0]
-    assert prepared.tokens.input_ids.tolist() == expected.tolist()
-    assert len(prepared.tokens) < len(api.prepare(loaded, images, "what is shown?", task="ask").tokens)
+    inputs = dict(processor(text=[rendered], images=[images], add_special_tokens=loaded._adds_bos(rendered),
+                            return_tensors="pt", **processor_kwargs(value, processor.image_processor.size)))
+    assert prepared.tokens.input_ids.tolist() == inputs["input_ids"][0].tolist()
+    assert len(prepared.tokens) != len(api.prepare(loaded, images, "what is shown?", task="ask").tokens)
+    if tiles is not None:
+        assert prepared.image_layouts[0]["tiles"] == tiles
+    if tiles is not None and tiles != [0, 0]:  # the crops' overview: the whole image, as without the option
+        whole = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            features = option_loaded.model.model.get_image_features(whole).pooler_output
+        torch.testing.assert_close(prepared.embeds[0, prepared.tokens.overview],
+                                   features.reshape(-1, features.shape[-1]), atol=1e-5, rtol=0)
+    with torch.inference_mode():
+        expected = option_loaded.model.generate(**inputs, max_new_tokens=8, do_sample=False, min_new_tokens=8,
+                                                output_logits=True, return_dict_in_generate=True)
+    ran = generate(option_loaded, prepared.tokens, prepared.embeds, EvictingCache("full", loaded.num_layers),
+                   SamplingConfig(max_new_tokens=8), stop_ids=set())
+    assert ran.token_ids == expected.sequences[0, inputs["input_ids"].shape[1]:].tolist()
+    torch.testing.assert_close(ran.first_logits, expected.logits[0][0], atol=ATOL, rtol=0)
 
 
 def test_an_image_option_a_family_lacks_is_one_line(loaded, files):

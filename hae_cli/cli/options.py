@@ -49,8 +49,8 @@ NumCropsOpt = Annotated[int | None, typer.Option(
 ImageOptionOpt = Annotated[list[str] | None, typer.Option(
     "--image-option", rich_help_panel=MODEL_PANEL, metavar="NAME=N",
     help="The model family's own image resolution setting, repeatable: Phi-3.5-V's num_crops, Qwen-VL's "
-         "max_pixels, InternVL's max_tiles, Mistral 3's longest_edge ([bold]hae families[/bold] lists each "
-         "family's). A family without that option says so in one line.",
+         "max_pixels, InternVL's max_tiles, Mistral 3's longest_edge, Gemma 3's pan_and_scan_crops "
+         "([bold]hae families[/bold] lists each family's). A family without that option says so in one line.",
 )]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", rich_help_panel=POLICY_PANEL, metavar="NAME",

@@ -61,6 +61,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
     """A native transformers VLM behind the model interface (see the module docstring)."""
 
     end_of_turn: tuple[str, ...] = ()  # tokens that close an assistant turn, besides the EOS
+    processor_kwargs: dict = {}  # the image options, as the processor's call-time settings (set by `load`)
 
     def __init__(self, model, processor, folder: Path, name: str) -> None:
         self.model = model
@@ -92,8 +93,9 @@ class HFVisionLanguageModel(VisionLanguageModel):
             processor = load_processor(folder)
         except ImportError as error:  # a dependency the family's processor needs
             raise CheckpointError(f"{folder}: the {cls.family} processor cannot be built: {error}") from None
+        processor_kwargs = {}
         for option, value in options.items():
-            cls.set_image_option(processor.image_processor, option, value)
+            processor_kwargs.update(cls.image_option_kwargs(processor, option, value))
         progress(f"loading weights from {folder} ({device}, {str(dtype).removeprefix('torch.')})")
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -102,7 +104,9 @@ class HFVisionLanguageModel(VisionLanguageModel):
             raise CheckpointError(f"{folder}: cannot load the {cls.family} checkpoint: {message}") from None
         finite_weights(dict(model.named_parameters()), folder)
         model.config.get_text_config()._attn_implementation = register_attention()  # the decoder only
-        return cls(model, processor, folder, name)
+        loaded = cls(model, processor, folder, name)
+        loaded.processor_kwargs = processor_kwargs
+        return loaded
 
     # --- the family's facts ---
 
@@ -118,9 +122,9 @@ class HFVisionLanguageModel(VisionLanguageModel):
         return None
 
     @classmethod
-    def set_image_option(cls, image_processor, option: str, value: int) -> None:
-        """Apply one of the family's `image_options` to its image processor (as the processor's
-        own call-time setting of the same name would)."""
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        """One of the family's `image_options` as its processor's own call-time setting (the
+        processor's defaults would override the image processor's attributes)."""
         raise NotImplementedError(option)
 
     def vision_features(self, output) -> torch.Tensor:
@@ -255,7 +259,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
         pixel inputs, and the run of tokens each placeholder became."""
         text = self.processor.image_token * len(images)
         out = self.processor(text=[text], images=[[image.picture for image in images]], add_special_tokens=False,
-                             return_tensors="pt", return_text_replacement_offsets=True)
+                             return_tensors="pt", return_text_replacement_offsets=True, **self.processor_kwargs)
         runs = [ImageRun(self.tokenizer(entry["replacement"], add_special_tokens=False).input_ids, entry["replacement"])
                 for entry in out.pop("text_replacement_offsets")[0]]
         return dict(out), runs

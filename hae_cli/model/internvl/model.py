@@ -26,8 +26,8 @@ class InternVL(TiledImages, HFVisionLanguageModel):
     image_options = {"max_tiles": "most tiles an image is cut into (the thumbnail comes on top)"}
 
     @classmethod
-    def set_image_option(cls, image_processor, option: str, value: int) -> None:
-        image_processor.max_patches = value
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        return {"max_patches": value}
 
     def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         per_view = self.processor.image_seq_length
@@ -46,5 +46,5 @@ class InternVL(TiledImages, HFVisionLanguageModel):
 
         processor = self.processor.image_processor
         size = processor.size
-        return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), processor.min_patches,
-                                        processor.max_patches)
+        most = self.processor_kwargs.get("max_patches", processor.max_patches)
+        return get_optimal_tiled_canvas((height, width), (size["height"], size["width"]), processor.min_patches, most)

@@ -4,8 +4,6 @@ model): an image at its own resolution, one run of `[IMG]` tokens row by row, ea
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
 from hae_cli.model.hf import HFVisionLanguageModel, ImageRun
@@ -26,8 +24,8 @@ class Mistral3(HFVisionLanguageModel):
     image_options = {"longest_edge": "longest image side in pixels (a token per 28 x 28)"}
 
     @classmethod
-    def set_image_option(cls, image_processor, option: str, value: int) -> None:
-        image_processor.size = dataclasses.replace(image_processor.size, longest_edge=value)
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        return {"size": {"longest_edge": value}}
 
     def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         features = sum(1 for t in run.ids if t == self.image_token_id)

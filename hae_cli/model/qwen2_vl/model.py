@@ -3,8 +3,6 @@ and multimodal rotary positions (three rows: time, height, width)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from hae_cli.model.hf import HFVisionLanguageModel, ImageRun
@@ -26,8 +24,8 @@ class Qwen2VL(HFVisionLanguageModel):
     image_options = {"max_pixels": "most pixels an image is resized to (a token per 2 x 2 patches)"}
 
     @classmethod
-    def set_image_option(cls, image_processor, option: str, value: int) -> None:
-        image_processor.size = dataclasses.replace(image_processor.size, longest_edge=value)  # its max_pixels
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        return {"size": {"shortest_edge": processor.image_processor.size.shortest_edge, "longest_edge": value}}
 
     def layer_position_ids(self, position_ids):
         return None  # as Qwen2-VL's text model passes them, given three rows
