@@ -1,4 +1,4 @@
-"""InternVL 3 / 3.5 through transformers' own classes and processor."""
+"""InternVL 3 (transformers' native `internvl`) through its own classes and processor."""
 
 from hae_cli.model.internvl.model import InternVL
 

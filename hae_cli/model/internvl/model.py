@@ -1,4 +1,5 @@
-"""InternVL (3 / 3.5, transformers' native `internvl`): an image tiled into a grid of square tiles
+"""InternVL (3, transformers' native `internvl`; 3.5's `-hf` repos ship another image processor, not
+tried here): an image tiled into a grid of square tiles
 chosen by its aspect ratio, then a thumbnail of the whole image, over a Qwen2 / Qwen3 text model."""
 
 from __future__ import annotations
