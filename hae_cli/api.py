@@ -31,14 +31,20 @@ def load_model(
     dtype: str | None = None,
     num_crops: int | None = None,
     on_progress: Callable[[str], None] | None = None,
+    image_options: dict[str, int] | None = None,
 ):
     """Load "demo", a checkpoint folder, or a hub id already in the local HF cache, as the
-    `VisionLanguageModel` of its family (read from `config.json`'s `model_type`). Each family
-    checks what it can before any weight is read (`num_crops` against what it was built for)."""
+    `VisionLanguageModel` of its family (read from `config.json`'s `model_type`). `image_options`:
+    the family's own resolution settings (`hae families` lists them: Phi-3.5-V's `num_crops`,
+    Qwen's `max_pixels`, InternVL's `max_tiles`, ...); `num_crops=N` is `{"num_crops": N}`. Each
+    family checks what it can before any weight is read."""
     from hae_cli.model.loading import load_model as load
 
     checks.model_name(model)
-    return load(model, device, dtype, num_crops=num_crops, on_progress=on_progress)
+    options = dict(checks.parameter_dict(image_options, "image_options") or {})
+    if num_crops is not None:
+        options["num_crops"] = num_crops
+    return load(model, device, dtype, options=options, on_progress=on_progress)
 
 
 def policy_of(policy, policy_params: dict | None = None):

@@ -11,7 +11,7 @@ import torch
 from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
 
 from hae_cli.cache import EvictingCache, Modality
-from hae_cli.cache.attention import register_attention
+from hae_cli.cache.attention import ATTENTION_NAME, register_attention
 from hae_cli.model.decoder import run_decoder
 
 VOCAB = 96
@@ -37,7 +37,8 @@ def tiny_lm(layers: int = 4, seed: int = 0, attention: str = "hae_sdpa") -> Phi3
         eos_token_id=2,
     )
     lm = Phi3ForCausalLM(config).float().eval()
-    register_attention()  # "hae_sdpa" is known only once registered: a test file run alone needs it
+    if attention == ATTENTION_NAME:
+        register_attention()  # a file run alone: no EvictingCache has registered it yet
     lm.config._attn_implementation = attention
     return lm
 

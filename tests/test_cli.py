@@ -116,8 +116,9 @@ class FakeApi:
         self.loads: list[dict] = []
         self.runs: list[dict] = []
 
-    def load_model(self, model="demo", device=None, dtype=None, num_crops=None, on_progress=None):
-        self.loads.append(dict(model=model, device=device, dtype=dtype, num_crops=num_crops))
+    def load_model(self, model="demo", device=None, dtype=None, num_crops=None, on_progress=None, image_options=None):
+        self.loads.append(dict(model=model, device=device, dtype=dtype, num_crops=num_crops,
+                               image_options=image_options))
         if on_progress:
             on_progress("loading weights")
         if self.raise_in_load is not None:
@@ -310,7 +311,8 @@ def test_out_of_memory_is_one_line(monkeypatch, fake_api, image):
 
 def test_ask_plain_streams_the_answer_then_a_summary(fake_api, image):
     result = invoke("ask", image, "What color?", "--budget", "0.5", "--visual-keep", "0.4", "-p", "gamma=0.9",
-                    "--max-new-tokens", "8", "--seed", "3", "--num-crops", "4", "--dtype", "float32")
+                    "--max-new-tokens", "8", "--seed", "3", "--num-crops", "4", "--dtype", "float32",
+                    "--image-option", "max-tiles=2")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("A red circle.\n\n")
     assert "ask: red.png  policy hae  done" in result.stdout
@@ -320,7 +322,8 @@ def test_ask_plain_streams_the_answer_then_a_summary(fake_api, image):
     assert run["policy_params"] == {"budget": 0.5, "visual_keep": 0.4, "gamma": 0.9}
     assert (run["task"], run["question"], run["max_new_tokens"], run["seed"]) == ("ask", "What color?", 8, 3)
     assert run["compile"] is False
-    assert fake_api.loads[0] == dict(model="demo", device=None, dtype="float32", num_crops=4)
+    assert fake_api.loads[0] == dict(model="demo", device=None, dtype="float32", num_crops=None,
+                                     image_options={"max_tiles": 2, "num_crops": 4})  # the family checks them
 
 
 def test_compile_flag_reaches_the_run_on_every_command(fake_api, image, tmp_path):

@@ -21,6 +21,7 @@ from hae_cli.display.panel import (
     format_bytes,
     group_events,
     layer_ranges,
+    layer_table,
     occupancy_bar,
     render_panel,
     render_summary,
@@ -116,6 +117,19 @@ def test_bar_is_stacked_in_modality_order_with_the_budget_mark():
 def test_bar_over_budget_between_rounds_keeps_the_mark_inside():
     bar = occupancy_bar(layer(0, 0, 0, 0, 60, budget=40), scale=60, width=30).plain
     assert len(bar) == 31 and bar.index("│") == 20
+
+
+def test_a_sliding_layer_shows_its_window_and_the_bar_marks_what_it_can_hold():
+    import dataclasses
+
+    sliding = dataclasses.replace(layer(0, 0, 0, 0, 4, budget=None), window=5)
+    bar = occupancy_bar(sliding, scale=20, width=20).plain
+    assert bar.index("│") == 4  # window - 1 tokens, the most it keeps after a step
+    global_layer = layer(1, 0, 0, 0, 20, budget=None)
+    table = render(layer_table([sliding, global_layer], bar_width=20), 120)
+    assert re.search(r"L0 .*\s- w5\s", table) and not re.search(r"L1 .* w", table)
+    bounded = dataclasses.replace(layer(2, 0, 0, 0, 3, budget=3), window=5)
+    assert occupancy_bar(bounded, scale=20, width=20).plain.index("│") == 3  # the budget, where smaller
 
 
 # ----------------------------------------------------------------------------- events

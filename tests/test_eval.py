@@ -190,15 +190,19 @@ def test_chat_and_story_tasks(tmp_path, demo):
     assert results(report.out)["0"]["settings"]["full"]["scores"] == [1.0]
 
 
-def test_a_native_family_runs_every_task(tmp_path):
-    """Qwen2-VL's tiny checkpoint (M-RoPE, its own processor): nothing in the evaluation names a family."""
+@pytest.mark.parametrize("model_type", ["qwen2_vl", "gemma3", "qwen3_vl"])
+def test_a_native_family_runs_every_task(tmp_path, model_type):
+    """Tiny checkpoints of Qwen2-VL (M-RoPE, its own processor), Gemma 3 (sliding windows, image
+    blocks) and Qwen3-VL (deepstack): nothing in the evaluation names a family."""
+    import importlib
+
     from hae_cli.api import load_model
     from hae_cli.evaluation.evaluate import evaluate as run, plan_of
     from hae_cli.evaluation.records import read_data
     from hae_cli.evaluation.runner import EvalConfig
-    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
 
-    loaded = load_model(str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0)))
+    writer = importlib.import_module(f"hae_cli.model.{model_type}.tiny")
+    loaded = load_model(str(writer.write_tiny_checkpoint(tmp_path / model_type, model_type, seed=0)))
     images = [str(SAMPLES / "easyvqa_test_0698.png"), str(SAMPLES / "easyvqa_test_0416.png")]
     (tmp_path / "d.jsonl").write_text(json.dumps({"images": images, "turns": [{"question": "what is it?"},
                                                                               {"question": "and now?"}]}) + "\n")
@@ -209,6 +213,19 @@ def test_a_native_family_runs_every_task(tmp_path):
     assert rows["hae vk0.4"]["cut_pct"] > 10
     settings = results(report.out)["0"]["settings"]
     assert settings["snapkv @vk0.4"]["params"] == {"budget": settings["hae vk0.4"]["held_after_prefill"]}
+
+
+def test_an_image_option_reaches_the_workers_model_and_the_stored_configuration(tmp_path):
+    """--image-option is part of what a resumed run must share; a run stored without it still resumes."""
+    from hae_cli.evaluation.runner import EvalConfig, ItemRunner
+    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
+
+    folder = str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0))
+    config = EvalConfig(model=folder, image_options=(("max_pixels", 6 * 28 * 28),))
+    runner = ItemRunner(config)
+    assert runner.loaded.processor_kwargs["size"]["longest_edge"] == 6 * 28 * 28
+    assert config.to_json()["image_options"] == {"max_pixels": 6 * 28 * 28}
+    assert "image_options" not in EvalConfig(model=folder).to_json()
 
 
 # ----------------------------------------------------------------------------- bad input, one line each

@@ -41,8 +41,16 @@ FAMILIES = {
     "llava_onevision": ("llava", "LlavaOnevisionForConditionalGeneration", [(120, 200), (40, 90), (90, 40)]),
     "idefics3": ("idefics3", "Idefics3ForConditionalGeneration", [(60, 120), (120, 60), (100, 100)]),
     "smolvlm": ("idefics3", "SmolVLMForConditionalGeneration", [(100, 200), (200, 100), (150, 150)]),
+    # A 2 x 3 grid and its thumbnail, a 2 x 1 grid and its thumbnail, one tile alone.
+    "internvl": ("internvl", "InternVLForConditionalGeneration", [(120, 200), (40, 90), (100, 100)]),
+    "mistral3": ("mistral3", "Mistral3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
+    "gemma3": ("gemma3", "Gemma3ForConditionalGeneration", [(56, 112), (112, 56), (84, 84)]),
+    "qwen3_vl": ("qwen3_vl", "Qwen3VLForConditionalGeneration", [(64, 64), (96, 64), (128, 96)]),
+    "qwen3_vl_moe": ("qwen3_vl", "Qwen3VLMoeForConditionalGeneration", [(64, 64), (96, 64), (128, 96)]),
 }
-VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm"}
+VIDEO_SLOT = {"qwen2_vl", "qwen2_5_vl", "llava_onevision", "smolvlm", "internvl", "qwen3_vl", "qwen3_vl_moe"}
+# AutoProcessor needs torchvision for these: a video slot, or (Mistral 3's Pixtral) a module that imports it.
+AUTO_NEEDS_TORCHVISION = VIDEO_SLOT | {"mistral3"}
 
 
 @dataclass
@@ -138,7 +146,7 @@ def test_rendered_prompt_encodes_like_apply_chat_template(family):
 
 def test_processor_built_without_auto_processor_matches_it(family):
     """Where AutoProcessor works without torchvision, the fallback build gives the same processor."""
-    if family.model_type in VIDEO_SLOT and not is_torchvision_available():
+    if family.model_type in AUTO_NEEDS_TORCHVISION and not is_torchvision_available():
         pytest.skip("AutoProcessor needs torchvision for this family")
     auto = AutoProcessor.from_pretrained(family.folder)
     built = build_without_video(type(auto), family.folder)
@@ -149,13 +157,17 @@ def test_processor_built_without_auto_processor_matches_it(family):
         assert torch.equal(expected[key], actual[key]), key
 
 
-def test_video_slot_without_torchvision(family):
-    if family.model_type not in VIDEO_SLOT or is_torchvision_available():
+def test_the_processor_is_built_without_torchvision(family):
+    """Where AutoProcessor refuses without torchvision, `load_processor` still builds the family's own
+    class (the fixture did), and only a video raises."""
+    if family.model_type not in AUTO_NEEDS_TORCHVISION or is_torchvision_available():
         pytest.skip("AutoProcessor builds this processor")
-    with pytest.raises(ImportError, match="Torchvision"):
+    with pytest.raises((ImportError, ValueError), match="(?i)torchvision"):  # InternVL's says ValueError
         AutoProcessor.from_pretrained(family.folder)
-    with pytest.raises(ImportError, match="Videos need torchvision"):
-        family.processor.video_processor(videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
+    assert type(family.processor).__name__ == PROCESSOR_MAPPING[type(family.model.config)].__name__
+    if family.model_type in VIDEO_SLOT:
+        with pytest.raises(ImportError, match="Videos need torchvision"):
+            family.processor.video_processor(videos=[np.zeros((2, 32, 32, 3), dtype=np.uint8)])
 
 
 @pytest.mark.parametrize("n_images", [1, 3])
@@ -165,7 +177,9 @@ def test_image_token_layout(family, n_images):
     images = pictures(family.image_sizes[:n_images], seed=4)
     inputs = encode(family.processor, images, return_text_replacement_offsets=True)
     expansions = inputs.pop("text_replacement_offsets")[0]
-    tokens_per_image = [expansion["replacement"].count(family.processor.image_token) for expansion in expansions]
+    # the token that receives features: the placeholder, or what Gemma 3 expands it into
+    feature = family.processor.tokenizer.image_token if family.model_type == "gemma3" else family.processor.image_token
+    tokens_per_image = [expansion["replacement"].count(feature) for expansion in expansions]
     check = {
         "qwen2_vl": check_qwen_layout,
         "qwen2_5_vl": check_qwen_layout,
@@ -174,6 +188,11 @@ def test_image_token_layout(family, n_images):
         "llava_onevision": check_anyres_layout,
         "idefics3": check_tiles_layout,
         "smolvlm": check_tiles_layout,
+        "internvl": check_thumbnail_layout,
+        "mistral3": check_row_breaks_layout,
+        "gemma3": check_soft_tokens_layout,
+        "qwen3_vl": check_qwen_layout,
+        "qwen3_vl_moe": check_qwen_layout,
     }[family.model_type]
     tags = check(family, inputs, images)
     assert [sum(1 for tag in tags if tag[0] == image) for image in range(len(images))] == tokens_per_image
@@ -303,4 +322,70 @@ def check_tiles_layout(family, inputs, images):
         fake = max(i for i in range(position) if ids[i] == fake_id)
         name = processor.tokenizer.decode(ids[fake + 1 : position])
         assert name == ("<global-img>" if view == "global" else "<row_{}_col_{}>".format(*view.split()[1:]))
+    return tags
+
+
+def check_thumbnail_layout(family, inputs, images):
+    """InternVL: per image `<img>`, its tiles in GotOcr2's grid (none when it fits one tile), the
+    thumbnail, `</img>`; every view a square run of image_seq_length tokens. The thumbnail's
+    features are those of the whole image resized to one tile, as the model computes them."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
+
+    processor, model = family.processor, family.model.model
+    image_processor = processor.image_processor
+    size = (image_processor.size["height"], image_processor.size["width"])
+    grids = [get_optimal_tiled_canvas((image.height, image.width), size, image_processor.min_patches,
+                                      image_processor.max_patches) for image in images]
+    rows = [r if c * r > 1 else 0 for c, r in grids]
+    cols = [c if c * r > 1 else 0 for c, r in grids]
+    tags = tiles_layout(rows, cols, processor.image_seq_length)
+    ids = inputs["input_ids"][0]
+    assert len(tags) == int((ids == processor.image_token_id).sum())
+    assert int((ids == processor.start_image_token_id).sum()) == int((ids == processor.end_image_token_id).sum()) == len(images)
+    with torch.no_grad():
+        features = torch.cat(list(model.get_image_features(inputs["pixel_values"]).pooler_output))
+        whole = processor.image_processor(images, crop_to_patches=False, return_tensors="pt")["pixel_values"]
+        thumbnails = model.get_image_features(whole).pooler_output
+    for image in range(len(images)):
+        is_overview = torch.tensor([tag[0] == image and tag[1] == "global" for tag in tags])
+        torch.testing.assert_close(features[is_overview], thumbnails[image], atol=1e-5, rtol=0)
+    return tags
+
+
+def check_row_breaks_layout(family, inputs, images):
+    """Mistral 3: per image, rows of merged patches (image_sizes / (patch x merge)), each row of
+    [IMG] tokens followed by [IMG_BREAK], the last by [IMG_END]; the features are the model's own,
+    one per [IMG], in order."""
+    processor, model = family.processor, family.model.model
+    step = processor.patch_size * processor.spatial_merge_size
+    tags, expected = [], []
+    for image, (height, width) in enumerate(inputs["image_sizes"].tolist()):
+        rows, cols = height // step, width // step
+        tags += [(image, "image", row, col) for row in range(rows) for col in range(cols)]
+        for row in range(rows):
+            expected += [processor.image_token_id] * cols
+            expected.append(processor.image_end_token_id if row == rows - 1 else processor.image_break_token_id)
+    ids = inputs["input_ids"][0].tolist()
+    markers = {processor.image_token_id, processor.image_break_token_id, processor.image_end_token_id}
+    assert [t for t in ids if t in markers] == expected
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output
+    assert sum(f.shape[0] for f in features) == len(tags)
+    return tags
+
+
+def check_soft_tokens_layout(family, inputs, images):
+    """Gemma 3: per image `<start_of_image>`, mm_tokens_per_image soft tokens (a square, row-major),
+    `<end_of_image>`; token_type_ids mark exactly the soft tokens (what the bidirectional mask reads)."""
+    config = family.model.config
+    side = math.isqrt(config.mm_tokens_per_image)
+    tags = [(image, "image", k // side, k % side) for image in range(len(images)) for k in range(side * side)]
+    ids = inputs["input_ids"][0]
+    soft = ids == config.image_token_id
+    assert int(soft.sum()) == len(tags)
+    assert int((ids == config.boi_token_id).sum()) == int((ids == config.eoi_token_id).sum()) == len(images)
+    assert torch.equal(inputs["token_type_ids"][0].bool(), soft)
+    with torch.no_grad():
+        features = family.model.model.get_image_features(inputs["pixel_values"]).pooler_output
+    assert tuple(features.shape[:2]) == (len(images), side * side)
     return tags

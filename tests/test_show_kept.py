@@ -199,3 +199,13 @@ def test_png_frames_each_view_and_marks_where_crops_meet(tmp_path):
     assert tuple(png[y0 + 30, x0 + side - 6]) != (120, 170, 255)  # a cell centre is never drawn over
     gx, gy = row.cell_box(GLOBAL_VIEW, 0, 0)[:2]
     assert tuple(png[gy - 1, gx + 30]) == tuple(png[y0 - 1, x0 + 30]) == (150, 150, 150)  # frames, just outside
+
+
+def test_the_figure_is_as_wide_as_the_legend_with_the_familys_separator_names():
+    """Gemma 3's separator names are long: the figure widens for the legend that writes them."""
+    from hae_cli.model.interface import ImageCells, PictureView
+
+    view, index = [PictureView("view", None, 2, 2)], np.arange(4)
+    named = ImageCells(view, np.zeros(4, int), index // 2, index % 2, "<start_of_image> <end_of_image>")
+    unnamed = ImageCells(view, np.zeros(4, int), index // 2, index % 2, "")
+    assert layout([named]).width > layout([unnamed]).width

@@ -26,13 +26,13 @@ from transformers.cache_utils import Cache
 
 from hae_cli.cache.attention import register_attention, set_active
 from hae_cli.cache.forward import ForwardTokens, new_forward
-from hae_cli.cache.layer import GROWTH_ROWS, EvictingLayer
+from hae_cli.cache.layer import GROWTH_ROWS, EvictingLayer, same_in_every_head
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.observation import fold, fold_scores, observe_prefill
 from hae_cli.cache.policies import Policy, make_policy
 from hae_cli.cache.prefill import PrefillCompaction
 from hae_cli.cache.question import observe_question, swap_for_question, take_back
-from hae_cli.cache.reporting import EventLog, Stopwatch, snapshot
+from hae_cli.cache.reporting import EventLog, Stopwatch, count_modalities, snapshot
 from hae_cli.cache.rounds import Rounds
 from hae_cli.cache.static_step import StaticStep
 from hae_cli.cache.stats import CacheStats
@@ -148,10 +148,15 @@ class EvictingCache(Cache):
         start = clock.now()
         fold_scores(self.layers, self.policy, due_only=True)
         start = clock.add("scores", start)
-        self._rounds.run(self.step, "prefill" if prefill else "decode")
+        stage = "prefill" if prefill else "decode"
+        self._rounds.run(self.step, stage)
+        for layer_idx, layer in enumerate(self.layers):  # a sliding layer: what no later token can see
+            dropped = layer.trim_to_window(self.tokens_fed)
+            if dropped is not None:
+                self.log.record_counts(self.step, layer_idx, stage, "evicted", count_modalities(dropped))
         if prefill:  # the prompt-size storage goes; from now on each layer holds at most its bound
             for layer in self.layers:
-                layer.limit_rows(self.policy.held_bound(layer.budget))
+                layer.limit_rows(window_bound(self.policy.held_bound(layer.budget), layer.window))
         clock.add("rounds", start)
         self.log.flush()
         if self.history is not None:
@@ -159,6 +164,27 @@ class EvictingCache(Cache):
         self.step += 1
 
     # --- a compiled decode step's side (`hae_cli.model.compiled`) ---
+
+    def set_windows(self, windows: list[int | None]) -> None:
+        """Each layer's sliding window, as the decoder's rules say (None: it sees every token):
+        from the end of the next step on, such a layer holds only what its window can see,
+        under any policy."""
+        if len(windows) != self.num_layers:
+            raise ValueError(f"{len(windows)} windows for {self.num_layers} layers")
+        for layer, window in zip(self.layers, windows):
+            layer.window = window
+
+    def forward_index(self) -> torch.Tensor | None:
+        """The feed-order index of each token of the forward in progress (None: none announced)."""
+        return None if self._forward is None else self._forward.index
+
+    def held_index(self, layer_idx: int) -> torch.Tensor:
+        """`[1 or H_kv, held]`: the index of each row a layer holds (one row where every head
+        holds the same tokens)."""
+        index = self.layers[layer_idx].token_index
+        if index is None:
+            return torch.empty(1, 0, dtype=torch.int64)
+        return index[:1] if same_in_every_head(index) else index
 
     def make_room(self, new_tokens: int) -> None:
         """Storage for `new_tokens` more rows in every layer without a bound (a layer with one
@@ -199,6 +225,10 @@ class EvictingCache(Cache):
         """A compiled step that failed: its device counts are set again from the host next time."""
         if self._static is not None:
             self._static.held_host = [-1] * self.num_layers
+
+    def wants_question_probe(self) -> bool:
+        """Whether a new turn's question is first fed as a probe (`begin_tokens(probe=True)`)."""
+        return self.policy.wants_question_probe()
 
     def end_probe(self) -> None:
         """Close a probe: take its rows back out of every layer (as if never fed), then let the
@@ -330,6 +360,14 @@ class EvictingCache(Cache):
         fwd = self._forward
         if fwd is not None and len(fwd.layer_rows) == self.num_layers:
             self.end_step()
+
+
+def window_bound(bound: int | None, window: int | None) -> int | None:
+    """The most rows a layer holds between rounds: its policy's bound, and no more than its
+    window (`window - 1` rows it may still need, and the step's own)."""
+    if window is None:
+        return bound
+    return window if bound is None else min(bound, window)
 
 
 def _num_layers(config) -> int:

@@ -84,6 +84,7 @@ class EvictingLayer(CacheLayerMixin):
         self._held = 0
         self.row_bound: int | None = None  # the most rows held between rounds (budget + buffer)
         self.budget: int | None = None  # decode budget B, set when the prompt is done
+        self.window: int | None = None  # a sliding layer sees only the last `window` tokens
         self.bin = RecycleBin()
         self.reserve = RecycleBin()  # what a prefill set aside for a later question: never aged or trimmed
         self.reserve_active = False  # once anything was set aside, image tokens a round evicts go there too
@@ -230,7 +231,7 @@ class EvictingLayer(CacheLayerMixin):
         keep = keep.to(self.device)
         new_index = incoming.token_index.to(self.device)
         # One merge plan for every head when they all hold the same rows (always so with a bin).
-        shared = keep.dim() == 1 and _same_in_every_head(self.token_index) and _same_in_every_head(new_index)
+        shared = keep.dim() == 1 and same_in_every_head(self.token_index) and same_in_every_head(new_index)
         planned = 1 if shared else self.token_index.shape[0]
         plan_keep = keep.expand(planned, -1) if keep.dim() == 1 else keep
         source, slots = _merge_plan(self.token_index[:planned].gather(1, plan_keep), plan_keep, new_index[:planned])
@@ -291,6 +292,24 @@ class EvictingLayer(CacheLayerMixin):
         if len(rows) == 0:
             return
         self.compact(torch.arange(self.held, device=self.device), rows)
+
+    def trim_to_window(self, next_index: int) -> torch.Tensor | None:
+        """A sliding layer: drop for good every row no token from `next_index` on can see (index
+        <= next_index - window), and the same from the bin and the reserve; returns the dropped
+        rows' modality tags. Every head keeps the same count: where heads differ, the newest rows that all of
+        them may keep."""
+        if self.window is None or not self._held:
+            return None
+        cutoff = next_index - self.window
+        for store in (self.bin, self.reserve):
+            if len(store):
+                store.delete((store.token_index <= cutoff).nonzero().squeeze(-1))
+        keep = int((self.token_index > cutoff).sum(dim=1).min())
+        if keep == self._held:
+            return None
+        dropped = self.modality[:, : self._held - keep].clone()
+        self.compact(torch.arange(self._held - keep, self._held, device=self.device))
+        return dropped
 
     def stash_queries(self, queries: torch.Tensor, token_index: torch.Tensor) -> None:
         """Keep decode queries (`[H_q, q, D]`, post-RoPE, with their token indices `[q]`) until they are folded
@@ -394,7 +413,7 @@ def _merge_plan(kept_index: torch.Tensor, keep: torch.Tensor, new_index: torch.T
     return keep.new_zeros(stays.shape[0], keep.shape[1] + arriving).scatter_(1, stays, keep), slots
 
 
-def _same_in_every_head(token_index: torch.Tensor) -> bool:
+def same_in_every_head(token_index: torch.Tensor) -> bool:
     return token_index.shape[0] == 1 or bool((token_index == token_index[:1]).all())
 
 

@@ -6,7 +6,7 @@ from enum import IntEnum
 class Modality(IntEnum):
     TEXT = 0  # prompt text, chat and special tokens
     IMAGE = 1  # a visual feature token (image_id says which image)
-    SEPARATOR = 2  # sub_GN row ends and the glb_GN slot (image_id says which image)
+    SEPARATOR = 2  # an image's tokens that get no feature: row ends, view markers (image_id says which image)
     GENERATED = 3  # tokens produced during decoding
 
 

@@ -88,6 +88,7 @@ def snapshot(layers, step: int, tokens_fed: int, image_sizes: list[int], events:
             reserve_tokens=len(layer.reserve),
             reserve_bytes=layer.reserve.nbytes,
             reserve_by_image=[int(round(c)) for c in reserved[idx]] if images else [],
+            window=layer.window,
         )
         for idx, layer in enumerate(layers)
     ]

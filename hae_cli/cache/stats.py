@@ -25,6 +25,14 @@ class LayerStats:
     reserve_tokens: int = 0  # tokens a prefill set aside for a later question (off the attention path)
     reserve_bytes: int = 0
     reserve_by_image: list[int] = field(default_factory=list)
+    window: int | None = None  # a sliding layer sees only its last `window` tokens: it holds at most window - 1
+
+    @property
+    def limit(self) -> int | None:
+        """The most tokens the layer keeps after a step: its budget, or less where its window says so."""
+        if self.window is None:
+            return self.budget
+        return self.window - 1 if self.budget is None else min(self.budget, self.window - 1)
 
 
 @dataclass(frozen=True)

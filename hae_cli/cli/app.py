@@ -61,8 +61,8 @@ def _out_of_memory_message(error: BaseException) -> str:
         what = f"could not allocate {format_bytes(int(asked.group(1)))}"
     else:
         what = one_line(error)[:160]
-    return (f"out of memory ({what}); try a smaller --budget, fewer --num-crops, fewer images, "
-            "--dtype bfloat16, or --device cpu")
+    return (f"out of memory ({what}); try a smaller --budget, a smaller --image-option (crops, pixels, tiles), "
+            "fewer images, --dtype bfloat16, or --device cpu")
 
 
 def _quiet_stdout() -> None:

@@ -16,7 +16,7 @@ from rich.console import Console
 from hae_cli.cli import signals, validate
 from hae_cli.cli.app import app
 from hae_cli.cli.options import (
-    OUTPUT_PANEL, POLICY_PANEL, DeviceOpt, DtypeOpt, ModelOpt, NumCropsOpt,
+    OUTPUT_PANEL, POLICY_PANEL, DeviceOpt, DtypeOpt, ImageOptionOpt, ModelOpt, NumCropsOpt, image_options,
 )
 from hae_cli.cli.output import json_only_stdout, library, progress_on_stderr, write_json
 from hae_cli.cli.prepare import LOADING_LIBRARIES
@@ -157,6 +157,7 @@ def eval_command(
     )] = None,
     model: ModelOpt = "demo",
     num_crops: NumCropsOpt = None,
+    image_option: ImageOptionOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -185,7 +186,8 @@ def eval_command(
 
         config = EvalConfig(model=_model_name(model), device=device, dtype=dtype, num_crops=num_crops,
                             task=task.value, plan=tuple(plan), fastv_layer=fastv_layer,
-                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value])
+                            max_new_tokens=max_new_tokens or DEFAULT_MAX_NEW_TOKENS[task.value],
+                            image_options=tuple(sorted(image_options(image_option).items())))
         backend = Backend(workers, threads, ray)
         plot = not no_plot and _can_plot()
         bar = _Bar(enabled=not quiet, description=f"items on {backend.describe()}")
@@ -297,7 +299,8 @@ def _load_here(config, bar):
     from hae_cli.api import load_model
 
     with progress_on_stderr(enabled=bar.enabled) as spinner:
-        return load_model(config.model, config.device, config.dtype, config.num_crops, on_progress=spinner)
+        return load_model(config.model, config.device, config.dtype, config.num_crops, on_progress=spinner,
+                          image_options=dict(config.image_options))
 
 
 class _Bar:

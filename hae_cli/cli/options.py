@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,6 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from hae_cli.cli.validate import collect_policy_args
+from hae_cli.errors import ConfigError
 
 MODEL_PANEL = "Model"
 POLICY_PANEL = "Cache policy"
@@ -29,8 +30,7 @@ ModelOpt = Annotated[str, typer.Option(
          "easy-VQA (coloured shapes) for trying hae offline on a CPU; it knows nothing else. A folder, or a hub id "
          "such as [bold]microsoft/Phi-3.5-vision-instruct[/bold] or [bold]Qwen/Qwen2-VL-2B-Instruct[/bold] taken "
          "from the local Hugging Face cache (nothing is downloaded with HF_HUB_OFFLINE=1), of any family "
-         "[bold]hae families[/bold] lists: Phi-3.5-V, Qwen2-VL / 2.5-VL, LLaVA-1.5 / NeXT / OneVision, "
-         "Idefics3 / SmolVLM.",
+         "[bold]hae families[/bold] lists.",
 )]
 DeviceOpt = Annotated[str | None, typer.Option(
     "--device", rich_help_panel=MODEL_PANEL, help="cpu, cuda or cuda:N. Default: cuda if available, else cpu.",
@@ -41,10 +41,16 @@ DtypeOpt = Annotated[str | None, typer.Option(
 )]
 NumCropsOpt = Annotated[int | None, typer.Option(
     "--num-crops", min=1, rich_help_panel=MODEL_PANEL,
-    help="Most 336-pixel crops per image (HD transform). The image is resized, up or down, to tile into "
-         "at most this many, and each crop adds 144 image tokens to the global view's 144: more crops, more "
-         "image tokens, even for a small image. Default: the checkpoint's; at most what it was trained with "
-         "(demo model: 1, Phi-3.5-Vision: 16).",
+    help="Phi-3.5-Vision: most 336-pixel crops per image (HD transform; the same as --image-option num_crops=N). "
+         "The image is resized, up or down, to tile into at most this many, and each crop adds 144 image tokens "
+         "to the global view's 144: more crops, more image tokens, even for a small image. Default: the "
+         "checkpoint's; at most what it was trained with (demo model: 1, Phi-3.5-Vision: 16).",
+)]
+ImageOptionOpt = Annotated[list[str] | None, typer.Option(
+    "--image-option", rich_help_panel=MODEL_PANEL, metavar="NAME=N",
+    help="The model family's own image resolution setting, repeatable: Phi-3.5-V's num_crops, Qwen-VL's "
+         "max_pixels, InternVL's max_tiles, Mistral 3's longest_edge, Gemma 3's pan_and_scan_crops "
+         "([bold]hae families[/bold] lists each family's). A family without that option says so in one line.",
 )]
 PolicyOpt = Annotated[str, typer.Option(
     "--policy", rich_help_panel=POLICY_PANEL, metavar="NAME",
@@ -145,6 +151,14 @@ class RunOptions:
     top_p: float
     seed: int
     compile: bool = False
+    image_options: dict[str, int] = field(default_factory=dict)  # the family's own, by name (--image-option)
+
+    def load_options(self) -> dict[str, int]:
+        """The image options to load the model with: --image-option's, and --num-crops as num_crops."""
+        options = dict(self.image_options)
+        if self.num_crops is not None:
+            options["num_crops"] = self.num_crops
+        return options
 
 
 def _shared(max_new_tokens: int) -> list[tuple[str, Any, Any]]:
@@ -157,6 +171,7 @@ def _shared(max_new_tokens: int) -> list[tuple[str, Any, Any]]:
         ("score_layer", ScoreLayerOpt, None),
         ("param", ParamOpt, None),
         ("num_crops", NumCropsOpt, None),
+        ("image_option", ImageOptionOpt, None),
         ("max_new_tokens", MaxNewTokensOpt, max_new_tokens),
         ("temperature", TemperatureOpt, 0.0),
         ("top_p", TopPOpt, 1.0),
@@ -211,4 +226,17 @@ def run_options(**values) -> RunOptions:
         top_p=values["top_p"],
         seed=values["seed"],
         compile=values["compile"],
+        image_options=image_options(values["image_option"]),
     )
+
+
+def image_options(items: list[str] | None) -> dict[str, int]:
+    """--image-option NAME=N, repeated -> {name: N} (the family checks the names when it loads)."""
+    options = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if not sep or not name or not value.strip().isdigit():
+            raise ConfigError(f"--image-option expects NAME=N (a whole number), got {item!r}")
+        options[name] = int(value)
+    return options

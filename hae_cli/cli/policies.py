@@ -72,10 +72,12 @@ def list_families() -> None:
     for model_type, cls in families().items():
         by_class.setdefault(cls, []).append(model_type)
     table = Table(header_style="bold", show_lines=True)
-    for column in ("family", "model_type", "an image becomes", "HAE's per-image floor draws on", "--show-kept draws"):
+    for column in ("family", "model_type", "an image becomes", "HAE's per-image floor draws on", "--show-kept draws",
+                   "--image-option"):
         table.add_column(column, style="bold cyan" if column == "family" else None)
     for cls, types in sorted(by_class.items(), key=lambda item: (item[0].model_types != ("phi3_v",), item[0].family)):
-        table.add_row(cls.family, ", ".join(types), cls.image_tokens, cls.overview, cls.kept_views)
+        options = "\n".join(f"{name}: {what}" for name, what in cls.image_options.items()) or "none"
+        table.add_row(cls.family, ", ".join(types), cls.image_tokens, cls.overview, cls.kept_views, options)
     console = Console()
     # the width at which no word of any cell is cut: each column its longest word, and the borders
     needed = sum(max(len(word) for cell in [column.header, *column.cells] for word in str(cell).split())

@@ -51,4 +51,5 @@ def _checks(options: RunOptions, images: Sequence[Path]) -> Checked:
 def load(checked: Checked, options: RunOptions, progress, nothing: dict | None):
     """The model, loaded with `progress` told what is being read."""
     return interruptible(lambda: checked.api.load_model(options.model, options.device, options.dtype,
-                                                       options.num_crops, on_progress=progress), nothing)
+                                                       on_progress=progress, image_options=options.load_options()),
+                         nothing)

@@ -160,7 +160,8 @@ def profile(
         nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
         with progress_on_stderr() as progress:
             loaded = interruptible(lambda: api.load_model(
-                options.model, options.device, options.dtype, options.num_crops, on_progress=progress),
+                options.model, options.device, options.dtype, on_progress=progress,
+                image_options=options.load_options()),
                 nothing, json_file)
             layer = kept_layer_for(kept, loaded.num_layers) if kept.path is not None else None
             report = run_profile(

@@ -80,7 +80,7 @@ def story(
 ) -> None:
     """Tell a story over several images, streamed with the live cache panel.
 
-    Each image goes in after its label ("Image 1: <|image_1|>", ...), then your --prompt; a prompt that places <|image_k|> itself is used as written.
+    Each image goes in after its label ("Image 1: " and the image, as the model's chat template writes an image: Phi-3.5-V's <|image_1|>, Qwen's <|vision_start|>...), then your --prompt. With Phi-3.5-V, a prompt that places <|image_k|> itself is used as written.
 
     Long decodes are where decode-time eviction works: with a tight --budget, tokens move to the recycle bin and some come back ("restored" in the events).
     """

@@ -97,7 +97,7 @@ def layout(images: list[ImageCells], header_height: int = HEADER_HEIGHT) -> Kept
         rows.append(row)
         y = row.y + row.height + ROW_GAP
         width = max(width, x - VIEW_GAP + MARGIN)
-    return KeptLayout(max(width, _legend_width()), y, rows)
+    return KeptLayout(max(width, _legend_width(separator_names(images))), y, rows)
 
 
 def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -> Image.Image:
@@ -138,8 +138,7 @@ def draw_kept(kept: KeptMap, layer: int, images: list[ImageCells], title: str) -
     draw = ImageDraw.Draw(figure)
     for n, line in enumerate(title_lines):
         draw.text((MARGIN, 6 + n * TITLE_LINE), line, fill=INK, font=font)
-    names = next((cells.separator_names for cells in images if cells.separator_names), "")
-    _legend(figure, draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1), names)
+    _legend(figure, draw, font, MARGIN, 26 + TITLE_LINE * (len(title_lines) - 1), separator_names(images))
     for row in plan.rows:
         _frame(draw, row)
     for row, label in labels:
@@ -232,9 +231,15 @@ def legend_swatches(separator_names: str = "") -> list[tuple[str, np.ndarray]]:
     ]
 
 
-def _legend_width(separator_names: str = "sub_GN, glb_GN") -> int:
+def separator_names(images: list[ImageCells]) -> str:
+    """What the family calls its separator tokens (the legend's words), from its images' cells."""
+    return next((cells.separator_names for cells in images if cells.separator_names), "")
+
+
+def _legend_width(names: str) -> int:
+    """The legend's width with the family's own separator names (Gemma 3's are long)."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    texts = [text for text, _ in legend_swatches(separator_names)]
+    texts = [text for text, _ in legend_swatches(names)]
     return 2 * MARGIN + sum(CELL + 5 + int(probe.textlength(text, font=_font(13))) + 18 for text in texts)
 
 

@@ -93,7 +93,8 @@ def format_counts(counts: dict[str, int]) -> str:
 
 def occupancy_bar(layer: LayerStats, scale: int, width: int) -> Text:
     """A stacked bar of `width` cells: text / image / separator / generated, then the bin,
-    then empty cells up to the budget, with `│` inserted where the budget falls.
+    then empty cells up to the budget (a sliding layer's window, where smaller), with `│`
+    inserted where it falls.
     `scale` is the token count the full width stands for (shared by all rows)."""
     scale = max(scale, 1)
     counts = [layer.tokens_by_modality.get(m, 0) for m in MODALITIES] + [layer.bin_tokens]
@@ -105,8 +106,8 @@ def occupancy_bar(layer: LayerStats, scale: int, width: int) -> Text:
         cumulative += count
         end = round(cumulative * width / scale)
         cells += [SEGMENTS[name]] * (end - start)
-    if layer.budget is not None:
-        filled_to = round(min(layer.budget, scale) * width / scale)
+    if layer.limit is not None:
+        filled_to = round(min(layer.limit, scale) * width / scale)
         cells += [EMPTY] * max(0, filled_to - len(cells))
         cells.insert(filled_to, BUDGET_MARK)
     cells += [(" ", "")] * (width + 1 - len(cells))
@@ -117,7 +118,7 @@ def occupancy_bar(layer: LayerStats, scale: int, width: int) -> Text:
 
 
 def _bar_scale(layers: Sequence[LayerStats]) -> int:
-    return max([1] + [max(layer.tokens_held + layer.bin_tokens, layer.budget or 0) for layer in layers])
+    return max([1] + [max(layer.tokens_held + layer.bin_tokens, layer.limit or 0) for layer in layers])
 
 
 _LAYER_COLUMNS = ("layer", "held", "budget", "text", "image", "sep", "gen", "bin")
@@ -127,7 +128,7 @@ def _numeric_width(layers: Sequence[LayerStats]) -> int:
     """Width of the non-bar columns (with their padding) for these rows."""
     widest = {name: len(name) for name in _LAYER_COLUMNS}
     for layer in layers:
-        values = [f"L{layer.layer}", layer.tokens_held, layer.budget if layer.budget is not None else "-"]
+        values = [f"L{layer.layer}", layer.tokens_held, budget_text(layer)]
         values += [layer.tokens_by_modality.get(m, 0) for m in MODALITIES] + [layer.bin_tokens]
         for name, value in zip(_LAYER_COLUMNS, values):
             widest[name] = max(widest[name], len(str(value)))
@@ -149,7 +150,7 @@ def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None 
             f"L{layer.layer}",
             *([occupancy_bar(layer, scale, bar_width)] if bar_width else []),
             str(layer.tokens_held),
-            str(layer.budget) if layer.budget is not None else "-",
+            budget_text(layer),
             str(by.get("text", 0)),
             str(by.get("image", 0)),
             str(by.get("separator", 0)),
@@ -157,6 +158,12 @@ def layer_table(layers: Sequence[LayerStats], bar_width: int, scale: int | None 
             Text(str(layer.bin_tokens), style="red" if layer.bin_tokens else ""),
         )
     return table
+
+
+def budget_text(layer: LayerStats) -> str:
+    """The budget column: the budget, and a sliding layer's window ("w4096")."""
+    budget = str(layer.budget) if layer.budget is not None else "-"
+    return budget if layer.window is None else f"{budget} w{layer.window}"
 
 
 def bar_legend(buffer: int | None = None) -> Text:

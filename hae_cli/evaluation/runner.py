@@ -78,12 +78,17 @@ class EvalConfig:
     plan: tuple = ()  # Settings; full first, each baseline after the HAE setting it matches
     fastv_layer: int = 2
     max_new_tokens: int = 16
+    image_options: tuple = ()  # (name, value) pairs: the family's own image options (--image-option)
 
     def to_json(self) -> dict:
-        """What a resumed run must share with the run it continues."""
-        return {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
-                "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
-                "max_new_tokens": self.max_new_tokens}
+        """What a resumed run must share with the run it continues (image options only where given,
+        so a run stored before they existed still resumes)."""
+        config = {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
+                  "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
+                  "max_new_tokens": self.max_new_tokens}
+        if self.image_options:
+            config["image_options"] = dict(self.image_options)
+        return config
 
 
 class ItemRunner:
@@ -100,7 +105,8 @@ class ItemRunner:
         if loaded is None:
             from hae_cli.api import load_model
 
-            loaded = load_model(config.model, config.device, config.dtype, config.num_crops)
+            loaded = load_model(config.model, config.device, config.dtype, config.num_crops,
+                                image_options=dict(config.image_options))
         self.config, self.loaded = config, loaded
         self._image_sets: OrderedDict = OrderedDict()
         self._fewer_crops: dict = {}

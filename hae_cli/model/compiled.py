@@ -7,7 +7,8 @@ eviction rounds every call has the same shapes and nothing in it returns to Pyth
 `mode="reduce-overhead"` replays it as a CUDA graph. The cache's bookkeeping (folds, rounds,
 restores, the recycle bin) runs eagerly after the step, as in the eager loop.
 
-The rotary cos/sin of the new position are computed just before the graph: some families
+The rotary cos/sin of the new position (each layer's, where layers differ) are computed just
+before the graph: some families
 choose their frequencies with a Python branch on the position (Phi-3.5's long-context
 factors), which a graph cannot hold. They are a handful of small kernels.
 
@@ -90,7 +91,7 @@ class CompiledStep:
         position_ids = self.model.decode_position_ids(position)
         if position_ids.dim() == 1:
             position_ids = position_ids.unsqueeze(0)
-        cos, sin = self.backbone.rotary_emb(self._rotary_probe, position_ids=position_ids)
+        embeddings = self.backbone.position_embeddings(self._rotary_probe, position_ids)
         ids = torch.tensor([[token_id]], device=self.model.device)
         step = self.cache.begin_static_step(self.query_shape)
         first = self.compiling and self.warmup_seconds is None
@@ -99,7 +100,7 @@ class CompiledStep:
         start = time.perf_counter()
         graphs = compiled_graphs()
         try:
-            logits = self.function(self.backbone, ids, cos, sin, position_ids, step)
+            logits = self.function(self.backbone, ids, embeddings, position_ids, step)
         except Exception as error:  # noqa: BLE001 - any compiler failure means: decode eagerly
             if not first:
                 raise

@@ -38,7 +38,7 @@ def prefill(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cac
     """Run prompt rows (`tokens`: their `PromptTokens`, for the tags) at `position_ids`; returns
     the last row's logits `[vocab]`. The cache's first forward is the one policies prune."""
     _notify(cache, "begin_tokens", tokens.modality, tokens.image_id, tokens.overview)
-    logits = model.forward(embeds, position_ids, cache).logits[0, -1]
+    logits = model.forward(embeds, position_ids, cache, tokens=tokens).logits[0, -1]
     _notify(cache, "end_step")
     finite_logits(logits, model)
     return logits
@@ -48,10 +48,10 @@ def feed_question(model, embeds: torch.Tensor, tokens, position_ids: torch.Tenso
     """A new turn's question (after images or answers already cached): where the cache's policy
     asks for it, fed first as a probe whose attention brings back what the question needs, then
     fed for real; returns the last row's logits."""
-    policy = getattr(cache, "policy", None)
-    if policy is not None and policy.wants_question_probe():
+    wants_probe = getattr(cache, "wants_question_probe", None)
+    if wants_probe is not None and wants_probe():
         cache.begin_tokens(tokens.modality, tokens.image_id, tokens.overview, probe=True)
-        model.forward(embeds, position_ids, cache)
+        model.forward(embeds, position_ids, cache, tokens=tokens)
         cache.end_probe()
     return prefill(model, embeds, tokens, position_ids, cache)
 

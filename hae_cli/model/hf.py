@@ -1,17 +1,19 @@
 """The model interface over transformers' native vision-language classes: what Qwen2-VL, the
-LLaVA family and Idefics3/SmolVLM share.
+LLaVA family, Idefics3/SmolVLM, InternVL, Mistral 3, Gemma 3 and Qwen3-VL share.
 
 Everything model-specific is the family's own transformers code: `AutoModelForImageTextToText`
 loads the checkpoint, the family's processor (`load_processor`) resizes and normalises images,
 renders the chat template and expands each image placeholder into the image's tokens, and the
-model's `get_image_features` runs the vision tower. What hae adds is around that: each token's
-tags, read off what the processor returned (which run of tokens each image's placeholder
-became: `text_replacement_offsets`), the decoder walked layer by layer (`run_decoder`), and
-chat turns appended to a kept cache.
+model's `get_image_features` runs the vision tower. What hae adds is around that: the prompt's
+text with each placeholder replaced by the processor's expansion (`text_replacement_offsets`),
+tokenized whole as the processor tokenizes it, each token tagged by where it begins (inside
+which image's expansion, if any); the decoder walked layer by layer (`run_decoder`), with the
+family's per-layer rules; and chat turns appended to a kept cache.
 
 A family folder subclasses `HFVisionLanguageModel` with the facts of its layout: where its text
-decoder sits, which of an image's tokens are its overview (a global or base view) and which
-are separators, and how to draw an image's views (`image_cells`).
+decoder sits, its layers' rules (`layer_rules`), which token receives the features, which of an
+image's tokens are its overview (a global or base view) and which are separators, and how to
+draw an image's views (`image_cells`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from hae_cli.cache.modality import Modality
 from hae_cli.checks import finite_weights
 from hae_cli.errors import CheckpointError
-from hae_cli.model.decoder import TextBackbone
+from hae_cli.model.decoder import LayerRule, TextBackbone
 from hae_cli.model.image_file import check_aspect_ratio, image_name, load_image
 from hae_cli.model.interface import PromptTokens, UserTurn, VisionLanguageModel
 from hae_cli.model.limits import ModelLimits
@@ -59,6 +61,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
     """A native transformers VLM behind the model interface (see the module docstring)."""
 
     end_of_turn: tuple[str, ...] = ()  # tokens that close an assistant turn, besides the EOS
+    processor_kwargs: dict = {}  # the image options, as the processor's call-time settings (set by `load`)
 
     def __init__(self, model, processor, folder: Path, name: str) -> None:
         self.model = model
@@ -70,26 +73,29 @@ class HFVisionLanguageModel(VisionLanguageModel):
         self.num_layers = self.text_config.num_hidden_layers
         text = self.text_model()
         self.backbone = TextBackbone(text.layers, text.rotary_emb, text.norm, model.lm_head, text.embed_tokens,
-                                     layer_position_ids=self.layer_position_ids)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+                                     layer_position_ids=self.layer_position_ids, rules=self.layer_rules())
+        self.image_token_id = self.feature_token_id()
         context = self.text_config.max_position_embeddings
         self.limits = ModelLimits(name="this checkpoint", max_crops=1, max_images=None, context_tokens=context,
                                   context_reason="its max_position_embeddings")
 
     @classmethod
-    def load(cls, folder, device, dtype, *, name: str, num_crops: int | None = None, on_progress=None):
+    def load(cls, folder, device, dtype, *, name: str, options: dict[str, int] | None = None, on_progress=None):
         from transformers import AutoModelForImageTextToText
 
         from hae_cli.cache.attention import register_attention
         from hae_cli.model.hf_processor import load_processor
 
-        cls.refuse_option("--num-crops", num_crops, cls.family)
+        options = cls.checked_options(options)
         progress = on_progress or (lambda message: None)
         progress(f"loading the processor from {folder}")
         try:
             processor = load_processor(folder)
         except ImportError as error:  # a dependency the family's processor needs
             raise CheckpointError(f"{folder}: the {cls.family} processor cannot be built: {error}") from None
+        processor_kwargs = {}
+        for option, value in options.items():
+            processor_kwargs.update(cls.image_option_kwargs(processor, option, value))
         progress(f"loading weights from {folder} ({device}, {str(dtype).removeprefix('torch.')})")
         try:
             model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).to(device).eval()
@@ -98,7 +104,9 @@ class HFVisionLanguageModel(VisionLanguageModel):
             raise CheckpointError(f"{folder}: cannot load the {cls.family} checkpoint: {message}") from None
         finite_weights(dict(model.named_parameters()), folder)
         model.config.get_text_config()._attn_implementation = register_attention()  # the decoder only
-        return cls(model, processor, folder, name)
+        loaded = cls(model, processor, folder, name)
+        loaded.processor_kwargs = processor_kwargs
+        return loaded
 
     # --- the family's facts ---
 
@@ -109,6 +117,25 @@ class HFVisionLanguageModel(VisionLanguageModel):
     def layer_position_ids(self, position_ids: torch.Tensor) -> torch.Tensor | None:
         return position_ids
 
+    def layer_rules(self) -> list[LayerRule] | None:
+        """Each decoder layer's rotary embedding, window and image blocks (None: all plain)."""
+        return None
+
+    @classmethod
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        """One of the family's `image_options` as its processor's own call-time setting (the
+        processor's defaults would override the image processor's attributes)."""
+        raise NotImplementedError(option)
+
+    def vision_features(self, output) -> torch.Tensor:
+        """`[slots, D]` from what `get_image_features` returned: the features each slot receives."""
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in output.pooler_output])
+
+    def feature_token_id(self) -> int:
+        """The token whose slots receive the image features: the processor's placeholder, unless
+        the family expands it into another (Gemma 3's `<start_of_image>` -> `<image_soft_token>`)."""
+        return self.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+
     def tag_run(self, run: ImageRun, layout: dict) -> tuple[list[int], list[bool]]:
         """Per token of an image's run: its modality and whether it is the image's overview.
         Default: the placeholder's feature tokens are IMAGE, everything else in the run
@@ -116,8 +143,8 @@ class HFVisionLanguageModel(VisionLanguageModel):
         modality = [int(Modality.IMAGE if t == self.image_token_id else Modality.SEPARATOR) for t in run.ids]
         return modality, [False] * len(run.ids)
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
-        """How image `index` (of `count` in its prompt) was cut, as JSON."""
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
+        """How image `index` (of `count` in its prompt; `picture`, the RGB image) was cut, as JSON."""
         return {"tokens": len(run.ids)}
 
     # --- the interface ---
@@ -156,7 +183,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
         kwargs = {k: v.to(self.device) for k, v in inputs.items() if k in accepted and k != "pixel_values"}
         pixels = inputs["pixel_values"].to(self.device, self.dtype)
         with torch.inference_mode():
-            features = torch.cat([f.reshape(-1, f.shape[-1]) for f in get(pixels, **kwargs).pooler_output])
+            features = self.vision_features(get(pixels, **kwargs))
         counts = [sum(1 for t in run.ids if t == self.image_token_id) for run in runs]
         if sum(counts) != features.shape[0]:
             raise RuntimeError(f"{self.family}: {features.shape[0]} image features for {sum(counts)} image tokens")
@@ -164,8 +191,7 @@ class HFVisionLanguageModel(VisionLanguageModel):
 
     def prompt(self, turn: UserTurn, images: list[HFImage]) -> PromptTokens:
         rendered = self._render([self._user(turn)], generation=True)
-        ids = self.tokenizer(rendered, add_special_tokens=self._adds_bos(rendered)).input_ids
-        return self._expanded(ids, images, turn.first_image)
+        return self._encoded(rendered, images, turn.first_image, self._adds_bos(rendered))
 
     def next_turn(self, history: list[tuple[UserTurn, str]], turn: UserTurn, images: list[HFImage]) -> PromptTokens:
         """The ids the template gives the whole transcript after the last answer, the answer's
@@ -180,13 +206,11 @@ class HFVisionLanguageModel(VisionLanguageModel):
         before = whole[:cut] + history[-1][1]
         after = whole[cut + len(_ANSWER):]
         adds = self._adds_bos(whole)
-        all_ids = self.tokenizer(before + after, add_special_tokens=adds).input_ids
         fed = self.tokenizer(before, add_special_tokens=adds).input_ids
-        if all_ids[: len(fed)] == fed:
-            ids = all_ids[len(fed):]
-        else:  # the answer's end merged with what follows: the new text alone
-            ids = self.tokenizer(after, add_special_tokens=False).input_ids
-        return self._expanded(ids, images, turn.first_image)
+        tokens = self._encoded(before + after, images, turn.first_image, adds, fed)
+        if tokens is None:  # the answer's end merged with what follows: the new text alone
+            tokens = self._encoded(after, images, turn.first_image, False)
+        return tokens
 
     def embed(self, tokens: PromptTokens, images: list[HFImage], features: list[torch.Tensor] | None = None,
               first_image: int = 1) -> torch.Tensor:
@@ -235,42 +259,48 @@ class HFVisionLanguageModel(VisionLanguageModel):
         pixel inputs, and the run of tokens each placeholder became."""
         text = self.processor.image_token * len(images)
         out = self.processor(text=[text], images=[[image.picture for image in images]], add_special_tokens=False,
-                             return_tensors="pt", return_text_replacement_offsets=True)
+                             return_tensors="pt", return_text_replacement_offsets=True, **self.processor_kwargs)
         runs = [ImageRun(self.tokenizer(entry["replacement"], add_special_tokens=False).input_ids, entry["replacement"])
                 for entry in out.pop("text_replacement_offsets")[0]]
         return dict(out), runs
 
-    def _expanded(self, ids: list[int], images: list[HFImage], first_image: int) -> PromptTokens:
-        """Text ids with one placeholder per image -> the ids fed, each image's placeholder replaced
-        by its run, every token tagged."""
-        placeholders = [i for i, t in enumerate(ids) if t == self.image_token_id]
-        if len(placeholders) != len(images):
-            raise ValueError(f"{len(placeholders)} image placeholders for {len(images)} images")
+    def _encoded(self, text: str, images: list[HFImage], first_image: int, add_special_tokens: bool,
+                 fed: list[int] | None = None) -> PromptTokens | None:
+        """`text` as the family's processor encodes it: the last `len(images)` image placeholders
+        replaced by their expansion and the whole tokenized at once (so ids merge across an image's
+        edges exactly as the processor's do: Gemma 3's expansion begins and ends with blank
+        lines); every token tagged, a token that begins inside an image's expansion being
+        that image's. `fed`: ids already in the cache, which the encoding must begin with (None
+        if it does not); the rest is returned."""
+        pieces = text.split(self.processor.image_token)
+        kept = len(pieces) - 1 - len(images)  # earlier images' placeholders: already in the cache
+        if kept < 0:
+            raise ValueError(f"{len(pieces) - 1} image placeholders for {len(images)} images")
         inputs, runs = self._expand(images) if images else ({}, [])
-        out_ids, modality, image_id, overview = [], [], [], []
-        start = 0
-        for k, (at, run, image) in enumerate(zip(placeholders, runs, images)):
-            text = ids[start:at]
-            out_ids += text
-            modality += [int(Modality.TEXT)] * len(text)
-            image_id += [0] * len(text)
-            overview += [False] * len(text)
-            image.layout = self.layout_of(run, inputs, k, len(images))
+        expanded, spans = self.processor.image_token.join(pieces[: kept + 1]), []
+        for run, piece in zip(runs, pieces[kept + 1:]):
+            spans.append((len(expanded), len(expanded) + len(run.replacement)))
+            expanded += run.replacement + piece
+        encoding = self.tokenizer(expanded, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        ids, offsets = encoding.input_ids, encoding.offset_mapping
+        if fed is not None:
+            if ids[: len(fed)] != fed:
+                return None
+            ids, offsets = ids[len(fed):], offsets[len(fed):]
+        modality, image_id, overview = [int(Modality.TEXT)] * len(ids), [0] * len(ids), [False] * len(ids)
+        for k, ((begin, end), run, image) in enumerate(zip(spans, runs, images)):
+            # an added token (a BOS) spans no text: it is never an image's
+            slots = [i for i, (start, stop) in enumerate(offsets) if begin <= start < end and stop > start]
+            run = ImageRun([ids[i] for i in slots], run.replacement)
+            image.layout = self.layout_of(run, inputs, k, len(images), image.picture)
             tags, views = self.tag_run(run, image.layout)
-            out_ids += run.ids
-            modality += tags
-            image_id += [first_image + k] * len(run.ids)
-            overview += views
-            start = at + 1
-        out_ids += ids[start:]
-        rest = len(ids) - start
-        modality += [int(Modality.TEXT)] * rest
-        image_id += [0] * rest
-        overview += [False] * rest
+            for i, tag, view in zip(slots, tags, views):
+                modality[i], image_id[i], overview[i] = tag, first_image + k, view
+        counts = [sum(1 for i in image_id if i == first_image + k) for k in range(len(images))]
         return PromptTokens(
-            torch.tensor(out_ids, dtype=torch.long), torch.tensor(modality, dtype=torch.int8),
-            torch.tensor(image_id, dtype=torch.int16), [len(run.ids) for run in runs],
-            torch.tensor(overview, dtype=torch.bool), self.prompt_extra(out_ids, inputs, runs),
+            torch.tensor(ids, dtype=torch.long), torch.tensor(modality, dtype=torch.int8),
+            torch.tensor(image_id, dtype=torch.int16), counts, torch.tensor(overview, dtype=torch.bool),
+            self.prompt_extra(ids, inputs, runs),
         )
 
     def prompt_extra(self, ids: list[int], image_inputs: dict, runs: list[ImageRun]) -> dict[str, torch.Tensor]:

@@ -14,6 +14,11 @@ family's own code, unchanged; a video raises.
 
 SmolVLM's processor also imports `num2words` (for video prompts only) and refuses to build
 without it: `pip install num2words`.
+
+Mistral 3's processor (`PixtralProcessor`) has no video slot, but its module imports a size helper
+from Pixtral's torchvision image processor, so without torchvision transformers hands out a
+placeholder class. `load_processor` then imports the real module with the PIL image processor's
+module (which has the same helper) standing in for the torchvision one, only while it imports.
 """
 
 from __future__ import annotations
@@ -48,9 +53,53 @@ def load_processor(folder: str | Path) -> ProcessorMixin:
     processor_class = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(folder))]
     if is_torchvision_available():
         _check_torchvision_imports()
-    if is_torchvision_available() or "video_processor" not in processor_class.get_attributes():
+        return AutoProcessor.from_pretrained(folder)
+    if _is_placeholder(processor_class):
+        processor_class = import_without_torchvision(processor_class.__name__)
+        if "video_processor" not in processor_class.get_attributes():
+            return processor_class.from_pretrained(folder)
+    if "video_processor" not in processor_class.get_attributes():
         return AutoProcessor.from_pretrained(folder)
     return build_without_video(processor_class, folder)
+
+
+def _is_placeholder(processor_class: type) -> bool:
+    """transformers' stand-in for a class whose module needs a backend that is missing."""
+    from transformers.utils.import_utils import DummyObject
+
+    return isinstance(processor_class, DummyObject)
+
+
+def import_without_torchvision(class_name: str) -> type[ProcessorMixin]:
+    """The processor class `class_name`, its module imported with each torchvision image processor
+    module it reads replaced by the PIL one of the same model (`image_processing_pil_<model>`)."""
+    import importlib
+    import importlib.util
+    import sys
+    import types
+
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    for model_type, name in PROCESSOR_MAPPING_NAMES.items():
+        package = f"transformers.models.{model_type_to_module_name(model_type)}"
+        module_name = f"{package}.processing_{model_type_to_module_name(model_type)}"
+        if name != class_name or importlib.util.find_spec(module_name) is None:
+            continue
+        torchvision_module = f"{package}.image_processing_{model_type_to_module_name(model_type)}"
+        pil = importlib.import_module(f"{package}.image_processing_pil_{model_type_to_module_name(model_type)}")
+        stand_in = types.ModuleType(torchvision_module)
+        stand_in.__dict__.update({key: value for key, value in vars(pil).items() if not key.startswith("__")})
+        previous = sys.modules.get(torchvision_module)
+        sys.modules[torchvision_module] = stand_in
+        try:
+            return getattr(importlib.import_module(module_name), class_name)
+        finally:
+            if previous is None:
+                del sys.modules[torchvision_module]
+            else:
+                sys.modules[torchvision_module] = previous
+    raise ImportError(f"{class_name} needs torchvision, which this environment lacks")
 
 
 def build_without_video(processor_class: type[ProcessorMixin], folder: str | Path) -> ProcessorMixin:

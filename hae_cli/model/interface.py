@@ -85,6 +85,14 @@ class PromptTokens:
         )
 
 
+def image_blocks(modality: torch.Tensor) -> torch.Tensor:
+    """`[L]`: each contiguous run of image-feature slots numbered 0, 1, ...; -1 elsewhere (the
+    blocks a layer with `LayerRule.image_blocks` lets see each other both ways)."""
+    is_image = modality == Modality.IMAGE
+    starts = is_image & ~torch.cat([torch.zeros(1, dtype=torch.bool), is_image[:-1]])
+    return torch.where(is_image, starts.long().cumsum(0) - 1, -1)
+
+
 @dataclass(frozen=True)
 class PictureView:
     """One view of an image as the model saw it, cut into the cells its tokens stand for.
@@ -130,6 +138,8 @@ class VisionLanguageModel:
     image_tokens: ClassVar[str] = ""  # how an image becomes tokens
     overview: ClassVar[str] = ""  # what HAE's per-image floor draws on
     kept_views: ClassVar[str] = ""  # what --show-kept draws
+    # the family's own image resolution settings, name -> what it sets (`--image-option NAME=N`)
+    image_options: ClassVar[dict[str, str]] = {}
 
     name: str
     folder: Path
@@ -144,14 +154,23 @@ class VisionLanguageModel:
 
     @classmethod
     def load(cls, folder: Path, device: torch.device, dtype: torch.dtype, *, name: str,
-             num_crops: int | None = None, on_progress=None) -> "VisionLanguageModel":
-        """Read the checkpoint in `folder` strictly; `on_progress(message)` hears what is being read."""
+             options: dict[str, int] | None = None, on_progress=None) -> "VisionLanguageModel":
+        """Read the checkpoint in `folder` strictly; `options`: its image options (checked by
+        `checked_options`); `on_progress(message)` hears what is being read."""
         raise NotImplementedError
 
-    @staticmethod
-    def refuse_option(option: str, value, family: str) -> None:
-        if value is not None:
-            raise ConfigError(f"{option} applies to Phi-3.5-Vision checkpoints, not to {family}")
+    @classmethod
+    def checked_options(cls, options: dict[str, int] | None) -> dict[str, int]:
+        """`options` if each is one of the family's `image_options` with a whole value of at
+        least 1; otherwise one line saying what the family takes."""
+        options = dict(options or {})
+        for option, value in options.items():
+            if option not in cls.image_options:
+                takes = ", ".join(cls.image_options) or "none"
+                raise ConfigError(f"image option {option}: {cls.family} has no such option (its image options: {takes})")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"image option {option}={value!r}: a whole number of at least 1")
+        return options
 
     def at_crops(self, num_crops: int) -> "VisionLanguageModel":
         """The same weights reading images at `num_crops` crops: the fewer-pixels baseline
@@ -226,9 +245,19 @@ class VisionLanguageModel:
         return torch.tensor([[position]], device=self.device)
 
     def forward(self, embeds: torch.Tensor, position_ids: torch.Tensor, cache=None, attention_mask=None,
-                logits_rows: int | None = 1) -> DecoderOutput:
-        """The decoder, layer by layer (the cache's `after_layer` may prune rows between layers)."""
-        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows)
+                logits_rows: int | None = 1, tokens: PromptTokens | None = None) -> DecoderOutput:
+        """The decoder, layer by layer (the cache's `after_layer` may prune rows between layers).
+        `tokens`: the prompt rows fed (their image runs, for layers with `image_blocks`, and what
+        `layer_additions` adds)."""
+        blocks = image_blocks(tokens.modality) if tokens is not None and self.backbone.sees_image_blocks() else None
+        additions = self.layer_additions(tokens) if tokens is not None else None
+        return run_decoder(self.backbone, embeds, position_ids, cache, attention_mask, logits_rows, image_blocks=blocks,
+                           additions=additions)
+
+    def layer_additions(self, tokens: PromptTokens) -> dict[int, torch.Tensor] | None:
+        """What the family adds to given layers' outputs for these rows (layer -> `[1, L, hidden]`;
+        Qwen3-VL's deepstack features), computed by `embed`; None: nothing."""
+        return None
 
     # --- text ---
 

@@ -146,9 +146,10 @@ def family_of(folder: Path):
     return known[model_type]
 
 
-def load_model(model: str, device: str | None = None, dtype: str | None = None, *, num_crops: int | None = None,
-               on_progress=None):
-    """Load "demo", a checkpoint folder, or a hub id from the local HF cache, through its family."""
+def load_model(model: str, device: str | None = None, dtype: str | None = None, *,
+               options: dict[str, int] | None = None, on_progress=None):
+    """Load "demo", a checkpoint folder, or a hub id from the local HF cache, through its family
+    (`options`: the family's image options)."""
     import time
 
     from hae_cli.cache.attention import register_attention
@@ -160,6 +161,6 @@ def load_model(model: str, device: str | None = None, dtype: str | None = None, 
     device_obj, dtype_obj = pick_device_and_dtype(device, dtype)
     family = family_of(folder)
     register_attention()
-    loaded = family.load(folder, device_obj, dtype_obj, name=model, num_crops=num_crops, on_progress=progress)
+    loaded = family.load(folder, device_obj, dtype_obj, name=model, options=options, on_progress=progress)
     loaded.load_seconds = time.perf_counter() - start
     return loaded

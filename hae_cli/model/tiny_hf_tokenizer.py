@@ -86,22 +86,47 @@ def gpt2_bpe(leading_specials: list[str], vocab_size: int = 480) -> Tokenizer:
     return tokenizer
 
 
+def tekken_bpe(control_tokens: list[str], vocab_size: int = 480) -> Tokenizer:
+    """Mistral's Tekken as a `tokenizer.json` (Mistral-Small-3.1, Pixtral): byte-level BPE after a
+    tiktoken-style split, its control tokens (`<unk>`, `<s>`, `</s>`, `[INST]`, ... `[IMG]`) at ids
+    0, 1, ... ahead of the vocabulary, and no BOS added (the chat template writes `<s>`)."""
+    return _byte_level(pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False),
+    ]), vocab_size, control_tokens)
+
+
 def llama2_sentencepiece_bpe(
     unk: str = "<unk>", bos: str = "<s>", eos: str = "</s>", vocab_size: int = 480
 ) -> Tokenizer:
     """Llama 2's (and Mistral 7B's) SentencePiece BPE converted to tokenizer.json, as in the
     llava-hf repos: spaces become "▁" with one prepended, unknown characters fall back to the
     `<0xNN>` byte tokens at ids 3-258, and the post-processor prepends `bos`."""
+    return sentencepiece_bpe([unk, bos, eos], unk, bos, prepend_space=True, vocab_size=vocab_size)
+
+
+def gemma_bpe(vocab_size: int = 480) -> Tokenizer:
+    """Gemma 3's SentencePiece BPE as its tokenizer.json has it: `<pad>`, `<eos>`, `<bos>`, `<unk>`
+    at ids 0-3, spaces become "▁" with none prepended, byte fallback, runs of newlines as tokens
+    of their own (so a blank line next to an image's expansion merges with its neighbours), and
+    the post-processor prepends `<bos>`."""
+    corpus = CORPUS + ["\n".join(CORPUS[:4]), "\n\n".join(CORPUS[4:]), "a\n\n\nb\n\nc"]
+    return sentencepiece_bpe(["<pad>", "<eos>", "<bos>", "<unk>"], "<unk>", "<bos>", prepend_space=False,
+                             vocab_size=vocab_size, corpus=corpus)
+
+
+def sentencepiece_bpe(specials: list[str], unk: str, bos: str, *, prepend_space: bool, vocab_size: int = 480,
+                      corpus: list[str] = CORPUS) -> Tokenizer:
+    """A SentencePiece BPE converted to tokenizer.json: `specials` first, then the 256 `<0xNN>`
+    byte tokens, then the merges trained on `corpus`; "▁" for spaces (one prepended where
+    `prepend_space`), byte fallback, `bos` prepended by the post-processor."""
     tokenizer = Tokenizer(models.BPE(unk_token=unk))
-    tokenizer.normalizer = normalizers.Sequence([
-        normalizers.Prepend(SENTENCEPIECE_SPACE),
-        normalizers.Replace(" ", SENTENCEPIECE_SPACE),
-    ])
+    steps = [normalizers.Prepend(SENTENCEPIECE_SPACE)] if prepend_space else []
+    tokenizer.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", SENTENCEPIECE_SPACE)])
     # Training only: keep merges inside words, as SentencePiece does.
     tokenizer.pre_tokenizer = pre_tokenizers.Split(SENTENCEPIECE_SPACE, behavior="merged_with_next")
-    specials = [unk, bos, eos]
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - 256, special_tokens=specials, show_progress=False)
-    tokenizer.train_from_iterator(CORPUS, trainer)
+    tokenizer.train_from_iterator(corpus, trainer)
 
     trained = json.loads(tokenizer.to_str())["model"]
     byte_tokens = [f"<0x{value:02X}>" for value in range(256)]
@@ -112,11 +137,12 @@ def llama2_sentencepiece_bpe(
 
     converted = Tokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
     converted.normalizer = tokenizer.normalizer
+    strip = [decoders.Strip(" ", 1, 0)] if prepend_space else []
     converted.decoder = decoders.Sequence([
         decoders.Replace(SENTENCEPIECE_SPACE, " "),
         decoders.ByteFallback(),
         decoders.Fuse(),
-        decoders.Strip(" ", 1, 0),
+        *strip,
     ])
     converted.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     converted.post_processor = _bos_template(converted, bos)
@@ -191,9 +217,13 @@ def _bos_template(tokenizer: Tokenizer, bos: str) -> processors.TemplateProcessi
 
 # Shared by the tiny checkpoint writers of every family (hae_cli/model/<family>/tiny.py).
 
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]  # the image normalisation of CLIP-trained towers
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
 
 def spread_weights(model: torch.nn.Module, seed: int, never_generated: list[int] = ()) -> None:
-    """Redraw every weight from `seed`: N(0, 1/fan_in) matrices, N(0, 1) embeddings and free
+    """Redraw every weight from `seed`: N(0, 1/fan_in) matrices (each expert's, for a mixture of
+    experts' packed `[E, out, in]`), N(0, 1) embeddings and free
     vectors, norms kept at one and biases at zero; the output rows of `never_generated` tokens
     are zero, so their logit (0) stays under the top one.
 
@@ -214,6 +244,8 @@ def spread_weights(model: torch.nn.Module, seed: int, never_generated: list[int]
             for name, weight in module.named_parameters(recurse=False):
                 if isinstance(module, torch.nn.Embedding) or (weight.dim() == 1 and not is_norm and name != "bias"):
                     std = 1.0
+                elif weight.dim() == 3 and not isinstance(module, torch.nn.Conv1d):  # experts: [E, out, in]
+                    std = weight.shape[-1] ** -0.5
                 elif weight.dim() >= 2:
                     std = weight[0].numel() ** -0.5
                 else:

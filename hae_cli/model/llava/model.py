@@ -27,7 +27,7 @@ class Llava(HFVisionLanguageModel):
     overview = "the whole image (one view)"
     kept_views = "the image as CLIP saw it (centre crop)"
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         return {"tokens": len(run.ids), "grid": math.isqrt(len(run.ids))}
 
     def image_cells(self, picture, layout: dict) -> ImageCells:
@@ -58,7 +58,7 @@ class LlavaNext(HFVisionLanguageModel):
         """Whether an image among `count` in a prompt is its base view alone."""
         return False
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
 
         side = self._side()

@@ -24,6 +24,8 @@ from transformers import (
 )
 
 from hae_cli.model.tiny_hf_tokenizer import (
+    CLIP_MEAN,
+    CLIP_STD,
     add_tokens,
     llama2_sentencepiece_bpe,
     qwen2_bpe,
@@ -74,8 +76,6 @@ LLAVA_ONEVISION_CHAT_TEMPLATE = (
     "{{'<|im_end|>'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 PATCH_SIZE = 14
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH_SIZE

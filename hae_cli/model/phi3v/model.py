@@ -28,6 +28,7 @@ class Phi35Vision(VisionLanguageModel):
     image_tokens = "HD crops of 336 px + a global view, 2x2-merged CLIP patches, a sub_GN closing each row, a glb_GN"
     overview = "the global view"
     kept_views = "crops (after the HD transform), glb_GN, global view"
+    image_options = {"num_crops": "most 336-pixel crops per image (HD transform), 144 tokens each (--num-crops)"}
 
     def __init__(self, network: Phi3VForCausalLM, tokenizer, image_config: ImageProcessorConfig, limits,
                  folder: Path, name: str) -> None:
@@ -43,9 +44,11 @@ class Phi35Vision(VisionLanguageModel):
         self.backbone = network.backbone
 
     @classmethod
-    def load(cls, folder, device, dtype, *, name: str, num_crops: int | None = None, on_progress=None) -> "Phi35Vision":
+    def load(cls, folder, device, dtype, *, name: str, options: dict[str, int] | None = None,
+             on_progress=None) -> "Phi35Vision":
         """The configs are read and `num_crops` checked against what the checkpoint was built for
         before any weight is read."""
+        num_crops = cls.checked_options(options).get("num_crops")
         progress = on_progress or (lambda message: None)
         config = ModelConfig.from_folder(folder)
         image_config = ImageProcessorConfig.from_files(folder, crop_size=config.crop_size, patch_size=config.patch_size)

@@ -21,11 +21,16 @@ class Qwen2VL(HFVisionLanguageModel):
     overview = "the whole image (one view)"
     kept_views = "the image at its own resolution"
     end_of_turn = ("<|im_end|>",)
+    image_options = {"max_pixels": "most pixels an image is resized to (a token per 2 x 2 patches)"}
+
+    @classmethod
+    def image_option_kwargs(cls, processor, option: str, value: int) -> dict:
+        return {"size": {"shortest_edge": processor.image_processor.size.shortest_edge, "longest_edge": value}}
 
     def layer_position_ids(self, position_ids):
         return None  # as Qwen2-VL's text model passes them, given three rows
 
-    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int) -> dict:
+    def layout_of(self, run: ImageRun, image_inputs: dict, index: int, count: int, picture) -> dict:
         t, h, w = image_inputs["image_grid_thw"][index].tolist()
         merge = self.config.vision_config.spatial_merge_size
         return {"tokens": len(run.ids), "grid": [h // merge, w // merge], "frames": t}

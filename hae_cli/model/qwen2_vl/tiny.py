@@ -23,6 +23,8 @@ from transformers import (
 )
 
 from hae_cli.model.tiny_hf_tokenizer import (
+    CLIP_MEAN,
+    CLIP_STD,
     add_tokens,
     qwen2_bpe,
     save_tokenizer_files,
@@ -62,8 +64,6 @@ QWEN2_5_PLAIN_TOKENS = [
     "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>",
 ]  # fmt: skip
 
-IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
-IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 # One merged token covers 28 x 28 pixels: images of 4 to 36 tokens.
@@ -101,6 +101,26 @@ VARIANTS = {
         ),
     ),
 }  # fmt: skip
+
+
+def qwen_tokenizer_config(chat_template: str, model_max_length: int, **fields) -> dict:
+    """`tokenizer_config.json` of the Qwen2 / Qwen3 tokenizer the Qwen-based VLM repos ship (`fields`
+    added or replaced)."""
+    return {
+        "add_prefix_space": False,
+        "additional_special_tokens": SPECIAL_TOKENS[1:],
+        "bos_token": None,
+        "chat_template": chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": model_max_length,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+        **fields,
+    }
 
 
 def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
@@ -159,20 +179,7 @@ def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
     save_tokenizer_files(
         folder,
         tokenizer,
-        {
-            "add_prefix_space": False,
-            "additional_special_tokens": SPECIAL_TOKENS[1:],
-            "bos_token": None,
-            "chat_template": CHAT_TEMPLATE,
-            "clean_up_tokenization_spaces": False,
-            "eos_token": "<|im_end|>",
-            "errors": "replace",
-            "model_max_length": variant["model_max_length"],
-            "pad_token": "<|endoftext|>",
-            "split_special_tokens": False,
-            "tokenizer_class": "Qwen2Tokenizer",
-            "unk_token": None,
-        },
+        qwen_tokenizer_config(CHAT_TEMPLATE, variant["model_max_length"]),
         vocab_files=True,
     )
     write_json(folder, "chat_template.json", {"chat_template": CHAT_TEMPLATE})
@@ -185,8 +192,8 @@ def write_tiny_checkpoint(folder: Path, model_type: str, seed: int = 0) -> Path:
             "patch_size": PATCH_SIZE,
             "temporal_patch_size": 2,
             "merge_size": MERGE_SIZE,
-            "image_mean": IMAGE_MEAN,
-            "image_std": IMAGE_STD,
+            "image_mean": CLIP_MEAN,
+            "image_std": CLIP_STD,
             "image_processor_type": "Qwen2VLImageProcessor",
             "processor_class": variant["processor_class"],
         },
