@@ -132,7 +132,7 @@ def test_conversation_benchmark_runs_every_policy_turn_by_turn(vqa_checkpoint, t
     assert (tmp_path / "conversation.png").stat().st_size > 0
     entry = data["by_images"]["2"]
     rows = {r["setting"]: r for r in entry["rows"]}
-    assert set(rows) == {"full", "hae thr", "fastv @thr", "snapkv @thr", "h2o @thr", "streaming @thr", "mustdrop @thr"}
+    assert set(rows) == {"full", "hae thr", "fastv @thr", "snapkv @thr", "h2o @thr", "streaming @thr", "mustdrop @thr", "random @thr"}
     for row in rows.values():
         assert row["conversations"] == 2 and 4 <= row["questions"] <= 6
         assert sum(row["questions_by_turn"].values()) == row["questions"] and row["kv_bytes_mean"] > 0
