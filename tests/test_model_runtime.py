@@ -155,7 +155,7 @@ def test_model_resolution_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache .*hf download"):
         resolve_model_path("microsoft/Phi-3.5-vision-instruct")
-    monkeypatch.setattr(loading, "DEMO_MODEL_DIR", tmp_path / "no-demo")
+    monkeypatch.setitem(loading.SHIPPED_MODELS, "demo", (tmp_path / "no-demo", "easy-VQA", "scripts/train_demo_model.py"))
     with pytest.raises(ModelNotFoundError, match="demo model is not installed"):
         resolve_model_path("demo")
 
