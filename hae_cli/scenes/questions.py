@@ -66,19 +66,19 @@ def _pick(rng: random.Random, options: list, avoid: frozenset[str], name=lambda 
 
 
 def _color(scene: Scene, rng, avoid):
-    once = [o for o in scene.objects if len(scene.find(shape=o.shape)) == 1]
-    if not once:
-        return None
-    o = _pick(rng, once, avoid)
-    return f"what color is the {o.shape}?", o.color, [o.name]
+    o = _only_one(scene, rng, avoid, "shape")
+    return None if o is None else (f"what color is the {o.shape}?", o.color, [o.name])
 
 
 def _shape(scene: Scene, rng, avoid):
-    once = [o for o in scene.objects if len(scene.find(color=o.color)) == 1]
-    if not once:
-        return None
-    o = _pick(rng, once, avoid)
-    return f"what shape is the {o.color} object?", o.shape, [o.name]
+    o = _only_one(scene, rng, avoid, "color")
+    return None if o is None else (f"what shape is the {o.color} object?", o.shape, [o.name])
+
+
+def _only_one(scene: Scene, rng, avoid, by: str) -> SceneObject | None:
+    """An object whose `by` (its shape, or its colour) no other object shares, so naming it names one."""
+    once = [o for o in scene.objects if len(scene.find(**{by: getattr(o, by)})) == 1]
+    return _pick(rng, once, avoid) if once else None
 
 
 def _label(scene: Scene, rng, avoid):
