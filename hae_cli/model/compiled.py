@@ -26,6 +26,7 @@ import torch
 
 from hae_cli.checks import finite_logits
 from hae_cli.model.decoder import static_decode_step
+from hae_cli.model.eager_step import decode_one_token
 
 _COMPILED: dict[tuple, Callable] = {}  # (backend, mode) -> the compiled static_decode_step, one per process
 # One graph per storage shape (budget + buffer per layer) and policy: a profile of many policies
@@ -85,8 +86,6 @@ class CompiledStep:
 
     def __call__(self, token_id: int, position: int) -> torch.Tensor:
         if self._eager:
-            from hae_cli.model.generate import decode_one_token
-
             return decode_one_token(self.model, token_id, position, self.cache)
         position_ids = self.model.decode_position_ids(position)
         if position_ids.dim() == 1:

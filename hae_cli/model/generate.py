@@ -18,8 +18,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hae_cli.cache.modality import Modality
 from hae_cli.checks import finite_logits
+from hae_cli.model.compiled import CompiledStep
+from hae_cli.model.eager_step import decode_one_token, notify
 from hae_cli.model.sampling import SamplingConfig
 
 __all__ = [
@@ -28,18 +29,12 @@ __all__ = [
 ]
 
 
-def _notify(cache, name: str, *args) -> None:
-    hook = getattr(cache, name, None)
-    if hook is not None:
-        hook(*args)
-
-
 def prefill(model, embeds: torch.Tensor, tokens, position_ids: torch.Tensor, cache) -> torch.Tensor:
     """Run prompt rows (`tokens`: their `PromptTokens`, for the tags) at `position_ids`; returns
     the last row's logits `[vocab]`. The cache's first forward is the one policies prune."""
-    _notify(cache, "begin_tokens", tokens.modality, tokens.image_id, tokens.overview)
+    notify(cache, "begin_tokens", tokens.modality, tokens.image_id, tokens.overview)
     logits = model.forward(embeds, position_ids, cache, tokens=tokens).logits[0, -1]
-    _notify(cache, "end_step")
+    notify(cache, "end_step")
     finite_logits(logits, model)
     return logits
 
@@ -54,16 +49,6 @@ def feed_question(model, embeds: torch.Tensor, tokens, position_ids: torch.Tenso
         model.forward(embeds, position_ids, cache, tokens=tokens)
         cache.end_probe()
     return prefill(model, embeds, tokens, position_ids, cache)
-
-
-def decode_one_token(model, token_id: int, position: int, cache) -> torch.Tensor:
-    """Feed one generated token at rotary `position`; returns the next logits `[vocab]`."""
-    embeds = model.embed_ids(torch.tensor([token_id]))
-    _notify(cache, "begin_tokens", torch.tensor([Modality.GENERATED], dtype=torch.int8), torch.zeros(1, dtype=torch.int16))
-    logits = model.forward(embeds, model.decode_position_ids(position), cache).logits[0, -1]
-    _notify(cache, "end_step")
-    finite_logits(logits, model)
-    return logits
 
 
 def sample(logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None) -> int:
@@ -224,8 +209,6 @@ def after_first_call(step, seconds: float, tokens: int) -> tuple[float, int | No
 def compiled_step(model, cache, max_new_tokens: int, on_compile: Callable[[float | None], None] | None = None):
     """A `CompiledStep` over `cache`, with room made for `max_new_tokens` tokens (one more
     when the last token is fed too)."""
-    from hae_cli.model.compiled import CompiledStep
-
     step = CompiledStep(model, cache, on_compile=on_compile)
     step.make_room(max_new_tokens + 1)
     return step
