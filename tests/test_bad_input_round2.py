@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hae_process import HAE, REPO, SAMPLE, assert_one_line_error, hae_env, run_hae
+from cli_runner import hae_in_process
+from hae_process import HAE, REPO, SAMPLE, assert_one_line_error, hae_env
 
 LONG_NAME = "a" * 300 + ".png"  # one path component over the 255 bytes a file name may have
 RED = (220, 30, 30)
@@ -51,7 +52,7 @@ def error_lines(result: subprocess.CompletedProcess) -> list[str]:
     ["profile", "--json", LONG_NAME],  # not named: a JSON file, refused before the run, not after it
 ], ids=["ask-image", "model", "show-kept", "story-image", "profile-images", "profile-samples", "profile-json"])
 def test_a_file_name_over_255_bytes_is_one_line(args):
-    line = assert_one_line_error(run_hae(*args), "file name too long")
+    line = assert_one_line_error(hae_in_process(*args), "file name too long")
     assert "255 bytes" in line
 
 
@@ -152,7 +153,7 @@ def test_a_full_disk_under_chat_is_one_line(tmp_path):
 
 def test_a_full_disk_for_a_json_file_is_one_line_exit_1():
     """`profile --json FILE` on a full disk: the same rule as stdout (a machine out of room: exit 1)."""
-    result = run_hae("profile", "--images", SAMPLE, "-q", "what color?", "-n", "2", "--json", "/dev/full")
+    result = hae_in_process("profile", "--images", SAMPLE, "-q", "what color?", "-n", "2", "--json", "/dev/full")
     assert_one_line_on_stderr(result, "cannot write", "/dev/full", "No space left on device")
 
 
@@ -192,7 +193,7 @@ def test_a_pipe_closed_before_anything_is_written_ends_quietly_with_exit_0():
 
 
 def ask_json(*args, model: str | Path = "demo") -> tuple[dict, str]:
-    result = run_hae("ask", SAMPLE, "what color is the shape?", "--model", str(model), "-n", "3", "--json", *args)
+    result = hae_in_process("ask", SAMPLE, "what color is the shape?", "--model", str(model), "-n", "3", "--json", *args)
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     return json.loads(result.stdout), result.stderr.decode()
 
@@ -224,7 +225,7 @@ def test_a_snapkv_window_longer_than_the_prompt_keeps_the_prompt():
 def huge_context_checkpoint(tmp_path_factory) -> Path:
     """A tiny checkpoint that claims a context of 10**13 tokens: a budget inside it is no note, and
     still more than any machine holds."""
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("huge") / "ckpt", seed=0)
     config = json.loads((folder / "config.json").read_text())
@@ -234,7 +235,7 @@ def huge_context_checkpoint(tmp_path_factory) -> Path:
 
 
 def test_an_allocation_that_fails_anyway_is_one_line_saying_what_to_lower(huge_context_checkpoint):
-    result = run_hae("ask", SAMPLE, "what?", "--model", huge_context_checkpoint, "--budget", "100000000000")
+    result = hae_in_process("ask", SAMPLE, "what?", "--model", huge_context_checkpoint, "--budget", "100000000000")
     line = assert_one_line_error(result, "out of memory", "--budget", code=1)
     assert "can't allocate" in line or "allocate" in line
 
@@ -260,13 +261,13 @@ def test_a_budget_of_the_whole_prompt_says_nothing():
 
 
 def test_profile_says_it_for_every_policy_with_that_budget():
-    result = run_hae("profile", "--images", SAMPLE, "-q", "what color?", "-n", "2", "--budget", "2", "-c", "h2o")
+    result = hae_in_process("profile", "--images", SAMPLE, "-q", "what color?", "-n", "2", "--budget", "2", "-c", "h2o")
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     assert "note: budget 2 keeps 2 tokens per layer" in result.stderr.decode()
 
 
 def test_the_help_says_the_rule():
-    text = " ".join(run_hae("ask", "--help", COLUMNS="400").stdout.decode().replace("│", " ").split())
+    text = " ".join(hae_in_process("ask", "--help", COLUMNS="400").stdout.decode().replace("│", " ").split())
     assert "1 keeps one token per layer" in text and "1.0 keeps all of it" in text
 
 
@@ -290,7 +291,7 @@ def test_random_bytes_inside_the_demo_models_shard_are_one_line_naming_it(tmp_pa
     size = min(2**20, len(data) - start)
     data[start:start + size] = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8).tobytes()
     shard.write_bytes(bytes(data))
-    line = assert_one_line_error(run_hae("ask", SAMPLE, "what color?", "--model", folder), str(folder),
+    line = assert_one_line_error(hae_in_process("ask", SAMPLE, "what color?", "--model", folder), str(folder),
                                  "not finite")
     assert "model-00001-of-00002.safetensors" in line
 
@@ -314,16 +315,16 @@ def test_one_nan_weight_in_a_phi3v_checkpoint_is_one_line(tiny_checkpoint, tmp_p
     folder = tmp_path / "nan"
     shutil.copytree(tiny_checkpoint, folder)
     key = _poison(folder, "model.norm.weight", float("nan"))
-    assert_one_line_error(run_hae("ask", SAMPLE, "what?", "--model", folder), "not finite", key)
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what?", "--model", folder), "not finite", key)
 
 
 def test_an_inf_weight_in_a_native_checkpoint_is_one_line(tmp_path):
     """Not named in the issue: the check covers the families transformers loads too."""
-    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.qwen2_vl import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0)
     _poison(folder, "norm.weight", float("inf"))
-    assert_one_line_error(run_hae("ask", SAMPLE, "what?", "--model", folder), "not finite", str(folder))
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what?", "--model", folder), "not finite", str(folder))
 
 
 def test_logits_that_overflow_are_one_line_naming_the_checkpoint(tiny_checkpoint, tmp_path):
@@ -332,7 +333,7 @@ def test_logits_that_overflow_are_one_line_naming_the_checkpoint(tiny_checkpoint
     folder = tmp_path / "overflow"
     shutil.copytree(tiny_checkpoint, folder)
     _poison(folder, "lm_head.weight", 3e38)
-    assert_one_line_error(run_hae("ask", SAMPLE, "what?", "--model", folder), "logits", "not finite",
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what?", "--model", folder), "logits", "not finite",
                           str(folder))
 
 
@@ -355,7 +356,7 @@ def frames(path: Path, count: int = 3, **save) -> Path:
 ])
 def test_a_multi_frame_image_is_refused_saying_how_many_frames(tmp_path, name, save):
     path = frames(tmp_path / name, **save)
-    assert_one_line_error(run_hae("ask", path, "what color?"), "3 frames", name, "one frame")
+    assert_one_line_error(hae_in_process("ask", path, "what color?"), "3 frames", name, "one frame")
 
 
 def test_a_multi_frame_image_in_chat_is_one_line_and_the_chat_goes_on(tmp_path):
@@ -385,7 +386,7 @@ def test_a_camera_jpeg_with_a_preview_is_read_as_its_main_picture(tmp_path):
 @pytest.mark.parametrize("size", [(20000, 1), (1, 20000), (4000, 2)], ids=["20000x1", "1x20000", "4000x2"])
 def test_a_strip_the_hd_transform_cannot_show_is_refused_with_the_numbers(tmp_path, size):
     path = picture(tmp_path / "strip.png", size)
-    line = assert_one_line_error(run_hae("ask", path, "what color?"), f"{size[0]}x{size[1]}", "strip.png",
+    line = assert_one_line_error(hae_in_process("ask", path, "what color?"), f"{size[0]}x{size[1]}", "strip.png",
                                  "14-pixel patch")
     assert "at most 24:1" in line
 
@@ -393,12 +394,12 @@ def test_a_strip_the_hd_transform_cannot_show_is_refused_with_the_numbers(tmp_pa
 def test_the_limit_follows_the_crops_a_checkpoint_takes(tmp_path):
     """Not named in the issue: with 16 crops a 300:1 strip is 5376 x 17 pixels, which the crops
     show; 400:1 is not."""
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "sixteen", seed=0, num_crops=16)
-    assert run_hae("ask", picture(tmp_path / "ok.png", (3000, 10)), "what?", "--model", folder, "-n", "1",
+    assert hae_in_process("ask", picture(tmp_path / "ok.png", (3000, 10)), "what?", "--model", folder, "-n", "1",
                    "--num-crops", "16").returncode == 0
-    assert_one_line_error(run_hae("ask", picture(tmp_path / "thin.png", (4000, 10)), "what?", "--model", folder,
+    assert_one_line_error(hae_in_process("ask", picture(tmp_path / "thin.png", (4000, 10)), "what?", "--model", folder,
                                   "--num-crops", "16"), "4000x10", "at most 384:1")
 
 
@@ -408,10 +409,10 @@ def test_a_native_familys_processor_limit_is_one_line(tmp_path, model_type):
     ValueError; LLaVA's would resize it to 6,720,000 x 336 pixels. Both are one line."""
     import importlib
 
-    writer = importlib.import_module(f"hae_cli.model.{model_type}.tiny")
+    writer = importlib.import_module(f"hae_testing.checkpoints.{model_type}")
     folder = writer.write_tiny_checkpoint(tmp_path / model_type, model_type, seed=0)
     path = picture(tmp_path / "strip.png", (20000, 1))
-    assert_one_line_error(run_hae("ask", path, "what?", "--model", folder), "20000x1", "strip.png", "200:1")
+    assert_one_line_error(hae_in_process("ask", path, "what?", "--model", folder), "20000x1", "strip.png", "200:1")
 
 
 # ----------------------------------------------------------------------------- 8. messages that say what is wrong
@@ -423,7 +424,7 @@ def test_a_native_familys_processor_limit_is_one_line(tmp_path, model_type):
     ("-", ("stdin", "not supported", "save")),
 ])
 def test_a_url_or_stdin_says_what_hae_reads(image, fragments):
-    assert_one_line_error(run_hae("ask", image, "what color?"), *fragments)
+    assert_one_line_error(hae_in_process("ask", image, "what color?"), *fragments)
 
 
 def test_dev_stdin_from_a_pipe_says_it_is_a_pipe():
@@ -452,7 +453,7 @@ def test_a_symlink_loop_a_dangling_link_a_fifo_and_a_file_as_a_folder_say_so(tmp
         ("fifo.png", ("pipe",)),  # not named
         ("file.png/x.png", ("is a file, not a folder", "file.png")),  # not named
     ]:
-        assert_one_line_error(run_hae("ask", tmp_path / name, "what color?", timeout=60), *fragments)
+        assert_one_line_error(hae_in_process("ask", tmp_path / name, "what color?", timeout=60), *fragments)
 
 
 def test_a_url_in_chat_images_is_one_line_and_the_chat_goes_on():
@@ -463,7 +464,7 @@ def test_a_url_in_chat_images_is_one_line_and_the_chat_goes_on():
 
 def test_a_url_as_model_says_hae_reads_local_checkpoints():
     """Not named in the issue: --model with a URL, not 'model folder not found'."""
-    assert_one_line_error(run_hae("ask", SAMPLE, "q", "--model", "https://huggingface.co/microsoft/x"),
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "q", "--model", "https://huggingface.co/microsoft/x"),
                           "hub id", "not a URL")
 
 
@@ -477,7 +478,7 @@ def test_a_url_as_model_says_hae_reads_local_checkpoints():
     ["ask", SAMPLE, "what \u009b31m color?"],  # not named: a C1 control (CSI)
 ], ids=["ask", "story-prompt", "profile-del", "ask-c1"])
 def test_control_characters_in_text_are_one_line(args):
-    line = assert_one_line_error(run_hae(*args), "control character", "at character")
+    line = assert_one_line_error(hae_in_process(*args), "control character", "at character")
     assert "\x1b" not in line and "\x07" not in line
 
 
@@ -492,7 +493,7 @@ def test_control_characters_in_a_workload_file_are_one_line(tmp_path):
     """Not named in the issue: NUL through questions.json."""
     shutil.copy(SAMPLE, tmp_path / "a.png")
     (tmp_path / "questions.json").write_text(json.dumps([{"image": "a.png", "question": "what\u0000 color?"}]))
-    assert_one_line_error(run_hae("profile", "--samples", tmp_path), "entry 1 question", "control character")
+    assert_one_line_error(hae_in_process("profile", "--samples", tmp_path), "entry 1 question", "control character")
 
 
 def test_tabs_and_newlines_are_text():
@@ -501,14 +502,14 @@ def test_tabs_and_newlines_are_text():
 
 
 def ask_json_question(question: str) -> tuple[dict, str]:
-    result = run_hae("ask", SAMPLE, question, "-n", "3", "--json")
+    result = hae_in_process("ask", SAMPLE, question, "-n", "3", "--json")
     assert result.returncode == 0, result.stderr.decode()[-3000:]
     return json.loads(result.stdout), result.stderr.decode()
 
 
 def test_error_lines_never_carry_a_terminals_control_characters(tmp_path):
     """Not named in the issue: a file name with an escape sequence is shown escaped."""
-    line = assert_one_line_error(run_hae("ask", tmp_path / "\x1b[2Jx.png", "what?"), "image not found")
+    line = assert_one_line_error(hae_in_process("ask", tmp_path / "\x1b[2Jx.png", "what?"), "image not found")
     assert "\x1b" not in line and "\\x1b[2Jx.png" in line
 
 
@@ -531,14 +532,14 @@ def test_the_library_refuses_the_same_text(tiny_checkpoint):
 def test_an_empty_script_is_one_line_before_the_model_loads(tmp_path, text):
     script = tmp_path / "empty.txt"
     script.write_text(text)
-    assert_one_line_error(run_hae("chat", SAMPLE, "--script", script), "--script", "no questions")
+    assert_one_line_error(hae_in_process("chat", SAMPLE, "--script", script), "--script", "no questions")
 
 
 @pytest.mark.parametrize("command", ["ask", "story"])
 def test_show_kept_says_where_it_wrote(tmp_path, command):
     target = tmp_path / "kept.png"
     args = [SAMPLE, "what color?"] if command == "ask" else [SAMPLE, SAMPLE]
-    result = run_hae(command, *args, "-n", "2", "--show-kept", target)
+    result = hae_in_process(command, *args, "-n", "2", "--show-kept", target)
     assert result.returncode == 0 and target.is_file(), result.stderr.decode()[-2000:]
     assert f"kept patches written to {target}" in result.stderr.decode()
 
@@ -588,7 +589,7 @@ def test_a_turn_with_new_images_says_how_long_they_took():
 
 
 def test_the_memory_line_says_what_it_measures_and_the_process_peak():
-    result = run_hae("ask", SAMPLE, "what color?", "-n", "2")
+    result = hae_in_process("ask", SAMPLE, "what color?", "-n", "2")
     line = next(line for line in result.stdout.decode().splitlines() if line.startswith("memory"))
     assert "host RSS now" in line and "peak" in line
     payload, _ = ask_json()
@@ -600,16 +601,16 @@ def test_the_memory_line_says_what_it_measures_and_the_process_peak():
 
 
 def test_policy_and_param_are_not_told_apart_by_case_alone():
-    text = run_hae("ask", "--help", COLUMNS="200").stdout.decode()
+    text = hae_in_process("ask", "--help", COLUMNS="200").stdout.decode()
     assert "-P" not in text and "--policy" in text and "-p" in text
 
 
 @pytest.mark.parametrize("command", ["chat", "story"])  # story: not named in the issue
 def test_images_a_command_needs_do_not_look_optional(command):
-    usage = run_hae(command, "--help", COLUMNS="200").stdout.decode()
+    usage = hae_in_process(command, "--help", COLUMNS="200").stdout.decode()
     line = next(line for line in usage.splitlines() if "Usage:" in line)
     assert "{IMAGE}..." in line and "[IMAGE" not in line, line  # Typer's braces: required
-    assert_one_line_error(run_hae(command), "IMAGE")
+    assert_one_line_error(hae_in_process(command), "IMAGE")
 
 
 @pytest.mark.parametrize("args, option", [
@@ -618,7 +619,7 @@ def test_images_a_command_needs_do_not_look_optional(command):
     (["--seed", str(2**70), "-t", "1"], "--seed"),  # not named
 ])
 def test_a_sampling_error_names_the_option(args, option):
-    line = assert_one_line_error(run_hae("ask", SAMPLE, "what?", *args), option)
+    line = assert_one_line_error(hae_in_process("ask", SAMPLE, "what?", *args), option)
     assert line.startswith(f"error: {option} "), line
 
 
@@ -644,7 +645,7 @@ def test_a_plot_of_one_token_answers_draws_the_layers(tmp_path):
     assert len(left.patches) >= 2 * loaded.num_layers  # a bar per layer and policy
     ticks = [t for t in left.get_yticks() if 0 <= t <= left.get_ylim()[1]]
     assert all(float(t).is_integer() for t in ticks), ticks
-    result = run_hae("profile", "--images", SAMPLE, "-q", "what color?", "-n", "1", "--plot", tmp_path / "p.png")
+    result = hae_in_process("profile", "--images", SAMPLE, "-q", "what color?", "-n", "1", "--plot", tmp_path / "p.png")
     assert result.returncode == 0 and "per layer" in result.stderr.decode(), result.stderr.decode()[-2000:]
 
 
