@@ -107,7 +107,7 @@ class Workbench:
     """The model plus per-image caches: preprocessed pixels and vision features, computed once."""
 
     def __init__(self, loaded, split: str) -> None:
-        from hae_cli.data import easyvqa
+        from hae_testing.data import easyvqa
 
         self.loaded, self.split, self.easyvqa = loaded, split, easyvqa
         self.tokenizer = loaded.tokenizer
@@ -397,7 +397,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.plot_only:
         return replot(Path(args.plot_only))
-    from hae_cli.data import easyvqa
+    from hae_testing.data import easyvqa
 
     started = time.perf_counter()
     common.set_threads(args.threads)

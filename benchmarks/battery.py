@@ -1,7 +1,7 @@
 """The conversation battery: does the model answer every easy-VQA wording addressed to an image,
 at every image position, in every turn 1-6, with 2-8 images, and after /reset and /images?
 
-`hae_cli.data.conversation_sets.battery` builds the cases (seeded, one per wording x image
+`hae_testing.data.conversation_sets.battery` builds the cases (seeded, one per wording x image
 count x position x turn, plus one after a /reset and one about an image added with /images per
 wording and count); each runs as a `Conversation` under `--policy` (default: the full cache,
 which measures the model, not the cache). The question under test is each case's last; the
@@ -91,7 +91,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from hae_cli.data.conversation_sets import battery
+    from hae_testing.data.conversation_sets import battery
 
     started = time.perf_counter()
     cond = common.conditions(model=args.model, workers=args.workers)

@@ -1,6 +1,6 @@
 """Conversations over 4 and 8 easy-VQA test images, every policy at matched KV: accuracy per turn.
 
-Each conversation (`hae_cli.data.conversation_sets.conversation_sets`, seeded) feeds its images
+Each conversation (`hae_testing.data.conversation_sets.conversation_sets`, seeded) feeds its images
 first, as the prefill every policy compresses before any question is known, then asks 4-6
 questions in turn through `hae_cli.conversation.Conversation`, each answer staying in the
 cache. A question names its image by label ("what shape is in image 3?", "which image shows a
@@ -247,7 +247,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from hae_cli.data.conversation_sets import conversation_sets
+    from hae_testing.data.conversation_sets import conversation_sets
 
     started = time.perf_counter()
     common.set_threads(args.threads)

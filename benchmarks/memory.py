@@ -146,7 +146,7 @@ def worst(report: list[dict]) -> float:
 
 
 def build_prompt_for(loaded, images: int, seed: int):
-    from hae_cli.data import easyvqa
+    from hae_testing.data import easyvqa
     from hae_cli.model.interface import UserTurn
 
     image_ids = easyvqa.story_sets("test", 1, images, seed=seed)[0]

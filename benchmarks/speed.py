@@ -56,7 +56,7 @@ def text_dims(hidden: int, layers: int, intermediate: int) -> dict:
 def count_params(tokenizer, text: dict) -> int:
     from hae_cli.model.phi3v.config import ModelConfig
     from hae_cli.model.phi3v.network import Phi3VForCausalLM
-    from hae_cli.model.phi3v.tiny import TINY_VISION, official_config
+    from hae_testing.checkpoints.phi3v import TINY_VISION, official_config
 
     raw = official_config(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, 0, text, TINY_VISION)
     with torch.device("meta"):
@@ -78,8 +78,8 @@ def matching_intermediate(tokenizer, hidden: int, layers: int, ratio: float = PH
 def build_scaled_model(hidden: int, layers: int, seed: int):
     """(the scaled model behind the model interface, its tokenizer, its MLP width)."""
     from hae_cli.model.phi3v import Phi35Vision
-    from hae_cli.model.phi3v.tiny import build_model
-    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+    from hae_testing.checkpoints.phi3v import build_model
+    from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(story_words())
     intermediate = matching_intermediate(tokenizer, hidden, layers)
@@ -88,8 +88,8 @@ def build_scaled_model(hidden: int, layers: int, seed: int):
 
 
 def story_words() -> list[str]:
-    from hae_cli.data import easyvqa
-    from hae_cli.model.phi3v.tiny import DEFAULT_WORDS
+    from hae_testing.data import easyvqa
+    from hae_testing.checkpoints.phi3v import DEFAULT_WORDS
 
     return sorted(set(DEFAULT_WORDS) | set(easyvqa.STORY_PROMPT.lower().rstrip(".").split()))
 
@@ -109,7 +109,7 @@ def weight_bytes(model) -> dict:
 
 
 def easyvqa_pictures() -> list:
-    from hae_cli.data import easyvqa
+    from hae_testing.data import easyvqa
 
     return list(easyvqa.image_paths("test").values())
 
@@ -117,7 +117,7 @@ def easyvqa_pictures() -> list:
 def image_prompt(model, tokenizer, pictures: list, size: int):
     """A story prompt with as many images as fit in `size` tokens (at least one), taken in turn
     from `pictures` (paths or PIL images)."""
-    from hae_cli.data.easyvqa import STORY_PROMPT
+    from hae_testing.data.easyvqa import STORY_PROMPT
     from hae_cli.model.interface import UserTurn
 
     probe = model.read_image(pictures[0])

@@ -53,8 +53,8 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, nu
 
 def build_model(text: dict, device: torch.device, dtype: torch.dtype, seed: int):
     from hae_cli.model.phi3v import Phi35Vision
-    from hae_cli.model.phi3v.tiny import build_model as build_random_model
-    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+    from hae_testing.checkpoints.phi3v import build_model as build_random_model
+    from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(speed.story_words())
     network = build_random_model(tokenizer, text=text, seed=seed, vocab_size=PHI35V_VOCAB, device=device)

@@ -27,7 +27,7 @@ def export(out: Path, split: str = "test", limit: int | None = None, seed: int =
     """Write the JSONL (and the images it names) into `out`; the JSONL's path."""
     from _common import seeded_subset  # benchmarks/accuracy.py's draw of its questions
 
-    from hae_cli.data import easyvqa
+    from hae_testing.data import easyvqa
 
     questions = seeded_subset(list(enumerate(easyvqa.load_split(split))), limit, seed)
     images = out / "images"

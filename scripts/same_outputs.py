@@ -54,11 +54,11 @@ def step_row(stats) -> dict:
 def record(path: Path, caption_sets: int, conversations: int, max_new_tokens: int) -> None:
     from hae_cli import api
     from hae_cli.conversation import Conversation
-    from hae_cli.data import easyvqa
+    from hae_testing.data import easyvqa
     try:
-        from hae_cli.data.conversation_sets import conversation_sets
+        from hae_testing.data.conversation_sets import conversation_sets
     except ImportError:  # before the module was renamed
-        from hae_cli.data.conversations import conversation_sets
+        from hae_testing.data.conversations import conversation_sets
 
     loaded = api.load_model("demo")
     rows = []

@@ -63,8 +63,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hae_cli.api import load_model
 from hae_cli.cache.modality import Modality
-from hae_cli.data import conversation_sets, easyvqa
-from hae_cli.data.evaluate import Runner, story_exact_match, vqa_accuracy
+from hae_testing.data import conversation_sets, easyvqa
+from hae_testing.data.evaluate import Runner, story_exact_match, vqa_accuracy
 from hae_cli.model.phi3v.image import ImageProcessorConfig, preprocess
 from hae_cli.model.image_file import load_image
 from hae_cli.model.loading import DEMO_MODEL_DIR
@@ -75,8 +75,8 @@ from hae_cli.model.phi3v.prompt import (
     story_message,
     user_message,
 )
-from hae_cli.model.phi3v.tiny import TINY_VISION, build_model, save_checkpoint
-from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+from hae_testing.checkpoints.phi3v import TINY_VISION, build_model, save_checkpoint
+from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
 
 SEED = 1234
 NUM_CROPS = 1  # a 64x64 image -> one 336x336 crop + the global view (the same pixels) -> 313 slots

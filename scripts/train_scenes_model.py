@@ -60,8 +60,8 @@ from hae_cli.model.phi3v.prompt import (  # noqa: E402
     story_message,
     user_message,
 )
-from hae_cli.model.phi3v.tiny import TINY_VISION, build_model, save_checkpoint  # noqa: E402
-from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer  # noqa: E402
+from hae_testing.checkpoints.phi3v import TINY_VISION, build_model, save_checkpoint  # noqa: E402
+from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer  # noqa: E402
 from hae_cli.scenes import QUESTION_TYPES, make_item, vocabulary  # noqa: E402
 from hae_cli.scenes.questions import ask as ask_question  # noqa: E402
 from hae_cli.scenes.world import COLORS, CROP, SHAPES, object_map  # noqa: E402

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "phi35v-tiny", seed=0, num_crops=1)
 

@@ -63,7 +63,7 @@ def test_the_library_checks_the_same_text(tiny_checkpoint):
 def endless_checkpoint(tmp_path_factory) -> Path:
     """A random tiny model that, under the full cache, does not stop on its own for thousands of
     tokens (seed 1, 3 layers), so a signal always arrives mid-generation."""
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("endless"), seed=1, text=dict(num_hidden_layers=3))
 

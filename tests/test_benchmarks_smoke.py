@@ -22,8 +22,8 @@ def load(name: str):
 def vqa_checkpoint(tmp_path_factory) -> Path:
     """A tiny official-layout checkpoint that knows easy-VQA's words; 3 layers so FastV's K=2 fits."""
     pytest.importorskip("easy_vqa")
-    from hae_cli.data import easyvqa
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.data import easyvqa
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     folder = tmp_path_factory.mktemp("bench") / "tiny-vqa"
     return write_tiny_checkpoint(folder, seed=0, num_crops=1, text=dict(num_hidden_layers=3), words=tuple(easyvqa.vocabulary()))

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hae_cli import cli
-from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
 runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

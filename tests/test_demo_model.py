@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 from hae_cli.api import load_model
-from hae_cli.data import easyvqa
-from hae_cli.data.conversation_sets import conversation_sets
-from hae_cli.data.evaluate import Runner, conversation_accuracy, story_exact_match, vqa_accuracy
+from hae_testing.data import easyvqa
+from hae_testing.data.conversation_sets import conversation_sets
+from hae_testing.data.evaluate import Runner, conversation_accuracy, story_exact_match, vqa_accuracy
 from hae_cli.model.interface import UserTurn
 from hae_cli.model.loading import resolve_model_path
 

@@ -201,7 +201,7 @@ def test_a_native_family_runs_every_task(tmp_path, model_type):
     from hae_cli.evaluation.records import read_data
     from hae_cli.evaluation.runner import EvalConfig
 
-    writer = importlib.import_module(f"hae_cli.model.{model_type}.tiny")
+    writer = importlib.import_module(f"hae_testing.checkpoints.{model_type}")
     loaded = load_model(str(writer.write_tiny_checkpoint(tmp_path / model_type, model_type, seed=0)))
     images = [str(SAMPLES / "easyvqa_test_0698.png"), str(SAMPLES / "easyvqa_test_0416.png")]
     (tmp_path / "d.jsonl").write_text(json.dumps({"images": images, "turns": [{"question": "what is it?"},
@@ -218,7 +218,7 @@ def test_a_native_family_runs_every_task(tmp_path, model_type):
 def test_an_image_option_reaches_the_workers_model_and_the_stored_configuration(tmp_path):
     """--image-option is part of what a resumed run must share; a run stored without it still resumes."""
     from hae_cli.evaluation.runner import EvalConfig, ItemRunner
-    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.qwen2_vl import write_tiny_checkpoint
 
     folder = str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0))
     config = EvalConfig(model=folder, image_options=(("max_pixels", 6 * 28 * 28),))

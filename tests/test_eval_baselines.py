@@ -21,7 +21,7 @@ from hae_cli.scenes import write_jsonl
 def four_crop_model(tmp_path_factory):
     """A tiny random Phi-3.5-V checkpoint reading images at 4 crops, and the model loaded."""
     from hae_cli.api import load_model
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path_factory.mktemp("four") / "model", num_crops=4)
     return folder, load_model(str(folder))
@@ -101,7 +101,7 @@ def test_more_crops_than_the_model_was_trained_for_is_one_line(scenes, tmp_path)
 def test_a_family_without_crops_refuses_a_fewer_crops_setting(tmp_path):
     from hae_cli.api import load_model
     from hae_cli.errors import ConfigError
-    from hae_cli.model.qwen2_vl.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.qwen2_vl import write_tiny_checkpoint
 
     loaded = load_model(str(write_tiny_checkpoint(tmp_path / "qwen", "qwen2_vl", seed=0)))
     with pytest.raises(ConfigError, match="reads images without crops"):

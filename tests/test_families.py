@@ -33,7 +33,7 @@ SIZES = [(200, 120), (90, 40), (40, 90)]  # (width, height): each image its own 
 @pytest.fixture(scope="session", params=list(WRITERS))
 def loaded(request, tmp_path_factory):
     model_type = request.param
-    writer = importlib.import_module(f"hae_cli.model.{WRITERS[model_type]}.tiny")
+    writer = importlib.import_module(f"hae_testing.checkpoints.{WRITERS[model_type]}")
     folder = writer.write_tiny_checkpoint(tmp_path_factory.mktemp(model_type) / "tiny", model_type, seed=0)
     return api.load_model(str(folder))
 

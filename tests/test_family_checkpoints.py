@@ -1,6 +1,6 @@
 """Tiny checkpoints of the native VLM families load and run like the real ones.
 
-Each family's writer (`hae_cli/model/<family>/tiny.py`) puts a random checkpoint in the hub layout;
+Each family's writer (`hae_testing/checkpoints/<family>.py`) puts a random checkpoint in the hub layout;
 here transformers' own `AutoModelForImageTextToText` and the family's processor (`load_processor`)
 load it, and greedy generation must depend on the images with clear logit gaps, so that exactness
 tests built on these models mean something. The layout helpers below say where each image token
@@ -68,7 +68,7 @@ def family(request, tmp_path_factory) -> Family:
     if model_type == "smolvlm":
         pytest.importorskip("num2words", reason="SmolVLMProcessor refuses to build without num2words")
     package, _, image_sizes = FAMILIES[model_type]
-    writer = importlib.import_module(f"hae_cli.model.{package}.tiny")
+    writer = importlib.import_module(f"hae_testing.checkpoints.{package}")
     folder = writer.write_tiny_checkpoint(tmp_path_factory.mktemp(model_type) / "tiny", model_type, seed=0)
     model = AutoModelForImageTextToText.from_pretrained(folder).eval()
     return Family(model_type, folder, model, load_processor(folder), image_sizes)

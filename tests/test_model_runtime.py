@@ -15,7 +15,7 @@ from hae_cli.model.phi3v.config import OFFICIAL_CLIP, ModelConfig
 from hae_cli.model.generate import SamplingConfig, generate
 from hae_cli.model.phi3v.checkpoint import load_checkpoint
 from hae_cli.model.loading import pick_device_and_dtype, resolve_model_path
-from hae_cli.model.phi3v.tiny import official_config
+from hae_testing.checkpoints.phi3v import official_config
 
 OFFICIAL_TEXT = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32)
 
@@ -71,7 +71,7 @@ def test_checkpoint_uses_official_key_names(tiny_checkpoint):
 
 def test_round_trip_is_exact(tiny_checkpoint, tiny_loaded, tmp_path):
     from hae_cli.model.phi3v.checkpoint import load_tokenizer
-    from hae_cli.model.phi3v.tiny import save_checkpoint
+    from hae_testing.checkpoints.phi3v import save_checkpoint
 
     again = save_checkpoint(tiny_loaded.model, load_tokenizer(tiny_checkpoint), tmp_path / "again", 1)
     reloaded = load_checkpoint(again).model.official_state_dict()

@@ -11,8 +11,8 @@ from hae_cli.model.phi3v.image import ProcessedImage, image_token_modalities, to
 from hae_cli.model.loading import DEMO_MODEL_DIR
 from hae_cli.model.phi3v.checkpoint import load_tokenizer
 from hae_cli.model.phi3v.prompt import build_prompt, user_message
-from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
-from hae_cli.model.phi3v.tiny_tokenizer import CHAT_TOKENS
+from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
+from hae_testing.checkpoints.phi3v_tokenizer import CHAT_TOKENS
 
 
 @pytest.fixture(scope="module")

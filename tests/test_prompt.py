@@ -17,7 +17,7 @@ from hae_cli.model.phi3v.image import (
 )
 from hae_cli.model.interface import PromptTokens
 from hae_cli.model.phi3v.prompt import build_prompt, story_message, user_message
-from hae_cli.model.phi3v.tiny_tokenizer import CHAT_TOKENS, build_tiny_tokenizer
+from hae_testing.checkpoints.phi3v_tokenizer import CHAT_TOKENS, build_tiny_tokenizer
 
 WORDS = ["Image 1: a red circle.", "Image 2", "what", "is", "in", "this", "picture", "?", "compare them"]
 

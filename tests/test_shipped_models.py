@@ -13,7 +13,7 @@ def shipped_scenes(tmp_path, monkeypatch):
     """A tiny 4-crop checkpoint standing where the scenes model ships."""
     from hae_cli.model import loading
     from hae_cli.model.phi3v import checkpoint
-    from hae_cli.model.phi3v.tiny import write_tiny_checkpoint
+    from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
 
     folder = write_tiny_checkpoint(tmp_path / "scenes_model", num_crops=4)
     monkeypatch.setitem(loading.SHIPPED_MODELS, "scenes", (folder, "the scene world", "scripts/train_scenes_model.py"))

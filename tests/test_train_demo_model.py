@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from hae_cli.cache.modality import Modality
-from hae_cli.data import easyvqa
+from hae_testing.data import easyvqa
 from hae_cli.model.phi3v.image import ImageProcessorConfig
-from hae_cli.model.phi3v.tiny import build_model
-from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+from hae_testing.checkpoints.phi3v import build_model
+from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "train_demo_model.py"
 
@@ -144,7 +144,7 @@ def test_story_guides_point_at_each_images_label_and_caption(trainer, examples):
 
 
 def test_conversation_sequences_are_the_transcript_a_conversation_feeds(trainer, examples):
-    from hae_cli.data import conversation_sets
+    from hae_testing.data import conversation_sets
     from hae_cli.model.phi3v.prompt import chat_text, encode_prompt_text, story_message
 
     rng = random.Random(3)
@@ -178,7 +178,7 @@ def test_conversation_sequences_are_the_transcript_a_conversation_feeds(trainer,
 
 
 def test_addressed_questions_name_their_image_and_keep_the_easy_vqa_answer():
-    from hae_cli.data import conversation_sets
+    from hae_testing.data import conversation_sets
 
     assert conversation_sets.addressed("does the image contain a circle?", 3) == "does image 3 contain a circle?"
     assert conversation_sets.addressed("what color is the shape?", 2) == "what color is the shape in image 2?"
@@ -242,7 +242,7 @@ def test_captured_attention_is_the_layers_attention(trainer, tree):
 def test_a_conversation_with_images_added_later_is_the_transcript_a_conversation_feeds(trainer, examples):
     """The last images join in a later turn, labelled after the others, as `/images` adds them: the
     sequence is the template's whole transcript of that conversation."""
-    from hae_cli.data import conversation_sets
+    from hae_testing.data import conversation_sets
     from hae_cli.model.phi3v.prompt import chat_text, encode_prompt_text, story_message
 
     rng = random.Random(5)

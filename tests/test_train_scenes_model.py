@@ -22,7 +22,7 @@ def data():
         import train_scenes_model as trainer
     finally:
         sys.path.remove(str(SCRIPTS))
-    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+    from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
     from hae_cli.scenes import vocabulary
 
     tokenizer = build_tiny_tokenizer(vocabulary())

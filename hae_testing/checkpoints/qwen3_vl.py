@@ -24,8 +24,8 @@ from transformers import (
     Qwen3VLMoeForConditionalGeneration,
 )
 
-from hae_cli.model.qwen2_vl.tiny import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS, qwen_tokenizer_config
-from hae_cli.model.tiny_hf_tokenizer import add_tokens, qwen2_bpe, save_tokenizer_files, spread_weights, write_json
+from hae_testing.checkpoints.qwen2_vl import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS, qwen_tokenizer_config
+from hae_testing.checkpoints.hf_tokenizer import add_tokens, qwen2_bpe, save_tokenizer_files, spread_weights, write_json
 
 # What Qwen3-VL-*-Instruct's chat_template renders without tools: no default system turn.
 CHAT_TEMPLATE = (

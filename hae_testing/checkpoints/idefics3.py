@@ -23,7 +23,7 @@ from transformers import (
     SmolVLMForConditionalGeneration,
 )
 
-from hae_cli.model.tiny_hf_tokenizer import (
+from hae_testing.checkpoints.hf_tokenizer import (
     add_tokens,
     gpt2_bpe,
     llama3_bpe,

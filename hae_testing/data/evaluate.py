@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from hae_cli.data import easyvqa
+from hae_testing.data import easyvqa
 from hae_cli.model.generate import SamplingConfig, generate
 from hae_cli.model.interface import UserTurn
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, Mistral3Config, Mistral3ForConditionalGeneration
 
-from hae_cli.model.tiny_hf_tokenizer import (
+from hae_testing.checkpoints.hf_tokenizer import (
     CLIP_MEAN,
     CLIP_STD,
     save_tokenizer_files,

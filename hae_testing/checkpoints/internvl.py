@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, InternVLConfig, InternVLForConditionalGeneration
 
-from hae_cli.model.qwen2_vl.tiny import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS, qwen_tokenizer_config
-from hae_cli.model.tiny_hf_tokenizer import add_tokens, qwen2_bpe, save_tokenizer_files, spread_weights, write_json
+from hae_testing.checkpoints.qwen2_vl import QWEN2_5_PLAIN_TOKENS, SPECIAL_TOKENS, qwen_tokenizer_config
+from hae_testing.checkpoints.hf_tokenizer import add_tokens, qwen2_bpe, save_tokenizer_files, spread_weights, write_json
 
 # The chat template transformers' `convert_internvl_weights_to_hf.py` writes (no default system turn).
 CHAT_TEMPLATE = (

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import Gemma3Config, Gemma3ForConditionalGeneration, GenerationConfig
 
-from hae_cli.model.tiny_hf_tokenizer import add_tokens, gemma_bpe, save_tokenizer_files, spread_weights, write_json
+from hae_testing.checkpoints.hf_tokenizer import add_tokens, gemma_bpe, save_tokenizer_files, spread_weights, write_json
 
 # chat_template of google/gemma-3-*-it: a system turn joins the first user turn; roles must alternate.
 CHAT_TEMPLATE = (

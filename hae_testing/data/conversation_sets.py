@@ -15,7 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from hae_cli.data import easyvqa
+from hae_testing.data import easyvqa
 
 @dataclass(frozen=True)
 class ConversationQuestion:

@@ -22,7 +22,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-from hae_cli.model.tiny_hf_tokenizer import (
+from hae_testing.checkpoints.hf_tokenizer import (
     CLIP_MEAN,
     CLIP_STD,
     add_tokens,

@@ -126,7 +126,7 @@ def official_tokenizer_config(tokenizer) -> dict:
     `LlamaTokenizer(Fast)`) reads from `tokenizer.json` and this: the Llama class,
     `add_bos_token`, every added token with its flags, and the chat template inline (4.4x
     knows no separate `chat_template.jinja`)."""
-    from hae_cli.model.tiny_hf_tokenizer import added_tokens_entries
+    from hae_testing.checkpoints.hf_tokenizer import added_tokens_entries
 
     added = added_tokens_entries(tokenizer.added_tokens_decoder)
     return {
@@ -236,7 +236,7 @@ def write_tiny_checkpoint(
     vision: dict | None = None,
     words: tuple[str, ...] | list[str] = DEFAULT_WORDS,
 ) -> Path:
-    from hae_cli.model.phi3v.tiny_tokenizer import build_tiny_tokenizer
+    from hae_testing.checkpoints.phi3v_tokenizer import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer(list(words))
     model = build_model(tokenizer, text=text, vision=vision, seed=seed)

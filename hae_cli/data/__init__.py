@@ -1,1 +1,0 @@
-"""Real data the demo model is trained and measured on."""
