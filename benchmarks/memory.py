@@ -38,6 +38,7 @@ import torch  # noqa: E402
 
 from hae_cli.cache import EvictingCache  # noqa: E402
 from hae_cli.cache.modality import MODALITY_NAMES  # noqa: E402
+from hae_cli.cache.rounds import held_bound  # noqa: E402
 
 class PeakRecordingCache(EvictingCache):
     """An `EvictingCache` that samples the K/V storage across layers during the prompt's
@@ -81,7 +82,7 @@ def layer_report(cache, kv_heads: int, head_dim: int, dtype_size: int) -> list[d
     for layer in stats.layers:
         formula = formula_bytes(layer.tokens_held, kv_heads, head_dim, dtype_size)
         bin_formula = formula_bytes(layer.bin_tokens, kv_heads, head_dim, dtype_size)
-        bound = cache.policy.held_bound(layer.budget)
+        bound = held_bound(layer.budget, cache.policy.buffer)
         bound_bytes = None if bound is None else bound * per_token
         rows.append(
             {

@@ -9,6 +9,8 @@ import torch
 
 from cache_helpers import HEADS, KV_HEADS, evicting_cache, fake_prompt, greedy, hide_keys, masked_greedy, tiny_lm
 
+from hae_cli.cache.rounds import evict_to_bin, restore
+
 STEPS = 20
 ATOL = 2e-5
 
@@ -93,13 +95,13 @@ def test_bin_round_trip_equals_masking_while_out(lm, prompt):
     out_from, back_after = 4, 9
 
     def move(step, cache, fed):
-        for layer in cache.layers:
+        for layer, aside in zip(cache.layers, cache.asides):
             if step == out_from:
-                layer.evict_to_bin(torch.isin(layer.token_index[0], torch.tensor(sorted(binned))).nonzero().squeeze(-1))
+                evict_to_bin(layer, aside.bin, torch.isin(layer.token_index[0], torch.tensor(sorted(binned))).nonzero().squeeze(-1))
                 assert layer.held == prompt[0].numel() + step - len(binned)
             if step == back_after:
-                layer.restore(torch.arange(len(layer.bin)))
-                assert len(layer.bin) == 0 and layer.held == prompt[0].numel() + step
+                restore(layer, aside.bin, torch.arange(len(aside.bin)))
+                assert len(aside.bin) == 0 and layer.held == prompt[0].numel() + step
                 assert bool((layer.token_index[:, 1:] > layer.token_index[:, :-1]).all())
 
     result = greedy(lm, *prompt, evicting_cache(lm), STEPS, after_step=move)

@@ -10,6 +10,7 @@ from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greed
 from hae_cli.cache import Modality
 from hae_cli.cache.layer import GROWTH_ROWS, GROWTH_SHARE, EvictingLayer
 from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
+from hae_cli.cache.rounds import evict_to_bin, restore
 from hae_cli.model.decoder import run_decoder
 
 BYTES_PER_TOKEN = 2 * KV_HEADS * HEAD_DIM * 4  # K and V, float32
@@ -35,7 +36,7 @@ def test_bytes_held_match_tokens_held_at_every_step():
             assert layer_stats.bytes_held == layer.held * BYTES_PER_TOKEN
             assert layer_stats.bytes_allocated == (20 + 4) * BYTES_PER_TOKEN
             assert layer_stats.tokens_held == layer.held
-            assert layer_stats.bin_bytes == len(layer.bin) * BYTES_PER_TOKEN
+            assert layer_stats.bin_bytes == len(cache.asides[layer_stats.layer].bin) * BYTES_PER_TOKEN
             assert sum(layer_stats.tokens_by_modality.values()) == layer.held
         assert stats.full_cache_bytes == len(fed) * BYTES_PER_TOKEN * len(cache.layers)
         seen.append(stats.bytes_held)
@@ -150,13 +151,14 @@ def test_compact_and_bin_write_into_the_same_storage():
     layer.compact(torch.tensor([0, 2, 4, 6, 8]))
     assert _addresses(layer) == addresses
     assert layer.bytes_held == 5 * 2 * 2 * 4 * 4 and layer.bytes_allocated == 10 * 2 * 2 * 4 * 4
-    layer.evict_to_bin(torch.tensor([1, 3]))
-    assert _addresses(layer) == addresses and layer.held == 3 and len(layer.bin) == 2
-    assert layer.bin.nbytes == 2 * 2 * 2 * 4 * 4
-    torch.testing.assert_close(layer.bin.keys, keys[:, :, [2, 6]])
-    layer.restore(torch.tensor([1]))
+    bin_ = RecycleBin()
+    evict_to_bin(layer, bin_, torch.tensor([1, 3]))
+    assert _addresses(layer) == addresses and layer.held == 3 and len(bin_) == 2
+    assert bin_.nbytes == 2 * 2 * 2 * 4 * 4
+    torch.testing.assert_close(bin_.keys, keys[:, :, [2, 6]])
+    restore(layer, bin_, torch.tensor([1]))
     assert _addresses(layer) == addresses
-    assert layer.token_index[0].tolist() == [0, 4, 6, 8] and layer.bin.token_index.tolist() == [2]
+    assert layer.token_index[0].tolist() == [0, 4, 6, 8] and bin_.token_index.tolist() == [2]
     torch.testing.assert_close(layer.keys, keys[:, :, [0, 4, 6, 8]])
     torch.testing.assert_close(layer.values, keys[:, :, [0, 4, 6, 8]] + 1)
 
@@ -167,8 +169,8 @@ def test_recycle_bin_bookkeeping():
     modality = torch.tensor([0, 1, 1, 2, 1, 3], dtype=torch.int8)
     layer.append(keys, keys, torch.arange(10, 16), modality, torch.tensor([0, 1, 1, 1, 1, 0], dtype=torch.int16))
     layer.scores = torch.arange(12, dtype=torch.float32).reshape(2, 6)
-    layer.evict_to_bin(torch.tensor([1, 3, 4]))
-    bin_ = layer.bin
+    bin_ = RecycleBin()
+    evict_to_bin(layer, bin_, torch.tensor([1, 3, 4]))
     assert isinstance(bin_, RecycleBin) and not bin_.keys.is_cuda
     assert bin_.token_index.tolist() == [11, 13, 14]
     assert bin_.modality.tolist() == [1, 2, 1] and bin_.image_id.tolist() == [1, 1, 1]
@@ -176,7 +178,7 @@ def test_recycle_bin_bookkeeping():
     bin_.age()
     assert bin_.rounds.tolist() == [1, 1, 1]
     assert bin_.delete(torch.tensor([0])).tolist() == [1]
-    rows = layer.restore(torch.tensor([1]))
+    rows = restore(layer, bin_, torch.tensor([1]))
     assert rows.token_index[:, 0].tolist() == [14, 14]
     assert layer.token_index[0].tolist() == [10, 12, 14, 15]
     assert layer.modality[0].tolist() == [0, 1, 1, 3]

@@ -121,8 +121,8 @@ def test_hae_prunes_binds_and_restores_by_token_index(backbone):
     decode(backbone, cache)
     assert any(e.action == "evicted" and e.stage == "prefill" for e in cache.events)
     assert any(e.action == "binned" for e in cache.events)
-    for layer in cache.layers:
+    for layer, aside in zip(cache.layers, cache.asides):
         held = layer.token_index[0]
         assert bool((held[1:] > held[:-1]).all())
-        assert not bool(torch.isin(layer.bin.token_index, held).any())
+        assert not bool(torch.isin(aside.bin.token_index, held).any())
         assert layer.held <= layer.budget + 4

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from cache_helpers import evicting_cache, fake_prompt, greedy, layer0_keys_values, tiny_lm
 from hae_cli.cache import Modality
+from hae_cli.cache.policies.capabilities import recycle_bin
 
 LM = tiny_lm(layers=3, seed=1)
 
@@ -92,8 +93,9 @@ def test_cache_invariants(data):
             if expected_budget is not None:
                 assert layer.held <= max(expected_budget, expected_budget + cache.policy.buffer - 1)
             # the bin
-            bin_ = layer.bin
-            capacity = cache.policy.bin_capacity(layer.budget) if layer.budget is not None else 0
+            bin_ = cache.asides[idx].bin
+            with_bin = recycle_bin(cache.policy)
+            capacity = with_bin.bin_capacity(layer.budget) if with_bin and layer.budget is not None else 0
             assert len(bin_) <= capacity
             if len(bin_):
                 assert not bool(torch.isin(bin_.token_index, positions.reshape(-1)).any())  # a strided view
@@ -111,15 +113,15 @@ def test_cache_invariants(data):
                 assert layer.capacity == bound and layer.bytes_allocated == bound * 2 * 2 * 16 * 4
             held_now.append(layer.held)
         # K/V rows travel with their positions (layer 0 depends only on token and position)
-        layer0 = cache.layers[0]
+        layer0, bin0 = cache.layers[0], cache.asides[0].bin
         tokens = torch.tensor(fed)
         for head in range(layer0.token_index.shape[0]):
             keys, values = layer0_keys_values(LM, tokens[layer0.token_index[head]], layer0.token_index[head])
             torch.testing.assert_close(layer0.keys[0, head], keys[0, head], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(layer0.values[0, head], values[0, head], atol=1e-5, rtol=1e-5)
-        if len(layer0.bin):
-            keys, _ = layer0_keys_values(LM, tokens[layer0.bin.token_index], layer0.bin.token_index)
-            torch.testing.assert_close(layer0.bin.keys, keys, atol=1e-5, rtol=1e-5)
+        if len(bin0):
+            keys, _ = layer0_keys_values(LM, tokens[bin0.token_index], bin0.token_index)
+            torch.testing.assert_close(bin0.keys, keys, atol=1e-5, rtol=1e-5)
         state["held"] = held_now
         state["positions"] = [layer.token_index.clone() for layer in cache.layers]
 

@@ -13,6 +13,7 @@ import torch
 from torch._dynamo.utils import counters
 
 from hae_cli import api
+from hae_cli.cache.rounds import held_bound
 from hae_cli.model.compiled import CompiledStep
 from hae_cli.model.generate import decode_one_token, prefill
 from hae_process import run_hae
@@ -60,10 +61,9 @@ def decode_run(demo, policy: str, steps: int, step_kind: str | None, check=None)
 
 def bounds_hold(cache) -> None:
     """The budget bound and bytes held == tokens held x bytes per token, in every layer."""
-    bound = cache.policy.held_bound
     for layer, layer_stats in zip(cache.layers, cache.stats().layers):
         if layer.budget is not None:
-            assert layer.held <= bound(layer.budget) == layer.capacity
+            assert layer.held <= held_bound(layer.budget, cache.policy.buffer) == layer.capacity
         assert layer_stats.tokens_held == layer.held
         assert layer_stats.bytes_held == layer.held * layer.bytes_per_token
         assert layer.token_index.shape[1] == layer.held
@@ -84,6 +84,7 @@ def test_the_fixed_shape_step_gives_the_eager_logits_and_holds_the_bounds(demo, 
     assert [int(x.argmax()) for x in eager] == [int(x.argmax()) for x in fixed]
     for a, b in zip(eager_cache.layers, fixed_cache.layers):
         assert torch.equal(a.token_index, b.token_index) and torch.equal(a.modality, b.modality)
+    for a, b in zip(eager_cache.asides, fixed_cache.asides):
         assert torch.equal(a.bin.token_index, b.bin.token_index)
     if policy != "full":
         rounds, restores = rounds_and_restores(fixed_cache)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, layer0_qkv, tiny_lm
 from hae_cli.cache import Modality
 from hae_cli.cache.policies import LayerView
+from hae_cli.cache.rounds import evict_to_bin
 
 STEPS = 24
 
@@ -230,7 +231,7 @@ def test_bin_scores_continue_with_the_attention_they_would_have_received(lm, pro
         if step == 0:
             layer = cache.layers[0]
             kept_scores["initial"] = layer.scores.clone()
-            layer.evict_to_bin(torch.isin(layer.token_index[0], binned).nonzero().squeeze(-1))
+            evict_to_bin(layer, cache.asides[0].bin, torch.isin(layer.token_index[0], binned).nonzero().squeeze(-1))
 
     cache = evicting_cache(lm, "hae", r_g=0.0, gamma=gamma, budget=500, buffer=2)
     tokens, _, _ = greedy(lm, *prompt, cache, steps, after_step=to_bin)
@@ -250,8 +251,8 @@ def test_bin_scores_continue_with_the_attention_they_would_have_received(lm, pro
             lse = torch.logsumexp(logits[visible], dim=0)
             per_head.append(torch.exp(logits[binned] - lse))
         bin_scores = gamma * bin_scores + kv_mean(torch.stack(per_head))
-    assert cache.layers[0].bin.token_index.tolist() == binned.tolist()
-    torch.testing.assert_close(cache.layers[0].bin.scores, bin_scores, atol=1e-5, rtol=1e-4)
+    assert cache.asides[0].bin.token_index.tolist() == binned.tolist()
+    torch.testing.assert_close(cache.asides[0].bin.scores, bin_scores, atol=1e-5, rtol=1e-4)
 
 
 def test_hae_rounds_keep_the_best_and_restore_from_the_bin(lm, prompt):
@@ -260,12 +261,13 @@ def test_hae_rounds_keep_the_best_and_restore_from_the_bin(lm, prompt):
     checked = []
 
     def check(step, cache, fed):
-        for layer in cache.layers:
+        for layer, aside in zip(cache.layers, cache.asides):
             rounded = any(e.step == step and e.layer == layer.layer_idx and e.action == "binned" for e in cache.events)
-            if rounded and len(layer.bin):
+            if rounded and len(aside.bin):
                 sink, recent = cache.policy.protected(layer.budget)
-                active = cache.policy.priority(LayerView.of(layer))[sink : layer.held - recent]
-                assert float(active.min()) >= float(cache.policy.bin_priority(LayerView.of(layer)).max())
+                view = LayerView.of(layer, aside)
+                active = cache.policy.priority(view)[sink : layer.held - recent]
+                assert float(active.min()) >= float(cache.policy.bin_priority(view).max())
                 checked.append(step)
 
     cache = evicting_cache(lm, "hae", **policy_params)
@@ -290,7 +292,8 @@ def test_broadcast_makes_every_layer_follow_the_scoring_layer(lm, prompt):
     first = cache.layers[0]
     for layer in cache.layers[1:]:
         assert torch.equal(layer.token_index, first.token_index)
-        assert torch.equal(layer.bin.token_index, first.bin.token_index)
+    for aside in cache.asides[1:]:
+        assert torch.equal(aside.bin.token_index, cache.asides[0].bin.token_index)
     assert [float(layer.scores.abs().sum()) > 0 for layer in cache.layers] == [False, True, False, False]
 
 
@@ -298,7 +301,7 @@ def test_mustdrop_evicts_for_good(lm, prompt):
     cache = evicting_cache(lm, "mustdrop", budget=20, buffer=4, recent=4)
     greedy(lm, *prompt, cache, STEPS)
     actions = {e.action for e in cache.events}
-    assert actions == {"evicted"} and all(len(layer.bin) == 0 for layer in cache.layers)
+    assert actions == {"evicted"} and all(len(aside.bin) == 0 for aside in cache.asides)
     assert [layer.held for layer in cache.layers] == [20] * 4  # a round at step 24 (every 4 steps)
 
 

@@ -81,17 +81,17 @@ def test_the_prefill_sets_aside_what_stage_1_drops_and_the_question_brings_back_
     probes = []
 
     def seen(step, cache):  # before each real forward: after the prefill, then after the question's swap
-        layer = cache.layers[0]
+        layer, reserve = cache.layers[0], cache.asides[0].reserve
         if step == 1:
-            assert len(layer.reserve) > 0
+            assert len(reserve) > 0
         if step in (1, 2):
-            probes.append((layer.token_index[0].clone(), layer.reserve.token_index.clone()))
+            probes.append((layer.token_index[0].clone(), reserve.token_index.clone()))
 
     def prefilled(step, cache):
         if step == 0:
-            layer = cache.layers[0]
-            assert len(layer.reserve) > 0 and layer.held + len(layer.reserve) == length
-            probes.insert(0, (layer.token_index[0].clone(), layer.reserve.token_index.clone()))
+            layer, reserve = cache.layers[0], cache.asides[0].reserve
+            assert len(reserve) > 0 and layer.held + len(reserve) == length
+            probes.insert(0, (layer.token_index[0].clone(), reserve.token_index.clone()))
 
     converse(lm, cache, questions=QUESTIONS[:1], after_step=prefilled, before_step=seen)
     (held, reserved), (after_swap, _) = probes[0], probes[1]
@@ -177,7 +177,7 @@ def test_the_ablations_bring_nothing_back_from_a_reserve(setting):
     cache = EvictingCache("hae", 3, **params(budget=24, **setting))
     converse(lm, cache)
     if setting.get("reserve") == "off":  # pruned rows are deleted; a question may still restore from the bin
-        assert all(len(layer.reserve) == 0 for layer in cache.layers)
+        assert all(len(aside.reserve) == 0 for aside in cache.asides)
         assert not any(e.action == "reserved" and e.stage == "prefill" for e in cache.events)
     else:
         assert not any(e.stage == "turn" for e in cache.events)
@@ -215,12 +215,12 @@ def test_each_images_floor_stays_held_through_the_turns_and_only_the_rest_is_swa
         return cache, held_each_turn
 
     cache, held_each_turn = run(True)
-    floor = set(cache.layers[0].protected.tolist())
+    floor = set(cache.asides[0].reserve.protected.tolist())
     _, modality, _ = fake_prompt(**IMAGE_PROMPT, sep_every=6)
     image_tokens = int((modality == Modality.IMAGE).sum())
-    assert len(floor) >= 0.3 * image_tokens and all(set(layer.protected.tolist()) == floor for layer in cache.layers)
+    assert len(floor) >= 0.3 * image_tokens and all(set(aside.reserve.protected.tolist()) == floor for aside in cache.asides)
     assert all(floor <= held or held <= floor for turn in held_each_turn for held in turn)
     unprotected, held_without = run(False)
-    assert unprotected.layers[0].protected.numel() == 0
+    assert unprotected.asides[0].reserve.protected.numel() == 0
     assert not all(floor <= held or held <= floor for turn in held_without for held in turn), \
         "the question alone takes floor tokens"

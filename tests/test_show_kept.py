@@ -11,6 +11,7 @@ from PIL import Image
 
 from hae_cli.cache import EvictingCache
 from hae_cli.cache.kept_map import image_slots, kept_json, kept_map
+from hae_cli.cache.rounds import evict_to_bin
 from hae_cli.cli.validate import check_writable
 from hae_cli.display.kept_png import draw_kept, layout
 from hae_cli.errors import InputError
@@ -65,7 +66,7 @@ def known_cache() -> tuple[EvictingCache, torch.Tensor]:
         keys = torch.randn(1, KV_HEADS, length, 4)
         layer.append(keys, keys.clone(), torch.arange(length), modality, image_id)
         if index == 1:
-            layer.evict_to_bin(torch.tensor(sorted(start + s for s in binned)))
+            evict_to_bin(layer, cache.asides[index].bin, torch.tensor(sorted(start + s for s in binned)))
             held = layer.token_index[0].tolist()
             layer.compact(torch.tensor([i for i, p in enumerate(held) if p in keep_rows]))
         else:
@@ -169,7 +170,7 @@ def test_json_mask_matches_the_cache():
                 assert all(mask[s] in "#+" for s in held)
                 if "heads_holding" not in layer_entry:
                     assert {s for s, ch in enumerate(mask) if ch == "#"} == held
-            binned = {p - entry["first_position"] for p in layer.bin.token_index.tolist()
+            binned = {p - entry["first_position"] for p in cache.asides[layer_entry["layer"]].bin.token_index.tolist()
                       if 0 <= p - entry["first_position"] < entry["slots"]}
             assert {s for s, ch in enumerate(mask) if ch == "b"} == binned
             assert layer_entry["held"] == sum(ch == "#" for ch in mask) or "heads_holding" in layer_entry

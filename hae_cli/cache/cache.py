@@ -2,11 +2,14 @@
 
 The generation loop tells the cache what each forward carries (`begin_tokens`) and when a
 step ends (`end_step`); the decoder loop calls `after_layer` between layers. In between,
-`update` appends each layer's rows and marks the cache active, so the "hae_sdpa" attention
-function lets it observe the attention rows its policy asked for. The policy decides; the
-parts of the cache act on it, one module each: what is observed and how scores are folded
-(`observation.py`), prefill compaction (`prefill.py`), decode rounds with the recycle bin
-(`rounds.py`), events, timing and snapshots (`reporting.py`).
+`update` appends each layer's rows through the layer's own `update` and marks the cache
+active, so the "hae_sdpa" attention function lets it observe the attention rows its policy
+asked for. Each layer's storage (`EvictingLayer`) has its bin, reserve and query stash beside
+it (`LayerAside`, in `asides`). The policy decides; the parts of the cache act on it, one
+module each: what is observed and how scores are folded (`observation.py`), prefill
+compaction (`prefill.py`), decode rounds with the recycle bin (`rounds.py`), a new turn's
+question (`question.py`), sliding windows (`window.py`), a compiled step's view
+(`static_step.py`), events, timing and snapshots (`reporting.py`).
 
 Each token is known by its index in feed order (`tokens_fed` counts them); the rotary
 position the model gives it never reaches the cache, so a model whose positions repeat or
@@ -24,18 +27,19 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache
 
+from hae_cli.cache.aside import LayerAside
 from hae_cli.cache.attention import register_attention, set_active
 from hae_cli.cache.forward import ForwardTokens, new_forward
-from hae_cli.cache.layer import GROWTH_ROWS, EvictingLayer, same_in_every_head
+from hae_cli.cache.layer import EvictingLayer
 from hae_cli.cache.modality import Modality
-from hae_cli.cache.observation import fold, fold_scores, observe_prefill
+from hae_cli.cache.observation import fold_scores, observe_prefill
 from hae_cli.cache.policies import Policy, make_policy
-from hae_cli.cache.prefill import PrefillCompaction
-from hae_cli.cache.question import observe_question, swap_for_question, take_back
-from hae_cli.cache.reporting import EventLog, Stopwatch, count_modalities, snapshot
-from hae_cli.cache.rounds import Rounds
+from hae_cli.cache.policies.capabilities import keeps_decode_scores, probes_question
+from hae_cli.cache.question import observe_question
+from hae_cli.cache.reporting import EventLog, Stopwatch, add_image_slots, snapshot
 from hae_cli.cache.static_step import StaticStep
 from hae_cli.cache.stats import CacheStats
+from hae_cli.cache.step_end import StepEnd
 
 
 class EvictingCache(Cache):
@@ -45,16 +49,8 @@ class EvictingCache(Cache):
     `EvictingCache.from_config(model.config, "h2o", budget=256)`.
     """
 
-    def __init__(
-        self,
-        policy: Policy | str = "full",
-        num_layers: int | None = None,
-        *,
-        config=None,
-        record_history: bool = False,
-        sync_timing: bool = False,
-        **params,
-    ) -> None:
+    def __init__(self, policy: Policy | str = "full", num_layers: int | None = None, *, config=None,
+                 record_history: bool = False, sync_timing: bool = False, **params) -> None:
         if isinstance(policy, str):
             policy = make_policy(policy, **params)
         elif params:
@@ -68,16 +64,7 @@ class EvictingCache(Cache):
         super().__init__(layers=[EvictingLayer(i) for i in range(num_layers)])
         self.policy = policy
         self.num_layers = num_layers
-        self.tokens_fed = 0  # tokens ever fed: the index of the next token
-        self.image_sizes: list[int] = []  # slots fed of image k at index k-1
-        self.step = 0  # 0 = prefill; +1 per decode step
-        self.log = EventLog()
-        self.stopwatch = Stopwatch(sync_timing)
-        self.history: list[CacheStats] | None = [] if record_history else None
-        self._prefill = PrefillCompaction(self.layers, policy, self.log)
-        self._rounds = Rounds(self.layers, policy, self.log)
-        self._forward: ForwardTokens | None = None
-        self._static: StaticStep | None = None  # what a compiled decode step reads and writes
+        self._begin_sequence(Stopwatch(sync_timing), record_history)
 
     @classmethod
     def from_config(cls, config, policy: Policy | str = "full", **kwargs) -> "EvictingCache":
@@ -98,15 +85,23 @@ class EvictingCache(Cache):
         """Time spent observing attention, deciding, compacting and moving bin tokens."""
         return self.stopwatch.total
 
+    def _begin_sequence(self, stopwatch: Stopwatch, record_history: bool) -> None:
+        """The state of one sequence, from its first token on (`__init__`, `reset`)."""
+        self.asides = [LayerAside() for _ in range(self.num_layers)]  # each layer's bin, reserve, stash
+        self.tokens_fed = 0  # tokens ever fed: the index of the next token
+        self.image_sizes: list[int] = []  # slots fed of image k at index k-1
+        self.step = 0  # 0 = prefill; +1 per decode step
+        self.log = EventLog()
+        self.stopwatch = stopwatch
+        self.history: list[CacheStats] | None = [] if record_history else None
+        self._end = StepEnd(self.layers, self.asides, self.policy, self.log, stopwatch)
+        self._forward: ForwardTokens | None = None
+        self._static: StaticStep | None = None  # what a compiled decode step reads and writes
+
     # --- the generation loop's side ---
 
-    def begin_tokens(
-        self,
-        modality: torch.Tensor,
-        image_id: torch.Tensor | None = None,
-        overview: torch.Tensor | None = None,
-        probe: bool = False,
-    ) -> None:
+    def begin_tokens(self, modality: torch.Tensor, image_id: torch.Tensor | None = None,
+                     overview: torch.Tensor | None = None, probe: bool = False) -> None:
         """Announce the next forward's tokens by their tags, `[q]` each (`overview`: which are an
         image's global-view features, for prefill decisions). They are indexed from `tokens_fed` on.
         The first forward, and any later one that carries images, is compressed as a prefill.
@@ -127,38 +122,14 @@ class EvictingCache(Cache):
             raise RuntimeError(f"end_step: only {len(fwd.layer_rows)} of {self.num_layers} layers ran")
         if fwd.probe:
             raise RuntimeError("end_step: a probe ends with end_probe")
-        clock = self.stopwatch
-        start = clock.now()
-        prefill = fwd.compresses
-        if prefill:
-            self._prefill.step = self.step
-            for layer_idx in range(self.num_layers):
-                if layer_idx not in fwd.decided:
-                    self._prefill.decide(fwd, layer_idx, live=False, tokens_fed=self.tokens_fed)
-            self._prefill.finish(fwd, self.step)
-            for layer_idx, layer in enumerate(self.layers):
-                layer.budget = self.policy.resolve_budget(layer_idx, self.tokens_fed, layer.held)
-        clock.add("prefill", start)
+        if fwd.compresses:
+            self._end.prefill_done(fwd, self.step, self.tokens_fed)
         self._forward = None
-        self._close_step(prefill)
+        self._close_step(fwd.compresses)
 
     def _close_step(self, prefill: bool) -> None:
-        """Fold the scores that are due, run the rounds that are due; step += 1."""
-        clock = self.stopwatch
-        start = clock.now()
-        fold_scores(self.layers, self.policy, due_only=True)
-        start = clock.add("scores", start)
-        stage = "prefill" if prefill else "decode"
-        self._rounds.run(self.step, stage)
-        for layer_idx, layer in enumerate(self.layers):  # a sliding layer: what no later token can see
-            dropped = layer.trim_to_window(self.tokens_fed)
-            if dropped is not None:
-                self.log.record_counts(self.step, layer_idx, stage, "evicted", count_modalities(dropped))
-        if prefill:  # the prompt-size storage goes; from now on each layer holds at most its bound
-            for layer in self.layers:
-                layer.limit_rows(window_bound(self.policy.held_bound(layer.budget), layer.window))
-        clock.add("rounds", start)
-        self.log.flush()
+        """The step's folds, rounds and windows (`StepEnd`); step += 1."""
+        self._end.step_done(self.step, self.tokens_fed, prefill)
         if self.history is not None:
             self.history.append(self.stats_at(self.step))
         self.step += 1
@@ -181,10 +152,7 @@ class EvictingCache(Cache):
     def held_index(self, layer_idx: int) -> torch.Tensor:
         """`[1 or H_kv, held]`: the index of each row a layer holds (one row where every head
         holds the same tokens)."""
-        index = self.layers[layer_idx].token_index
-        if index is None:
-            return torch.empty(1, 0, dtype=torch.int64)
-        return index[:1] if same_in_every_head(index) else index
+        return self.layers[layer_idx].held_index()
 
     def make_room(self, new_tokens: int) -> None:
         """Storage for `new_tokens` more rows in every layer without a bound (a layer with one
@@ -202,13 +170,8 @@ class EvictingCache(Cache):
             raise RuntimeError("begin_static_step: a forward is in progress")
         if self.step == 0:
             raise RuntimeError("begin_static_step: the prompt must be fed first")
-        for layer in self.layers:
-            if layer.held >= layer.capacity:  # only a layer without a bound can be full here
-                layer.make_room(layer.held + GROWTH_ROWS)
-        if self._static is None:
-            stashing = [self.policy.wants_decode_attention(i) for i in range(self.num_layers)]
-            self._static = StaticStep(self.layers, stashing, max(1, self.policy.buffer), query_shape)
-        self._static.refresh(self.layers, self.tokens_fed)
+        self._static = StaticStep.ready(self._static, self.layers, self.asides, self.policy, self.tokens_fed,
+                                        query_shape)
         return self._static
 
     def end_static_step(self) -> None:
@@ -216,10 +179,7 @@ class EvictingCache(Cache):
         self._static.advanced(self.layers)
         self.tokens_fed += 1
         self._close_step(prefill=False)
-        for layer in self.layers:  # a full ring is folded now: the next step has no slot for its query
-            ring = layer.stash.ring
-            if ring is not None and ring.filled >= ring.size:
-                fold(layer, self.policy.score_decay)
+        self._end.fold_full_rings()
 
     def abandon_static_step(self) -> None:
         """A compiled step that failed: its device counts are set again from the host next time."""
@@ -228,7 +188,7 @@ class EvictingCache(Cache):
 
     def wants_question_probe(self) -> bool:
         """Whether a new turn's question is first fed as a probe (`begin_tokens(probe=True)`)."""
-        return self.policy.wants_question_probe()
+        return probes_question(self.policy)
 
     def end_probe(self) -> None:
         """Close a probe: take its rows back out of every layer (as if never fed), then let the
@@ -238,17 +198,13 @@ class EvictingCache(Cache):
             raise RuntimeError("end_probe: no probe is running")
         if len(fwd.layer_rows) != self.num_layers:
             raise RuntimeError(f"end_probe: only {len(fwd.layer_rows)} of {self.num_layers} layers ran")
-        start = self.stopwatch.now()
-        take_back(fwd, self.layers)
         self.tokens_fed -= fwd.count
-        swap_for_question(fwd, self.layers, self.policy, self.log, self.step)
+        self._end.probe_done(fwd, self.step)
         self._forward = None
-        self.log.flush()
-        self.stopwatch.add("rounds", start)
 
     def flush_scores(self) -> None:
         """Bring every running score up to date now (they are otherwise folded when due)."""
-        fold_scores(self.layers, self.policy, due_only=False)
+        fold_scores(self.layers, self.asides, self.policy, due_only=False)
 
     # --- transformers' side ---
 
@@ -267,7 +223,7 @@ class EvictingCache(Cache):
         expected = fwd.count if rows is None else rows.numel()
         if key_states.shape[2] != expected:
             raise ValueError(f"layer {layer_idx} got {key_states.shape[2]} new rows, expected {expected}")
-        keys, values = self.layers[layer_idx].append(key_states, value_states, *fwd.tags(rows))
+        keys, values = self.layers[layer_idx].update(key_states, value_states, fwd.cache_kwargs(rows))
         fwd.layer_rows[layer_idx] = rows
         set_active(self, layer_idx)
         return keys, values
@@ -275,14 +231,7 @@ class EvictingCache(Cache):
     def reset(self) -> None:
         """Empty the cache for a new sequence (the policy and its parameters stay)."""
         super().reset()
-        self.tokens_fed, self.step, self.image_sizes = 0, 0, []
-        self.log = EventLog()
-        self.stopwatch = Stopwatch(self.stopwatch.sync)
-        self.history = [] if self.history is not None else None
-        self._prefill = PrefillCompaction(self.layers, self.policy, self.log)
-        self._rounds = Rounds(self.layers, self.policy, self.log)
-        self._forward = None
-        self._static = None
+        self._begin_sequence(Stopwatch(self.stopwatch.sync), self.history is not None)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         self._settle()
@@ -299,12 +248,7 @@ class EvictingCache(Cache):
         fwd = self._forward
         if fwd is None or not fwd.compresses or layer_idx in fwd.decided:
             return None
-        start = self.stopwatch.now()
-        self._prefill.step = self.step
-        keep = self._prefill.decide(fwd, layer_idx, live=True, tokens_fed=self.tokens_fed)
-        self.log.flush()
-        self.stopwatch.add("prefill", start)
-        return keep
+        return self._end.decide_live(fwd, layer_idx, self.step, self.tokens_fed)
 
     def observe_attention(self, layer_idx, query, key, attention_mask, scaling: float) -> None:
         """Called by the attention function right after SDPA, with what SDPA saw."""
@@ -312,16 +256,16 @@ class EvictingCache(Cache):
         if fwd is None or layer_idx not in fwd.layer_rows:
             return
         start = self.stopwatch.now()
-        layer = self.layers[layer_idx]
-        layer.attention_scaling = scaling
+        layer, aside = self.layers[layer_idx], self.asides[layer_idx]
+        aside.stash.scaling = scaling
         if fwd.probe:
-            observe_question(fwd, layer, layer_idx, query, scaling)
+            observe_question(fwd, layer, aside, layer_idx, query, scaling)
         elif fwd.compresses:
             rows = fwd.policy_rows(layer_idx, layer.held, self.tokens_fed, self.num_layers)
-            observations = fwd.observations.setdefault(layer_idx, {})
-            observe_prefill(self.policy, layer, layer_idx, rows, observations, query, key, attention_mask, scaling)
-        elif self.policy.wants_decode_attention(layer_idx):
-            layer.stash_queries(query[0], fwd.tags(fwd.layer_rows[layer_idx])[0])
+            observe_prefill(self.policy, layer, layer_idx, rows, fwd.observations.setdefault(layer_idx, {}),
+                            query, key, attention_mask, scaling)
+        elif keeps_decode_scores(self.policy, layer_idx):  # folded into the scores when due
+            aside.stash.add(query[0], fwd.tags(fwd.layer_rows[layer_idx])[0])
         self.stopwatch.add("observe", start)
         if not fwd.explicit and layer_idx == self.num_layers - 1 and len(fwd.layer_rows) == self.num_layers:
             self.end_step()
@@ -333,41 +277,20 @@ class EvictingCache(Cache):
         return self.stats_at(max(self.step - 1, 0))
 
     def stats_at(self, step: int) -> CacheStats:
-        return snapshot(self.layers, step, self.tokens_fed, self.image_sizes, self.log.events)
-
-    # --- internals ---
+        return snapshot(self.layers, self.asides, step, self.tokens_fed, self.image_sizes, self.log.events)
 
     def _new_forward(self, count: int, modality, image_id, overview, explicit: bool) -> ForwardTokens:
         default = Modality.TEXT if self.step == 0 else Modality.GENERATED
-        fwd = new_forward(count, self.tokens_fed, modality, image_id, overview, explicit, default)
-        fwd.compresses = self.step == 0
-        self._count_image_slots(fwd.image_id)
+        fwd = new_forward(count, self.tokens_fed, modality, image_id, overview, explicit, default, self.step == 0)
+        add_image_slots(self.image_sizes, fwd.image_id)
         self.tokens_fed += count
         return fwd
-
-    def _count_image_slots(self, image_id: torch.Tensor) -> None:
-        """Add this forward's slots per image to `image_sizes`, read from the tags as the caller
-        made them (on the host for prompts and decode steps: no device sync)."""
-        if not image_id.numel():
-            return
-        fed = torch.bincount(image_id.long().cpu()).tolist()[1:]
-        self.image_sizes += [0] * max(0, len(fed) - len(self.image_sizes))
-        for k, count in enumerate(fed):
-            self.image_sizes[k] += count
 
     def _settle(self) -> None:
         """End a forward that reached every layer but was not ended (transformers' generate)."""
         fwd = self._forward
         if fwd is not None and len(fwd.layer_rows) == self.num_layers:
             self.end_step()
-
-
-def window_bound(bound: int | None, window: int | None) -> int | None:
-    """The most rows a layer holds between rounds: its policy's bound, and no more than its
-    window (`window - 1` rows it may still need, and the step's own)."""
-    if window is None:
-        return bound
-    return window if bound is None else min(bound, window)
 
 
 def _num_layers(config) -> int:

@@ -57,6 +57,10 @@ class ForwardTokens:
             return self.index, self.modality, self.image_id
         return self.index[rows], self.modality[rows], self.image_id[rows]
 
+    def cache_kwargs(self, rows: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The tags of `rows` as a layer's `update` takes them."""
+        return dict(zip(("token_index", "modality", "image_id"), self.tags(rows)))
+
     def shared_rows(self, layer_idx: int) -> torch.Tensor | None:
         """The forward tokens a layer holds, the same in every head."""
         rows = self.layer_rows.get(layer_idx, self.rows)
@@ -73,9 +77,9 @@ class ForwardTokens:
 
 
 def new_forward(count: int, tokens_fed: int, modality, image_id, overview, explicit: bool,
-                default_modality: int) -> ForwardTokens:
+                default_modality: int, compresses: bool = False) -> ForwardTokens:
     """The next `count` tokens, indexed from `tokens_fed` on, with their tags (missing ones:
-    `default_modality`, no image, not an overview)."""
+    `default_modality`, no image, not an overview); `compresses`: a prefill."""
     index = torch.arange(tokens_fed, tokens_fed + count)
     if modality is None:
         modality = torch.full((count,), int(default_modality), dtype=torch.int8)
@@ -91,4 +95,4 @@ def new_forward(count: int, tokens_fed: int, modality, image_id, overview, expli
             f"begin_tokens: {count} tokens but {modality.numel()} modality / {image_id.numel()} image / "
             f"{overview.numel()} overview tags"
         )
-    return ForwardTokens(index, modality, image_id, overview, explicit)
+    return ForwardTokens(index, modality, image_id, overview, explicit, compresses)

@@ -82,7 +82,7 @@ def image_slots(image_id: torch.Tensor) -> list[ImageSlots]:
 def kept_map(cache, images: list[ImageSlots], step: int) -> KeptMap:
     """Read every layer of an `EvictingCache` (token indices `[H_kv, N]`, the bin's and the reserve's `[M]`)."""
     holding, binned, reserved, heads = [], [], [], 1
-    for layer in cache.layers:
+    for layer, aside in zip(cache.layers, cache.asides):
         held = layer.token_index.cpu().numpy() if layer.token_index is not None else np.zeros((1, 0), np.int64)
         heads = held.shape[0]
         layer_holding = []
@@ -93,8 +93,8 @@ def kept_map(cache, images: list[ImageSlots], step: int) -> KeptMap:
             np.add.at(counts, slot[inside], 1)
             layer_holding.append(counts)
         holding.append(layer_holding)
-        binned.append([_members(layer.bin.token_index, image) for image in images])
-        reserved.append([_members(layer.reserve.token_index, image) for image in images])
+        binned.append([_members(aside.bin.token_index, image) for image in images])
+        reserved.append([_members(aside.reserve.token_index, image) for image in images])
     return KeptMap(step, list(images), heads, holding, binned, reserved)
 
 

@@ -1,10 +1,14 @@
-"""One layer of the evicting cache: K/V and everything that must travel with each row.
+"""One layer of the evicting cache: the storage of K/V and everything that travels with each row.
 
-Keys, values, token indices, modality tags, image ids and running scores are owned together
-and only ever changed together (append, compact, bin, restore), so they cannot drift
-apart. A token's index is its place in feed order (unique; the rotary position is the
-model's business and is not stored). Rows are kept in ascending index order in every head. Every head holds the same
-number of rows; which rows may differ per head.
+As transformers' `CacheLayerMixin` layers do, a layer only stores and grows: keys, values,
+token indices, modality tags, image ids and running scores are owned together and only ever
+changed together (append, take, compact), so they cannot drift apart. What leaves the
+attention path (the recycle bin, the conversation reserve) and the queries waiting for the
+fold lie beside it (`aside.py`); the moves between them live where they are decided
+(`rounds.py`, `reserve.py`, `window.py`). A token's index is its place in feed order (unique;
+the rotary position is the model's business and is not stored). Rows are kept in ascending
+index order in every head. Every head holds the same number of rows; which rows may differ
+per head.
 
 Storage is written in place. Each of the six lives in one preallocated tensor with room for
 `capacity` rows; the public `keys`, `values`, `token_index`, `modality`, `image_id` and
@@ -31,8 +35,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
-from hae_cli.cache.stash import QueryStash
+from hae_cli.cache.indices import complement, same_in_every_head
+from hae_cli.cache.recycle_bin import TokenRows
 
 # The row dimension of each stored tensor: `[1, H, N, D]` K/V, `[H, N]` tags and scores.
 _ROW_DIM = {"keys": 2, "values": 2, "token_index": 1, "modality": 1, "image_id": 1, "scores": 1}
@@ -66,6 +70,9 @@ class _HeldRows:
 
 
 class EvictingLayer(CacheLayerMixin):
+    """One layer's rows in preallocated storage: append, take, compact (with rows merged in),
+    and storage sized to the rows it must hold."""
+
     is_sliding = False
     is_compileable = False
     is_croppable = False
@@ -83,14 +90,9 @@ class EvictingLayer(CacheLayerMixin):
         self._storage: dict[str, torch.Tensor] = {}  # the six tensors, `capacity` rows each
         self._held = 0
         self.row_bound: int | None = None  # the most rows held between rounds (budget + buffer)
+        # the limits the cache sets, which bound what the storage must hold (`limit_rows`)
         self.budget: int | None = None  # decode budget B, set when the prompt is done
         self.window: int | None = None  # a sliding layer sees only the last `window` tokens
-        self.bin = RecycleBin()
-        self.reserve = RecycleBin()  # what a prefill set aside for a later question: never aged or trimmed
-        self.reserve_active = False  # once anything was set aside, image tokens a round evicts go there too
-        self.protected = torch.zeros(0, dtype=torch.int64)  # token indices a later turn may not swap out
-        self.stash = QueryStash()  # decode queries not yet folded into the scores
-        self.attention_scaling: float | None = None
 
     # --- transformers' CacheLayerMixin ---
 
@@ -108,8 +110,12 @@ class EvictingLayer(CacheLayerMixin):
         self._held = 0
         self.is_initialized = True
 
-    def update(self, key_states, value_states, *args, token_index=None, modality=None, image_id=None, **kwargs):
-        """Append; without tags the rows continue after the last held index, tagged text."""
+    def update(self, key_states, value_states, cache_kwargs: dict | None = None):
+        """Append, with each row's tags from `cache_kwargs` (`token_index`, `modality`, `image_id`,
+        as the cache gives them); without tags the rows continue after the last held index, tagged
+        text. Returns all held K/V (views)."""
+        tags = cache_kwargs or {}
+        token_index, modality, image_id = tags.get("token_index"), tags.get("modality"), tags.get("image_id")
         q = key_states.shape[2]
         if token_index is None:
             start = int(self.token_index.max()) + 1 if self.get_seq_length() else 0
@@ -181,6 +187,13 @@ class EvictingLayer(CacheLayerMixin):
             return 0
         return self._storage["keys"].untyped_storage().nbytes() + self._storage["values"].untyped_storage().nbytes()
 
+    def held_index(self) -> torch.Tensor:
+        """`[1 or H_kv, held]`: the index of each row held (one row where every head holds the
+        same tokens)."""
+        if self.token_index is None:
+            return torch.empty(1, 0, dtype=torch.int64)
+        return self.token_index[:1] if same_in_every_head(self.token_index) else self.token_index
+
     def limit_rows(self, bound: int | None) -> None:
         """Once the prompt is in: size the storage to `bound` rows (None: the rows held and room
         to grow, so the first decode step does not copy the prompt), releasing the prompt-size
@@ -244,86 +257,11 @@ class EvictingLayer(CacheLayerMixin):
 
         self._hold(TokenRows(**{name: merged(name, getattr(incoming, name)) for name in _ROW_DIM}))
 
-    def evict_to_bin(self, index: torch.Tensor) -> TokenRows:
-        """Move rows `index` (`[n]`, the same in every head) to the recycle bin; returns them."""
-        return self.swap_with_bin(index, index[:0])[0]
-
-    def restore(self, bin_index: torch.Tensor) -> TokenRows:
-        """Put bin tokens `bin_index` back, at their original index; returns them."""
-        return self.swap_with_bin(bin_index[:0], bin_index)[1]
-
-    def swap_with_bin(self, evict: torch.Tensor, restore: torch.Tensor) -> tuple[TokenRows, TokenRows]:
-        """Move rows `evict` (`[n]`) to the bin and bin tokens `restore` (`[m]`, indices before this
-        call) back, at their original index, rebuilding the layer once. The bin then holds its
-        old tokens but the restored, then the evicted. Returns (evicted, restored)."""
-        evict = evict.to(self.device)
-        evicted = self.take(evict)
-        restored = self.bin.take(restore, self.device) if restore.numel() else self.take(evict[:0])
-        if evict.numel() or restore.numel():
-            self.compact(complement(evict, self.held), restored)
-        self.bin.add(evicted)
-        return evicted, restored
-
-    def move_to_reserve(self, index: torch.Tensor) -> TokenRows:
-        """Move rows `index` (`[n]`, the same in every head) to the reserve; returns them."""
-        return self.swap_with_reserve(index, index[:0], index[:0])[0]
-
-    def swap_with_reserve(self, evict: torch.Tensor, from_reserve: torch.Tensor, from_bin: torch.Tensor,
-                          to_bin: bool = False):
-        """Move rows `evict` (`[n]`) to the reserve (the bin, `to_bin`) and bring back reserve tokens
-        `from_reserve` and bin tokens `from_bin` (indices before this call), at their original index,
-        rebuilding the layer once. Returns (moved out, brought back)."""
-        evict = evict.to(self.device)
-        evicted = self.take(evict)
-        back = [self.take(evict[:0])]
-        if from_reserve.numel():
-            back.append(self.reserve.take(from_reserve, self.device))
-        if from_bin.numel():
-            back.append(self.bin.take(from_bin, self.device))
-        restored = TokenRows.cat(back)
-        if evict.numel() or len(restored):
-            self.compact(complement(evict, self.held), restored)
-        (self.bin if to_bin else self.reserve).add(evicted)
-        self.reserve_active |= not to_bin and len(evicted) > 0
-        return evicted, restored
-
     def insert(self, rows: TokenRows) -> None:
         """Merge rows in, keeping every head in ascending index order."""
         if len(rows) == 0:
             return
         self.compact(torch.arange(self.held, device=self.device), rows)
-
-    def trim_to_window(self, next_index: int) -> torch.Tensor | None:
-        """A sliding layer: drop for good every row no token from `next_index` on can see (index
-        <= next_index - window), and the same from the bin and the reserve; returns the dropped
-        rows' modality tags. Every head keeps the same count: where heads differ, the newest rows that all of
-        them may keep."""
-        if self.window is None or not self._held:
-            return None
-        cutoff = next_index - self.window
-        for store in (self.bin, self.reserve):
-            if len(store):
-                store.delete((store.token_index <= cutoff).nonzero().squeeze(-1))
-        keep = int((self.token_index > cutoff).sum(dim=1).min())
-        if keep == self._held:
-            return None
-        dropped = self.modality[:, : self._held - keep].clone()
-        self.compact(torch.arange(self._held - keep, self._held, device=self.device))
-        return dropped
-
-    def stash_queries(self, queries: torch.Tensor, token_index: torch.Tensor) -> None:
-        """Keep decode queries (`[H_q, q, D]`, post-RoPE, with their token indices `[q]`) until they are folded
-        into the running scores (joined then, not at every step)."""
-        self.stash.add(queries, token_index)
-
-    @property
-    def stashed(self) -> int:
-        """Queries stashed and not yet folded."""
-        return len(self.stash)
-
-    def take_stash(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The stashed queries `[H_q, t, D]` (oldest first) and their token indices `[t]`, or Nones."""
-        return self.stash.take()
 
     def make_room(self, rows: int) -> None:
         """Storage for at least `rows` rows now, so that steps up to there never resize it (a
@@ -413,23 +351,7 @@ def _merge_plan(kept_index: torch.Tensor, keep: torch.Tensor, new_index: torch.T
     return keep.new_zeros(stays.shape[0], keep.shape[1] + arriving).scatter_(1, stays, keep), slots
 
 
-def same_in_every_head(token_index: torch.Tensor) -> bool:
-    return token_index.shape[0] == 1 or bool((token_index == token_index[:1]).all())
-
-
 def _flat_rows(index: torch.Tensor, n: int) -> torch.Tensor:
     """`[H, m]` row indices per head -> indices into the `[H * n, D]` view of a `[1, H, n, D]` tensor."""
     return (index + n * torch.arange(index.shape[0], device=index.device)[:, None]).reshape(-1)
 
-
-def complement(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Rows of `range(size)` not in `index` (distinct rows; `[n]` -> `[size - n]`, `[H, n]` ->
-    `[H, size - n]`), ascending. The result size is known, so no device sync."""
-    if index.dim() == 1:
-        keep = torch.ones(size, dtype=torch.bool, device=index.device)
-        keep[index] = False
-        return torch.nonzero_static(keep, size=size - index.numel()).squeeze(-1)
-    heads, kept = index.shape[0], size - index.shape[1]
-    keep = torch.ones(heads, size, dtype=torch.bool, device=index.device)
-    keep.scatter_(1, index, False)
-    return torch.nonzero_static(keep, size=heads * kept)[:, 1].reshape(heads, kept)

@@ -11,6 +11,7 @@ scores at every step.
 from __future__ import annotations
 
 from hae_cli.cache.attention import ValueRequest, decayed_attention, summarize_attention, what_if_attention
+from hae_cli.cache.rounds import needs_round
 
 
 def observe_prefill(policy, layer, layer_idx: int, rows, observations: dict, query, key, attention_mask,
@@ -29,24 +30,26 @@ def observe_prefill(policy, layer, layer_idx: int, rows, observations: dict, que
         layer.scores.add_(summary.sum_per_kv_head())
 
 
-def fold_scores(layers, policy, due_only: bool) -> None:
+def fold_scores(layers, asides, policy, due_only: bool) -> None:
     """Fold each layer's stashed decode queries into its running scores: every layer
     (`due_only` False), or those that stashed `buffer` queries or need a round."""
-    for layer in layers:
-        if not layer.stashed:
+    for layer, aside in zip(layers, asides):
+        stashed = len(aside.stash)
+        if not stashed:
             continue
-        due = layer.stashed >= max(1, policy.buffer) or policy.needs_round(layer.held, layer.budget)
+        due = stashed >= max(1, policy.buffer) or needs_round(layer.held, layer.budget, policy.buffer)
         if due or not due_only:
-            fold(layer, policy.score_decay)
+            fold(layer, aside, policy.score_decay)
 
 
-def fold(layer, decay: float) -> None:
+def fold(layer, aside, decay: float) -> None:
     """s <- decay^t * s + the decayed attention of the t stashed queries, for the held tokens and,
     with what they would have paid them, for the bin's."""
-    queries, index = layer.take_stash()
-    seen, lse = decayed_attention(queries, index, layer.keys, layer.token_index, layer.attention_scaling, decay)
+    queries, index = aside.stash.take()
+    scaling, bin_ = aside.stash.scaling, aside.bin
+    seen, lse = decayed_attention(queries, index, layer.keys, layer.token_index, scaling, decay)
     factor = decay ** index.numel()
     layer.scores.mul_(factor).add_(seen)
-    if len(layer.bin):
-        missed = what_if_attention(queries, lse, layer.bin.keys, layer.attention_scaling, decay)
-        layer.bin.scores = factor * layer.bin.scores + missed.cpu()
+    if len(bin_):
+        missed = what_if_attention(queries, lse, bin_.keys, scaling, decay)
+        bin_.scores = factor * bin_.scores + missed.cpu()

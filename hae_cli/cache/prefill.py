@@ -11,15 +11,16 @@ from __future__ import annotations
 import torch
 
 from hae_cli.cache.forward import PER_HEAD_ROWS, ForwardTokens
-from hae_cli.cache.layer import complement
+from hae_cli.cache.indices import complement
 from hae_cli.cache.reporting import EventLog
+from hae_cli.cache.reserve import move_to_reserve
 
 
 class PrefillCompaction:
     """Takes a layer's prefill decision and applies it to the layers it names."""
 
-    def __init__(self, layers, policy, log: EventLog) -> None:
-        self.layers, self.policy, self.log = layers, policy, log
+    def __init__(self, layers, asides, policy, log: EventLog) -> None:
+        self.layers, self.asides, self.policy, self.log = layers, asides, policy, log
         self.step = 0  # the cache's step, for the events (set by the cache before each decision)
 
     def decide(self, fwd: ForwardTokens, layer_idx: int, live: bool, tokens_fed: int) -> torch.Tensor | None:
@@ -41,8 +42,8 @@ class PrefillCompaction:
         kept = here[keep]
         if decision.protected is not None:
             protected = fwd.index[here[decision.protected.to(here.device)].to(fwd.index.device)].cpu()
-            for layer in self.layers:
-                layer.protected = torch.cat([layer.protected, protected])
+            for aside in self.asides:
+                aside.reserve.protected = torch.cat([aside.reserve.protected, protected])
         if decision.to_reserve:  # every layer computes the dropped rows: each sets them aside once it ran
             ran = [target for target in range(len(self.layers)) if target in fwd.layer_rows]
             for target in ran:
@@ -86,7 +87,8 @@ class PrefillCompaction:
         step = self.step if step is None else step
         if to_reserve:
             dropped = past + (~survives).nonzero().squeeze(-1)
-            self.log.record(step, layer_idx, "prefill", "reserved", layer.move_to_reserve(dropped).modality)
+            reserved = move_to_reserve(layer, self.asides[layer_idx], dropped)
+            self.log.record(step, layer_idx, "prefill", "reserved", reserved.modality)
         else:
             self.log.record(step, layer_idx, "prefill", "evicted", fwd.modality[mine[~survives]])
             layer.compact(torch.cat([torch.arange(past, device=local.device), past + local]))

@@ -18,9 +18,10 @@ from hae_cli.cache.forward import ForwardTokens
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies import LayerView, QuestionAttention, TurnSwap
 from hae_cli.cache.reporting import EventLog
+from hae_cli.cache.reserve import swap_with_reserve
 
 
-def observe_question(fwd: ForwardTokens, layer, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
+def observe_question(fwd: ForwardTokens, layer, aside, layer_idx: int, query: torch.Tensor, scaling: float) -> None:
     """The question rows' attention (the probe's text rows) over the layer's held rows before the
     probe, and what it would have paid the reserve's and the bin's tokens (`what_if_attention`'s
     rule: the same log-sum-exp), summed over the rows and as each query head's maximum."""
@@ -54,8 +55,8 @@ def observe_question(fwd: ForwardTokens, layer, layer_idx: int, query: torch.Ten
         return summed((logits(store.keys) - lse).exp())
 
     held_sum, held_max = summed((held[..., :past] - lse).exp())
-    reserve_sum, reserve_max = missed(layer.reserve)
-    bin_sum, bin_max = missed(layer.bin)
+    reserve_sum, reserve_max = missed(aside.reserve)
+    bin_sum, bin_max = missed(aside.bin)
     fwd.questions[layer_idx] = QuestionAttention(held_sum, reserve_sum, bin_sum, held_max, reserve_max, bin_max)
 
 
@@ -68,42 +69,43 @@ def take_back(fwd: ForwardTokens, layers) -> None:
             layer.compact(torch.arange(layer.held - count, device=layer.keys.device))
 
 
-def swap_for_question(fwd: ForwardTokens, layers, policy, log: EventLog, step: int) -> None:
-    """The policy's `turn_swap`, applied: held rows out to the reserve, reserve and bin tokens back;
-    decided at `question_layer` for every layer by token, or at each layer for itself."""
+def swap_for_question(fwd: ForwardTokens, layers, asides, policy, log: EventLog, step: int) -> None:
+    """The policy's `turn_swap` (a `SwapsForQuestion` policy), applied: held rows out to the
+    reserve, reserve and bin tokens back; decided at `question_layer` for every layer by token,
+    or at each layer for itself."""
     decider = policy.question_layer()
     if decider is not None:
         question = fwd.questions.get(decider)
         if question is None:
             return
-        layer = layers[decider]
-        swap = policy.turn_swap(decider, LayerView.of(layer), question, layer.budget)
+        layer, aside = layers[decider], asides[decider]
+        swap = policy.turn_swap(decider, LayerView.of(layer, aside), question, layer.budget)
         if swap is None:
             return
         out = layer.token_index[0][swap.out.to(layer.keys.device)].cpu()
-        back = torch.cat([layer.reserve.token_index[swap.from_reserve], layer.bin.token_index[swap.from_bin]])
-        for layer_idx, target in enumerate(layers):
+        back = torch.cat([aside.reserve.token_index[swap.from_reserve], aside.bin.token_index[swap.from_bin]])
+        for layer_idx, (target, beside) in enumerate(zip(layers, asides)):
             mine = TurnSwap(
                 torch.isin(target.token_index[0].cpu(), out).nonzero().squeeze(-1),
-                torch.isin(target.reserve.token_index, back).nonzero().squeeze(-1),
-                torch.isin(target.bin.token_index, back).nonzero().squeeze(-1),
+                torch.isin(beside.reserve.token_index, back).nonzero().squeeze(-1),
+                torch.isin(beside.bin.token_index, back).nonzero().squeeze(-1),
                 swap.to_bin,
             )
-            _apply(target, layer_idx, mine, log, step)
+            _apply(target, beside, layer_idx, mine, log, step)
         return
-    for layer_idx, layer in enumerate(layers):
+    for layer_idx, (layer, aside) in enumerate(zip(layers, asides)):
         question = fwd.questions.get(layer_idx)
         if question is None:
             continue
-        swap = policy.turn_swap(layer_idx, LayerView.of(layer), question, layer.budget)
+        swap = policy.turn_swap(layer_idx, LayerView.of(layer, aside), question, layer.budget)
         if swap is not None:
-            _apply(layer, layer_idx, swap, log, step)
+            _apply(layer, aside, layer_idx, swap, log, step)
 
 
-def _apply(layer, layer_idx: int, swap, log: EventLog, step: int) -> None:
+def _apply(layer, aside, layer_idx: int, swap, log: EventLog, step: int) -> None:
     if not (swap.out.numel() or swap.from_reserve.numel() or swap.from_bin.numel()):
         return
-    moved, back = layer.swap_with_reserve(swap.out, swap.from_reserve, swap.from_bin, swap.to_bin)
+    moved, back = swap_with_reserve(layer, aside, swap.out, swap.from_reserve, swap.from_bin, swap.to_bin)
     if len(moved):
         log.record(step, layer_idx, "turn", "binned" if swap.to_bin else "reserved", moved.modality)
     if len(back):

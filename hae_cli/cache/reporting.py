@@ -66,34 +66,46 @@ class Stopwatch:
         return sum(self.seconds.values())
 
 
-def snapshot(layers, step: int, tokens_fed: int, image_sizes: list[int], events: list[EvictionEvent]) -> CacheStats:
+def snapshot(layers, asides, step: int, tokens_fed: int, image_sizes: list[int],
+             events: list[EvictionEvent]) -> CacheStats:
     """The cache after decode step `step` (0: the prefill), with that step's events."""
     counts = gather_counts([_layer_modality_counts(layer) for layer in layers]).tolist()
     images = len(image_sizes)
     held = gather_counts([count_images(layer.image_id, images) for layer in layers]).tolist()
-    binned = gather_counts([count_images(layer.bin.image_id, images) for layer in layers]).tolist()
-    reserved = gather_counts([count_images(layer.reserve.image_id, images) for layer in layers]).tolist()
+    binned = gather_counts([count_images(aside.bin.image_id, images) for aside in asides]).tolist()
+    reserved = gather_counts([count_images(aside.reserve.image_id, images) for aside in asides]).tolist()
     stats = [
         LayerStats(
             layer=idx,
             tokens_by_modality={MODALITY_NAMES[m]: int(round(counts[idx][m])) for m in Modality},
             tokens_held=layer.held,
             budget=layer.budget,
-            bin_tokens=len(layer.bin),
+            bin_tokens=len(aside.bin),
             bytes_held=layer.bytes_held,
-            bin_bytes=layer.bin.nbytes,
+            bin_bytes=aside.bin.nbytes,
             tokens_by_image=[int(round(c)) for c in held[idx]] if images else [],
             bin_by_image=[int(round(c)) for c in binned[idx]] if images else [],
             bytes_allocated=layer.bytes_allocated,
-            reserve_tokens=len(layer.reserve),
-            reserve_bytes=layer.reserve.nbytes,
+            reserve_tokens=len(aside.reserve),
+            reserve_bytes=aside.reserve.nbytes,
             reserve_by_image=[int(round(c)) for c in reserved[idx]] if images else [],
             window=layer.window,
         )
-        for idx, layer in enumerate(layers)
+        for idx, (layer, aside) in enumerate(zip(layers, asides))
     ]
     full = sum(tokens_fed * layer.bytes_per_token for layer in layers)
     return CacheStats(step, stats, full, [e for e in events if e.step == step], list(image_sizes))
+
+
+def add_image_slots(image_sizes: list[int], image_id: torch.Tensor) -> None:
+    """Add a forward's slots per image to `image_sizes` (image k at k-1), read from the tags as
+    the caller made them (on the host for prompts and decode steps: no device sync)."""
+    if not image_id.numel():
+        return
+    fed = torch.bincount(image_id.long().cpu()).tolist()[1:]
+    image_sizes += [0] * max(0, len(fed) - len(image_sizes))
+    for k, count in enumerate(fed):
+        image_sizes[k] += count
 
 
 def _layer_modality_counts(layer) -> torch.Tensor:

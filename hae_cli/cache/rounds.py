@@ -4,7 +4,8 @@ Candidates are the unprotected active rows `[sink, n - recent)`, then the recycl
 tokens; the best `budget - sink - recent` of them by the policy's priority stay active. The
 rest of the active ones go to the bin (or are evicted for good without one), the chosen bin
 tokens come back at their original index, and the bin is trimmed (age, then capacity). With a
-representative layer, its choice (in token indices) is followed by every other layer.
+representative layer, its choice (in token indices) is followed by every other layer. The moves
+between a layer and its bin live here, where they are decided.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
-from hae_cli.cache.layer import complement
+from hae_cli.cache.indices import complement
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies import LayerView
+from hae_cli.cache.policies.capabilities import recycle_bin, representative_layer
+from hae_cli.cache.recycle_bin import RecycleBin, TokenRows
 from hae_cli.cache.reporting import EventLog, count_modalities
+from hae_cli.cache.reserve import move_to_reserve
 
 
 @dataclass(frozen=True)
@@ -27,50 +31,66 @@ class RoundDecision:
     deleted: torch.Tensor  # indices deleted from the bin
 
 
+def needs_round(held: int, budget: int | None, buffer: int) -> bool:
+    """Whether a layer holding `held` rows is due a round: it holds `budget + buffer` (and more
+    than its budget)."""
+    return budget is not None and held > budget and held >= budget + buffer
+
+
+def held_bound(budget: int | None, buffer: int) -> int | None:
+    """The most rows a layer with this budget holds between two rounds: budget + buffer (a
+    one-token step appends before its round, so at least budget + 1). None: it only grows."""
+    return None if budget is None else budget + max(buffer, 1)
+
+
 class Rounds:
-    def __init__(self, layers, policy, log: EventLog) -> None:
-        self.layers, self.policy, self.log = layers, policy, log
+    """Runs the rounds that are due, for `layers` and their `asides` (`LayerAside`s)."""
+
+    def __init__(self, layers, asides, policy, log: EventLog) -> None:
+        self.layers, self.asides, self.policy, self.log = layers, asides, policy, log
 
     def run(self, step: int, stage: str) -> None:
         """A round in every layer that needs one (all of them, if the representative layer does)."""
-        rep = self.policy.representative_layer()
+        rep = representative_layer(self.policy)
+        buffer = self.policy.buffer
         if rep is not None:
             layer = self.layers[rep]
-            if self.policy.needs_round(layer.held, layer.budget):
+            if needs_round(layer.held, layer.budget, buffer):
                 decision = self.round(rep, step, stage)
                 for other in range(len(self.layers)):
                     if other != rep:
                         self.round(other, step, stage, decision)
             return
         for idx, layer in enumerate(self.layers):
-            if self.policy.needs_round(layer.held, layer.budget):
+            if needs_round(layer.held, layer.budget, buffer):
                 self.round(idx, step, stage)
 
     def round(self, layer_idx: int, step: int, stage: str, follow: RoundDecision | None = None) -> RoundDecision | None:
         """Bring a layer back to its budget: evict (to the bin), restore, delete from the bin."""
-        policy, layer = self.policy, self.layers[layer_idx]
+        policy, layer, aside = self.policy, self.layers[layer_idx], self.asides[layer_idx]
         if layer.budget is None:
             return None
         n = layer.held
         sink, recent = policy.protected(min(layer.budget, n))
         pool = n - sink - recent
-        binned = len(layer.bin) if policy.uses_bin else 0
+        with_bin = recycle_bin(policy)
+        binned = len(aside.bin) if with_bin else 0
         device = layer.keys.device
         if follow is None:
-            view = LayerView.of(layer)
+            view = LayerView.of(layer, aside)
             priority = policy.priority(view)[..., sink : n - recent]
             if binned:
-                priority = torch.cat([priority, policy.bin_priority(view).to(device)], dim=-1)
+                priority = torch.cat([priority, with_bin.bin_priority(view).to(device)], dim=-1)
             chosen = best(priority, max(0, layer.budget - sink - recent))
         else:
-            candidates = _pool_index(layer, sink, n - recent, binned)
+            candidates = _pool_index(layer, aside.bin, sink, n - recent, binned)
             chosen = torch.isin(candidates, follow.kept.to(device)).nonzero().squeeze(-1)
 
         kept_index = None  # what a representative layer tells the others
-        if follow is None and chosen.dim() == 1 and layer_idx == policy.representative_layer():
-            kept_index = _pool_index(layer, sink, n - recent, binned)[chosen]
+        if follow is None and chosen.dim() == 1 and layer_idx == representative_layer(policy):
+            kept_index = _pool_index(layer, aside.bin, sink, n - recent, binned)[chosen]
 
-        if not policy.uses_bin:
+        if with_bin is None:
             keep = torch.cat([_rows_range(0, sink, chosen), sink + chosen, _rows_range(n - recent, n, chosen)], dim=-1)
             before = count_modalities(layer.modality)
             layer.compact(keep)
@@ -81,33 +101,34 @@ class Rounds:
 
         restored = chosen[chosen >= pool] - pool
         evicted = sink + complement(chosen[chosen < pool], pool)
-        layer.bin.age()
-        if layer.reserve_active:  # a conversation's image tokens wait in the reserve for a later question
+        aside.bin.age()
+        if aside.reserve.active:  # a conversation's image tokens wait in the reserve for a later question
             image = layer.modality[0][evicted] == Modality.IMAGE
             if bool(image.any()):
                 leaving = layer.token_index[0][evicted[~image]]
-                self.log.record(step, layer_idx, stage, "reserved", layer.move_to_reserve(evicted[image]).modality)
+                reserved = move_to_reserve(layer, aside, evicted[image])
+                self.log.record(step, layer_idx, stage, "reserved", reserved.modality)
                 evicted = torch.isin(layer.token_index[0], leaving).nonzero().squeeze(-1)
-        binned, back = layer.swap_with_bin(evicted, restored)
+        binned, back = swap_with_bin(layer, aside.bin, evicted, restored)
         self.log.record(step, layer_idx, stage, "binned", binned.modality)
         if restored.numel():
             self.log.record(step, layer_idx, stage, "restored", back.modality)
-        deleted = self._trim_bin(layer_idx, step, stage, follow)
+        deleted = self._trim_bin(layer_idx, with_bin, step, stage, follow)
         if kept_index is None:
             return None
         return RoundDecision(kept_index, deleted)
 
-    def _trim_bin(self, layer_idx: int, step: int, stage: str, follow: RoundDecision | None) -> torch.Tensor:
+    def _trim_bin(self, layer_idx: int, policy, step: int, stage: str, follow: RoundDecision | None) -> torch.Tensor:
         """Delete bin tokens past their rounds, then the lowest while over capacity; returns their indices."""
-        policy, layer = self.policy, self.layers[layer_idx]
-        bin_ = layer.bin
+        layer, aside = self.layers[layer_idx], self.asides[layer_idx]
+        bin_ = aside.bin
         if follow is not None:
             doomed = torch.isin(bin_.token_index, follow.deleted.cpu()).nonzero().squeeze(-1)
         else:
             expired = bin_.rounds >= policy.bin_ttl
             excess = len(bin_) - int(expired.sum()) - policy.bin_capacity(layer.budget)
             if excess > 0:
-                priority = policy.bin_priority(LayerView.of(layer)).cpu().masked_fill(expired, float("-inf"))
+                priority = policy.bin_priority(LayerView.of(layer, aside)).cpu().masked_fill(expired, float("-inf"))
                 candidates = torch.sort(priority, stable=True).indices
                 candidates = candidates[~expired[candidates]][:excess]
                 expired = expired.clone()
@@ -119,12 +140,35 @@ class Rounds:
         return index
 
 
-def _pool_index(layer, start: int, stop: int, binned: int) -> torch.Tensor:
+def swap_with_bin(layer, bin_: RecycleBin, evict: torch.Tensor, restore: torch.Tensor) -> tuple[TokenRows, TokenRows]:
+    """Move a layer's rows `evict` (`[n]`) to its bin and bin tokens `restore` (`[m]`, indices
+    before this call) back, at their original index, rebuilding the layer once. The bin then holds
+    its old tokens but the restored, then the evicted. Returns (evicted, restored)."""
+    evict = evict.to(layer.device)
+    evicted = layer.take(evict)
+    restored = bin_.take(restore, layer.device) if restore.numel() else layer.take(evict[:0])
+    if evict.numel() or restore.numel():
+        layer.compact(complement(evict, layer.held), restored)
+    bin_.add(evicted)
+    return evicted, restored
+
+
+def evict_to_bin(layer, bin_: RecycleBin, index: torch.Tensor) -> TokenRows:
+    """Move rows `index` (`[n]`, the same in every head) to the bin; returns them."""
+    return swap_with_bin(layer, bin_, index, index[:0])[0]
+
+
+def restore(layer, bin_: RecycleBin, bin_index: torch.Tensor) -> TokenRows:
+    """Put bin tokens `bin_index` back, at their original index; returns them."""
+    return swap_with_bin(layer, bin_, bin_index[:0], bin_index)[1]
+
+
+def _pool_index(layer, bin_: RecycleBin, start: int, stop: int, binned: int) -> torch.Tensor:
     """Token indices of the round's candidates: unprotected active rows, then the bin."""
     active = layer.token_index[0, start:stop]
     if not binned:
         return active
-    return torch.cat([active, layer.bin.token_index.to(active.device)])
+    return torch.cat([active, bin_.token_index.to(active.device)])
 
 
 def best(priority: torch.Tensor, count: int) -> torch.Tensor:

@@ -48,6 +48,7 @@ class QueryStash:
         self.token_index: list[torch.Tensor] = []  # [q] each
         self.ring: QueryRing | None = None
         self.listed = 0  # queries in the list
+        self.scaling: float | None = None  # the layer's softmax scale, as attention last used it: the fold's
 
     def __len__(self) -> int:
         return self.listed + (self.ring.filled if self.ring is not None else 0)

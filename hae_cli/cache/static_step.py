@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 
+from hae_cli.cache.layer import GROWTH_ROWS
 from hae_cli.cache.modality import Modality
+from hae_cli.cache.policies.capabilities import keeps_decode_scores
 from hae_cli.cache.stash import QueryRing
 
 
@@ -25,7 +27,7 @@ class StaticStep:
     """Per layer: the storage and a 0-d held count; the step's token index (set by the host, a
     `fill_`, before each step); the query rings."""
 
-    def __init__(self, layers, stashing: list[bool], ring_size: int, query_shape: tuple[int, int]) -> None:
+    def __init__(self, layers, asides, stashing: list[bool], ring_size: int, query_shape: tuple[int, int]) -> None:
         device = layers[0].keys.device
         self.index = torch.zeros((), dtype=torch.int64, device=device)  # the token this step feeds
         self.held = [torch.zeros((), dtype=torch.int64, device=device) for _ in layers]
@@ -33,14 +35,28 @@ class StaticStep:
         self.storage: list[dict[str, torch.Tensor]] = [{} for _ in layers]
         self.positions: list[torch.Tensor] = [torch.empty(0)] * len(layers)
         self.rings: list[QueryRing | None] = []
-        for layer, stashes in zip(layers, stashing):
+        for layer, aside, stashes in zip(layers, asides, stashing):
             ring = None
             if stashes:
                 ring = QueryRing(ring_size, *query_shape, dtype=layer.keys.dtype, device=device)
-                layer.stash.ring = ring
+                aside.stash.ring = ring
             self.rings.append(ring)
         _static_addresses([self.index, *self.held] + [t for ring in self.rings if ring is not None
                                                       for t in (ring.queries, ring.token_index, ring.count)])
+
+    @classmethod
+    def ready(cls, step: "StaticStep | None", layers, asides, policy, index: int,
+              query_shape: tuple[int, int]) -> "StaticStep":
+        """The step for token `index`: room in a full layer (only one without a bound can be full),
+        the step made once (rings where the policy keeps decode scores), then refreshed."""
+        for layer in layers:
+            if layer.held >= layer.capacity:
+                layer.make_room(layer.held + GROWTH_ROWS)
+        if step is None:
+            stashing = [keeps_decode_scores(policy, i) for i in range(len(layers))]
+            step = cls(layers, asides, stashing, max(1, policy.buffer), query_shape)
+        step.refresh(layers, index)
+        return step
 
     def refresh(self, layers, index: int) -> None:
         """Point at each layer's storage and set the counts the host changed (after a round, a

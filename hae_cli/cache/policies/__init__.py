@@ -13,8 +13,9 @@ import importlib
 import os
 import pkgutil
 
-from hae_cli.cache.policies.base import (
-    LayerView, Policy, PrefillKeep, QuestionAttention, Rows, TurnSwap, param, parameter_help,
+from hae_cli.cache.policies.base import LayerView, Policy, PrefillKeep, Rows, param, parameter_help
+from hae_cli.cache.policies.capabilities import (
+    FollowsOneLayer, QuestionAttention, SwapsForQuestion, TurnSwap, UsesRecycleBin,
 )
 from hae_cli.cache.policies.scorer import ScorerPolicy
 from hae_cli.errors import ConfigError
@@ -98,6 +99,7 @@ def policy_class(name: str) -> type[Policy]:
 
 
 __all__ = [
-    "POLICIES", "LayerView", "Policy", "PrefillKeep", "QuestionAttention", "Rows", "ScorerPolicy", "TurnSwap",
-    "load_plugins", "make_policy", "param", "parameter_help", "policy_class", "policy_parameters", "register_policy",
+    "POLICIES", "FollowsOneLayer", "LayerView", "Policy", "PrefillKeep", "QuestionAttention", "Rows", "ScorerPolicy",
+    "SwapsForQuestion", "TurnSwap", "UsesRecycleBin", "load_plugins", "make_policy", "param", "parameter_help",
+    "policy_class", "policy_parameters", "register_policy",
 ]

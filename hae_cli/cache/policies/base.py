@@ -2,8 +2,8 @@
 
 A policy is a small `@dataclass` whose fields are its parameters, each declared with `param`
 (its default and a one-line meaning, which `hae policies` and `--help` show), validated in
-`__post_init__` (raising `ConfigError`). It may implement any of these hooks; the defaults
-do nothing, so `full` implements none:
+`__post_init__` (raising `ConfigError`). The core every policy has (the defaults do nothing,
+so `full` implements none):
 
 at prefill (once, per layer, in layer order)
   `prefill_requests(layer_idx, rows)` -> `{name: AttentionRequest | ValueRequest}`: attention
@@ -13,14 +13,15 @@ at prefill (once, per layer, in layer order)
 running scores (a policy with `score_decay` set)
   every token carries `s <- score_decay * s + a_t`, `a_t` the attention it received at step t
   (head-group mean, per key head), in the bin too (the attention it would have received).
-  `prefill_score_request(layer_idx, rows)`: the prompt rows whose attention starts the scores;
-  `wants_decode_attention(layer_idx)`: the layers that keep scores while decoding.
+  `prefill_score_request(layer_idx, rows)`: the prompt rows whose attention starts the scores.
 
 decode rounds (a layer holding `budget + buffer` tokens is brought back to `budget`)
-  `resolve_budget`, `protected`, `priority(view)` (higher = keep; `[N]` for every head or
-  `[H_kv, N]` per head, from a read-only `LayerView`), and for policies with a recycle bin
-  `bin_priority(view)`, `bin_capacity`, `bin_ttl`.
+  `resolve_budget`, `protected` (the `sink` and `recent` rows), `priority(view)` (higher =
+  keep; `[N]` for every head or `[H_kv, N]` per head, from a read-only `LayerView`).
 
+What only some policies do is an optional capability the cache asks for
+(`policies/capabilities.py`): a recycle bin (`UsesRecycleBin`), one layer's decision followed
+by all (`FollowsOneLayer`), a new turn's question swapping tokens back (`SwapsForQuestion`).
 The cache keeps the scores, compacts, moves tokens to and from the bin, records events.
 A policy that only scores tokens and keeps the best derives from `ScorerPolicy`
 (`policies/scorer.py`).
@@ -93,39 +94,15 @@ class LayerView:
     protected: torch.Tensor | None = None  # [P]
 
     @classmethod
-    def of(cls, layer) -> "LayerView":
-        return cls(layer.scores, layer.modality[0], layer.bin.scores, layer.bin.modality, layer.reserve.modality,
-                   layer.token_index[0], layer.reserve.token_index, layer.bin.token_index, layer.protected)
+    def of(cls, layer, aside) -> "LayerView":
+        """The view of a layer's storage and what lies beside it (`LayerAside`)."""
+        bin_, reserve = aside.bin, aside.reserve
+        return cls(layer.scores, layer.modality[0], bin_.scores, bin_.modality, reserve.modality,
+                   layer.token_index[0], reserve.token_index, bin_.token_index, reserve.protected)
 
     @property
     def held(self) -> int:
         return self.scores.shape[-1]
-
-
-@dataclass(frozen=True)
-class QuestionAttention:
-    """What a new turn's question attended, at one layer: per key head (`[H_kv, n]`, summed over
-    the question's rows, head-group mean) the held rows (before the question), and what it would
-    have paid the reserve's and the bin's tokens; and per query head the most any of its rows paid
-    each (`[H_q, n]`), for the dual-attention rule."""
-
-    held: torch.Tensor
-    reserve: torch.Tensor
-    bin: torch.Tensor
-    held_max: torch.Tensor | None = None
-    reserve_max: torch.Tensor | None = None
-    bin_max: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class TurnSwap:
-    """Held rows `out` to the reserve (the bin, `to_bin`); reserve tokens `from_reserve` and bin
-    tokens `from_bin` back."""
-
-    out: torch.Tensor
-    from_reserve: torch.Tensor
-    from_bin: torch.Tensor
-    to_bin: bool = False
 
 
 def param(default, help: str):
@@ -141,15 +118,15 @@ def parameter_help(cls: type) -> dict[str, str]:
 
 
 class Policy:
+    """The core of every policy: prefill decisions, running scores, decode rounds."""
+
     name: ClassVar[str] = ""
     per_head: ClassVar[bool] = False  # decode rounds choose tokens per key head
-    uses_bin: ClassVar[bool] = False
     # decode rounds; policies that evict while decoding override these as fields
     budget: int | float | None = None
     buffer: int = 0
     sink: int = 0
     recent: int = 0
-    bin_ttl: int = 0
 
     def bind(self, num_layers: int) -> None:
         """Called once the model depth is known: check layer-index parameters against it."""
@@ -171,22 +148,11 @@ class Policy:
     def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest | None:
         return None
 
-    def wants_decode_attention(self, layer_idx: int) -> bool:
-        return self.score_decay is not None
-
     # --- decode rounds ---
 
     def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
         """The decode budget B of a layer once the prompt is in (None: the layer only grows)."""
         return resolve_budget(self.budget, prompt_length)
-
-    def needs_round(self, held: int, budget: int | None) -> bool:
-        return budget is not None and held > budget and held >= budget + self.buffer
-
-    def held_bound(self, budget: int | None) -> int | None:
-        """The most rows a layer with this budget holds between two rounds: budget + buffer (a
-        one-token step appends before its round, so at least budget + 1). None: it only grows."""
-        return None if budget is None else budget + max(self.buffer, 1)
 
     def protected(self, budget: int) -> tuple[int, int]:
         """(sink, recent) rows never evicted; never more than the budget."""
@@ -195,32 +161,6 @@ class Policy:
 
     def priority(self, view: "LayerView") -> torch.Tensor:
         return view.scores if self.per_head else view.scores.mean(dim=0)
-
-    def bin_priority(self, view: "LayerView") -> torch.Tensor:
-        return view.bin_scores.mean(dim=0)
-
-    def bin_capacity(self, budget: int) -> int:
-        return 0
-
-    def representative_layer(self) -> int | None:
-        """A layer whose decode decision every layer follows (None: each layer decides)."""
-        return None
-
-    # --- a new turn's question ---
-
-    def wants_question_probe(self) -> bool:
-        """Whether a new turn's question is first fed as a probe, its attention over what the
-        layers hold, reserve and bin offered to `turn_swap`, before it is fed for real."""
-        return False
-
-    def question_layer(self) -> int | None:
-        """The layer whose question attention decides a turn's swap for every layer (by token);
-        None: each layer decides its own."""
-        return None
-
-    def turn_swap(self, layer_idx: int, view: "LayerView", question: "QuestionAttention", budget: int | None):
-        """`TurnSwap` (held rows out to the reserve, reserve and bin tokens back in) or None."""
-        return None
 
 
 def resolve_budget(budget: int | float | None, prompt_length: int) -> int | None:

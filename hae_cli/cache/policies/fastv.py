@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch
 
 from hae_cli.cache.attention import AttentionRequest
-from hae_cli.cache.layer import complement
+from hae_cli.cache.indices import complement
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import Policy, PrefillKeep, Rows, check_float, check_int, check_layer, param
 

@@ -8,29 +8,27 @@ from typing import ClassVar
 
 import torch
 
-from hae_cli.cache.attention import AttentionRequest, AttentionSummary, ValueRequest
+from hae_cli.cache.attention import AttentionRequest, ValueRequest
 from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies.base import (
     LayerView,
-    Policy,
     PrefillKeep,
-    QuestionAttention,
     Rows,
-    TurnSwap,
     check_budget,
     check_float,
     check_int,
-    check_layer,
     param,
     resolve_budget,
     visual_rows,
 )
-from hae_cli.cache.policies.dual_attention import (
-    dual_attention_drop,
-    dual_attention_request,
-    instruction_and_visual,
-    keep_all_but,
+from hae_cli.cache.policies.capabilities import (
+    FollowsOneLayer,
+    QuestionAttention,
+    SwapsForQuestion,
+    TurnSwap,
+    UsesRecycleBin,
 )
+from hae_cli.cache.policies.dual_attention import DualAttentionPruning, instruction_and_visual, keep_all_but
 from hae_cli.errors import ConfigError
 
 
@@ -41,7 +39,7 @@ RESERVE = ("auto", "on", "off")
 
 
 @dataclass
-class HAEPolicy(Policy):
+class HAEPolicy(DualAttentionPruning, UsesRecycleBin, FollowsOneLayer, SwapsForQuestion):
     """Hierarchical Adaptive Eviction, "Hierarchical Adaptive Eviction for KV Cache Management
     in Multimodal Language Models", https://arxiv.org/abs/2602.02197 (the rules as built, with
     their sources and what was measured: docs/HAE.md).
@@ -70,12 +68,7 @@ class HAEPolicy(Policy):
 
     name: ClassVar[str] = "hae"
 
-    score_layer: int = param(1, "the layer whose attention decides (0 = the first layer).")
-    r_g: float = param(1.5, "drop a visual token j only if g_j < r_g / N_visual (its share of the instruction's "
-                            "attention, against the uniform share) ...")
-    r_i: float = param(0.5, "... and m_j < r_i * max_j m_j (no head or query needs it badly).")
-    visual_keep: float | None = param(None, "budget mode instead of thresholds: keep this fraction of the visual "
-                                            "tokens, top by g_j, plus every token with m_j >= r_i * max m.")
+    # score_layer, r_g, r_i, visual_keep: Stage 1's rule (`DualAttentionPruning`)
     image_floor: float = param(0.15, "each image also keeps this fraction of its visual tokens, the best of its "
                                      "overview by `floor_score` (0 = off).")
     floor_from: str = param("overview", "\"overview\" (the image's global view, when the model has one) or "
@@ -109,11 +102,7 @@ class HAEPolicy(Policy):
                                    "only the rest is chosen by the question.")
 
     def __post_init__(self) -> None:
-        check_int("score_layer", self.score_layer, 0)
-        check_float("r_g", self.r_g, 0.0)
-        check_float("r_i", self.r_i, 0.0, 1.0)
-        if self.visual_keep is not None:
-            check_float("visual_keep", self.visual_keep, 0.0, 1.0, low_open=True)
+        super().__post_init__()
         check_float("image_floor", self.image_floor, 0.0, 1.0)
         if self.floor_from not in FLOOR_FROM:
             raise ConfigError(f"floor_from must be one of {', '.join(FLOOR_FROM)}, got {self.floor_from!r}")
@@ -140,9 +129,6 @@ class HAEPolicy(Policy):
         if not isinstance(self.turn_restore, bool):
             raise ConfigError(f"turn_restore must be true or false, got {self.turn_restore!r}")
 
-    def bind(self, num_layers: int) -> None:
-        check_layer("score_layer", self.score_layer, 0, num_layers)
-
     @property
     def uses_bin(self) -> bool:
         return self.bin_size != 0
@@ -150,22 +136,21 @@ class HAEPolicy(Policy):
     # --- Stage 1: Dual-Attention Pruning ---
 
     def prefill_requests(self, layer_idx: int, rows: Rows) -> dict:
-        requests = dual_attention_request(layer_idx, self.score_layer, rows)
+        requests = super().prefill_requests(layer_idx, rows)
         if requests and self.image_floor > 0 and self.floor_score == "distinct":
             requests["values"] = ValueRequest(rows=instruction_and_visual(rows)[1])
         return requests
 
     def prefill_keep(self, layer_idx, rows, attention) -> PrefillKeep | None:
-        summary: AttentionSummary | None = attention.get("dual_attention")
-        if summary is None:
+        dropped = self.dropped_visual(rows, attention)
+        if dropped is None:
             return None
-        _, visual = instruction_and_visual(rows)
-        drop = dual_attention_drop(summary.sum, summary.max, self.r_g, self.r_i, self.visual_keep)
+        visual, drop = dropped
         if self.image_floor > 0:
             if self.floor_score == "distinct":
                 score = distinctness(attention["values"], rows.image_id[visual])
             else:
-                score = summary.sum.mean(dim=0)
+                score = attention["dual_attention"].sum.mean(dim=0)
             overview = None if rows.overview is None or self.floor_from == "image" else rows.overview[visual]
             floor = image_floor_keep(rows.image_id[visual], score, self.image_floor, overview)
             drop &= ~floor
@@ -195,12 +180,9 @@ class HAEPolicy(Policy):
         return self.gamma
 
     def prefill_score_request(self, layer_idx: int, rows: Rows) -> AttentionRequest | None:
-        if not self.wants_decode_attention(layer_idx):
+        if self.broadcast and layer_idx != self.score_layer:  # only the deciding layer keeps scores
             return None
         return AttentionRequest(rows=torch.tensor([len(rows) - 1]))  # what the last prompt token attends to
-
-    def wants_decode_attention(self, layer_idx: int) -> bool:
-        return not self.broadcast or layer_idx == self.score_layer
 
     def resolve_budget(self, layer_idx: int, prompt_length: int, held: int) -> int | None:
         return held if self.budget is None else resolve_budget(self.budget, prompt_length)

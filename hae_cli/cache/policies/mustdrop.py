@@ -8,22 +8,12 @@ from typing import ClassVar
 import torch
 
 from hae_cli.cache.attention import AttentionRequest
-from hae_cli.cache.policies.base import (
-    Policy,
-    PrefillKeep,
-    Rows,
-    check_budget,
-    check_float,
-    check_int,
-    check_layer,
-    param,
-    resolve_budget,
-)
-from hae_cli.cache.policies.dual_attention import dual_attention_keep, dual_attention_request
+from hae_cli.cache.policies.base import Rows, check_budget, check_float, check_int, param, resolve_budget
+from hae_cli.cache.policies.dual_attention import DualAttentionPruning, dual_attention_param
 
 
 @dataclass
-class MustDropPolicy(Policy):
+class MustDropPolicy(DualAttentionPruning):
     """MustDrop, "Multi-Stage Vision Token Dropping: Towards Efficient Multimodal Large
     Language Model", https://arxiv.org/abs/2411.10803 (the baseline HAE builds on).
 
@@ -34,12 +24,10 @@ class MustDropPolicy(Policy):
 
     name: ClassVar[str] = "mustdrop"
 
-    score_layer: int = param(1, "the layer whose attention decides (0 = the first layer), as in hae.")
-    r_g: float = param(0.9, "drop a visual token j only if g_j < r_g / N_visual (its share of the instruction's "
-                            "attention, against the uniform share) ..., as in hae.")
-    r_i: float = param(0.05, "... and m_j < r_i * max_j m_j (no head or query needs it badly), as in hae.")
-    visual_keep: float | None = param(None, "budget mode instead of thresholds: keep this fraction of the visual "
-                                            "tokens, top by g_j, plus every token with m_j >= r_i * max m, as in hae.")
+    score_layer: int = dual_attention_param("score_layer", 1, as_in_hae=True)
+    r_g: float = dual_attention_param("r_g", 0.9, as_in_hae=True)
+    r_i: float = dual_attention_param("r_i", 0.05, as_in_hae=True)
+    visual_keep: float | None = dual_attention_param("visual_keep", None, as_in_hae=True)
     budget: int | float | None = param(None, "tokens per layer; int, float fraction of the prompt, None = the size "
                                              "after prefill pruning.")
     gamma: float = param(0.95, "running score decay, s <- gamma * s + a_t.")
@@ -48,25 +36,12 @@ class MustDropPolicy(Policy):
     recent: int = param(32, "the last `recent` tokens are never evicted.")
 
     def __post_init__(self) -> None:
-        check_int("score_layer", self.score_layer, 0)
-        check_float("r_g", self.r_g, 0.0)
-        check_float("r_i", self.r_i, 0.0, 1.0)
-        if self.visual_keep is not None:
-            check_float("visual_keep", self.visual_keep, 0.0, 1.0, low_open=True)
+        super().__post_init__()
         check_budget(self.budget)
         check_float("gamma", self.gamma, 0.0, 1.0)
         check_int("buffer", self.buffer, 0)
         check_int("sink", self.sink, 0)
         check_int("recent", self.recent, 0)
-
-    def bind(self, num_layers: int) -> None:
-        check_layer("score_layer", self.score_layer, 0, num_layers)
-
-    def prefill_requests(self, layer_idx: int, rows: Rows) -> dict[str, AttentionRequest]:
-        return dual_attention_request(layer_idx, self.score_layer, rows)
-
-    def prefill_keep(self, layer_idx, rows, attention) -> PrefillKeep | None:
-        return dual_attention_keep(layer_idx, rows, attention, self.r_g, self.r_i, self.visual_keep)
 
     @property
     def score_decay(self) -> float:
