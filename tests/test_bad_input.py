@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from hae_process import REPO, SAMPLE, assert_one_line_error, run_hae, start_hae
+from cli_runner import hae_in_process
+from hae_process import REPO, SAMPLE, assert_one_line_error, start_hae
 
 
 # ----------------------------------------------------------------------------- 1. text that is not valid Unicode
@@ -25,7 +26,7 @@ from hae_process import REPO, SAMPLE, assert_one_line_error, run_hae, start_hae
     [b"profile", b"--images", SAMPLE, b"--images", SAMPLE, b"--task", b"story", b"-q", b"caption\xfe"],
 ], ids=["ask-question", "ask-surrogate-bytes", "story-prompt", "profile-question", "profile-story-prompt"])
 def test_text_that_is_not_utf8_is_one_line(args):
-    line = assert_one_line_error(run_hae(*args), "not valid UTF-8")
+    line = assert_one_line_error(hae_in_process(*args), "not valid UTF-8")
     assert "at character" in line
 
 
@@ -37,12 +38,12 @@ def test_text_that_is_not_utf8_is_one_line(args):
 def test_workload_file_with_lone_surrogates_is_one_line(tmp_path, entry, fragment):
     (tmp_path / "a.png").write_bytes(SAMPLE.read_bytes())
     (tmp_path / "questions.json").write_text(json.dumps([entry]), encoding="ascii")  # \ud800 escapes
-    assert_one_line_error(run_hae("profile", "--samples", tmp_path), fragment)
+    assert_one_line_error(hae_in_process("profile", "--samples", tmp_path), fragment)
 
 
 def test_workload_file_that_is_not_utf8_is_one_line(tmp_path):
     (tmp_path / "questions.json").write_bytes(b'[{"image": "a.png", "question": "what \xff color?"}]')
-    assert_one_line_error(run_hae("profile", "--samples", tmp_path), "cannot read", "questions.json")
+    assert_one_line_error(hae_in_process("profile", "--samples", tmp_path), "cannot read", "questions.json")
 
 
 def test_the_library_checks_the_same_text(tiny_checkpoint):
@@ -214,7 +215,7 @@ def test_a_config_the_loader_cannot_build_is_one_line_through_the_cli(tiny_check
     raw = json.loads((folder / "config.json").read_text())
     raw[field] = raw[field] * 2 if value == "double" else value
     (folder / "config.json").write_text(json.dumps(raw))
-    assert_one_line_error(run_hae("ask", SAMPLE, "what color?", "--model", folder), "config.json", *fragments)
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what color?", "--model", folder), "config.json", *fragments)
 
 
 # ----------------------------------------------------------------------------- 6. what the checkpoint was not built for
@@ -224,12 +225,12 @@ SAMPLES = sorted((SAMPLE.parent).glob("easyvqa_test_*.png"))
 
 
 def test_more_crops_than_the_demo_model_was_trained_with_is_refused():
-    assert_one_line_error(run_hae("ask", SAMPLE, "what color is the shape?", "--num-crops", "100"),
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what color is the shape?", "--num-crops", "100"),
                           "--num-crops 100", "the demo model was trained with at most 1 crop")
 
 
 def test_more_crops_than_phi35v_was_trained_with_is_refused(endless_checkpoint):
-    assert_one_line_error(run_hae("ask", SAMPLE, "what?", "--model", endless_checkpoint, "--num-crops", "17"),
+    assert_one_line_error(hae_in_process("ask", SAMPLE, "what?", "--model", endless_checkpoint, "--num-crops", "17"),
                           "--num-crops 17", "at most 16 crops")
 
 
@@ -237,7 +238,7 @@ def test_a_story_longer_than_the_demo_model_was_trained_on_is_refused():
     from hae_cli.model.phi3v.limits import DEMO_MODEL_MAX_IMAGES
 
     images = (SAMPLES * 10)[: DEMO_MODEL_MAX_IMAGES + 1]
-    assert_one_line_error(run_hae("story", *images), f"{len(images)} images",
+    assert_one_line_error(hae_in_process("story", *images), f"{len(images)} images",
                           f"at most {DEMO_MODEL_MAX_IMAGES} images")
 
 
@@ -255,13 +256,13 @@ def test_the_demo_model_limits_are_those_of_its_training_script():
 
 def test_a_prompt_past_the_context_is_refused_saying_how_long_it_is():
     question = "what color is the shape? " * 800  # about 20,000 characters
-    line = assert_one_line_error(run_hae("ask", SAMPLE, question), "the prompt is", "tokens",
+    line = assert_one_line_error(hae_in_process("ask", SAMPLE, question), "the prompt is", "tokens",
                                  "the demo model attends over at most 4,096")
     assert "shorten the question" in line
 
 
 def test_an_answer_past_the_context_is_capped_with_a_note():
-    result = run_hae("ask", SAMPLE, "what color is the shape?", "-n", "5000", "--json")
+    result = hae_in_process("ask", SAMPLE, "what color is the shape?", "-n", "5000", "--json")
     assert result.returncode == 0, result.stderr.decode()[-2000:]
     payload = json.loads(result.stdout)
     prompt = sum(payload["prompt_tokens"].values())
@@ -287,13 +288,13 @@ def test_an_empty_answer_says_why(tiny_loaded, tiny_checkpoint):
 def test_version():
     from importlib.metadata import version
 
-    result = run_hae("--version")
+    result = hae_in_process("--version")
     assert result.returncode == 0 and result.stdout.decode().strip() == f"hae {version('hae-cli')}"
 
 
 @pytest.mark.parametrize("command", [[], ["ask"], ["story"], ["profile"], ["policies"]])
 def test_help_shows_no_type_for_flags(command):
-    result = run_hae(*command, "--help", COLUMNS="140")
+    result = hae_in_process(*command, "--help", COLUMNS="140")
     text = result.stdout.decode()
     assert result.returncode == 0 and "--help" in text
     assert "<bool>" not in text and "BOOLEAN" not in text
@@ -339,7 +340,7 @@ def test_every_policy_parameter_is_listed_with_its_default_and_a_meaning():
     from hae_cli.cache.policies import POLICIES, parameter_help
 
     meanings = {name: parameter_help(cls) for name, cls in POLICIES.items()}
-    text = run_hae("policies", COLUMNS="400").stdout.decode()
+    text = hae_in_process("policies", COLUMNS="400").stdout.decode()
     lines = [" ".join(line.replace("│", " ").split()) for line in text.splitlines()]
     for name, cls in POLICIES.items():
         for field in dataclasses.fields(cls):
@@ -351,7 +352,7 @@ def test_every_policy_parameter_is_listed_with_its_default_and_a_meaning():
 
 
 def test_budget_and_num_crops_help_say_what_they_do():
-    text = " ".join(run_hae("ask", "--help", COLUMNS="400").stdout.decode().replace("│", " ").split())
+    text = " ".join(hae_in_process("ask", "--help", COLUMNS="400").stdout.decode().replace("│", " ").split())
     assert "budget + the policy's buffer" in text and "evicts it back to the budget" in text
     assert "fewer crops, fewer image tokens" not in text and "more crops, more image tokens" in text
 
@@ -360,10 +361,10 @@ def test_the_story_help_example_shows_restores():
     """The example `hae story --help` gives for watching the bin restore does restore."""
     import shlex
 
-    text = run_hae("story", "--help", COLUMNS="400").stdout.decode()
+    text = hae_in_process("story", "--help", COLUMNS="400").stdout.decode()
     line = next(line for line in text.splitlines() if "watch tokens go to the bin" in line)
     args = shlex.split(line.split("(")[0])[2:]  # drop "hae story"
-    payload = json.loads(run_hae("story", *args, "--json").stdout)
+    payload = json.loads(hae_in_process("story", *args, "--json").stdout)
     assert any(event["action"] == "restored" for event in payload["events"]), args
 
 

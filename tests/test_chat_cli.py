@@ -12,15 +12,17 @@ import time
 
 import pytest
 
-from hae_process import HAE, REPO, assert_one_line_error, hae_env, run_hae
+from cli_runner import hae_in_process
+from hae_process import HAE, REPO, assert_one_line_error, hae_env
 
 SAMPLES = REPO / "sample_images"
 TRIANGLE, CIRCLE, RECTANGLE = (str(SAMPLES / f"easyvqa_test_{n:04d}.png") for n in (63, 198, 394))  # brown, blue, black
 
 
-def chat(*args: str, stdin: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([HAE, "chat", *args], input=stdin.encode(), capture_output=True, timeout=timeout,
-                          env=hae_env(), cwd=REPO)
+def chat(*args: str, stdin: str) -> subprocess.CompletedProcess:
+    """A chat fed `stdin` as a pipe feeds it, in-process (the real process's signals, terminal
+    and pipes have their own tests below)."""
+    return hae_in_process("chat", *args, input=stdin)
 
 
 def turns_of(result: subprocess.CompletedProcess) -> list[dict]:
@@ -84,16 +86,16 @@ def test_eof_before_any_question_ends_cleanly_with_an_empty_json():
 def test_script_file_and_its_errors(tmp_path):
     script = tmp_path / "questions.txt"
     script.write_text("what color is the shape in image 2?\n/quit\nwhat shape is in image 1?\n")
-    result = run_hae("chat", TRIANGLE, CIRCLE, "--policy", "full", "--script", script)
+    result = hae_in_process("chat", TRIANGLE, CIRCLE, "--policy", "full", "--script", script)
     assert result.returncode == 0 and result.stdout.decode().split() == ["blue"]  # /quit ends it
     # one image is shown as `hae ask` shows it, so easy-VQA's own wording works
     script.write_text("what color is the shape?\nis there a triangle in the image?\n")
-    result = run_hae("chat", TRIANGLE, "--script", script)
+    result = hae_in_process("chat", TRIANGLE, "--script", script)
     assert result.returncode == 0 and result.stdout.decode().split() == ["brown", "yes"]
-    assert_one_line_error(run_hae("chat", TRIANGLE, "--script", tmp_path / "none.txt"), "cannot read --script")
+    assert_one_line_error(hae_in_process("chat", TRIANGLE, "--script", tmp_path / "none.txt"), "cannot read --script")
     script.write_bytes(b"\xff\xfe bad")
-    assert_one_line_error(run_hae("chat", TRIANGLE, "--script", script), "not UTF-8")
-    assert_one_line_error(run_hae("chat"), "Missing argument 'IMAGE'")
+    assert_one_line_error(hae_in_process("chat", TRIANGLE, "--script", script), "not UTF-8")
+    assert_one_line_error(hae_in_process("chat"), "Missing argument 'IMAGE'")
 
 
 def _start(*args: str) -> subprocess.Popen:
@@ -151,7 +153,7 @@ def test_sigterm_while_waiting_ends_the_conversation_with_its_json():
 
 @pytest.mark.parametrize("flag", ["--help"])
 def test_help_teaches_the_commands(flag):
-    result = run_hae("chat", flag, COLUMNS="200")
+    result = hae_in_process("chat", flag, COLUMNS="200")
     text = result.stdout.decode()
     assert result.returncode == 0
     for command in ("/images", "/reset", "/stats", "/quit", "Ctrl-C", "--script"):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cli_runner import hae_in_process
 from hae_process import REPO, assert_one_line_error, run_hae, start_hae
 
 SAMPLES = REPO / "sample_images"
@@ -43,7 +44,8 @@ def summary(folder: Path) -> dict:
 
 def evaluate(tmp: Path, name: str, *args: str, data: Path = SAMPLES, timeout: float = 240, **env: str) -> Path:
     out = tmp / name
-    done = run_hae("eval", str(data), "--out", str(out), *PLAN, *args, timeout=timeout, **env)
+    run = run_hae if "--ray" in args else hae_in_process  # a Ray cluster must not outlive its run inside pytest
+    done = run("eval", str(data), "--out", str(out), *PLAN, *args, timeout=timeout, **env)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     return out
 
@@ -64,7 +66,7 @@ def test_uninterrupted_run_writes_results_summary_and_plot(uninterrupted, tmp_pa
     # snapkv holds HAE's tokens per layer on every item: the same KV
     assert abs(rows["snapkv @thr"]["cut_pct"] - rows["hae thr"]["cut_pct"]) < 0.5
     assert [entry["hae"] for entry in data["equal_kv"]] == ["hae thr", "hae vk0.4"]
-    plotted = run_hae("eval", str(SAMPLES), "--out", str(tmp_path), "--limit", "2", "--budgets", "0.4", "--policies",
+    plotted = hae_in_process("eval", str(SAMPLES), "--out", str(tmp_path), "--limit", "2", "--budgets", "0.4", "--policies",
                       "snapkv", "-n", "2")
     assert plotted.returncode == 0, plotted.stderr.decode()[-3000:]
     assert (tmp_path / "accuracy.png").stat().st_size > 10_000
@@ -87,7 +89,7 @@ def test_a_killed_run_resumed_equals_the_uninterrupted_one(uninterrupted, tmp_pa
     with lines.open("ab") as torn:  # as if the kill had landed in the middle of a line
         torn.write(b'{"id":"11","settings":{"full":{"par')
 
-    resumed = run_hae("eval", str(SAMPLES), "--out", str(out), *PLAN, "--resume", timeout=240)
+    resumed = hae_in_process("eval", str(SAMPLES), "--out", str(out), *PLAN, "--resume", timeout=240)
     assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
     assert f"{ITEMS} items ({kept} from before, {ITEMS - kept} run now" in resumed.stderr.decode()
     assert len(lines.read_bytes().splitlines()) == ITEMS  # no item twice, no torn line left
@@ -251,11 +253,11 @@ FULL_ONLY = ["--budgets", "", "--policies", "", "-n", "1", "--quiet", "--no-plot
 ], ids=["not-json", "missing-image", "no-question", "answer-not-a-choice"])
 def test_a_bad_record_is_skipped_with_its_line_or_refused_with_strict(tmp_path, bad, fragment):
     data = jsonl(tmp_path, GOOD, bad)
-    refused = run_hae("eval", str(data), "--out", str(tmp_path / "strict"), *FULL_ONLY, "--strict")
+    refused = hae_in_process("eval", str(data), "--out", str(tmp_path / "strict"), *FULL_ONLY, "--strict")
     assert_one_line_error(refused, fragment, "--strict")
     assert not (tmp_path / "strict").exists()  # refused before anything was written
 
-    ran = run_hae("eval", str(data), "--out", str(tmp_path / "skipping"), *FULL_ONLY, "--json")
+    ran = hae_in_process("eval", str(data), "--out", str(tmp_path / "skipping"), *FULL_ONLY, "--json")
     assert ran.returncode == 0, ran.stderr.decode()[-2000:]
     assert f"note: skipped {fragment}" in ran.stderr.decode()
     assert json.loads(ran.stdout)["data"]["skipped_records"] == 1
@@ -277,14 +279,14 @@ def test_an_item_the_model_cannot_run_is_said_and_the_run_goes_on(tmp_path, demo
 
 def test_no_usable_record_is_one_line(tmp_path):
     data = jsonl(tmp_path, json.dumps({"image": "a.png", "question": "q?"}), json.dumps({"question": "q?"}))
-    assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY), "no usable records in", "image not found: a.png",
+    assert_one_line_error(hae_in_process("eval", str(data), *FULL_ONLY), "no usable records in", "image not found: a.png",
                           "(and 1 more)")
 
 
 def test_a_column_that_does_not_exist_is_one_line(tmp_path):
     formats = write_formats(tmp_path / "data")
     for data in (formats["datasets"], formats["jsonl"]):
-        line = assert_one_line_error(run_hae("eval", str(data), "--question-column", "query", *FULL_ONLY),
+        line = assert_one_line_error(hae_in_process("eval", str(data), "--question-column", "query", *FULL_ONLY),
                                      "--question-column 'query' is not a column of")
         assert "question" in line.split("columns:")[1]
 
@@ -293,13 +295,13 @@ def test_resume_against_another_configuration_is_one_line(uninterrupted, tmp_pat
     out = tmp_path / "copy"
     shutil.copytree(uninterrupted, out)
     other = ["--budgets", "thr,0.25", "--policies", "snapkv,fastv", "-n", "2", "--quiet", "--no-plot"]
-    line = assert_one_line_error(run_hae("eval", str(SAMPLES), "--out", str(out), *other, "--resume"),
+    line = assert_one_line_error(hae_in_process("eval", str(SAMPLES), "--out", str(out), *other, "--resume"),
                                  "--resume:", "another configuration", "plan")
     assert "'hae vk0.25' now, 'hae vk0.4' in the stored run" in line
-    fewer = assert_one_line_error(run_hae("eval", str(SAMPLES), "--out", str(out), *PLAN, "--limit", "5",
+    fewer = assert_one_line_error(hae_in_process("eval", str(SAMPLES), "--out", str(out), *PLAN, "--limit", "5",
                                           "--resume"), "another configuration")
     assert "data" in fewer
-    again = assert_one_line_error(run_hae("eval", str(SAMPLES), "--out", str(out), *PLAN),
+    again = assert_one_line_error(hae_in_process("eval", str(SAMPLES), "--out", str(out), *PLAN),
                                   "holds the results of an earlier run", "--resume")
     assert "results.jsonl" in again
 
@@ -314,7 +316,7 @@ def test_a_missing_optional_extra_is_one_line(tmp_path, module, args, fragment):
     (hidden / module / "__init__.py").write_text(f"raise ImportError(\"No module named {module!r}\")\n")
     data = write_formats(tmp_path / "data")["datasets" if module == "datasets" else "jsonl"]
     path = os.pathsep.join([str(hidden), os.environ.get("PYTHONPATH", "")])
-    assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY, *args, "--out", str(tmp_path / "o"),
+    assert_one_line_error(run_hae("eval", str(data), *FULL_ONLY, *args, "--out", str(tmp_path / "o"),  # its own PYTHONPATH
                                   PYTHONPATH=path), fragment)
     assert not (tmp_path / "o").exists()
 
@@ -345,7 +347,7 @@ def test_a_ray_address_where_no_cluster_answers_is_one_line(tmp_path):
     (["--split", "test"], "--split chooses a split of a saved dataset"),
 ], ids=["policy", "budget", "hae-param", "unmatched", "twice", "split"])
 def test_bad_options_are_one_line_before_the_model_loads(tmp_path, args, fragment):
-    assert_one_line_error(run_hae("eval", str(jsonl(tmp_path, GOOD)), "--out", str(tmp_path / "o"), *args),
+    assert_one_line_error(hae_in_process("eval", str(jsonl(tmp_path, GOOD)), "--out", str(tmp_path / "o"), *args),
                           fragment)
     assert not (tmp_path / "o").exists()
 

@@ -140,11 +140,12 @@ def test_samples_that_have_no_right_rgb_are_refused_in_one_line(image, fragment)
 
 
 def test_a_refused_mode_through_the_cli_is_one_line(tmp_path):
-    from hae_process import assert_one_line_error, run_hae
+    from cli_runner import hae_in_process
+    from hae_process import assert_one_line_error
 
     path = tmp_path / "signed.tif"
     Image.fromarray(np.full((8, 8), -7, dtype=np.int32)).save(path)
-    assert_one_line_error(run_hae("ask", path, "what color is the shape?"), "negative 32-bit samples", "signed.tif")
+    assert_one_line_error(hae_in_process("ask", path, "what color is the shape?"), "negative 32-bit samples", "signed.tif")
 
 
 # ----------------------------------------------------------------------------- EXIF orientation
@@ -194,7 +195,7 @@ def test_exif_orientation_is_applied(tmp_path, orientation):
 def test_exif_orientation_reaches_the_model(tmp_path, tiny_checkpoint):
     """Through `hae ask`: a landscape JPEG that EXIF turns to portrait is cut into crops as a
     portrait (2 rows of crops, so 37 separators, not 25)."""
-    from hae_process import run_hae
+    from cli_runner import hae_in_process
     import json
 
     stored = Image.new("RGB", (672, 336), (200, 40, 40))
@@ -203,7 +204,7 @@ def test_exif_orientation_reaches_the_model(tmp_path, tiny_checkpoint):
     Image.new("RGB", (336, 672), (200, 40, 40)).save(portrait)
     counts = []
     for path in (turned, portrait):
-        result = run_hae("ask", path, "what color?", "--model", tiny_checkpoint, "--num-crops", "2", "-n", "1", "--json")
+        result = hae_in_process("ask", path, "what color?", "--model", tiny_checkpoint, "--num-crops", "2", "-n", "1", "--json")
         assert result.returncode == 0, result.stderr.decode()[-2000:]
         counts.append(json.loads(result.stdout)["prompt_tokens"])
     assert counts[0] == counts[1] and counts[0]["separator"] == 37
@@ -235,9 +236,10 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 def test_an_image_past_the_safe_limit_is_refused_saying_how_large_one_may_be(tmp_path):
-    from hae_process import assert_one_line_error, run_hae
+    from cli_runner import hae_in_process
+    from hae_process import assert_one_line_error
 
     path = tmp_path / "bomb.png"
     path.write_bytes(_png_header_only(20000, 20000))
-    line = assert_one_line_error(run_hae("ask", path, "what color?"), "too large", "bomb.png", "400,000,000 pixels")
+    line = assert_one_line_error(hae_in_process("ask", path, "what color?"), "too large", "bomb.png", "400,000,000 pixels")
     assert f"up to {largest_image_pixels():,} pixels" in line and "DOS" not in line
