@@ -22,7 +22,6 @@ import pytest
 from typer.testing import CliRunner
 
 from hae_cli import api, cli
-from hae_cli.cli import validate
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.errors import ConfigError, ModelNotFoundError
 
@@ -164,7 +163,9 @@ class FakeApi:
 
 @pytest.fixture
 def fake_policies(monkeypatch):
-    monkeypatch.setattr(validate, "policies", lambda: FAKE_POLICIES)
+    import hae_cli.cache.policies as registry
+
+    monkeypatch.setattr(registry, "known_policies", lambda: FAKE_POLICIES)
 
 
 @pytest.fixture

@@ -60,7 +60,7 @@ def test_layer_out_of_range_is_refused_at_bind_time(name, params, parameter):
 
 
 def test_unknown_policy_and_parameter():
-    with pytest.raises(ConfigError, match="policy must be one of full, hae, streaming, h2o, snapkv, fastv, mustdrop"):
+    with pytest.raises(ConfigError, match=r"unknown policy .lru. \(choose from: full, hae, streaming, h2o, snapkv, fastv, mustdrop"):
         make_policy("lru")
     with pytest.raises(ConfigError, match="'budgett'"):
         make_policy("hae", budgett=3)

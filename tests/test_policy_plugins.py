@@ -75,8 +75,7 @@ def test_register_refuses_what_is_not_a_policy():
         register_policy(Nameless)
 
 
-def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_path, checkpoint, images):  # noqa: F811
-    (tmp_path / "my_policies.py").write_text(textwrap.dedent('''
+NEWEST_MODULE = textwrap.dedent('''
         from dataclasses import dataclass
         from typing import ClassVar
 
@@ -94,7 +93,11 @@ def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_pat
 
             def score(self, view):
                 return torch.arange(view.held, dtype=torch.float32)
-    '''))
+    ''')
+
+
+def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_path, checkpoint, images):  # noqa: F811
+    (tmp_path / "my_policies.py").write_text(NEWEST_MODULE)
     env = {"PYTHONPATH": str(tmp_path), "HAE_POLICY_MODULES": "my_policies"}
     listing = run_hae("policies", COLUMNS="200", **env)
     assert listing.returncode == 0 and "newest" in listing.stdout.decode()
@@ -105,3 +108,24 @@ def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_pat
     assert payload["policy"] == "newest" and all(layer["tokens_held"] <= 41 for layer in payload["final_cache"]["layers"])
     missing = run_hae("policies", HAE_POLICY_MODULES="no_such_module")
     assert missing.returncode == 2 and "cannot import 'no_such_module'" in missing.stderr.decode()
+
+
+def test_a_policy_module_named_in_the_environment_reaches_library_callers(tmp_path, monkeypatch, checkpoint, images):  # noqa: F811
+    """`api.run(policy="newest")` finds the plugin as `hae --policy newest` does: one registry."""
+    import sys
+
+    import hae_cli.cache.policies as registry
+    from hae_cli import api
+
+    (tmp_path / "my_library_policies.py").write_text(NEWEST_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("HAE_POLICY_MODULES", "my_library_policies")
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(registry, "POLICIES", dict(registry.POLICIES))  # the registration ends with the test
+    try:
+        result = api.run(api.load_model(str(checkpoint)), [images[0]], "what color is the shape?", policy="newest",
+                         policy_params={"budget": 40}, max_new_tokens=8)
+    finally:
+        sys.modules.pop("my_library_policies", None)
+    assert result.policy == "newest"
+    assert all(layer.tokens_held <= 41 for layer in result.steps[-1].layers)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hae_cli.errors import ConfigError, HaeError, InputError
+from hae_cli.errors import ConfigError, InputError
 from hae_cli.checks import parse_budget, parse_param_value
 
 
@@ -44,66 +44,38 @@ def collect_policy_args(
 
 
 def policies() -> dict[str, type]:
-    """Every policy: the package's own and those `HAE_POLICY_MODULES` names."""
-    from hae_cli.cache.policies import POLICIES, load_plugins
+    """Every policy the command line can name: the library's, plugins included."""
+    from hae_cli.cache.policies import known_policies
 
-    global _plugins_loaded
-    if not _plugins_loaded:
-        load_plugins()
-        _plugins_loaded = True
-    return POLICIES
-
-
-_plugins_loaded = False
+    return known_policies()
 
 
 def check_policy_name(name: str) -> str:
-    registry = policies()
-    key = name.strip().lower()
-    if key not in registry:
-        raise ConfigError(f"unknown policy {name!r} (choose from: {', '.join(registry)})")
-    return key
+    from hae_cli.cache.policies import policy_class
+
+    return policy_class(name).name
 
 
 def policy_fields(policy: str) -> dict[str, Any]:
     import dataclasses
 
-    cls = policies()[policy]
-    return {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+    from hae_cli.cache.policies import policy_class
+
+    return {f.name: f for f in dataclasses.fields(policy_class(policy))}
 
 
 def checked_policy(policy: str, args: dict[str, Any], strict: bool = True):
-    """The policy built from the parameters in `args` it declares, each checked against its type
-    and by the policy itself: built here, once, and handed to the library as it is.
+    """The policy built from `args` by the library's `make_policy` (its checks are the same for
+    every caller), once, and handed to the library as it is.
 
     `strict`: a parameter the policy does not take is an error (ask, story, chat); otherwise it
     is skipped (profile applies one budget to every policy that has one)."""
-    fields = policy_fields(policy)
-    unknown = [name for name in args if name not in fields]
-    if strict and unknown:
-        takes = ", ".join(fields) or "no parameters"
-        raise ConfigError(f"policy {policy} has no parameter {unknown[0]!r} (it takes: {takes})")
-    chosen = {name: value for name, value in args.items() if name in fields}
-    for name, value in chosen.items():
-        _check_type(policy, name, value, fields[name].type)
-    try:
-        return policies()[policy](**chosen)
-    except HaeError:
-        raise
-    except (TypeError, ValueError) as error:
-        raise ConfigError(f"{policy}: {error}") from None
+    from hae_cli.cache.policies import make_policy
 
-
-def _check_type(policy: str, name: str, value: Any, annotation: Any) -> None:
-    kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
-    kind = str(kind)
-    wants_number = any(t in kind for t in ("int", "float"))
-    if isinstance(value, str) and "str" not in kind:
-        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
-    if isinstance(value, bool) and "bool" not in kind and wants_number:
-        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
-    if isinstance(value, float) and "float" not in kind and "int" in kind:
-        raise ConfigError(f"{policy} parameter {name} expects a whole number, got {value!r}")
+    if not strict:
+        fields = policy_fields(policy)
+        args = {name: value for name, value in args.items() if name in fields}
+    return make_policy(policy, **args)
 
 
 def check_images(images: Sequence[Path]) -> list[Path]:

@@ -1,9 +1,10 @@
 """The eviction policies, one file each; a new file here with a `Policy` subclass is picked up.
 
 `POLICIES` maps a policy's `name` to its class; `make_policy(name, **params)` builds one and
-turns a bad name or parameter into a one-line `ConfigError`. A policy written elsewhere joins
-with `@register_policy`, or, for the command line, by naming its module in the environment
-variable `HAE_POLICY_MODULES` (comma-separated importable modules, imported at start-up).
+turns a bad name or parameter into a one-line `ConfigError`; every caller (the library, the
+command line, `hae eval`) builds policies through it. A policy written elsewhere joins with
+`@register_policy`, or by naming its module in the environment variable `HAE_POLICY_MODULES`
+(comma-separated importable modules, imported on first use).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from hae_cli.cache.policies.capabilities import (
     FollowsOneLayer, QuestionAttention, SwapsForQuestion, TurnSwap, UsesRecycleBin,
 )
 from hae_cli.cache.policies.scorer import ScorerPolicy
-from hae_cli.errors import ConfigError
+from hae_cli.errors import ConfigError, HaeError
 
 PLUGIN_VARIABLE = "HAE_POLICY_MODULES"
 _ORDER = ["full", "hae", "streaming", "h2o", "snapkv", "fastv", "mustdrop", "random"]  # then new ones, by name
@@ -76,30 +77,63 @@ def load_plugins(modules: str | None = None) -> None:
                 register_policy(value)
 
 
+_plugins_loaded = False
+
+
+def known_policies() -> dict[str, type[Policy]]:
+    """Every policy: this package's, the registered ones, and those `HAE_POLICY_MODULES` names
+    (imported on first use, so a library caller gets them as the command line does)."""
+    global _plugins_loaded
+    if not _plugins_loaded:
+        load_plugins()
+        _plugins_loaded = True
+    return POLICIES
+
+
+def policy_class(name: str) -> type[Policy]:
+    registry = known_policies()
+    key = name.strip().lower()
+    if key not in registry:
+        raise ConfigError(f"unknown policy {name!r} (choose from: {', '.join(registry)})")
+    return registry[key]
+
+
 def policy_parameters(name: str) -> dict[str, object]:
     """A policy's parameters and their defaults."""
     return {f.name: f.default for f in dataclasses.fields(policy_class(name))}
 
 
 def make_policy(name: str, **params) -> Policy:
+    """The policy `name` with `params`: each parameter checked against its declared type, then by
+    the policy itself; every mistake one `ConfigError` line naming the policy and parameter."""
     cls = policy_class(name)
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - allowed)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [key for key in params if key not in fields]
     if unknown:
-        raise ConfigError(
-            f"policy {name!r} has no parameter {unknown[0]!r}; it takes: {', '.join(sorted(allowed)) or 'none'}"
-        )
-    return cls(**params)
+        raise ConfigError(f"policy {cls.name} has no parameter {unknown[0]!r} (it takes: {', '.join(fields) or 'no parameters'})")
+    for key, value in params.items():
+        _check_type(cls.name, key, value, fields[key].type)
+    try:
+        return cls(**params)
+    except HaeError:
+        raise
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{cls.name}: {error}") from None
 
 
-def policy_class(name: str) -> type[Policy]:
-    if name not in POLICIES:
-        raise ConfigError(f"policy must be one of {', '.join(POLICIES)}, got {name!r}")
-    return POLICIES[name]
+def _check_type(policy: str, name: str, value, annotation) -> None:
+    kind = str(annotation if isinstance(annotation, str) else getattr(annotation, "__name__", annotation))
+    wants_number = any(t in kind for t in ("int", "float"))
+    if isinstance(value, str) and "str" not in kind:
+        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
+    if isinstance(value, bool) and "bool" not in kind and wants_number:
+        raise ConfigError(f"{policy} parameter {name} expects {kind}, got {value!r}")
+    if isinstance(value, float) and "float" not in kind and "int" in kind:
+        raise ConfigError(f"{policy} parameter {name} expects a whole number, got {value!r}")
 
 
 __all__ = [
     "POLICIES", "FollowsOneLayer", "LayerView", "Policy", "PrefillKeep", "QuestionAttention", "Rows", "ScorerPolicy",
-    "SwapsForQuestion", "TurnSwap", "UsesRecycleBin", "load_plugins", "make_policy", "param", "parameter_help",
+    "SwapsForQuestion", "TurnSwap", "UsesRecycleBin", "known_policies", "load_plugins", "make_policy", "param", "parameter_help",
     "policy_class", "policy_parameters", "register_policy",
 ]
