@@ -19,9 +19,9 @@ def invoke(*args, input: str | None = None, env: dict | None = None):
     return CliRunner().invoke(cli.app, [str(a) for a in args], input=input, env=env)
 
 
-def one_error(result, *fragments: str) -> str:
-    """The result is one `error:` line on stderr (each of `fragments` in it), exit 2, nothing on stdout."""
-    assert result.exit_code == 2, (result.exit_code, result.output[-2000:])
+def one_error(result, *fragments: str, code: int = 2) -> str:
+    """The result is one `error:` line on stderr (each of `fragments` in it), exit `code`, nothing on stdout."""
+    assert result.exit_code == code, (result.exit_code, result.output[-2000:])
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr

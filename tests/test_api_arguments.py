@@ -11,13 +11,6 @@ import pytest
 SAMPLE = Path(__file__).resolve().parent.parent / "sample_images" / "easyvqa_test_0698.png"
 
 
-@pytest.fixture(scope="module")
-def demo():
-    from hae_cli.api import load_model
-
-    return load_model("demo")
-
-
 def calls(demo):
     from hae_cli import api
     from hae_cli.conversation import Conversation

@@ -5,13 +5,8 @@ import math
 import pytest
 import torch
 
-from cache_helpers import evicting_cache, fake_prompt, greedy, tiny_lm
+from cache_helpers import evicting_cache, fake_prompt, greedy
 from hae_cli.cache import Modality
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 @pytest.mark.parametrize("score_layer", [0, 1, 3])

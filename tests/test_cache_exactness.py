@@ -21,11 +21,6 @@ ROOMY = {
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
-
-
-@pytest.fixture(scope="module")
 def reference(lm):
     ids, modality, image_id = fake_prompt(before=6, images=36, after=16)
     tokens, logits, _ = greedy(lm, ids, modality, image_id, dynamic_cache(lm), STEPS)

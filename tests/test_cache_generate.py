@@ -9,11 +9,6 @@ NEW = 16
 
 
 @pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
-
-
-@pytest.fixture(scope="module")
 def prompt():
     return fake_prompt(before=6, images=24, after=8, sep_every=0)
 

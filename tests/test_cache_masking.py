@@ -7,17 +7,12 @@ ones with a bool attention mask, layer by layer; the evicting run really removes
 import pytest
 import torch
 
-from cache_helpers import HEADS, KV_HEADS, evicting_cache, fake_prompt, greedy, hide_keys, masked_greedy, tiny_lm
+from cache_helpers import HEADS, KV_HEADS, evicting_cache, fake_prompt, greedy, hide_keys, masked_greedy
 
 from hae_cli.cache.rounds import evict_to_bin, restore
 
 STEPS = 20
 ATOL = 2e-5
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,12 @@ from types import SimpleNamespace
 from typing import ClassVar
 
 import pytest
-from typer.testing import CliRunner
 
-from hae_cli import api, cli
+from cli_runner import invoke, one_error
+from hae_cli import api
 from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.errors import ConfigError, ModelNotFoundError
 
-runner = CliRunner()
 N_LAYERS = 4
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
@@ -192,44 +191,28 @@ def image(tmp_path) -> Path:
     return path
 
 
-def invoke(*args, env=None):
-    return runner.invoke(cli.app, [str(a) for a in args], env=env)
-
-
-def assert_one_line_error(result, *fragments, code: int = 2) -> str:
-    assert result.exit_code == code, result.output
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
-
-
 # ----------------------------------------------------------------------------- bad input: one line, exit 2
 
 
 def test_missing_image(fake_api, tmp_path):
-    assert_one_line_error(invoke("ask", tmp_path / "nope.png", "what?"), "image not found", "nope.png")
+    one_error(invoke("ask", tmp_path / "nope.png", "what?"), "image not found", "nope.png")
     assert fake_api.loads == []  # failed before loading the model
 
 
 def test_image_is_a_directory(fake_api, tmp_path):
-    assert_one_line_error(invoke("ask", tmp_path, "what?"), "directory")
+    one_error(invoke("ask", tmp_path, "what?"), "directory")
 
 
 def test_text_file_named_png(fake_api, tmp_path):
     fake = tmp_path / "notes.png"
     fake.write_text("this is not an image\n")
-    assert_one_line_error(invoke("ask", fake, "what?"), "not an image", "notes.png")
+    one_error(invoke("ask", fake, "what?"), "not an image", "notes.png")
 
 
 def test_truncated_png(fake_api, tmp_path):
     path = tmp_path / "cut.png"
     path.write_bytes(png_bytes(64, 64)[:70])
-    assert_one_line_error(invoke("ask", path, "what?"), "cut.png")
+    one_error(invoke("ask", path, "what?"), "cut.png")
 
 
 def test_truncated_jpeg(fake_api, tmp_path):
@@ -239,17 +222,17 @@ def test_truncated_jpeg(fake_api, tmp_path):
     Image.new("RGB", (64, 64), (10, 200, 10)).save(full, quality=90)
     path = tmp_path / "cut.jpg"
     path.write_bytes(full.read_bytes()[: len(full.read_bytes()) // 2])
-    assert_one_line_error(invoke("ask", path, "what?"), "truncated", "cut.jpg")
+    one_error(invoke("ask", path, "what?"), "truncated", "cut.jpg")
 
 
 def test_zero_size_image(fake_api, tmp_path):
     path = tmp_path / "empty.png"
     path.write_bytes(b"")
-    assert_one_line_error(invoke("ask", path, "what?"), "empty", "empty.png")
+    one_error(invoke("ask", path, "what?"), "empty", "empty.png")
 
 
 def test_unknown_policy(fake_api, image):
-    assert_one_line_error(invoke("ask", image, "what?", "--policy", "lru"), "unknown policy 'lru'", "hae")
+    one_error(invoke("ask", image, "what?", "--policy", "lru"), "unknown policy 'lru'", "hae")
 
 
 @pytest.mark.parametrize("budget, fragment", [
@@ -257,24 +240,24 @@ def test_unknown_policy(fake_api, image):
     ("1.5", "above 1 as a fraction"), ("abc", "token count"), ("nan", "must be a finite number"), ("", "token count"),
 ])
 def test_bad_budget(fake_api, image, budget, fragment):
-    assert_one_line_error(invoke("ask", image, "what?", "--budget", budget), "--budget", fragment)
+    one_error(invoke("ask", image, "what?", "--budget", budget), "--budget", fragment)
 
 
 def test_unknown_compare_name(fake_api):
-    assert_one_line_error(invoke("profile", "--compare", "baseline,lru"), "unknown --compare name 'lru'")
+    one_error(invoke("profile", "--compare", "baseline,lru"), "unknown --compare name 'lru'")
 
 
 def test_model_not_found(fake_api, image):
     fake_api.raise_in_load = ModelNotFoundError("model folder not found: /no/such/model")
-    assert_one_line_error(invoke("ask", image, "what?", "--model", "/no/such/model"), "model folder not found")
+    one_error(invoke("ask", image, "what?", "--model", "/no/such/model"), "model folder not found")
 
 
 def test_story_without_images(fake_api):
-    assert_one_line_error(invoke("story"), "Missing argument 'IMAGE'")
+    one_error(invoke("story"), "Missing argument 'IMAGE'")
 
 
 def test_max_new_tokens_zero(fake_api, image):
-    assert_one_line_error(invoke("ask", image, "what?", "--max-new-tokens", "0"), "--max-new-tokens")
+    one_error(invoke("ask", image, "what?", "--max-new-tokens", "0"), "--max-new-tokens")
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -290,21 +273,21 @@ def test_max_new_tokens_zero(fake_api, image):
     (["--max-new-tokens", "many"], "--max-new-tokens"),
 ])
 def test_bad_options(fake_api, image, args, fragment):
-    assert_one_line_error(invoke("ask", image, "what?", *args), fragment)
+    one_error(invoke("ask", image, "what?", *args), fragment)
 
 
 def test_empty_question_and_missing_argument(fake_api, image):
-    assert_one_line_error(invoke("ask", image, "  "), "question is empty")
-    assert_one_line_error(invoke("ask", image), "Missing argument", "hae ask --help")
+    one_error(invoke("ask", image, "  "), "question is empty")
+    one_error(invoke("ask", image), "Missing argument", "hae ask --help")
 
 
 def test_out_of_memory_is_one_line(monkeypatch, fake_api, image):
     import torch
 
     fake_api.raise_in_run = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    assert_one_line_error(invoke("ask", image, "what?"), "out of memory", "--budget", code=1)
+    one_error(invoke("ask", image, "what?"), "out of memory", "--budget", code=1)
     fake_api.raise_in_run = MemoryError()
-    assert_one_line_error(invoke("ask", image, "what?"), "out of memory", code=1)
+    one_error(invoke("ask", image, "what?"), "out of memory", code=1)
 
 
 # ----------------------------------------------------------------------------- ask / story output
@@ -484,7 +467,7 @@ def test_profile_story_over_given_images(fake_api, image, tmp_path):
 ])
 def test_profile_bad_input(fake_api, image, tmp_path, args, fragment):
     args = [a.format(image=image, empty=tmp_path) for a in args]
-    assert_one_line_error(invoke("profile", *args), fragment)
+    one_error(invoke("profile", *args), fragment)
 
 
 def test_profile_interrupted_shows_what_finished(fake_api, image):

@@ -8,41 +8,12 @@ import re
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from hae_cli import cli
-from hae_testing.checkpoints.phi3v import write_tiny_checkpoint
+from cli_runner import invoke
+from conftest import TINY_LAYERS
 
-runner = CliRunner()
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 REPO = Path(__file__).resolve().parent.parent
-TINY_LAYERS = 3
-
-
-@pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_phi3v")
-    # seed 1: a random tiny model whose greedy answers do not stop at once, so decoding is exercised
-    write_tiny_checkpoint(folder, seed=1, text=dict(num_hidden_layers=TINY_LAYERS))
-    return folder
-
-
-@pytest.fixture(scope="session")
-def images(tmp_path_factory) -> list[Path]:
-    from PIL import Image, ImageDraw
-
-    folder = tmp_path_factory.mktemp("images")
-    paths = []
-    for i, (size, colour) in enumerate((((300, 200), (200, 30, 30)), ((200, 260), (30, 30, 200)))):
-        image = Image.new("RGB", size, (255, 255, 255))
-        ImageDraw.Draw(image).ellipse((40, 40, 160, 160), fill=colour)
-        paths.append(folder / f"shape_{i}.png")
-        image.save(paths[-1])
-    return paths
-
-
-def invoke(*args, env=None):
-    return runner.invoke(cli.app, [str(a) for a in args], env=env)
 
 
 def ok(result):

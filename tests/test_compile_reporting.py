@@ -36,13 +36,6 @@ def slow_first_compile(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def demo():
-    from hae_cli.api import load_model
-
-    return load_model("demo")
-
-
 def test_a_one_token_compiled_answer_has_no_speed(demo, slow_first_compile):
     from hae_cli.api import run
 

@@ -142,13 +142,6 @@ def write_formats(folder: Path) -> dict[str, Path]:
     return {"jsonl": jsonl, "samples": folder, "datasets": folder / "saved"}
 
 
-@pytest.fixture(scope="module")
-def demo():
-    from hae_cli.api import load_model
-
-    return load_model("demo")
-
-
 def test_the_three_formats_give_the_same_results(tmp_path, demo):
     from hae_cli.evaluation.evaluate import evaluate as run, plan_of
     from hae_cli.evaluation.records import read_data

@@ -7,17 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, layer0_qkv, tiny_lm
+from cache_helpers import HEAD_DIM, KV_HEADS, evicting_cache, fake_prompt, greedy, layer0_qkv
 from hae_cli.cache import Modality
 from hae_cli.cache.policies import LayerView
 from hae_cli.cache.rounds import evict_to_bin
 
 STEPS = 24
-
-
-@pytest.fixture(scope="module")
-def lm():
-    return tiny_lm()
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,8 @@ from hae_cli.cache.modality import Modality
 from hae_cli.cache.policies import POLICIES, LayerView, ScorerPolicy, param, register_policy
 from hae_cli.errors import ConfigError
 from hae_process import run_hae
-from test_cli_e2e import checkpoint, images, invoke, ok  # noqa: F401  (fixtures)
+from cli_runner import invoke
+from test_cli_e2e import ok
 
 
 @dataclass
@@ -42,7 +43,7 @@ def registered():
     POLICIES.update(before)
 
 
-def test_a_registered_policy_runs_through_the_cli(registered, checkpoint, images):  # noqa: F811
+def test_a_registered_policy_runs_through_the_cli(registered, checkpoint, images):
     result = ok(invoke("ask", images[0], "what color is the shape?", "--model", checkpoint, "-n", "12",
                        "--policy", "text_first", "--budget", "60", "-p", "buffer=2", "--json"))
     payload = json.loads(result.stdout)
@@ -58,7 +59,7 @@ def test_a_registered_policy_runs_through_the_cli(registered, checkpoint, images
     assert "text_first" in listing and "image tokens go before" in listing
 
 
-def test_a_registered_policy_is_checked_like_the_built_in_ones(registered, checkpoint, images):  # noqa: F811
+def test_a_registered_policy_is_checked_like_the_built_in_ones(registered, checkpoint, images):
     result = invoke("ask", images[0], "what?", "--model", checkpoint, "--policy", "text_first", "-p", "sink=3")
     assert result.exit_code == 2 and "policy text_first has no parameter 'sink'" in result.stderr
 
@@ -96,7 +97,7 @@ NEWEST_MODULE = textwrap.dedent('''
     ''')
 
 
-def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_path, checkpoint, images):  # noqa: F811
+def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_path, checkpoint, images):
     (tmp_path / "my_policies.py").write_text(NEWEST_MODULE)
     env = {"PYTHONPATH": str(tmp_path), "HAE_POLICY_MODULES": "my_policies"}
     listing = run_hae("policies", COLUMNS="200", **env)
@@ -110,7 +111,7 @@ def test_a_policy_module_named_in_the_environment_joins_the_command_line(tmp_pat
     assert missing.returncode == 2 and "cannot import 'no_such_module'" in missing.stderr.decode()
 
 
-def test_a_policy_module_named_in_the_environment_reaches_library_callers(tmp_path, monkeypatch, checkpoint, images):  # noqa: F811
+def test_a_policy_module_named_in_the_environment_reaches_library_callers(tmp_path, monkeypatch, checkpoint, images):
     """`api.run(policy="newest")` finds the plugin as `hae --policy newest` does: one registry."""
     import sys
 

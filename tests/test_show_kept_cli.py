@@ -12,7 +12,9 @@ from PIL import Image
 
 from hae_cli.display.kept_png import layout
 from hae_cli.model.phi3v.image import image_cells, image_slot_cells
-from test_cli_e2e import TINY_LAYERS, checkpoint, images, invoke, ok  # noqa: F401  (fixtures)
+from cli_runner import invoke
+from conftest import TINY_LAYERS
+from test_cli_e2e import ok
 
 
 def evicted_cells(png: np.ndarray, row, cells, count: int) -> set[int]:
@@ -32,7 +34,7 @@ def features(mask: str, cells, entry) -> set[int]:
 
 
 @pytest.mark.parametrize("command, layer", [("ask", None), ("story", "0")])
-def test_png_and_json_agree_with_the_cache(checkpoint, images, tmp_path, command, layer):  # noqa: F811
+def test_png_and_json_agree_with_the_cache(checkpoint, images, tmp_path, command, layer):
     png_path = tmp_path / "kept.png"
     inputs = [images[0], "what color is the shape?"] if command == "ask" else list(images)
     extra = ["--kept-layer", layer] if layer is not None else []
@@ -68,7 +70,7 @@ def test_png_and_json_agree_with_the_cache(checkpoint, images, tmp_path, command
     (["--show-kept", "{tmp}/kept.jpg"], "ending in .png"),
     (["--kept-layer", "0"], "add --show-kept"),
 ])
-def test_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, args, fragment):  # noqa: F811
+def test_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, args, fragment):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = invoke("ask", images[0], "what?", "--model", checkpoint, "-n", "3", *args)
     assert result.exit_code == 2 and result.stdout == "", result.output
@@ -77,7 +79,7 @@ def test_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, arg
     assert not (tmp_path / "kept.png").exists()
 
 
-def test_a_step_the_run_never_reached_is_one_line_and_exit_2(checkpoint, images, tmp_path, monkeypatch):  # noqa: F811
+def test_a_step_the_run_never_reached_is_one_line_and_exit_2(checkpoint, images, tmp_path, monkeypatch):
     """A run can end before --kept-step (a stop token): the answer stands, the PNG is not written."""
     from hae_cli.cli import run
 
@@ -91,7 +93,7 @@ def test_a_step_the_run_never_reached_is_one_line_and_exit_2(checkpoint, images,
     assert not png.exists()
 
 
-def test_profile_draws_one_png_per_policy_of_the_first_prompt(checkpoint, images, tmp_path):  # noqa: F811
+def test_profile_draws_one_png_per_policy_of_the_first_prompt(checkpoint, images, tmp_path):
     png, out = tmp_path / "kept.png", tmp_path / "profile.json"
     result = ok(invoke("profile", "--model", checkpoint, "--images", images[0], "--images", images[1],
                        "--question", "what color?", "-c", "snapkv", "--budget", "0.3", "-n", "4",
@@ -117,7 +119,7 @@ def test_profile_draws_one_png_per_policy_of_the_first_prompt(checkpoint, images
     (["--kept-layer", "3"], "--kept-layer 3 is out of range"),
     (["--kept-step", "4"], "--kept-step 4 is beyond the run"),
 ])
-def test_profile_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, args, fragment):  # noqa: F811
+def test_profile_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_path, args, fragment):
     result = invoke("profile", "--model", checkpoint, "--images", images[0], "--question", "what?", "-n", "4",
                     "--show-kept", tmp_path / "kept.png", *args)
     assert result.exit_code == 2 and result.stdout == "", result.output
@@ -125,7 +127,7 @@ def test_profile_bad_kept_input_is_one_line_and_exit_2(checkpoint, images, tmp_p
     assert fragment in result.stderr
 
 
-def test_profile_says_which_policy_never_reached_the_step(checkpoint, images, tmp_path, monkeypatch):  # noqa: F811
+def test_profile_says_which_policy_never_reached_the_step(checkpoint, images, tmp_path, monkeypatch):
     from hae_cli.cli import profile
 
     monkeypatch.setattr(profile, "check_kept_options", lambda kept, max_new_tokens: None)  # as if it stopped early

@@ -1,6 +1,7 @@
-"""Bad input, second round (issue 27): what a new user still broke, class by class, each driven
-through the real `hae` command (or the Python API, class 12) with at least one case the issue
-did not name. The classes are docs/BAD_INPUT.md's rows; each ends as one `error:` line (exit 2;
+"""Bad input class by class (paths the OS refuses, full or closed outputs, sizes, budgets, corrupt
+weights, odd images, control characters, messages, help, the Python API), each driven through
+`hae` (in-process where no real process is needed) with at least one case beyond the example
+that found the class. The classes are docs/BAD_INPUT.md's rows; each ends as one `error:` line (exit 2;
 a machine out of memory or disk space: exit 1), a note, or a kept result, never a traceback."""
 
 from __future__ import annotations
@@ -631,18 +632,17 @@ def test_no_two_parameters_of_a_policy_share_a_meaning():
         assert len(set(meanings)) == len(meanings), (name, meanings)
 
 
-def test_a_plot_of_one_token_answers_draws_the_layers(tmp_path):
+def test_a_plot_of_one_token_answers_draws_the_layers(tmp_path, demo):
     """Decode steps 0 and 1 are no curve: the plot shows what each layer holds instead, on whole numbers."""
     from hae_cli import api
     from hae_cli.display.plot import occupancy_figure
 
-    loaded = api.load_model("demo")
-    runs = {name: api.run(loaded, [SAMPLE], "what color is the shape?", policy=policy, max_new_tokens=1).steps
+    runs = {name: api.run(demo, [SAMPLE], "what color is the shape?", policy=policy, max_new_tokens=1).steps
             for name, policy in (("baseline", "full"), ("hae", "hae"))}
     assert all(len(steps) == 1 for steps in runs.values())
     figure = occupancy_figure(runs, "one token")
     left = next(axes for axes in figure.axes if "layer" in axes.get_xlabel())
-    assert len(left.patches) >= 2 * loaded.num_layers  # a bar per layer and policy
+    assert len(left.patches) >= 2 * demo.num_layers  # a bar per layer and policy
     ticks = [t for t in left.get_yticks() if 0 <= t <= left.get_ylim()[1]]
     assert all(float(t).is_integer() for t in ticks), ticks
     result = hae_in_process("profile", "--images", SAMPLE, "-q", "what color?", "-n", "1", "--plot", tmp_path / "p.png")
@@ -667,13 +667,6 @@ def test_the_kept_legend_shows_the_picture_and_per_head_shares_read_on_pastels()
 
 
 # ----------------------------------------------------------------------------- 12. the Python API
-
-
-@pytest.fixture(scope="module")
-def demo():
-    from hae_cli import api
-
-    return api.load_model("demo")
 
 
 def api_calls(demo):
