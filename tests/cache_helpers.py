@@ -13,6 +13,7 @@ from transformers import DynamicCache, Phi3Config, Phi3ForCausalLM
 from hae_cli.cache import EvictingCache, Modality
 from hae_cli.cache.attention import ATTENTION_NAME, register_attention
 from hae_cli.model.decoder import run_decoder
+from hae_cli.model.generate import SamplingConfig, decode
 
 VOCAB = 96
 KV_HEADS = 2
@@ -59,7 +60,8 @@ def fake_prompt(before: int = 6, images: int = 24, after: int = 8, sep_every: in
 
 
 def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None, overview=None):
-    """Greedy decoding through `run_decoder`.
+    """Greedy decoding: the runtime's own loop (`generate.decode`) feeding each token through
+    `run_decoder`.
 
     Returns (generated ids, logits `[steps + 1, vocab]`, decoder outputs). `after_step(step,
     cache, tokens)` runs after each forward's `end_step` (step 0 = prefill; `tokens`: the
@@ -67,20 +69,25 @@ def greedy(lm, ids, modality, image_id, cache, steps: int, after_step=None, over
     """
     embed = lm.model.embed_tokens
     length = ids.numel()
-    positions = torch.arange(length)
-    outputs, tokens = [], []
-    with torch.no_grad():
+    fed, outputs = ids.tolist(), []
+
+    def forward(rows: torch.Tensor, positions: torch.Tensor, modality, image_id, overview=None) -> torch.Tensor:
         _begin(cache, positions, modality, image_id, overview)
-        outputs.append(run_decoder(lm, embed(ids)[None], positions, cache))
-        _end(cache, 0, after_step, ids.tolist())
-        for step in range(1, steps + 1):
-            token = int(outputs[-1].logits[0, -1].argmax())
-            tokens.append(token)
-            position = torch.tensor([length + step - 1])
-            generated = torch.tensor([int(Modality.GENERATED)], dtype=torch.int8)
-            _begin(cache, position, generated, torch.zeros(1, dtype=torch.int16))
-            outputs.append(run_decoder(lm, embed(torch.tensor([[token]])), position, cache))
-            _end(cache, step, after_step, ids.tolist() + tokens)
+        outputs.append(run_decoder(lm, embed(rows), positions, cache))
+        _end(cache, len(outputs) - 1, after_step, list(fed))
+        return outputs[-1].logits[0, -1]
+
+    def feed(token: int, position: int) -> torch.Tensor:
+        fed.append(token)
+        generated = torch.tensor([int(Modality.GENERATED)], dtype=torch.int8)
+        return forward(torch.tensor([[token]]), torch.tensor([position]), generated, torch.zeros(1, dtype=torch.int16))
+
+    tokens = []
+    with torch.no_grad():
+        logits = forward(ids[None], torch.arange(length), modality, image_id, overview)
+        if steps:
+            tokens = decode(None, cache, logits, length, SamplingConfig(max_new_tokens=steps), stop_ids=set(),
+                            feed_last=True, feed=feed).token_ids
     return tokens, torch.stack([out.logits[0, -1] for out in outputs]), outputs
 
 
