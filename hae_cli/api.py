@@ -20,6 +20,7 @@ import torch
 from hae_cli import checks
 from hae_cli.cache.stats import CacheStats, EvictionEvent
 from hae_cli.errors import ConfigError, InputError
+from hae_cli.model.interface import check_loaded
 from hae_cli.user_text import checked_text
 
 DEFAULT_STORY_PROMPT = "Describe each image in order."
@@ -268,7 +269,7 @@ def prepare(
     """Read the images, build the chat prompt and embed it. The result does not depend on the
     policy, so one prepared prompt can be run under many (`run_prepared`). `images`: paths, PIL
     images, or images the model has read already (`loaded.read_image`)."""
-    checks.loaded_model(loaded)
+    check_loaded(loaded)
     checks.callbacks(on_progress=on_progress)
     progress = on_progress or (lambda message: None)
     images = checks.image_list(images)
@@ -403,7 +404,7 @@ def run(
     from hae_cli.model.generate import SamplingConfig
 
     # Bad options fail before any image is read or embedded.
-    checks.loaded_model(loaded)
+    check_loaded(loaded)
     _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, on_progress=on_progress,
                          on_prefill=on_prefill, show_kept=show_kept, kept_step=kept_step, compile=compile)
     images = checks.image_list(images)

@@ -231,15 +231,6 @@ def model_name(model: object) -> str | os.PathLike:
     return model
 
 
-def loaded_model(loaded: object) -> None:
-    """The model a run takes is what `load_model` returned, not its name."""
-    from hae_cli.model.interface import VisionLanguageModel
-
-    if not isinstance(loaded, VisionLanguageModel):
-        hint = f"; call load_model({loaded!r}) first" if isinstance(loaded, (str, os.PathLike)) else ""
-        raise ConfigError(f"the model must be what load_model returns, got {type(loaded).__name__}{hint}")
-
-
 def image_list(images: object, what: str = "images", nonempty: bool = False) -> list:
     """`images` as a list: paths, PIL images, or images the model has read (`read_image`). One
     image where a list is expected, a mapping, a number: each one line saying what to give."""

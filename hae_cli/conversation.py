@@ -27,7 +27,7 @@ from hae_cli.errors import InputError
 from hae_cli.model.generate import (
     Decoded, SamplingConfig, after_first_call, compiled_step, decode, feed_question, prefill,
 )
-from hae_cli.model.interface import PromptTokens, UserTurn
+from hae_cli.model.interface import PromptTokens, UserTurn, check_loaded
 from hae_cli.user_text import checked_text
 
 # Stands for the first question while the images are fed: the ids up to the last image do
@@ -95,7 +95,7 @@ class Conversation:
     ) -> None:
         self.loaded = loaded
         self.compile = compile  # decode through a compiled step (`CompiledStep`): the same tokens
-        checks.loaded_model(loaded)
+        check_loaded(loaded)
         checks.callbacks(on_progress=on_progress)
         checks.flags(compile=compile)
         images = checks.image_list(images, nonempty=True)

@@ -11,6 +11,7 @@ family.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -263,3 +264,10 @@ class VisionLanguageModel:
 
     def decode_text(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def check_loaded(loaded: object) -> None:
+    """The model a run takes is what `load_model` returned, not its name."""
+    if not isinstance(loaded, VisionLanguageModel):
+        hint = f"; call load_model({loaded!r}) first" if isinstance(loaded, (str, os.PathLike)) else ""
+        raise ConfigError(f"the model must be what load_model returns, got {type(loaded).__name__}{hint}")
