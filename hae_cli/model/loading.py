@@ -1,4 +1,6 @@
-"""Find a checkpoint offline, pick the device and dtype, and hand the folder to its family.
+"""Find a checkpoint (a folder, a shipped model, or a hub id: the local Hugging Face cache first,
+downloaded only when it is missing and HF_HUB_OFFLINE is not set), pick the device and dtype, and
+hand the folder to its family.
 
 The family is read from `config.json`'s `model_type`; each family loads its own checkpoint
 (`phi3v/checkpoint.py`, ...) strictly, before anything runs.
