@@ -146,12 +146,28 @@ def test_ctrl_c_while_many_workers_start_prints_no_traceback():
     import sys
     import time
 
+    import psutil
+
     from hae_process import hae_env
 
     process = subprocess.Popen([sys.executable, "-c", MANY_WORKERS], cwd=REPO, env=hae_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
     assert process.stdout.readline() == b"starting\n"
-    time.sleep(0.3)  # the pool is starting its processes
+    # Ctrl-C is ignored while the pool spawns its processes (so that they start ignoring it): press
+    # it once all four exist and still import torch (seconds), as a user's would land
+    def workers() -> int:
+        count = 0
+        for child in psutil.Process(process.pid).children():
+            try:
+                count += "spawn_main" in " ".join(child.cmdline())  # not the resource tracker
+            except psutil.Error:  # a process between fork and exec, or gone
+                pass
+        return count
+
+    deadline = time.monotonic() + 60
+    while workers() < 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr.decode()[-3000:]
