@@ -88,6 +88,16 @@ def _first_output_then(process, signum: int, timeout: float = 90) -> tuple[bytes
     return first + out, err, waited
 
 
+@pytest.fixture(scope="module")
+def seconds_to_stream(endless_checkpoint) -> float:
+    """How long a plain run takes to stream its first byte here: runs with nothing to watch
+    (--json) are signalled after twice that, so that tokens have been generated."""
+    import signal
+
+    plain = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
+    return _first_output_then(plain, signal.SIGTERM)[2]
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP", "SIGINT"])
 def test_a_signal_mid_generation_keeps_the_answer_and_the_summary(endless_checkpoint, signame):
     import signal
@@ -103,15 +113,13 @@ def test_a_signal_mid_generation_keeps_the_answer_and_the_summary(endless_checkp
         assert f"({signame})" in stderr
 
 
-def test_sigterm_under_json_prints_the_partial_result(endless_checkpoint):
+def test_sigterm_under_json_prints_the_partial_result(endless_checkpoint, seconds_to_stream):
     """Nothing streams under --json, so wait for the time the plain run took to stream, twice over."""
     import signal
     import time
 
-    plain = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
-    _, _, waited = _first_output_then(plain, signal.SIGTERM)
     process = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS, "--json")
-    time.sleep(2 * waited + 2)
+    time.sleep(2 * seconds_to_stream + 2)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err.decode()[-2000:]
@@ -120,16 +128,14 @@ def test_sigterm_under_json_prints_the_partial_result(endless_checkpoint):
     assert payload["timings"]["decode_tokens"] == len(payload["token_ids"])
 
 
-def test_sigterm_during_profile_writes_the_json_file(endless_checkpoint, tmp_path):
+def test_sigterm_during_profile_writes_the_json_file(endless_checkpoint, seconds_to_stream, tmp_path):
     import signal
     import time
 
-    plain = start_hae("ask", SAMPLE, "what color is the shape?", "--model", endless_checkpoint, *ENDLESS)
-    _, _, waited = _first_output_then(plain, signal.SIGTERM)
     out_file = tmp_path / "profile.json"
     process = start_hae("profile", "--images", SAMPLE, "-q", "what color is the shape?", "--model",
                         endless_checkpoint, "-n", "1000000", "--json", out_file)
-    time.sleep(2 * waited + 2)
+    time.sleep(2 * seconds_to_stream + 2)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=60)
     assert process.returncode == 143, err.decode()[-2000:]
