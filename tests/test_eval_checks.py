@@ -141,6 +141,7 @@ def test_ctrl_c_while_many_workers_start_prints_no_traceback():
     group while they still start (import), and no worker prints a traceback. A real process
     group: the point is the signal."""
     import os
+    import re
     import signal
     import subprocess
     import sys
@@ -153,25 +154,31 @@ def test_ctrl_c_while_many_workers_start_prints_no_traceback():
     process = subprocess.Popen([sys.executable, "-c", MANY_WORKERS], cwd=REPO, env=hae_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, start_new_session=True)
     assert process.stdout.readline() == b"starting\n"
-    # Ctrl-C is ignored while the pool spawns its processes (so that they start ignoring it): press
-    # it once all four exist and still import torch (seconds), as a user's would land
-    def workers() -> int:
-        count = 0
+
+    # Ctrl-C is ignored while the pool spawns its processes, so that each starts ignoring it (seen
+    # at its first sight, before its own code could set it); it is pressed once this process takes
+    # it again and all four workers exist, still importing (seconds)
+    def ignores_ctrl_c(pid: int) -> bool:
+        status = Path(f"/proc/{pid}/status").read_text()
+        return bool(int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16) & (1 << (signal.SIGINT - 1)))
+
+    at_first_sight: dict[int, bool] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
         for child in psutil.Process(process.pid).children():
             try:
-                count += "spawn_main" in " ".join(child.cmdline())  # not the resource tracker
-            except psutil.Error:  # a process between fork and exec, or gone
+                if child.pid not in at_first_sight and "spawn_main" in " ".join(child.cmdline()):  # not the tracker
+                    at_first_sight[child.pid] = ignores_ctrl_c(child.pid)
+            except (psutil.Error, OSError):  # between fork and exec, or gone
                 pass
-        return count
-
-    deadline = time.monotonic() + 60
-    while workers() < 4 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)
+        if len(at_first_sight) == 4 and not ignores_ctrl_c(process.pid):
+            break
+        time.sleep(0.005)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr.decode()[-3000:]
     assert b"Traceback" not in stderr and b"KeyboardInterrupt" not in stderr, stderr.decode()[-3000:]
+    assert len(at_first_sight) == 4 and all(at_first_sight.values()), at_first_sight
 
 
 def test_the_command_says_what_it_capped_the_workers_to(tmp_path):
