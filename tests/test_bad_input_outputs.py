@@ -39,7 +39,7 @@ def cases(picture: Path) -> dict:
         "profile --plot": (["profile", "--images", picture, "-q", "what?", "--plot", picture], "--plot"),
         "profile --json": (["profile", "--images", picture, "-q", "what?", "--json", picture], "--json"),
         "profile's per-policy picture": (["profile", "--images", tmp / "photo_hae.png", "-q", "what?",
-                                          "--show-kept", picture], "photo_hae.png is image 1"),
+                                          "--show-kept", picture], ("photo_hae.png", "is image 1")),
     }
 
 
@@ -47,8 +47,8 @@ def cases(picture: Path) -> dict:
                                   "profile's per-policy picture"])
 def test_an_output_over_an_input_image_is_refused_and_the_image_kept(picture, case):
     before = picture.read_bytes()
-    args, fragment = cases(picture)[case]
-    one_error(invoke(*args), "an input of this run", fragment)
+    args, fragments = cases(picture)[case]  # a long path is shortened in the line: its name and its role apart
+    one_error(invoke(*args), "an input of this run", *([fragments] if isinstance(fragments, str) else fragments))
     assert picture.read_bytes() == before
 
 
@@ -62,13 +62,13 @@ def test_eval_out_files_over_the_data_or_its_images_are_refused(tmp_path):
     shutil.copy(SAMPLE, tmp_path / "accuracy.png")
     data = tmp_path / "data.jsonl"
     data.write_text('{"image": "accuracy.png", "question": "what color is the shape?"}\n')
-    one_error(invoke("eval", data, "--out", tmp_path), "accuracy.png is an image of data.jsonl line 1")
+    one_error(invoke("eval", data, "--out", tmp_path), "accuracy.png", "is an image of data.jsonl line 1")
     assert (tmp_path / "accuracy.png").read_bytes() == SAMPLE.read_bytes()
     assert not (tmp_path / "config.json").exists()
     listed = tmp_path / "summary.json"
     listed.write_text('[{"image": "accuracy.png", "question": "what color is the shape?"}]')
     before = listed.read_bytes()
-    one_error(invoke("eval", listed, "--out", tmp_path, "--no-plot"), "summary.json is the data")
+    one_error(invoke("eval", listed, "--out", tmp_path, "--no-plot"), "summary.json", "is the data")
     assert listed.read_bytes() == before
 
 
@@ -79,7 +79,7 @@ def test_eval_out_into_the_model_folder_is_refused(tmp_path):
     shutil.copytree(REPO / "hae_cli" / "demo_model", folder)
     before = (folder / "config.json").read_bytes()
     one_error(invoke("eval", REPO / "sample_images", "--model", folder, "--out", folder, "--limit", "1"),
-              "config.json is a file of the model")
+              "config.json", "is a file of the model")
     assert (folder / "config.json").read_bytes() == before
 
 
