@@ -1,6 +1,8 @@
 """One prompt under one setting, with what the comparison needs: the answer, the KV bytes
-after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`); and one
-item under every setting of a plan, scored (`ItemRunner`), in whatever process holds the model."""
+after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`); one
+item under every setting of a plan, scored (`ItemRunner`), in whatever process holds the model;
+and `hae profile`'s workload under the full cache and each policy, every run kept whole, with
+its timings and steps (`run_workload`)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import hashlib
 import io
 import statistics
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 
@@ -61,6 +64,39 @@ def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int,
         loaded, prepared, policy=policy, policy_params=params, max_new_tokens=max_new_tokens, context_length=context_length
     )
     return outcome_of(result)
+
+
+def run_workload(loaded, workload: Sequence, policies: Sequence[tuple[str, object]], *,
+                 on_progress: Callable[[str], None], kept_first: dict, **run_options) -> tuple[dict[str, list], bool]:
+    """Each prompt of `workload` (`records.Prompt`s) under each named policy, in order (the full
+    cache first: the reference), every `RunResult` kept whole. `kept_first`: `api.run`'s
+    show_kept options for the first prompt; `run_options`: the rest of `api.run`'s (sampling,
+    compile). Ctrl-C (or a run that says it was interrupted) stops cleanly: (the results so far
+    by name, True)."""
+    from hae_cli import api
+
+    results: dict[str, list] = {name: [] for name, _ in policies}
+    total, done = len(policies) * len(workload), 0
+    for number, prompt in enumerate(workload):
+        kept = kept_first if number == 0 else {}
+        for name, policy in policies:
+            done += 1
+            label = f"[{done}/{total}] {name} · {prompt.label()}"
+            on_progress(label)
+            try:
+                result = api.run(
+                    loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
+                    on_progress=lambda message, label=label: on_progress(f"{label}: {message}"),
+                    on_compile=lambda seconds, label=label: seconds is None and on_progress(
+                        f"{label}: compiling the decode step"),
+                    **run_options, **kept,
+                )
+            except KeyboardInterrupt:
+                return results, True
+            results[name].append(result)
+            if result.interrupted:
+                return results, True
+    return results, False
 
 
 # --------------------------------------------------------------------------- one item under a plan
