@@ -36,10 +36,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-import accuracy  # noqa: E402  (the workers and their image features, the comparison's table, plot styles)
+import _common as common  # noqa: E402  (also the workers and their image features)
 
 from hae_cli.evaluation import matching  # noqa: E402  (Setting, matched budgets, the equal-KV comparison)
+from hae_cli.evaluation.plot import POLICY_STYLES  # noqa: E402
+from hae_cli.evaluation.summary import EQUAL_KV_CAPTION, equal_kv_table  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -96,7 +97,7 @@ def question_kind(question: str) -> str:
 def one_conversation(task) -> dict[str, ConversationOutcome]:
     """A conversation under every setting (baselines after the HAE setting they match)."""
     (image_ids, turns), plan, fastv_layer = task
-    bench = accuracy.workbench()
+    bench = common.workbench()
     pairs = [bench.image(i) for i in image_ids]
     processed, features = [p for p, _ in pairs], [f for _, f in pairs]
     # what the matching counts: the image tokens the prefill compresses
@@ -157,11 +158,11 @@ def baseline_spread(rows: list[dict], low: float, high: float) -> dict | None:
 
 def run_all(conversations, plan, args, tag: str) -> dict[str, list[ConversationOutcome]]:
     """Every conversation under every setting, in input order per setting (the workers and
-    their per-image features are accuracy.py's)."""
+    their per-image features are `_common`'s)."""
     tasks = list(enumerate((c, plan, args.fastv_layer) for c in conversations))
     results: dict[str, list] = defaultdict(lambda: [None] * len(tasks))
     progress = common.Progress(tag, len(tasks), quiet=args.quiet)
-    with accuracy.make_pool(args) as pool:
+    with common.make_pool(args) as pool:
         for done, (index, outcomes) in enumerate(pool.imap_unordered(_indexed, tasks), start=1):
             for label, outcome in outcomes.items():
                 results[label][index] = outcome
@@ -210,7 +211,7 @@ def plot(path: Path, by_images: dict[int, list[dict]], title: str) -> None:
         for policy, points in series.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], label=policy,
-                    **accuracy.POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
+                    **POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
         ax.set_xlabel("KV cut vs full cache (%), mean over the conversation")
         ax.set_ylabel("answers right %")
         ax.set_title(f"conversations of {n} images (questions after the images)", fontsize=10)
@@ -275,7 +276,8 @@ def main(argv=None) -> dict:
             f"conversations of {n} {args.split} images, {len(conversations)} seeded (seed {args.seed + n}), "
             f"{rows[0]['questions']} questions after the images; model {args.model}",
             COLUMNS, table_rows(rows), caption=common.describe_conditions(cond))
-        accuracy.print_comparison(comparison, baselines)
+        columns, comparison_rows = equal_kv_table(comparison, baselines)
+        common.print_table("accuracy % at HAE's KV bytes", columns, comparison_rows, caption=EQUAL_KV_CAPTION)
         if spread is not None:
             print(f"baseline spread at {low:.0f}-{high:.0f}% cut: {spread['spread_points']:.1f} points "
                   f"({spread['best']} {100 * spread['best_accuracy']:.1f}% vs {spread['worst']} {100 * spread['worst_accuracy']:.1f}%)")

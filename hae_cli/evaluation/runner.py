@@ -115,15 +115,18 @@ class EvalConfig:
     fastv_layer: int = 2
     max_new_tokens: int = 16
     image_options: tuple = ()  # (name, value) pairs: the family's own image options (--image-option)
+    question_after: bool = False  # ask: the images cached (and compressed) before the question is fed
 
     def to_json(self) -> dict:
-        """What a resumed run must share with the run it continues (image options only where given,
-        so a run stored before they existed still resumes)."""
+        """What a resumed run must share with the run it continues (image options and
+        question_after only where given, so a run stored before they existed still resumes)."""
         config = {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
                   "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
                   "max_new_tokens": self.max_new_tokens}
         if self.image_options:
             config["image_options"] = dict(self.image_options)
+        if self.question_after:
+            config["question_after"] = True
         return config
 
 
@@ -181,7 +184,9 @@ class ItemRunner:
     # --- the tasks ---
 
     def _prompt(self, item) -> dict:
-        """ask / story: one prompt, prepared once (per crop count), run under each setting."""
+        """ask / story: one prompt, prepared once (per crop count), run under each setting; with
+        `question_after`, the question fed after the images are cached, so that no policy can
+        use it to choose what to keep."""
         from hae_cli.api import prepare
 
         prepared: dict = {}
@@ -194,12 +199,17 @@ class ItemRunner:
                                                   image_features=features)
             return prepared[crops]
 
+        def context(prompt) -> int | None:
+            return prompt.tokens.after_images() if self.config.question_after else None
+
         def run(setting, params):
             loaded, prompt = ready(setting.crops)
-            outcome = run_prompt(loaded, prompt, setting.policy, params, self.config.max_new_tokens)
+            outcome = run_prompt(loaded, prompt, setting.policy, params, self.config.max_new_tokens, context(prompt))
             return outcome, [(outcome.text, outcome.token_ids)]
 
-        return self._run_plan(run, ready(None)[1].tokens)
+        prompt = ready(None)[1]
+        fed_later = prompt.embeds.shape[1] - context(prompt) if self.config.question_after else 0
+        return self._run_plan(run, prompt.tokens, fed_later)
 
     def _conversation(self, item) -> dict:
         """chat: the images fed once (the prefill every policy compresses), then each question
@@ -223,8 +233,9 @@ class ItemRunner:
             self._fewer_crops[crops] = self.loaded.at_crops(crops)
         return self._fewer_crops[crops]
 
-    def _run_plan(self, run, tokens) -> dict:
-        """label -> (outcome, answers, the parameters it ran with), in the plan's order."""
+    def _run_plan(self, run, tokens, fed_later: int = 0) -> dict:
+        """label -> (outcome, answers, the parameters it ran with), in the plan's order
+        (`fed_later`: prompt rows fed after the compressed context)."""
         from hae_cli.evaluation.matching import run_plan
 
         answered = {}
@@ -234,7 +245,7 @@ class ItemRunner:
             answered[setting.label] = (outcome, answers, params)
             return outcome
 
-        run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer)
+        run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer, fed_later)
         return answered
 
     def _images(self, item, crops: int | None = None) -> tuple[list, list]:
