@@ -68,9 +68,10 @@ def run_engine(items: list[Item], config: EvalConfig, args, loaded, tag: str) ->
 
 
 def rows_of(plan: list[Setting], results: list[dict]) -> list[dict]:
-    """One row per setting (`hae eval`'s `setting_row`), the full cache on the same items."""
+    """One row per setting (`hae eval`'s `setting_row`, with `n`: the prompts, as this file's
+    rows have always named them), the full cache on the same items."""
     full = [r["settings"]["full"] for r in results]
-    return [setting_row(s, [r["settings"][s.label] for r in results], full) for s in plan]
+    return [{**setting_row(s, [r["settings"][s.label] for r in results], full), "n": len(results)} for s in plan]
 
 
 # --------------------------------------------------------------------------- VQA
