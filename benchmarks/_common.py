@@ -133,14 +133,32 @@ class Progress:
         print(f"  {self.label}: {done}/{self.total}  {elapsed:.0f} s, ~{left:.0f} s left", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- conversation workers
+# --------------------------------------------------------------------------- hae eval's engine
+
+
+def run_engine(items: list, config, args, loaded, tag: str) -> dict[str, dict]:
+    """Each `hae eval` item's result (`ItemRunner.run` under the `EvalConfig`), by id: in this process with `loaded` (--workers 1),
+    or in --workers spawned processes at --threads (1 unless given) each."""
+    from hae_cli.evaluation.parallel import Backend, run_items
+
+    backend = Backend(1, args.threads) if args.workers <= 1 else Backend(args.workers, args.threads or 1)
+    progress = Progress(tag, len(items), quiet=args.quiet)
+    results = {}
+    for result in run_items(items, config, backend, loaded=loaded if args.workers <= 1 else None):
+        if "error" in result:
+            raise SystemExit(f"{tag}: {result['error']}")
+        results[result["id"]] = result
+        progress.update(len(results))
+    return results
+
+
+# --------------------------------------------------------------------------- battery workers
 
 
 class Workbench:
     """A loaded model and its easy-VQA images read and through the vision tower once each (the
-    tower's output depends on no policy): what the conversation benchmarks feed a
-    `Conversation`, which `hae eval`'s engine does not run them through (their per-turn and
-    host-memory figures are theirs alone)."""
+    tower's output depends on no policy): what `battery.py` feeds a `Conversation` that it
+    resets and adds images to, which `hae eval`'s engine does not do."""
 
     IMAGES_KEPT = 512
 

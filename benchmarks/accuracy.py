@@ -41,7 +41,6 @@ import _common as common  # noqa: E402
 from hae_cli.evaluation.matching import (  # noqa: E402
     BASELINES, Setting, choose_best, equal_kv_comparison, hae_settings, matched_plan, story_plan,
 )
-from hae_cli.evaluation.parallel import Backend, run_items  # noqa: E402
 from hae_cli.evaluation.plot import draw_curves  # noqa: E402
 from hae_cli.evaluation.records import Item, Question  # noqa: E402
 from hae_cli.evaluation.runner import EvalConfig  # noqa: E402
@@ -51,20 +50,6 @@ QUESTION_AFTER_NOTE = ", questions fed after the compressed images"  # in table 
 
 
 # --------------------------------------------------------------------------- running on the engine
-
-
-def run_engine(items: list[Item], config: EvalConfig, args, loaded, tag: str) -> dict[str, dict]:
-    """Each item's result (`ItemRunner.run`), by id: in this process with `loaded` (--workers 1),
-    or in --workers spawned processes at --threads (1 unless given) each."""
-    backend = Backend(1, args.threads) if args.workers <= 1 else Backend(args.workers, args.threads or 1)
-    progress = common.Progress(tag, len(items), quiet=args.quiet)
-    results = {}
-    for result in run_items(items, config, backend, loaded=loaded if args.workers <= 1 else None):
-        if "error" in result:
-            raise SystemExit(f"{tag}: {result['error']}")
-        results[result["id"]] = result
-        progress.update(len(results))
-    return results
 
 
 def rows_of(plan: list[Setting], results: list[dict]) -> list[dict]:
@@ -92,7 +77,7 @@ def run_vqa(questions: list[tuple[int, object]], plan: list[Setting], config: Ev
     """Every question under every setting of `plan`: the rows, in `plan`'s order. A question
     whose result in `known` (results by id, updated here) has every setting is not run again."""
     todo = [(i, q) for i, q in questions if any(s.label not in known.get(str(i), {}).get("settings", {}) for s in plan)]
-    known |= run_engine(vqa_items(todo, args.split), replace(config, plan=tuple(plan)), args, loaded, tag)
+    known |= common.run_engine(vqa_items(todo, args.split), replace(config, plan=tuple(plan)), args, loaded, tag)
     rows = rows_of(plan, [known[str(index)] for index, _ in questions])
     # a one-word answer is right or wrong as a whole: its exact match is its accuracy
     return [{**row, "exact_match": row["accuracy"], "agree_with_full": row["same_as_full"]} for row in rows]
@@ -120,7 +105,7 @@ def run_stories(image_sets: list[list[int]], plan: list[Setting], config: EvalCo
     results: dict[str, dict] = {}
     for length in sorted({len(t) for t in targets}):  # the engine decodes one length per run
         same = [item for item, target in zip(items, targets) if len(target) == length]
-        results |= run_engine(same, replace(config, task="story", plan=tuple(plan), max_new_tokens=length + 4),
+        results |= common.run_engine(same, replace(config, task="story", plan=tuple(plan), max_new_tokens=length + 4),
                               args, loaded, f"{tag} ({length} target tokens)")
     ordered = [results[str(k)] for k in range(len(image_sets))]
     exact: dict[str, list[bool]] = {s.label: [] for s in plan}

@@ -11,7 +11,7 @@ import io
 import statistics
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -28,6 +28,8 @@ class Outcome:
     text: str = ""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    host_bytes_per_step: list[int] = field(default_factory=list)  # off the attention path: the bin and the reserve
+    restored_by_turn: list[int] = field(default_factory=list)  # tokens each turn brought back (all layers)
 
     @property
     def kv_mean(self) -> float:
@@ -47,12 +49,18 @@ def outcome_of(result) -> Outcome:
         full_bytes_per_step=[s.full_cache_bytes for s in result.steps],
         held_after_prefill=max(layer.tokens_held for layer in first),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
-        restored=sum(sum(e.counts.values()) for e in result.events if e.action == "restored"),
+        restored=_restored(result.events),
         binned=sum(sum(e.counts.values()) for e in result.events if e.action == "binned"),
         text=result.text,
         prefill_seconds=result.prefill_seconds,
         decode_seconds=result.decode_seconds,
+        host_bytes_per_step=[s.host_bytes for s in result.steps],
+        restored_by_turn=[_restored(result.events)],
     )
+
+
+def _restored(events) -> int:
+    return sum(sum(e.counts.values()) for e in events if e.action == "restored")
 
 
 def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int, context_length: int | None = None) -> Outcome:
@@ -116,10 +124,11 @@ class EvalConfig:
     max_new_tokens: int = 16
     image_options: tuple = ()  # (name, value) pairs: the family's own image options (--image-option)
     question_after: bool = False  # ask: the images cached (and compressed) before the question is fed
+    host_and_turns: bool = False  # each result also holds the host bytes and each turn's restores
 
     def to_json(self) -> dict:
-        """What a resumed run must share with the run it continues (image options and
-        question_after only where given, so a run stored before they existed still resumes)."""
+        """What a resumed run must share with the run it continues (image options and the
+        options after them only where given, so a run stored before they existed still resumes)."""
         config = {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
                   "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
                   "max_new_tokens": self.max_new_tokens}
@@ -127,6 +136,8 @@ class EvalConfig:
             config["image_options"] = dict(self.image_options)
         if self.question_after:
             config["question_after"] = True
+        if self.host_and_turns:
+            config["host_and_turns"] = True
         return config
 
 
@@ -164,7 +175,7 @@ class ItemRunner:
         full_answers = answered["full"][1]
         types = {"types": [q.type for q in item.questions]} if any(q.type for q in item.questions) else {}
         result = {"id": item.id, **types, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
-                                                                    params)
+                                                                    params, self.config.host_and_turns)
                                               for label, (outcome, answers, params) in answered.items()}}
         notes = self._notes(item)
         return {**result, "notes": notes} if notes else result
@@ -293,12 +304,13 @@ def conversation_outcome(loaded, read, features, questions, policy: str, params:
 
     conversation = Conversation(loaded, read, image_features=features, policy=policy, policy_params=params,
                                 max_new_tokens=max_new_tokens)
-    steps, events, answers = [conversation.prefill_stats], [], []
+    steps, events, answers, restored_by_turn = [conversation.prefill_stats], [], [], []
     prefill_seconds = decode_seconds = 0.0
     for question in questions:
         turn = conversation.ask(question.prompt)
         steps += turn.result.steps
         events += turn.result.events
+        restored_by_turn.append(_restored(turn.result.events))
         answers.append((turn.result.text, turn.result.token_ids))
         prefill_seconds += turn.result.prefill_seconds
         decode_seconds += turn.result.decode_seconds
@@ -309,18 +321,22 @@ def conversation_outcome(loaded, read, features, questions, policy: str, params:
         full_bytes_per_step=[s.full_cache_bytes for s in steps],
         held_after_prefill=max(layer.tokens_held for layer in first),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
-        restored=sum(sum(e.counts.values()) for e in events if e.action == "restored"),
+        restored=_restored(events),
         binned=sum(sum(e.counts.values()) for e in events if e.action == "binned"),
         text=answers[-1][0],
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
+        host_bytes_per_step=[s.host_bytes for s in steps],
+        restored_by_turn=restored_by_turn,
     )
     return outcome, answers
 
 
-def setting_result(outcome: Outcome, answers, full_answers, questions, params: dict) -> dict:
+def setting_result(outcome: Outcome, answers, full_answers, questions, params: dict,
+                   host_and_turns: bool = False) -> dict:
     """One setting's result on one item: each answer scored, the KV bytes, the timings apart
-    (they are the only part that differs between two runs of the same item)."""
+    (they are the only part that differs between two runs of the same item); with
+    `host_and_turns`, also the host bytes (mean, peak) and the tokens each turn restored."""
     from hae_cli.evaluation.metrics import agreement, score_answer
 
     scored = [score_answer(text, ids, full_ids, q.answers, q.choices)
@@ -343,4 +359,6 @@ def setting_result(outcome: Outcome, answers, full_answers, questions, params: d
         "binned": outcome.binned,
         "timings": {"prefill_seconds": outcome.prefill_seconds, "decode_seconds": outcome.decode_seconds,
                     "decode_tokens": sum(len(ids) for _, ids in answers)},
+        **({"host_mean": statistics.fmean(outcome.host_bytes_per_step), "host_peak": max(outcome.host_bytes_per_step),
+            "restored_by_turn": outcome.restored_by_turn} if host_and_turns else {}),
     }
