@@ -131,3 +131,92 @@ class Progress:
         elapsed = now - self.start
         left = elapsed / done * (self.total - done) if done else float("nan")
         print(f"  {self.label}: {done}/{self.total}  {elapsed:.0f} s, ~{left:.0f} s left", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- hae eval's engine
+
+
+def run_engine(items: list, config, args, loaded, tag: str) -> dict[str, dict]:
+    """Each `hae eval` item's result (`ItemRunner.run` under the `EvalConfig`), by id: in this process with `loaded` (--workers 1),
+    or in --workers spawned processes at --threads (1 unless given) each."""
+    from hae_cli.evaluation.parallel import Backend, run_items
+
+    backend = Backend(1, args.threads) if args.workers <= 1 else Backend(args.workers, args.threads or 1)
+    progress = Progress(tag, len(items), quiet=args.quiet)
+    results = {}
+    for result in run_items(items, config, backend, loaded=loaded if args.workers <= 1 else None):
+        if "error" in result:
+            raise SystemExit(f"{tag}: {result['error']}")
+        results[result["id"]] = result
+        progress.update(len(results))
+    return results
+
+
+# --------------------------------------------------------------------------- battery workers
+
+
+class Workbench:
+    """A loaded model and its easy-VQA images read and through the vision tower once each (the
+    tower's output depends on no policy): what `battery.py` feeds a `Conversation` that it
+    resets and adds images to, which `hae eval`'s engine does not do."""
+
+    IMAGES_KEPT = 512
+
+    def __init__(self, loaded, split: str) -> None:
+        self.loaded, self.split = loaded, split
+        self._images: dict[int, tuple] = {}
+
+    def image(self, image_id: int):
+        """(the image as the model read it, its features); keeps the last few hundred."""
+        from hae_testing.data import easyvqa
+
+        if image_id not in self._images:
+            if len(self._images) > self.IMAGES_KEPT:
+                self._images.pop(next(iter(self._images)))
+            processed = self.loaded.read_image(easyvqa.image_path(image_id, self.split))
+            with torch.inference_mode():
+                self._images[image_id] = (processed, self.loaded.image_features([processed])[0])
+        return self._images[image_id]
+
+
+_BENCH: Workbench | None = None
+
+
+def workbench() -> Workbench:
+    """This process's workbench (`make_pool` starts one in each worker)."""
+    return _BENCH
+
+
+def _start_worker(model: str, split: str, threads: int) -> None:
+    global _BENCH
+    set_threads(threads)
+    from hae_cli.api import load_model
+
+    _BENCH = Workbench(load_model(model), split)
+
+
+class InProcess:
+    """The pool interface for --workers 1: no processes, same code path."""
+
+    def __init__(self, model: str, split: str, threads: int) -> None:
+        _start_worker(model, split, threads)
+
+    def imap_unordered(self, fn, tasks):
+        return map(fn, tasks)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def make_pool(args):
+    """--workers spawned processes (no fork after torch has started threads), a workbench each,
+    at --threads (1 unless given); or this process for --workers 1."""
+    if args.workers <= 1:
+        return InProcess(args.model, args.split, args.threads)
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    return context.Pool(args.workers, initializer=_start_worker, initargs=(args.model, args.split, args.threads or 1))

@@ -6,12 +6,10 @@ given the budget that matches that HAE setting's kept size *on the same question
 filter keeping as many image tokens as HAE kept, the top by g_j; fastv: the same share of
 image tokens dropped, after its layer K).
 The full cache is measured in the same run, so every ratio is a ratio of two measurements.
-The settings, the matching rule and the equal-KV verdicts are `hae_cli.evaluation.matching`'s,
-the one copy `benchmarks/conversation.py` and `hae eval` also run.
-
-Each image goes through the vision tower once; its features are reused for all of its
-questions and all policies (the tower's output depends on neither), through
-`model.embed(..., image_features)` and `api.run_prepared`.
+Every question and caption set is run by `hae eval`'s engine (`hae_cli.evaluation`: its
+`ItemRunner` on its backends, its matching, its rows and equal-KV verdicts); this file only
+builds the easy-VQA items, scores the captions and prints. A question is right when its
+answer matches the reference after VQA normalisation (`hae eval`'s exact match).
 
     python benchmarks/accuracy.py                        # default: 400 seeded questions + the full split
     python benchmarks/accuracy.py --limit 300 --no-full-split --story-sets 5
@@ -31,167 +29,58 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import textwrap
 import time
-from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
 
-import torch  # noqa: E402
-
-from hae_cli.evaluation import matching  # noqa: E402
 from hae_cli.evaluation.matching import (  # noqa: E402
     BASELINES, Setting, choose_best, equal_kv_comparison, hae_settings, matched_plan, story_plan,
 )
-from hae_cli.evaluation.metrics import agreement  # noqa: E402
-from hae_cli.evaluation.plot import POLICY_STYLES, draw_curves  # noqa: E402,F401  (conversation.py draws with the styles)
-from hae_cli.evaluation.runner import run_prompt  # noqa: E402
-from hae_cli.evaluation.summary import EQUAL_KV_CAPTION, equal_kv_table  # noqa: E402
-from hae_cli.model.interface import UserTurn  # noqa: E402
+from hae_cli.evaluation.plot import draw_curves  # noqa: E402
+from hae_cli.evaluation.records import Item, Question  # noqa: E402
+from hae_cli.evaluation.runner import EvalConfig  # noqa: E402
+from hae_cli.evaluation.summary import EQUAL_KV_CAPTION, equal_kv_table, setting_row  # noqa: E402
 
 QUESTION_AFTER_NOTE = ", questions fed after the compressed images"  # in table and plot titles
 
 
-# --------------------------------------------------------------------------- running prompts
+# --------------------------------------------------------------------------- running on the engine
 
 
-def image_features(loaded, processed) -> torch.Tensor:
-    with torch.inference_mode():
-        return loaded.image_features([processed])[0]
-
-
-@dataclass
-class Record:
-    """A prompt's result under one setting: what the table and the JSON aggregate."""
-
-    correct: float  # 1/0 for VQA; share of images captioned right for stories
-    kv_mean: float
-    kv_peak: int
-    full_mean: float
-    exact: bool = False
-    agree: float = 1.0  # VQA: same answer as the full cache; stories: share of the full cache's tokens reproduced
-    same_as_full: bool = True
-    restored: int = 0
-    binned: int = 0
-
-
-def summarize(setting: Setting, records: list[Record], full: list[Record]) -> dict:
-    """One table row; `full` is the full cache on the same prompts (same run)."""
-    n = len(records)
-    accuracy = sum(r.correct for r in records) / n
-    full_accuracy = sum(r.correct for r in full) / n
-    kv_mean = statistics.fmean(r.kv_mean for r in records)
-    full_mean = statistics.fmean(r.kv_mean for r in full)
-    return {
-        **setting.row_head(),
-        "n": n,
-        "accuracy": accuracy,
-        "drop_points": 100 * (full_accuracy - accuracy),
-        "kv_bytes_mean": kv_mean,
-        "kv_bytes_peak": statistics.fmean(r.kv_peak for r in records),
-        "cut_pct": 100 * (1 - kv_mean / full_mean),
-        "exact_match": sum(r.exact for r in records) / n,
-        "agree_with_full": statistics.fmean(r.agree for r in records),
-        "same_as_full": sum(r.same_as_full for r in records) / n,
-        "restored": sum(r.restored for r in records),
-        "binned": sum(r.binned for r in records),
-    }
-
-
-class Workbench:
-    """The model plus per-image caches: preprocessed pixels and vision features, computed once."""
-
-    def __init__(self, loaded, split: str) -> None:
-        from hae_testing.data import easyvqa
-
-        self.loaded, self.split, self.easyvqa = loaded, split, easyvqa
-        self.tokenizer = loaded.tokenizer
-        self._images: dict[int, tuple] = {}
-        self.vision_calls = 0
-
-    def image(self, image_id: int):
-        """(processed image, its features); keeps the last few hundred."""
-        if image_id not in self._images:
-            if len(self._images) > 512:
-                self._images.pop(next(iter(self._images)))
-            processed = self.loaded.read_image(self.easyvqa.image_path(image_id, self.split))
-            self._images[image_id] = (processed, image_features(self.loaded, processed))
-            self.vision_calls += 1
-        return self._images[image_id]
-
-    def prompt(self, turn, image_ids: list[int]):
-        """The prompt of a user turn (`UserTurn`), embedded with the cached image features (no
-        vision-tower pass)."""
-        from hae_cli.api import PreparedPrompt
-
-        pairs = [self.image(i) for i in image_ids]
-        processed = [p for p, _ in pairs]
-        tokens = self.loaded.prompt(turn, processed)
-        with torch.inference_mode():
-            embeds = self.loaded.embed(tokens, processed, [f for _, f in pairs])
-        return PreparedPrompt(tokens, embeds)
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+def rows_of(plan: list[Setting], results: list[dict]) -> list[dict]:
+    """One row per setting (`hae eval`'s `setting_row`, with `n`: the prompts, as this file's
+    rows have always named them), the full cache on the same items."""
+    full = [r["settings"]["full"] for r in results]
+    return [{**setting_row(s, [r["settings"][s.label] for r in results], full), "n": len(results)} for s in plan]
 
 
 # --------------------------------------------------------------------------- VQA
 
 
-def vqa_question(question, plan: list[Setting], fastv_layer: int, question_after: bool = False) -> dict[str, Record]:
-    """One question under every setting of `plan` (baselines after the HAE setting they match)."""
-    bench = _BENCH
-    prepared = bench.prompt(UserTurn(question.question, 1), [question.image_id])
-    context = prepared.tokens.after_images() if question_after else None
-    fed_later = prepared.embeds.shape[1] - context if question_after else 0
-    outcomes = matching.run_plan(
-        plan, lambda setting, params: run_prompt(bench.loaded, prepared, setting.policy, params, max_new_tokens=2,
-                                                 context_length=context),
-        prepared.tokens, fastv_layer, fed_later)
-    records: dict[str, Record] = {}
-    for setting in plan:
-        outcome = outcomes[setting.label]
-        correct = bench.decode(outcome.token_ids) == question.answer
-        same = outcome.token_ids == outcomes[plan[0].label].token_ids
-        records[setting.label] = Record(
-            float(correct),
-            outcome.kv_mean,
-            outcome.kv_peak,
-            statistics.fmean(outcome.full_bytes_per_step),
-            exact=correct,
-            agree=float(same),
-            same_as_full=same,
-        )
-    return records
+def vqa_items(questions: list[tuple[int, object]], split: str) -> list[Item]:
+    """Easy-VQA questions as `hae eval` items, grouped by image: a worker reads and encodes an
+    image once for its questions."""
+    from hae_testing.data import easyvqa
+
+    ordered = sorted(questions, key=lambda pair: (pair[1].image_id, pair[0]))
+    return [Item(str(index), (str(easyvqa.image_path(q.image_id, split)),), (Question(q.question, (q.answer,)),),
+                 f"easy-VQA {split} question {index}") for index, q in ordered]
 
 
-def _vqa_group(task) -> list[tuple[int, dict[str, Record]]]:
-    group, plan, fastv_layer, question_after = task
-    return [(index, vqa_question(question, plan, fastv_layer, question_after)) for index, question in group]
-
-
-def run_vqa(questions: list[tuple[int, object]], plan: list[Setting], results: dict, pool, args, tag: str) -> None:
-    """Fill `results[label][question index]` for `plan`, skipping questions already run with all of it.
-
-    Questions are grouped by image, so each image goes through the vision tower once."""
-    todo = [(i, q) for i, q in questions if any(i not in results[s.label] for s in plan)]
-    groups: dict[int, list] = defaultdict(list)
-    for index, question in todo:
-        groups[question.image_id].append((index, question))
-    tasks = [(group, plan, args.fastv_layer, args.question_after) for _, group in sorted(groups.items())]
-    progress = common.Progress(tag, len(todo), quiet=args.quiet)
-    done = 0
-    for answered in pool.imap_unordered(_vqa_group, tasks):
-        for index, records in answered:
-            for label, record in records.items():
-                results[label][index] = record
-        done += len(answered)
-        progress.update(done)
+def run_vqa(questions: list[tuple[int, object]], plan: list[Setting], config: EvalConfig, args, loaded,
+            known: dict[str, dict], tag: str) -> list[dict]:
+    """Every question under every setting of `plan`: the rows, in `plan`'s order. A question
+    whose result in `known` (results by id, updated here) has every setting is not run again."""
+    todo = [(i, q) for i, q in questions if any(s.label not in known.get(str(i), {}).get("settings", {}) for s in plan)]
+    known |= common.run_engine(vqa_items(todo, args.split), replace(config, plan=tuple(plan)), args, loaded, tag)
+    rows = rows_of(plan, [known[str(index)] for index, _ in questions])
+    # a one-word answer is right or wrong as a whole: its exact match is its accuracy
+    return [{**row, "exact_match": row["accuracy"], "agree_with_full": row["same_as_full"]} for row in rows]
 
 
 # --------------------------------------------------------------------------- stories
@@ -203,88 +92,32 @@ def captions(text: str) -> dict[int, tuple[str, str]]:
     return {int(k): (color, shape) for k, color, shape in _CAPTION.findall(text.lower())}
 
 
-def story_set(task) -> dict[str, Record]:
-    """One caption set under every setting of `plan`."""
-    image_ids, plan = task
-    bench = _BENCH
-    easyvqa = bench.easyvqa
-    target_ids = bench.tokenizer.encode(easyvqa.story_target(list(image_ids), bench.split), add_special_tokens=False)
-    wanted = captions(bench.decode(target_ids))
-    prepared = bench.prompt(UserTurn(easyvqa.STORY_PROMPT, len(image_ids), labelled=True), list(image_ids))
-    records = {}
-    full_ids: list[int] | None = None
-    for setting in plan:
-        outcome = run_prompt(bench.loaded, prepared, setting.policy, setting.params, len(target_ids) + 4)
-        full_ids = outcome.token_ids if full_ids is None else full_ids  # plan[0] is the full cache
-        got = captions(bench.decode(outcome.token_ids))
-        records[setting.label] = Record(
-            sum(got.get(k) == v for k, v in wanted.items()) / max(1, len(wanted)),
-            outcome.kv_mean,
-            outcome.kv_peak,
-            statistics.fmean(outcome.full_bytes_per_step),
-            exact=outcome.token_ids == target_ids,
-            agree=agreement(outcome.token_ids, full_ids),
-            same_as_full=outcome.token_ids == full_ids,
-            restored=outcome.restored,
-            binned=outcome.binned,
-        )
-    return records
+def run_stories(image_sets: list[list[int]], plan: list[Setting], config: EvalConfig, args, loaded,
+                tag: str) -> list[dict]:
+    """Every caption set under every setting of `plan`, each decoding up to its target's length
+    + 4 tokens; a setting's score on a set is the share of its images captioned right."""
+    from hae_testing.data import easyvqa
 
-
-def run_stories(image_sets: list[list[int]], plan: list[Setting], pool, args, tag: str) -> dict[str, list[Record]]:
-    results: dict[str, list[Record]] = defaultdict(list)
-    progress = common.Progress(tag, len(image_sets), quiet=args.quiet)
-    for done, records in enumerate(pool.imap_unordered(story_set, [(ids, plan) for ids in image_sets]), start=1):
-        for label, record in records.items():
-            results[label].append(record)
-        progress.update(done)
-    return results
-
-
-# --------------------------------------------------------------------------- workers
-
-_BENCH: Workbench | None = None
-
-
-def workbench() -> Workbench:
-    """This process's workbench (`make_pool` starts one in each worker), for other benchmarks' tasks."""
-    return _BENCH
-
-
-def _start_worker(model: str, split: str, threads: int) -> None:
-    global _BENCH
-    common.set_threads(threads)
-    from hae_cli.api import load_model
-
-    _BENCH = Workbench(load_model(model), split)
-
-
-class InProcess:
-    """The pool interface for --workers 1: no processes, same code path."""
-
-    def __init__(self, model: str, split: str, threads: int) -> None:
-        _start_worker(model, split, threads)
-
-    def imap_unordered(self, fn, tasks):
-        return map(fn, tasks)
-
-    def vision_calls(self) -> int:
-        return _BENCH.vision_calls
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
-def make_pool(args):
-    if args.workers <= 1:
-        return InProcess(args.model, args.split, args.threads)
-    import multiprocessing
-
-    context = multiprocessing.get_context("spawn")  # no fork after torch has started threads
-    return context.Pool(args.workers, initializer=_start_worker, initargs=(args.model, args.split, args.threads or 1))
+    tokenizer = loaded.tokenizer
+    targets = [tokenizer.encode(easyvqa.story_target(ids, args.split), add_special_tokens=False) for ids in image_sets]
+    items = [Item(str(k), tuple(str(easyvqa.image_path(i, args.split)) for i in ids),
+                  (Question(easyvqa.STORY_PROMPT),), f"caption set {k}") for k, ids in enumerate(image_sets)]
+    results: dict[str, dict] = {}
+    for length in sorted({len(t) for t in targets}):  # the engine decodes one length per run
+        same = [item for item, target in zip(items, targets) if len(target) == length]
+        results |= common.run_engine(same, replace(config, task="story", plan=tuple(plan), max_new_tokens=length + 4),
+                              args, loaded, f"{tag} ({length} target tokens)")
+    ordered = [results[str(k)] for k in range(len(image_sets))]
+    exact: dict[str, list[bool]] = {s.label: [] for s in plan}
+    for result, target in zip(ordered, targets):
+        wanted = captions(tokenizer.decode(target, skip_special_tokens=True).strip())
+        for label, answered in result["settings"].items():
+            got = captions(answered["answers"][0])
+            answered["scores"] = [sum(got.get(k) == v for k, v in wanted.items()) / max(1, len(wanted))]
+            answered["metrics"] = ["captions"]
+            exact[label].append(answered["token_ids"][0] == target)
+    return [{**row, "exact_match": sum(exact[row["setting"]]) / len(ordered), "agree_with_full": row["agreement"]}
+            for row in rows_of(plan, ordered)]
 
 
 # --------------------------------------------------------------------------- output
@@ -397,6 +230,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.plot_only:
         return replot(Path(args.plot_only))
+    from hae_cli.api import load_model
     from hae_testing.data import easyvqa
 
     started = time.perf_counter()
@@ -413,55 +247,52 @@ def main(argv=None) -> dict:
     out: dict = {"benchmark": "accuracy", "conditions": cond, "args": vars(args)}
     stories: dict[int, list[dict]] = {}
 
-    with make_pool(args) as pool:
-        results: dict[str, dict[int, Record]] = defaultdict(dict)
-        run_vqa(subset, plan, results, pool, args, "vqa subset")
-        indices = [i for i, _ in subset]
-        full_records = [results["full"][i] for i in indices]
-        vqa_rows = [summarize(s, [results[s.label][i] for i in indices], full_records) for s in plan]
-        best = choose_best(vqa_rows, args.target_drop)
-        comparison = equal_kv_comparison(vqa_rows, hae, baselines)
-        out["vqa"] = {"questions": len(indices), "rows": vqa_rows, "best_hae": best["setting"], "equal_kv": comparison}
-        protocol = QUESTION_AFTER_NOTE if args.question_after else ""
-        title = f"easy-VQA {args.split}, {len(indices)} seeded questions (seed {args.seed}){protocol}, model {args.model}"
-        common.print_table(title, VQA_COLUMNS, vqa_table_rows(vqa_rows), caption=common.describe_conditions(cond))
-        print_comparison(comparison, baselines)
+    loaded = load_model(args.model)  # answers --workers 1; tells the captions' target lengths
+    config = EvalConfig(model=args.model, fastv_layer=args.fastv_layer, max_new_tokens=2,
+                        question_after=args.question_after)
+    known: dict[str, dict] = {}
+    vqa_rows = run_vqa(subset, plan, config, args, loaded, known, "vqa subset")
+    indices = [i for i, _ in subset]
+    best = choose_best(vqa_rows, args.target_drop)
+    comparison = equal_kv_comparison(vqa_rows, hae, baselines)
+    out["vqa"] = {"questions": len(indices), "rows": vqa_rows, "best_hae": best["setting"], "equal_kv": comparison}
+    protocol = QUESTION_AFTER_NOTE if args.question_after else ""
+    title = f"easy-VQA {args.split}, {len(indices)} seeded questions (seed {args.seed}){protocol}, model {args.model}"
+    common.print_table(title, VQA_COLUMNS, vqa_table_rows(vqa_rows), caption=common.describe_conditions(cond))
+    print_comparison(comparison, baselines)
 
-        best_setting = next(s for s in hae if s.label == best["setting"])
-        if not args.no_full_split:
-            chosen = [best_setting] if args.full_split_hae == "best" else hae_settings(args.full_split_hae)
-            extra = common.seeded_subset(everything, args.full_split_limit or None, args.seed + 1)
-            pool_questions = sorted({i: q for i, q in extra + subset}.items())
-            run_vqa(pool_questions, [plan[0], *chosen], results, pool, args, "vqa full split")
-            ids = [i for i, _ in pool_questions]
-            full = [results["full"][i] for i in ids]
-            split_rows = [summarize(s, [results[s.label][i] for i in ids], full) for s in (plan[0], *chosen)]
-            out["vqa_full_split"] = {"questions": len(ids), "rows": split_rows}
+    best_setting = next(s for s in hae if s.label == best["setting"])
+    if not args.no_full_split:
+        chosen = [best_setting] if args.full_split_hae == "best" else hae_settings(args.full_split_hae)
+        extra = common.seeded_subset(everything, args.full_split_limit or None, args.seed + 1)
+        pool_questions = sorted({i: q for i, q in extra + subset}.items())
+        split_rows = run_vqa(pool_questions, [plan[0], *chosen], config, args, loaded, known, "vqa full split")
+        ids = [i for i, _ in pool_questions]
+        out["vqa_full_split"] = {"questions": len(ids), "rows": split_rows}
+        common.print_table(
+            f"easy-VQA {args.split}, {len(ids)} questions: full vs HAE ({', '.join(s.label for s in chosen)})",
+            VQA_COLUMNS,
+            vqa_table_rows(split_rows),
+        )
+
+    if args.story_sets:
+        story_hae = dict(best_setting.params) if args.story_hae == "best" else hae_settings(args.story_hae)[0].params
+        story_settings = story_plan(
+            story_hae, common.parse_list(args.story_budgets, float), args.story_buffer, hae_settings(args.story_prefills)
+        )
+        out["stories"] = {"hae_prefill_params": story_hae, "buffer": args.story_buffer, "by_images": {}}
+        for n in common.parse_list(args.story_images, int):
+            sets = easyvqa.story_sets(args.split, args.story_sets, n, seed=args.seed)
+            rows = run_stories(sets, story_settings, config, args, loaded, f"captions x{n}")
+            stories[n] = rows
+            out["stories"]["by_images"][str(n)] = {"sets": len(sets), "rows": rows}
             common.print_table(
-                f"easy-VQA {args.split}, {len(ids)} questions: full vs HAE ({', '.join(s.label for s in chosen)})",
-                VQA_COLUMNS,
-                vqa_table_rows(split_rows),
+                f"captions: {len(sets)} seeded sets of {n} images; HAE prefill {story_hae or 'thresholds'}, "
+                f"decode buffer d={args.story_buffer}, budgets B = fractions of the prompt",
+                STORY_COLUMNS,
+                story_table_rows(rows),
+                caption="binned / restored: token moves summed over layers and rounds (from the cache's events)",
             )
-
-        if args.story_sets:
-            story_hae = dict(best_setting.params) if args.story_hae == "best" else hae_settings(args.story_hae)[0].params
-            story_settings = story_plan(
-                story_hae, common.parse_list(args.story_budgets, float), args.story_buffer, hae_settings(args.story_prefills)
-            )
-            out["stories"] = {"hae_prefill_params": story_hae, "buffer": args.story_buffer, "by_images": {}}
-            for n in common.parse_list(args.story_images, int):
-                sets = easyvqa.story_sets(args.split, args.story_sets, n, seed=args.seed)
-                records = run_stories(sets, story_settings, pool, args, f"captions x{n}")
-                rows = [summarize(s, records[s.label], records["full"]) for s in story_settings]
-                stories[n] = rows
-                out["stories"]["by_images"][str(n)] = {"sets": len(sets), "rows": rows}
-                common.print_table(
-                    f"captions: {len(sets)} seeded sets of {n} images; HAE prefill {story_hae or 'thresholds'}, "
-                    f"decode buffer d={args.story_buffer}, budgets B = fractions of the prompt",
-                    STORY_COLUMNS,
-                    story_table_rows(rows),
-                    caption="binned / restored: token moves summed over layers and rounds (from the cache's events)",
-                )
 
     out["seconds"] = round(time.perf_counter() - started, 1)
     out["conditions"]["ended_with_training_running"] = bool(common.other_heavy_processes())

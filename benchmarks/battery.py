@@ -23,8 +23,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common as common  # noqa: E402
-import accuracy  # noqa: E402  (the worker pool and per-image workbench)
+import _common as common  # noqa: E402  (also the worker pool and per-image workbench)
 
 
 def run_case(task) -> dict:
@@ -32,7 +31,7 @@ def run_case(task) -> dict:
     from hae_cli.conversation import Conversation
 
     case, policy, params = task
-    bench = accuracy.workbench()
+    bench = common.workbench()
     first = case.images[:-1] if case.kind == "added" else case.images
     pairs = [bench.image(i) for i in first]
     conversation = Conversation(bench.loaded, [p for p, _ in pairs], image_features=[f for _, f in pairs],
@@ -102,7 +101,7 @@ def main(argv=None) -> dict:
     tasks = [(case, args.policy, params) for case in cases]
     results: list[dict | None] = [None] * len(tasks)
     progress = common.Progress(f"battery ({args.policy})", len(tasks), quiet=args.quiet)
-    with accuracy.make_pool(args) as pool:
+    with common.make_pool(args) as pool:
         for done, (index, result) in enumerate(pool.imap_unordered(_indexed, list(enumerate(tasks))), start=1):
             results[index] = result
             progress.update(done)

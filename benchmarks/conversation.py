@@ -2,20 +2,22 @@
 
 Each conversation (`hae_testing.data.conversation_sets.conversation_sets`, seeded) feeds its images
 first, as the prefill every policy compresses before any question is known, then asks 4-6
-questions in turn through `hae_cli.conversation.Conversation`, each answer staying in the
-cache. A question names its image by label ("what shape is in image 3?", "which image shows a
-red shape?"), so a later question often asks about an image the earlier ones did not: what
-the prefill dropped is gone for every later turn.
+questions in turn, each answer staying in the cache: `hae eval --task chat` items run by its
+engine (`hae_cli.evaluation`: one `Conversation` per setting, the matching, the workers); this
+file builds the conversations and sums their turns. A question names its image by label
+("what shape is in image 3?", "which image shows a red shape?"), so a later question often asks
+about an image the earlier ones did not: what the prefill dropped is gone for every later turn.
 
-Matching (as `benchmarks/accuracy.py`): each HAE setting runs first; snapkv / h2o / streaming
-then get HAE's tokens per layer after the prefill as their budget (the decode budget too, so
-every budgeted policy holds the same rows through the turns), mustdrop its dual-attention
-filter keeping as many image tokens as HAE kept, fastv the same share of image tokens dropped
-after its layer K. KV is the bytes held after every step (prefill, each turn's feed, each
-decoded token): what attention reads, averaged over the conversation; the full cache runs in
-the same process on the same conversations, so every cut is a ratio of two measurements. What
-lies off the attention path (HAE's recycle bin and the reserve a prefill sets aside for later
-questions: host memory on CUDA) is reported beside it ("host"), never counted in the cut.
+Matching (`hae_cli.evaluation.matching`, as `hae eval` and `benchmarks/accuracy.py`): each HAE
+setting runs first; snapkv / h2o / streaming then get HAE's tokens per layer after the prefill
+as their budget (the decode budget too, so every budgeted policy holds the same rows through
+the turns), mustdrop its dual-attention filter keeping as many image tokens as HAE kept, fastv
+the same share of image tokens dropped after its layer K. KV is the bytes held after every step
+(prefill, each turn's feed, each decoded token): what attention reads, averaged over the
+conversation; the full cache runs in the same process on the same conversations, so every cut
+is a ratio of two measurements. What lies off the attention path (HAE's recycle bin and the
+reserve a prefill sets aside for later questions: host memory on CUDA) is reported beside it
+("host"), never counted in the cut.
 
     python benchmarks/conversation.py                       # 60 conversations of 4 and of 8 images
     python benchmarks/conversation.py --conversations 10 --images 4 --workers 1
@@ -31,97 +33,55 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as common  # noqa: E402
-import accuracy  # noqa: E402  (the workers and their image features, the comparison's table, plot styles)
 
 from hae_cli.evaluation import matching  # noqa: E402  (Setting, matched budgets, the equal-KV comparison)
-
-import torch  # noqa: E402
+from hae_cli.evaluation.plot import POLICY_STYLES  # noqa: E402
+from hae_cli.evaluation.records import Item, Question  # noqa: E402
+from hae_cli.evaluation.runner import EvalConfig  # noqa: E402
+from hae_cli.evaluation.summary import EQUAL_KV_CAPTION, equal_kv_table  # noqa: E402
 
 DEFAULT_HAE = "thr,thr:image_floor=0.1,thr:image_floor=0.25,thr:r_g=3:r_i=0.9:image_floor=0.1"
 MAX_TURNS = 6
-
-
-@dataclass
-class ConversationOutcome:
-    """One conversation under one setting."""
-
-    correct: list[bool]  # per turn
-    kinds: list[str]  # per turn: "addressed" (about image k) or "which" (which image shows ...)
-    kv_bytes: list[int]  # held after every step: what attention reads
-    full_bytes: list[int]  # what the full cache would hold after the same steps
-    host_bytes: list[int]  # off the attention path after every step: the bin and the reserve
-    held_after_prefill: int  # tokens per layer (max over layers)
-    image_after_prefill: int  # image tokens per layer (max over layers)
-    restored: int = 0
-    binned: int = 0
-    restored_by_turn: list[int] = field(default_factory=list)  # tokens a turn brought back (all layers)
-    answers: list[str] = field(default_factory=list)
-
-
-def run_conversation(loaded, processed, features, turns, policy: str, params: dict) -> ConversationOutcome:
-    from hae_cli.conversation import Conversation
-
-    conversation = Conversation(loaded, processed, image_features=features, policy=policy, policy_params=params,
-                                max_new_tokens=3)
-    first = conversation.prefill_stats
-    kv, full, host = [first.bytes_held], [first.full_cache_bytes], [first.host_bytes]
-    outcome = ConversationOutcome(
-        [], [question_kind(t.question) for t in turns], kv, full, host,
-        held_after_prefill=max(layer.tokens_held for layer in first.layers),
-        image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first.layers),
-    )
-    for turn in turns:
-        asked = conversation.ask(turn.question)
-        kv += [s.bytes_held for s in asked.result.steps]
-        full += [s.full_cache_bytes for s in asked.result.steps]
-        host += [s.host_bytes for s in asked.result.steps]
-        outcome.restored_by_turn.append(asked.actions["restored"])
-        outcome.correct.append(asked.result.text == turn.answer)
-        outcome.answers.append(asked.result.text)
-        outcome.restored += asked.actions["restored"]
-        outcome.binned += asked.actions["binned"]
-    return outcome
 
 
 def question_kind(question: str) -> str:
     return "which" if question.startswith("which image") else "addressed"
 
 
-def one_conversation(task) -> dict[str, ConversationOutcome]:
-    """A conversation under every setting (baselines after the HAE setting they match)."""
-    (image_ids, turns), plan, fastv_layer = task
-    bench = accuracy.workbench()
-    pairs = [bench.image(i) for i in image_ids]
-    processed, features = [p for p, _ in pairs], [f for _, f in pairs]
-    # what the matching counts: the image tokens the prefill compresses
-    prompt_tokens = SimpleNamespace(modality=torch.cat([p.modalities for p in processed]))
-    return matching.run_plan(
-        plan, lambda setting, params: run_conversation(bench.loaded, processed, features, turns, setting.policy, params),
-        prompt_tokens, fastv_layer)
+def conversation_items(conversations, split: str) -> list[Item]:
+    """Seeded conversations as `hae eval --task chat` items: the images, then each question."""
+    from hae_testing.data import easyvqa
+
+    return [Item(str(k), tuple(str(easyvqa.image_path(i, split)) for i in image_ids),
+                 tuple(Question(turn.question) for turn in turns), f"conversation {k}")
+            for k, (image_ids, turns) in enumerate(conversations)]
 
 
-def summarize(setting: matching.Setting, outcomes: list[ConversationOutcome], full: list[ConversationOutcome]) -> dict:
+def summarize(setting: matching.Setting, results: list[dict], full: list[dict], conversations) -> dict:
+    """One row: `results` and `full` are the setting's and the full cache's results on each
+    conversation (`ItemRunner`'s, with host bytes and each turn's restores); a turn is right
+    when its answer is the expected word exactly."""
+    correct = [[answer == turn.answer for answer, turn in zip(r["answers"], turns)]
+               for r, (_, turns) in zip(results, conversations)]
+    full_correct = [[answer == turn.answer for answer, turn in zip(r["answers"], turns)]
+                    for r, (_, turns) in zip(full, conversations)]
     per_turn = defaultdict(list)
-    for outcome in outcomes:
-        for t, ok in enumerate(outcome.correct, start=1):
-            per_turn[t].append(ok)
     by_kind = defaultdict(list)
-    for outcome in outcomes:
-        for kind, ok in zip(outcome.kinds, outcome.correct):
-            by_kind[kind].append(ok)
-    answered = [ok for o in outcomes for ok in o.correct]
-    full_answered = [ok for o in full for ok in o.correct]
-    kv_mean = statistics.fmean(statistics.fmean(o.kv_bytes) for o in outcomes)
-    full_mean = statistics.fmean(statistics.fmean(o.kv_bytes) for o in full)
+    for right, (_, turns) in zip(correct, conversations):
+        for t, (ok, turn) in enumerate(zip(right, turns), start=1):
+            per_turn[t].append(ok)
+            by_kind[question_kind(turn.question)].append(ok)
+    answered = [ok for right in correct for ok in right]
+    full_answered = [ok for right in full_correct for ok in right]
+    kv_mean = statistics.fmean(r["kv_mean"] for r in results)
+    full_mean = statistics.fmean(r["kv_mean"] for r in full)
     return {
         **setting.row_head(),
-        "conversations": len(outcomes),
+        "conversations": len(results),
         "questions": len(answered),
         "accuracy": sum(answered) / len(answered),
         "drop_points": 100 * (sum(full_answered) - sum(answered)) / len(answered),
@@ -129,15 +89,15 @@ def summarize(setting: matching.Setting, outcomes: list[ConversationOutcome], fu
         "questions_by_turn": {t: len(v) for t, v in sorted(per_turn.items())},
         "accuracy_by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())},
         "questions_by_kind": {k: len(v) for k, v in sorted(by_kind.items())},
-        "all_turns_right": sum(all(o.correct) for o in outcomes) / len(outcomes),
+        "all_turns_right": sum(all(right) for right in correct) / len(results),
         "kv_bytes_mean": kv_mean,
-        "kv_bytes_peak": statistics.fmean(max(o.kv_bytes) for o in outcomes),
+        "kv_bytes_peak": statistics.fmean(r["kv_peak"] for r in results),
         "cut_pct": 100 * (1 - kv_mean / full_mean),
-        "restored": sum(o.restored for o in outcomes),
-        "binned": sum(o.binned for o in outcomes),
-        "restored_per_turn": statistics.fmean(r for o in outcomes for r in o.restored_by_turn),
-        "host_bytes_mean": statistics.fmean(statistics.fmean(o.host_bytes) for o in outcomes),
-        "host_bytes_peak": statistics.fmean(max(o.host_bytes) for o in outcomes),
+        "restored": sum(r["restored"] for r in results),
+        "binned": sum(r["binned"] for r in results),
+        "restored_per_turn": statistics.fmean(n for r in results for n in r["restored_by_turn"]),
+        "host_bytes_mean": statistics.fmean(r["host_mean"] for r in results),
+        "host_bytes_peak": statistics.fmean(r["host_peak"] for r in results),
     }
 
 
@@ -150,28 +110,6 @@ def baseline_spread(rows: list[dict], low: float, high: float) -> dict | None:
     return {"cut_range_pct": [low, high], "rows": len(inside), "best": best["setting"], "best_accuracy": best["accuracy"],
             "worst": worst["setting"], "worst_accuracy": worst["accuracy"],
             "spread_points": 100 * (best["accuracy"] - worst["accuracy"])}
-
-
-# --------------------------------------------------------------------------- running
-
-
-def run_all(conversations, plan, args, tag: str) -> dict[str, list[ConversationOutcome]]:
-    """Every conversation under every setting, in input order per setting (the workers and
-    their per-image features are accuracy.py's)."""
-    tasks = list(enumerate((c, plan, args.fastv_layer) for c in conversations))
-    results: dict[str, list] = defaultdict(lambda: [None] * len(tasks))
-    progress = common.Progress(tag, len(tasks), quiet=args.quiet)
-    with accuracy.make_pool(args) as pool:
-        for done, (index, outcomes) in enumerate(pool.imap_unordered(_indexed, tasks), start=1):
-            for label, outcome in outcomes.items():
-                results[label][index] = outcome
-            progress.update(done)
-    return results
-
-
-def _indexed(item):
-    index, task = item
-    return index, one_conversation(task)
 
 
 # --------------------------------------------------------------------------- output
@@ -210,7 +148,7 @@ def plot(path: Path, by_images: dict[int, list[dict]], title: str) -> None:
         for policy, points in series.items():
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], label=policy,
-                    **accuracy.POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
+                    **POLICY_STYLES.get(policy, dict(marker="o", linewidth=1.2)))
         ax.set_xlabel("KV cut vs full cache (%), mean over the conversation")
         ax.set_ylabel("answers right %")
         ax.set_title(f"conversations of {n} images (questions after the images)", fontsize=10)
@@ -247,6 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    from hae_cli.api import load_model
     from hae_testing.data.conversation_sets import conversation_sets
 
     started = time.perf_counter()
@@ -261,11 +200,17 @@ def main(argv=None) -> dict:
     low, high = common.parse_list(args.spread_cuts, float)
     turns = tuple(common.parse_list(args.turns, int))
     out: dict = {"benchmark": "conversation", "conditions": cond, "args": vars(args), "by_images": {}}
+    loaded = load_model(args.model) if args.workers <= 1 else None  # --workers 1 answers here
+    config = EvalConfig(model=args.model, task="chat", plan=tuple(plan), fastv_layer=args.fastv_layer,
+                        max_new_tokens=3, host_and_turns=True)
     by_images: dict[int, list[dict]] = {}
     for n in common.parse_list(args.images, int):
         conversations = conversation_sets(args.split, args.conversations, n, turns, seed=args.seed + n)
-        results = run_all(conversations, plan, args, f"conversations x{n}")
-        rows = [summarize(s, results[s.label], results["full"]) for s in plan]
+        by_id = common.run_engine(conversation_items(conversations, args.split), config, args, loaded,
+                                  f"conversations x{n}")
+        results = [by_id[str(k)]["settings"] for k in range(len(conversations))]
+        rows = [summarize(s, [r[s.label] for r in results], [r["full"] for r in results], conversations)
+                for s in plan]
         comparison = matching.equal_kv_comparison(rows, hae, baselines)
         spread = baseline_spread(rows, low, high)
         by_images[n] = rows
@@ -275,7 +220,8 @@ def main(argv=None) -> dict:
             f"conversations of {n} {args.split} images, {len(conversations)} seeded (seed {args.seed + n}), "
             f"{rows[0]['questions']} questions after the images; model {args.model}",
             COLUMNS, table_rows(rows), caption=common.describe_conditions(cond))
-        accuracy.print_comparison(comparison, baselines)
+        columns, comparison_rows = equal_kv_table(comparison, baselines)
+        common.print_table("accuracy % at HAE's KV bytes", columns, comparison_rows, caption=EQUAL_KV_CAPTION)
         if spread is not None:
             print(f"baseline spread at {low:.0f}-{high:.0f}% cut: {spread['spread_points']:.1f} points "
                   f"({spread['best']} {100 * spread['best_accuracy']:.1f}% vs {spread['worst']} {100 * spread['worst_accuracy']:.1f}%)")

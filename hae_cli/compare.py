@@ -1,9 +1,12 @@
-"""Run one workload under the full cache and other policies, and compare them.
+"""`hae profile`'s view of a comparison: one workload run by `hae_cli.evaluation` under the full
+cache and other policies, summed per policy into the rows of its table and its JSON.
 
-The library half of `hae profile`, usable from Python:
+The workload is `evaluation.records`' (`read_workload`), the runs `evaluation.runner.run_workload`'s,
+agreement and correctness `evaluation.metrics`'. Usable from Python:
 
     from hae_cli.api import load_model
-    from hae_cli.compare import read_workload, run_profile, sample_folder
+    from hae_cli.compare import run_profile
+    from hae_cli.evaluation.records import read_workload, sample_folder
 
     loaded = load_model("demo")
     report = run_profile(loaded, read_workload(sample_folder()), [("hae", {}), ("snapkv", {"budget": 0.5})])
@@ -13,92 +16,17 @@ The library half of `hae profile`, usable from Python:
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 from hae_cli.cache.modality import MODALITY_NAMES
 from hae_cli.cache.stats import CacheStats
-from hae_cli.errors import InputError
-from hae_cli.user_text import checked_text
+from hae_cli.evaluation.metrics import holds_answer, token_match
+from hae_cli.evaluation.records import Prompt
 
 BASELINE = "baseline"  # the name a profile gives the full cache
 FULL_POLICY = "full"
 MODALITIES = tuple(MODALITY_NAMES.values())
-
-
-@dataclass(frozen=True)
-class Prompt:
-    task: str  # "ask" or "story"
-    images: tuple[Path, ...]
-    question: str | None
-    answer: str | None = None  # expected answer, when the workload knows it
-
-    def label(self) -> str:
-        return ", ".join(p.name for p in self.images)
-
-    def to_json(self) -> dict:
-        return {"task": self.task, "images": [str(p) for p in self.images], "question": self.question, "answer": self.answer}
-
-
-def sample_folder() -> Path:
-    """`sample_images/` in the working directory, else the one beside the package."""
-    for candidate in (Path.cwd() / "sample_images", Path(__file__).resolve().parent.parent / "sample_images"):
-        if candidate.is_dir():
-            return candidate
-    raise InputError("no sample_images/ folder found; pass --images and --question (or --samples DIR)")
-
-
-def read_workload(folder: Path) -> list[Prompt]:
-    """`questions.json` in `folder`: a list of {"image", "question", "answer"?} (image names
-    relative to the folder), or {"images": [...], "task": "story"} for a multi-image prompt."""
-    path = folder / "questions.json"
-    if not path.is_file():
-        raise InputError(f"no questions.json in {folder}; pass --images and --question")
-    try:
-        entries = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"cannot read {path}: {error}") from None
-    if not isinstance(entries, list):
-        raise InputError(f"{path}: expected a list of {{\"image\", \"question\"}} entries")
-    prompts = []
-    for number, entry in enumerate(entries, start=1):
-        images = entry.get("images", [entry.get("image")]) if isinstance(entry, dict) else None
-        task = entry.get("task", "ask") if isinstance(entry, dict) else None
-        question = entry.get("question") if isinstance(entry, dict) else None
-        if not images or not all(isinstance(i, str) for i in images) or task not in ("ask", "story"):
-            raise InputError(f"{path}: entry {number} needs an image (or images) and task ask or story")
-        if task == "ask" and question is None:
-            raise InputError(f"{path}: entry {number} has no question")
-        if question is not None:
-            checked_text(question, f"{path}: entry {number} question")
-        answer = entry.get("answer")
-        if answer is not None:
-            checked_text(answer, f"{path}: entry {number} answer")
-        prompts.append(Prompt(task, tuple(folder / i for i in images), question, answer))
-    if not prompts:
-        raise InputError(f"{path} holds no entries")
-    return prompts
-
-
-def agreement(baseline_ids: Sequence[int], ids: Sequence[int]) -> tuple[bool, float, int | None]:
-    """(same answer token for token, % of the baseline's tokens matched in place, first differing index)."""
-    first = next((i for i, (a, b) in enumerate(zip(baseline_ids, ids)) if a != b), None)
-    if first is None and len(baseline_ids) != len(ids):
-        first = min(len(baseline_ids), len(ids))
-    matched = sum(a == b for a, b in zip(baseline_ids, ids))
-    percent = 100.0 * matched / max(len(baseline_ids), len(ids)) if (baseline_ids or ids) else 100.0
-    return first is None, percent, first
-
-
-def holds_answer(text: str, expected: str) -> bool:
-    """The expected answer appears in the generated text as whole words, ignoring case."""
-    words = re.findall(r"[a-z0-9]+", text.lower())
-    wanted = re.findall(r"[a-z0-9]+", expected.lower())
-    n = len(wanted)
-    return n > 0 and any(words[i : i + n] == wanted for i in range(len(words) - n + 1))
 
 
 def tokens_kept_per_layer(stats: CacheStats | None) -> dict[str, float]:
@@ -154,7 +82,7 @@ def summarize(name: str, results: Sequence, baseline: Sequence | None = None, ex
     kept = [tokens_kept_per_layer(r.steps[-1] if r.steps else None) for r in results]
     same = match = first = None
     if baseline is not None:
-        checks = [agreement(b.token_ids, r.token_ids) for b, r in zip(baseline, results)]
+        checks = [token_match(b.token_ids, r.token_ids) for b, r in zip(baseline, results)]
         same = sum(c[0] for c in checks)
         match = _mean([c[1] for c in checks])
         firsts = [c[2] for c in checks if c[2] is not None]
@@ -226,37 +154,15 @@ def run_profile(
     Ctrl-C stops cleanly: what finished is kept and the report says it was interrupted.
     """
     from hae_cli import api
+    from hae_cli.evaluation.runner import run_workload
 
-    progress = on_progress or (lambda message: None)
     policies = [api.policy_of(*run) if isinstance(run, tuple) else api.policy_of(run) for run in runs]
     named = [(BASELINE, api.policy_of(FULL_POLICY))] + [(p.name, p) for p in policies if p.name != FULL_POLICY]
-    results: dict[str, list] = {name: [] for name, _ in named}
-    interrupted = False
-    total, done = len(named) * len(workload), 0
-    for number, prompt in enumerate(workload):
-        kept = dict(show_kept=True, kept_step=kept_step) if show_kept and number == 0 else {}
-        for name, policy in named:
-            done += 1
-            label = f"[{done}/{total}] {name} · {prompt.label()}"
-            progress(label)
-            try:
-                result = api.run(
-                    loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
-                    max_new_tokens=max_new_tokens, temperature=temperature,
-                    top_p=top_p, seed=seed, on_progress=lambda message, label=label: progress(f"{label}: {message}"),
-                    compile=compile,
-                    on_compile=lambda seconds, label=label: seconds is None and progress(f"{label}: compiling the decode step"),
-                    **kept,
-                )
-            except KeyboardInterrupt:
-                interrupted = True
-                break
-            results[name].append(result)
-            if result.interrupted:
-                interrupted = True
-                break
-        if interrupted:
-            break
+    results, interrupted = run_workload(
+        loaded, workload, named, on_progress=on_progress or (lambda message: None),
+        kept_first=dict(show_kept=True, kept_step=kept_step) if show_kept else {},
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, compile=compile,
+    )
     # Prompts every policy finished; if none did (Ctrl-C in the first), what each has.
     complete = min(len(r) for r in results.values()) or max(len(r) for r in results.values())
     baseline = results[BASELINE][:complete]

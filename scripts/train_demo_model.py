@@ -64,7 +64,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from hae_cli.api import load_model
 from hae_cli.cache.modality import Modality
 from hae_testing.data import conversation_sets, easyvqa
-from hae_testing.data.evaluate import Runner, story_exact_match, vqa_accuracy
+from hae_testing.data.evaluate import story_exact_match, vqa_accuracy
 from hae_cli.model.phi3v.image import ImageProcessorConfig, preprocess
 from hae_cli.model.image_file import load_image
 from hae_cli.model.loading import DEMO_MODEL_DIR
@@ -867,20 +867,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
-_worker_runner: Runner | None = None
+_worker_model = None  # this worker's loaded checkpoint
 
 
 def _start_worker(folder: str, threads: int) -> None:
-    global _worker_runner
+    global _worker_model
     torch.set_num_threads(threads)
-    _worker_runner = Runner(load_model(folder))
+    _worker_model = load_model(folder)
 
 
 def _evaluate_part(part: tuple[str, list]) -> dict:
     kind, items = part
     if kind == "vqa":
-        return vqa_accuracy(_worker_runner, items)
-    return story_exact_match(_worker_runner, items)
+        return vqa_accuracy(_worker_model, items)
+    return story_exact_match(_worker_model, items)
 
 
 def evaluate(folder: Path, vqa_limit: int | None, stories: int, threads: int, workers: int) -> dict:

@@ -68,8 +68,7 @@ def test_a_ray_address_is_named_as_written(tmp_path):
 
 def test_files_with_a_utf8_byte_order_mark_are_read(tmp_path):
     """Notepad's UTF-8: a JSONL, a JSON list and a chat --script are read, not refused."""
-    from hae_cli.compare import read_workload
-    from hae_cli.evaluation.records import read_data
+    from hae_cli.evaluation.records import read_data, read_workload
 
     record = {"image": str(SAMPLE), "question": "what color is the shape?", "answer": "teal"}
     lines = tmp_path / "bom.jsonl"

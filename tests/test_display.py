@@ -28,7 +28,8 @@ from hae_cli.display.panel import (
     state_from_result,
 )
 from hae_cli.errors import HaeError
-from hae_cli.compare import agreement, holds_answer, summarize
+from hae_cli.compare import summarize
+from hae_cli.evaluation.metrics import holds_answer, token_match
 
 BYTES_PER_TOKEN = 2 * 4 * 16 * 4  # K+V x kv_heads x head_dim x float32
 
@@ -229,10 +230,10 @@ def test_expected_answers_are_matched_as_whole_words():
 
 
 def test_agreement():
-    assert agreement([1, 2, 3], [1, 2, 3]) == (True, 100.0, None)
-    assert agreement([1, 2, 3, 4], [1, 9, 3, 4]) == (False, 75.0, 1)
-    assert agreement([1, 2, 3, 4], [1, 2]) == (False, 50.0, 2)
-    assert agreement([], []) == (True, 100.0, None)
+    assert token_match([1, 2, 3], [1, 2, 3]) == (True, 100.0, None)
+    assert token_match([1, 2, 3, 4], [1, 9, 3, 4]) == (False, 75.0, 1)
+    assert token_match([1, 2, 3, 4], [1, 2]) == (False, 50.0, 2)
+    assert token_match([], []) == (True, 100.0, None)
 
 
 def test_profile_table_side_by_side():

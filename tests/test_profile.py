@@ -6,7 +6,8 @@ import pytest
 
 from hae_cli import api
 from hae_cli.errors import InputError
-from hae_cli.compare import BASELINE, Prompt, read_workload, run_profile
+from hae_cli.compare import BASELINE, run_profile
+from hae_cli.evaluation.records import Prompt, read_workload
 
 
 def test_workload_file(tmp_path):

@@ -1,4 +1,6 @@
-"""`hae profile`: one workload under the full cache and other policies, side by side."""
+"""`hae profile`: one workload under the full cache and other policies, side by side. Thin: check
+the options, read the workload (`evaluation.records`), run it (`hae_cli.compare`, a view over
+`hae_cli.evaluation`), then the table, the JSON and the pictures."""
 
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
 
 def build_workload(images: Sequence[Path] | None, question: str | None, task: Task,
                    samples: Path | None, limit: int | None) -> list:
-    from hae_cli.compare import Prompt, read_workload, sample_folder
+    from hae_cli.evaluation.records import Prompt, read_workload, sample_folder
 
     if images:
         if task == Task.story:
@@ -146,16 +148,14 @@ def profile(
             check_images(read)
             inputs = image_inputs(read) + model_files(options.model)
             if not images:
-                from hae_cli.compare import sample_folder
+                from hae_cli.evaluation.records import sample_folder
 
                 inputs.append(("the workload", (samples or sample_folder()) / "questions.json"))
             check_outputs(_outputs(plot, json_file, kept, [name for name, _ in runs]), inputs)
             api = library()
 
+        from hae_cli.compare import ProfileReport, run_profile
         from hae_cli.display.panel import compare_table
-        from hae_cli.compare import run_profile
-
-        from hae_cli.compare import ProfileReport
 
         nothing = ProfileReport(workload, [], {}, interrupted=True).to_json(options.model) if json_file else None
         with progress_on_stderr() as progress:

@@ -1,6 +1,7 @@
 """How an answer is scored: normalised exact match against the references (the VQA rules),
 the letter chosen in a multiple-choice question, and, where there is no reference, agreement
-with the full cache (the same answer; the share of its tokens reproduced in place)."""
+with the full cache (the same answer; the share of its tokens reproduced in place). `hae
+profile`'s measures (`token_match`, `holds_answer`) are here too: one module scores answers."""
 
 from __future__ import annotations
 
@@ -82,6 +83,26 @@ def agreement(ids: Sequence[int], full_ids: Sequence[int]) -> float:
     if not full_ids:
         return float(not ids)
     return sum(a == b for a, b in zip(ids, full_ids)) / len(full_ids)
+
+
+def token_match(full_ids: Sequence[int], ids: Sequence[int]) -> tuple[bool, float, int | None]:
+    """`hae profile`'s agreement with the full cache: (the same answer token for token, % of the
+    longer answer's tokens matched in place, the first index where they differ)."""
+    first = next((i for i, (a, b) in enumerate(zip(full_ids, ids)) if a != b), None)
+    if first is None and len(full_ids) != len(ids):
+        first = min(len(full_ids), len(ids))
+    matched = sum(a == b for a, b in zip(full_ids, ids))
+    percent = 100.0 * matched / max(len(full_ids), len(ids)) if (full_ids or ids) else 100.0
+    return first is None, percent, first
+
+
+def holds_answer(text: str, expected: str) -> bool:
+    """`hae profile`'s correctness: the expected answer appears in the generated text as whole
+    words, ignoring case."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    wanted = re.findall(r"[a-z0-9]+", expected.lower())
+    n = len(wanted)
+    return n > 0 and any(words[i : i + n] == wanted for i in range(len(words) - n + 1))
 
 
 def score_answer(text: str, ids: Sequence[int], full_ids: Sequence[int], answers: Sequence[str],

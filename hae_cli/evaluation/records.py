@@ -16,6 +16,9 @@ A record that cannot be used (not JSON, no question, an image that is not there,
 `RecordProblem` saying where it is ("data.jsonl line 7: ..."): skipped with a note, or the
 run refused (`strict`).
 
+`hae profile` reads the same `questions.json` as a workload of `Prompt`s (`read_workload`):
+an entry may be a multi-image story, and every problem refuses the run.
+
 No torch at import: the CLI reads the data before the model loads.
 """
 
@@ -34,7 +37,7 @@ from hae_cli.evaluation.metrics import LETTERS, choice_prompt, reference_letter
 from hae_cli.user_text import checked_text
 
 TASKS = ("ask", "story", "chat")
-SAMPLES_FILE = "questions.json"  # the --samples folder's workload (hae_cli.compare.read_workload)
+SAMPLES_FILE = "questions.json"  # the --samples folder's workload (`read_workload`, `read_data`)
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")  # what save_to_disk writes
 
 
@@ -183,6 +186,66 @@ def _check_columns(columns: Columns, keys: set[str], source) -> None:
         if name not in keys:
             names = ", ".join(sorted(keys)) or "none"
             raise InputError(f"{FLAGS[what]} {name!r} is not a column of {shown(source)} (its columns: {names})")
+
+
+# --------------------------------------------------------------------------- hae profile's workload
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt of a `hae profile` workload."""
+
+    task: str  # "ask" or "story"
+    images: tuple[Path, ...]
+    question: str | None
+    answer: str | None = None  # expected answer, when the workload knows it
+
+    def label(self) -> str:
+        return ", ".join(p.name for p in self.images)
+
+    def to_json(self) -> dict:
+        return {"task": self.task, "images": [str(p) for p in self.images], "question": self.question, "answer": self.answer}
+
+
+def sample_folder() -> Path:
+    """`sample_images/` in the working directory, else the one beside the package."""
+    for candidate in (Path.cwd() / "sample_images", Path(__file__).resolve().parents[2] / "sample_images"):
+        if candidate.is_dir():
+            return candidate
+    raise InputError("no sample_images/ folder found; pass --images and --question (or --samples DIR)")
+
+
+def read_workload(folder: Path) -> list[Prompt]:
+    """`questions.json` in `folder` as `hae profile` runs it: a list of {"image", "question",
+    "answer"?} (image names relative to the folder), or {"images": [...], "task": "story"} for a
+    multi-image prompt. Any bad entry refuses the whole workload."""
+    path = folder / SAMPLES_FILE
+    if not path.is_file():
+        raise InputError(f"no {SAMPLES_FILE} in {folder}; pass --images and --question")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read {path}: {error}") from None
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a list of {{\"image\", \"question\"}} entries")
+    prompts = []
+    for number, entry in enumerate(entries, start=1):
+        images = entry.get("images", [entry.get("image")]) if isinstance(entry, dict) else None
+        task = entry.get("task", "ask") if isinstance(entry, dict) else None
+        question = entry.get("question") if isinstance(entry, dict) else None
+        if not images or not all(isinstance(i, str) for i in images) or task not in ("ask", "story"):
+            raise InputError(f"{path}: entry {number} needs an image (or images) and task ask or story")
+        if task == "ask" and question is None:
+            raise InputError(f"{path}: entry {number} has no question")
+        if question is not None:
+            checked_text(question, f"{path}: entry {number} question")
+        answer = entry.get("answer")
+        if answer is not None:
+            checked_text(answer, f"{path}: entry {number} answer")
+        prompts.append(Prompt(task, tuple(folder / i for i in images), question, answer))
+    if not prompts:
+        raise InputError(f"{path} holds no entries")
+    return prompts
 
 
 # --------------------------------------------------------------------------- one record

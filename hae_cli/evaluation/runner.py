@@ -1,6 +1,8 @@
 """One prompt under one setting, with what the comparison needs: the answer, the KV bytes
-after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`); and one
-item under every setting of a plan, scored (`ItemRunner`), in whatever process holds the model."""
+after every step, and the sizes a matched baseline is given (`Outcome`, `run_prompt`); one
+item under every setting of a plan, scored (`ItemRunner`), in whatever process holds the model;
+and `hae profile`'s workload under the full cache and each policy, every run kept whole, with
+its timings and steps (`run_workload`)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,8 @@ import hashlib
 import io
 import statistics
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -25,6 +28,8 @@ class Outcome:
     text: str = ""
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    host_bytes_per_step: list[int] = field(default_factory=list)  # off the attention path: the bin and the reserve
+    restored_by_turn: list[int] = field(default_factory=list)  # tokens each turn brought back (all layers)
 
     @property
     def kv_mean(self) -> float:
@@ -44,12 +49,18 @@ def outcome_of(result) -> Outcome:
         full_bytes_per_step=[s.full_cache_bytes for s in result.steps],
         held_after_prefill=max(layer.tokens_held for layer in first),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
-        restored=sum(sum(e.counts.values()) for e in result.events if e.action == "restored"),
+        restored=_restored(result.events),
         binned=sum(sum(e.counts.values()) for e in result.events if e.action == "binned"),
         text=result.text,
         prefill_seconds=result.prefill_seconds,
         decode_seconds=result.decode_seconds,
+        host_bytes_per_step=[s.host_bytes for s in result.steps],
+        restored_by_turn=[_restored(result.events)],
     )
+
+
+def _restored(events) -> int:
+    return sum(sum(e.counts.values()) for e in events if e.action == "restored")
 
 
 def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int, context_length: int | None = None) -> Outcome:
@@ -61,6 +72,39 @@ def run_prompt(loaded, prepared, policy: str, params: dict, max_new_tokens: int,
         loaded, prepared, policy=policy, policy_params=params, max_new_tokens=max_new_tokens, context_length=context_length
     )
     return outcome_of(result)
+
+
+def run_workload(loaded, workload: Sequence, policies: Sequence[tuple[str, object]], *,
+                 on_progress: Callable[[str], None], kept_first: dict, **run_options) -> tuple[dict[str, list], bool]:
+    """Each prompt of `workload` (`records.Prompt`s) under each named policy, in order (the full
+    cache first: the reference), every `RunResult` kept whole. `kept_first`: `api.run`'s
+    show_kept options for the first prompt; `run_options`: the rest of `api.run`'s (sampling,
+    compile). Ctrl-C (or a run that says it was interrupted) stops cleanly: (the results so far
+    by name, True)."""
+    from hae_cli import api
+
+    results: dict[str, list] = {name: [] for name, _ in policies}
+    total, done = len(policies) * len(workload), 0
+    for number, prompt in enumerate(workload):
+        kept = kept_first if number == 0 else {}
+        for name, policy in policies:
+            done += 1
+            label = f"[{done}/{total}] {name} · {prompt.label()}"
+            on_progress(label)
+            try:
+                result = api.run(
+                    loaded, list(prompt.images), prompt.question, task=prompt.task, policy=policy,
+                    on_progress=lambda message, label=label: on_progress(f"{label}: {message}"),
+                    on_compile=lambda seconds, label=label: seconds is None and on_progress(
+                        f"{label}: compiling the decode step"),
+                    **run_options, **kept,
+                )
+            except KeyboardInterrupt:
+                return results, True
+            results[name].append(result)
+            if result.interrupted:
+                return results, True
+    return results, False
 
 
 # --------------------------------------------------------------------------- one item under a plan
@@ -79,15 +123,21 @@ class EvalConfig:
     fastv_layer: int = 2
     max_new_tokens: int = 16
     image_options: tuple = ()  # (name, value) pairs: the family's own image options (--image-option)
+    question_after: bool = False  # ask: the images cached (and compressed) before the question is fed
+    host_and_turns: bool = False  # each result also holds the host bytes and each turn's restores
 
     def to_json(self) -> dict:
-        """What a resumed run must share with the run it continues (image options only where given,
-        so a run stored before they existed still resumes)."""
+        """What a resumed run must share with the run it continues (image options and the
+        options after them only where given, so a run stored before they existed still resumes)."""
         config = {"model": self.model, "device": self.device, "dtype": self.dtype, "num_crops": self.num_crops,
                   "task": self.task, "plan": [s.to_json() for s in self.plan], "fastv_layer": self.fastv_layer,
                   "max_new_tokens": self.max_new_tokens}
         if self.image_options:
             config["image_options"] = dict(self.image_options)
+        if self.question_after:
+            config["question_after"] = True
+        if self.host_and_turns:
+            config["host_and_turns"] = True
         return config
 
 
@@ -125,7 +175,7 @@ class ItemRunner:
         full_answers = answered["full"][1]
         types = {"types": [q.type for q in item.questions]} if any(q.type for q in item.questions) else {}
         result = {"id": item.id, **types, "settings": {label: setting_result(outcome, answers, full_answers, item.questions,
-                                                                    params)
+                                                                    params, self.config.host_and_turns)
                                               for label, (outcome, answers, params) in answered.items()}}
         notes = self._notes(item)
         return {**result, "notes": notes} if notes else result
@@ -145,7 +195,9 @@ class ItemRunner:
     # --- the tasks ---
 
     def _prompt(self, item) -> dict:
-        """ask / story: one prompt, prepared once (per crop count), run under each setting."""
+        """ask / story: one prompt, prepared once (per crop count), run under each setting; with
+        `question_after`, the question fed after the images are cached, so that no policy can
+        use it to choose what to keep."""
         from hae_cli.api import prepare
 
         prepared: dict = {}
@@ -158,12 +210,17 @@ class ItemRunner:
                                                   image_features=features)
             return prepared[crops]
 
+        def context(prompt) -> int | None:
+            return prompt.tokens.after_images() if self.config.question_after else None
+
         def run(setting, params):
             loaded, prompt = ready(setting.crops)
-            outcome = run_prompt(loaded, prompt, setting.policy, params, self.config.max_new_tokens)
+            outcome = run_prompt(loaded, prompt, setting.policy, params, self.config.max_new_tokens, context(prompt))
             return outcome, [(outcome.text, outcome.token_ids)]
 
-        return self._run_plan(run, ready(None)[1].tokens)
+        prompt = ready(None)[1]
+        fed_later = prompt.embeds.shape[1] - context(prompt) if self.config.question_after else 0
+        return self._run_plan(run, prompt.tokens, fed_later)
 
     def _conversation(self, item) -> dict:
         """chat: the images fed once (the prefill every policy compresses), then each question
@@ -187,8 +244,9 @@ class ItemRunner:
             self._fewer_crops[crops] = self.loaded.at_crops(crops)
         return self._fewer_crops[crops]
 
-    def _run_plan(self, run, tokens) -> dict:
-        """label -> (outcome, answers, the parameters it ran with), in the plan's order."""
+    def _run_plan(self, run, tokens, fed_later: int = 0) -> dict:
+        """label -> (outcome, answers, the parameters it ran with), in the plan's order
+        (`fed_later`: prompt rows fed after the compressed context)."""
         from hae_cli.evaluation.matching import run_plan
 
         answered = {}
@@ -198,7 +256,7 @@ class ItemRunner:
             answered[setting.label] = (outcome, answers, params)
             return outcome
 
-        run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer)
+        run_plan(list(self.config.plan), run_setting, tokens, self.config.fastv_layer, fed_later)
         return answered
 
     def _images(self, item, crops: int | None = None) -> tuple[list, list]:
@@ -246,12 +304,13 @@ def conversation_outcome(loaded, read, features, questions, policy: str, params:
 
     conversation = Conversation(loaded, read, image_features=features, policy=policy, policy_params=params,
                                 max_new_tokens=max_new_tokens)
-    steps, events, answers = [conversation.prefill_stats], [], []
+    steps, events, answers, restored_by_turn = [conversation.prefill_stats], [], [], []
     prefill_seconds = decode_seconds = 0.0
     for question in questions:
         turn = conversation.ask(question.prompt)
         steps += turn.result.steps
         events += turn.result.events
+        restored_by_turn.append(_restored(turn.result.events))
         answers.append((turn.result.text, turn.result.token_ids))
         prefill_seconds += turn.result.prefill_seconds
         decode_seconds += turn.result.decode_seconds
@@ -262,18 +321,22 @@ def conversation_outcome(loaded, read, features, questions, policy: str, params:
         full_bytes_per_step=[s.full_cache_bytes for s in steps],
         held_after_prefill=max(layer.tokens_held for layer in first),
         image_after_prefill=max(layer.tokens_by_modality["image"] for layer in first),
-        restored=sum(sum(e.counts.values()) for e in events if e.action == "restored"),
+        restored=_restored(events),
         binned=sum(sum(e.counts.values()) for e in events if e.action == "binned"),
         text=answers[-1][0],
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
+        host_bytes_per_step=[s.host_bytes for s in steps],
+        restored_by_turn=restored_by_turn,
     )
     return outcome, answers
 
 
-def setting_result(outcome: Outcome, answers, full_answers, questions, params: dict) -> dict:
+def setting_result(outcome: Outcome, answers, full_answers, questions, params: dict,
+                   host_and_turns: bool = False) -> dict:
     """One setting's result on one item: each answer scored, the KV bytes, the timings apart
-    (they are the only part that differs between two runs of the same item)."""
+    (they are the only part that differs between two runs of the same item); with
+    `host_and_turns`, also the host bytes (mean, peak) and the tokens each turn restored."""
     from hae_cli.evaluation.metrics import agreement, score_answer
 
     scored = [score_answer(text, ids, full_ids, q.answers, q.choices)
@@ -296,4 +359,6 @@ def setting_result(outcome: Outcome, answers, full_answers, questions, params: d
         "binned": outcome.binned,
         "timings": {"prefill_seconds": outcome.prefill_seconds, "decode_seconds": outcome.decode_seconds,
                     "decode_tokens": sum(len(ids) for _, ids in answers)},
+        **({"host_mean": statistics.fmean(outcome.host_bytes_per_step), "host_peak": max(outcome.host_bytes_per_step),
+            "restored_by_turn": outcome.restored_by_turn} if host_and_turns else {}),
     }
