@@ -56,7 +56,7 @@ def _out_of_memory(error: BaseException) -> bool:
 def _out_of_memory_message(error: BaseException) -> str:
     asked = re.search(r"allocate (\d+) bytes", str(error))
     if asked:
-        from hae_cli.display.panel import format_bytes
+        from hae_cli.units import format_bytes
 
         what = f"could not allocate {format_bytes(int(asked.group(1)))}"
     else:

@@ -281,7 +281,7 @@ def _images_line(conversation) -> str:
 
 def _cache_size(stats) -> str:
     """"190 tokens held per layer, 760.0 KiB (71% under the full cache)"."""
-    from hae_cli.display.panel import cut_percent, format_bytes
+    from hae_cli.units import cut_percent, format_bytes
 
     held = max(layer.tokens_held for layer in stats.layers)
     cut = cut_percent(stats.bytes_held, stats.full_cache_bytes)

@@ -206,12 +206,12 @@ def build_plan(policies: str, budgets: str, settings: list[str], fastv_layer: in
     cache at each of --fewer-crops: every policy and parameter checked (built once) before the
     model loads."""
     from hae_cli.evaluation.evaluate import plan_of
-    from hae_cli.evaluation.matching import Setting, fewer_crops_settings, parse_list, parse_params
+    from hae_cli.evaluation.matching import Setting, can_be_matched, fewer_crops_settings, parse_list, parse_params
 
     baselines = [validate.check_policy_name(name) for name in parse_list(policies)]
     baselines = list(dict.fromkeys(b for b in baselines if b not in ("hae", "full")))
     for baseline in baselines:
-        if baseline not in ("fastv", "mustdrop") and "budget" not in validate.policy_fields(baseline):
+        if not can_be_matched(baseline):
             raise ConfigError(f"--policies: {baseline} has no budget to match HAE's KV with; run it at parameters "
                               f"of its own with --setting {baseline}:NAME=VALUE")
     if baselines and not parse_list(budgets):

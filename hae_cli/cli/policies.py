@@ -28,13 +28,13 @@ def list_policies() -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from hae_cli.cache.policies import parameter_help
+    from hae_cli.cache.policies import known_policies, parameter_help
 
     table = Table(header_style="bold", show_lines=True, caption=BUDGET_AND_BUFFER, caption_justify="left")
     table.add_column("policy", style="bold cyan", no_wrap=True)
     table.add_column("what it does", ratio=2, overflow="fold")  # a paper's URL folds, never cut
     table.add_column("parameters: default, meaning", ratio=3, overflow="fold")
-    for name, cls in validate.policies().items():
+    for name, cls in known_policies().items():
         doc = (cls.__doc__ or "").strip().split("\n\n")[0]
         meanings = parameter_help(cls)
         params = Text()

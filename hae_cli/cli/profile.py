@@ -33,7 +33,9 @@ FULL_POLICY = "full"
 def parse_compare(text: str, policy: str) -> list[tuple[str, str]]:
     """'baseline,snapkv' -> [(name, policy)]: the baseline (full cache) first, then --policy,
     then the rest, without repeats."""
-    registry = validate.policies()
+    from hae_cli.cache.policies import known_policies
+
+    registry = known_policies()
     runs = [(BASELINE, FULL_POLICY)]
     for name in [policy] + [n.strip().lower() for n in text.split(",")]:
         if not name or name in (BASELINE, FULL_POLICY):

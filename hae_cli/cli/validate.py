@@ -43,13 +43,6 @@ def collect_policy_args(
     return args
 
 
-def policies() -> dict[str, type]:
-    """Every policy the command line can name: the library's, plugins included."""
-    from hae_cli.cache.policies import known_policies
-
-    return known_policies()
-
-
 def check_policy_name(name: str) -> str:
     from hae_cli.cache.policies import policy_class
 

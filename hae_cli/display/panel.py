@@ -21,6 +21,8 @@ from hae_cli.cache.stats import CacheStats, EvictionEvent, LayerStats
 from hae_cli.display.images import image_rows, image_table, reserved_by_image
 from hae_cli.display.memory import MemorySnapshot
 from hae_cli.compare import MODALITIES, ProfileRow, eviction_overhead_percent
+from hae_cli.units import cut_percent, format_bytes  # noqa: F401  (callers and tests import them here too)
+
 SHORT_NAMES = {"text": "text", "image": "image", "separator": "sep", "generated": "gen"}
 
 # glyph and colour per bar segment; the glyphs differ so the bar reads without colour too
@@ -37,24 +39,6 @@ ACTION_STYLES = {"evicted": "red", "binned": "yellow", "restored": "green", "del
 
 
 # ----------------------------------------------------------------------------- numbers
-
-
-def format_bytes(n: int | float | None) -> str:
-    if n is None:
-        return "n/a"
-    n = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"  # unreachable
-
-
-def cut_percent(held: int, full: int) -> float | None:
-    """How much smaller the cache is than the full cache, in percent (positive = saved)."""
-    if not full:
-        return None
-    return 100.0 * (1 - held / full)
 
 
 def layer_ranges(layers: Iterable[int], total_layers: int | None = None) -> str:

@@ -53,7 +53,7 @@ class Backend:
             workers = min(self.workers, max(1, items)) if self.workers else self.workers
             limits += f", {cores} core{'s' if cores != 1 else ''} here" if self.ray is None else ""
         else:
-            from hae_cli.display.panel import format_bytes
+            from hae_cli.units import format_bytes
 
             worker_bytes = memory_per_worker(model)
             available = _available_memory()
