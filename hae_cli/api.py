@@ -289,42 +289,79 @@ def prepare(
                           text_notes(loaded, question, said, len(images)))
 
 
+@dataclass(frozen=True)
+class RunSettings:
+    """How a run generates: the cache's policy (a name with its parameters, or a `Policy`) and
+    how tokens are drawn. The one configuration `run`, `run_prepared` and `Conversation` take;
+    each also takes these fields as keywords over it (`run(..., policy="snapkv", max_new_tokens=32)`).
+    `compile`: decode through a compiled step (the same tokens, faster per token after a warm-up)."""
+
+    policy: object = "hae"
+    policy_params: dict | None = None
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    compile: bool = False
+
+    @classmethod
+    def of(cls, settings: "RunSettings | None", fields: dict) -> "RunSettings":
+        """`settings` (default: the defaults) with `fields` over it, checked: an unknown field, a
+        flag that is no bool or sampling out of range is one line, before any image is read."""
+        import dataclasses
+
+        from hae_cli.model.sampling import SamplingConfig
+
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ConfigError(f"unknown run setting {unknown[0]!r} (the settings are {', '.join(known)})")
+        if settings is not None and not isinstance(settings, cls):
+            raise ConfigError(f"settings must be a RunSettings, got {type(settings).__name__}")
+        chosen = dataclasses.replace(settings or cls(), **fields)
+        checks.flags(compile=chosen.compile)
+        SamplingConfig(chosen.max_new_tokens, chosen.temperature, chosen.top_p, chosen.seed)
+        return chosen
+
+    def sampling(self):
+        from hae_cli.model.sampling import SamplingConfig
+
+        return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.seed)
+
+
 def run_prepared(
     loaded,
     prepared: PreparedPrompt,
+    settings: RunSettings | None = None,
     *,
-    policy="hae",
-    policy_params: dict | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
     context_length: int | None = None,
     show_kept: bool = False,
     kept_step: int | None = None,
-    compile: bool = False,
     on_compile: Callable[[float | None], None] | None = None,
+    **fields,
 ) -> RunResult:
-    """Generate from a prepared prompt with a fresh cache under `policy`. With
+    """Generate from a prepared prompt with a fresh cache under the settings' policy. With
     `context_length`, the prompt's first tokens are cached (and compressed) before the rest is
     seen (`prepared.tokens.after_images()` splits right after the last image). With `show_kept`,
     `result.kept` is what each layer held of each image after decode step `kept_step` (None:
-    at the end; it stays None if the run ended before that step). `compile`: decode through a
-    compiled step (the same tokens, faster per token after a warm-up: `compile_seconds`);
-    `on_compile` is called with None as the warm-up starts and with its seconds at its end."""
-    from hae_cli.cache.kept_map import image_slots, kept_map
-    from hae_cli.model.generate import SamplingConfig, generate
+    at the end; it stays None if the run ended before that step). With `compile` set, `on_compile`
+    is called with None as the warm-up starts and with its seconds at its end (`compile_seconds`)."""
+    import dataclasses
 
+    from hae_cli.cache.kept_map import image_slots, kept_map
+    from hae_cli.model.generate import generate
+
+    settings = RunSettings.of(settings, fields)
     _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, show_kept=show_kept,
-                         kept_step=kept_step, compile=compile)
+                         kept_step=kept_step)
     notes = list(prepared.notes)
     tokens = prepared.tokens
-    max_new_tokens, capped = loaded.limits.answer_room(len(tokens), max_new_tokens)
+    max_new_tokens, capped = loaded.limits.answer_room(len(tokens), settings.max_new_tokens)
     notes += [capped] if capped else []
-    sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
-    policy, too_big = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
+    sampling = dataclasses.replace(settings, max_new_tokens=max_new_tokens).sampling()
+    policy, too_big = checks.fit_to_context(policy_of(settings.policy, settings.policy_params), loaded.limits)
     notes += too_big + checks.small_budget_note(policy, len(tokens))
     cache = make_cache(loaded, policy)
     steps: list[CacheStats] = []
@@ -342,7 +379,7 @@ def run_prepared(
             on_step(stats)
 
     generation = generate(loaded, tokens, prepared.embeds, cache, sampling, on_token=streamer.push,
-                          on_step=publish_step, context_length=context_length, compile=compile,
+                          on_step=publish_step, context_length=context_length, compile=settings.compile,
                           on_compile=on_compile)
     notes += generation.notes
     if show_kept and kept_step is None and steps:
@@ -380,53 +417,45 @@ def run(
     loaded,
     images: Sequence,
     question: str | None,
+    settings: RunSettings | None = None,
     *,
     task: str = "ask",
-    policy="hae",
-    policy_params: dict | None = None,
-    max_new_tokens: int = 128,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    seed: int = 0,
     on_token: Callable[[str], None] | None = None,
     on_step: Callable[[CacheStats], None] | None = None,
     on_progress: Callable[[str], None] | None = None,
     on_prefill: Callable[[], None] | None = None,
     show_kept: bool = False,
     kept_step: int | None = None,
-    compile: bool = False,
     on_compile: Callable[[float | None], None] | None = None,
+    **fields,
 ) -> RunResult:
     """Answer `question` about `images` (task "ask") or caption them in order (task "story").
     `on_prefill` is called once the images are read and encoded, as the model's prefill starts.
     With `show_kept`, `result.kept` is what each layer held of each image after decode step
     `kept_step` (None: at the end), as `--show-kept` draws it and `to_json()["kept"]` lists it."""
-    from hae_cli.model.generate import SamplingConfig
+    import dataclasses
 
     # Bad options fail before any image is read or embedded.
     check_loaded(loaded)
+    settings = RunSettings.of(settings, fields)
     _check_run_arguments(on_token=on_token, on_step=on_step, on_compile=on_compile, on_progress=on_progress,
-                         on_prefill=on_prefill, show_kept=show_kept, kept_step=kept_step, compile=compile)
+                         on_prefill=on_prefill, show_kept=show_kept, kept_step=kept_step)
     images = checks.image_list(images)
-    SamplingConfig(max_new_tokens, temperature, top_p, seed)
-    policy = policy_of(policy, policy_params)
+    settings = dataclasses.replace(settings, policy=policy_of(settings.policy, settings.policy_params), policy_params=None)
     start = time.perf_counter()
     prepared = prepare(loaded, images, question, task=task, on_progress=on_progress)
     image_seconds = time.perf_counter() - start
     if on_prefill is not None:
         on_prefill()
-    result = run_prepared(
-        loaded, prepared, policy=policy, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-        seed=seed, on_token=on_token, on_step=on_step, show_kept=show_kept, kept_step=kept_step,
-        compile=compile, on_compile=on_compile,
-    )
+    result = run_prepared(loaded, prepared, settings, on_token=on_token, on_step=on_step, show_kept=show_kept,
+                          kept_step=kept_step, on_compile=on_compile)
     result.image_seconds = image_seconds
     return result
 
 
-def _check_run_arguments(*, show_kept, kept_step, compile, **functions) -> None:
+def _check_run_arguments(*, show_kept, kept_step, **functions) -> None:
     checks.callbacks(**functions)
-    checks.flags(show_kept=show_kept, compile=compile)
+    checks.flags(show_kept=show_kept)
     checks.step_number(kept_step, "kept_step")
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 
 from hae_cli import checks
-from hae_cli.api import RunResult, TextStreamer, make_cache, policy_of, policy_parameters, text_notes
+from hae_cli.api import RunResult, RunSettings, TextStreamer, make_cache, policy_of, policy_parameters, text_notes
 from hae_cli.cache.stats import CacheStats
 from hae_cli.errors import InputError
 from hae_cli.model.generate import (
-    Decoded, SamplingConfig, after_first_call, compiled_step, decode, feed_question, prefill,
+    Decoded, after_first_call, compiled_step, decode, feed_question, prefill,
 )
 from hae_cli.model.interface import PromptTokens, UserTurn, check_loaded
 from hae_cli.user_text import checked_text
@@ -69,42 +69,38 @@ class Turn:
 
 
 class Conversation:
-    """Questions about `images`, asked one after another into one cache under `policy` (a name
-    with `policy_params`, or a `Policy`).
+    """Questions about `images`, asked one after another into one cache under the settings'
+    policy (`RunSettings`, or its fields as keywords: `policy="hae"`, `max_new_tokens=32`, ...).
 
     `images`: paths, PIL images, or images the model has read already (`loaded.read_image`);
     `image_features`: their vision-tower outputs (`loaded.image_features`), for callers that run
     many conversations over the same images (the benchmark). Each image goes through the tower
-    once either way. `compile`: answers are decoded through a compiled step (the same tokens; the
-    warm-up is paid at the first answer of the process)."""
+    once either way. With `compile` set, answers are decoded through a compiled step (the same
+    tokens; the warm-up is paid at the first answer of the process)."""
 
     def __init__(
         self,
         loaded,
         images: Sequence,
+        settings: RunSettings | None = None,
         *,
         image_features: Sequence[torch.Tensor] | None = None,
-        policy="hae",
-        policy_params: dict | None = None,
-        max_new_tokens: int = 128,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        seed: int = 0,
         on_progress: Callable[[str], None] | None = None,
-        compile: bool = False,
+        **fields,
     ) -> None:
         self.loaded = loaded
-        self.compile = compile  # decode through a compiled step (`CompiledStep`): the same tokens
         check_loaded(loaded)
+        settings = RunSettings.of(settings, fields)
+        self.compile = settings.compile  # decode through a compiled step (`CompiledStep`): the same tokens
         checks.callbacks(on_progress=on_progress)
-        checks.flags(compile=compile)
         images = checks.image_list(images, nonempty=True)
         # a bad policy fails before any image is read; sizes past the context are capped with a note
-        self._policy, self.notes = checks.fit_to_context(policy_of(policy, policy_params), loaded.limits)
+        self._policy, self.notes = checks.fit_to_context(policy_of(settings.policy, settings.policy_params),
+                                                         loaded.limits)
         self.policy, self.policy_params = self._policy.name, policy_parameters(self._policy)
-        self.sampling = SamplingConfig(max_new_tokens, temperature, top_p, seed)
+        self.sampling = settings.sampling()
         self.on_progress = on_progress  # told what is being read and encoded; None: nobody
-        self._generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+        self._generator = torch.Generator().manual_seed(settings.seed) if settings.temperature > 0 else None
         self.image_paths: list[Path | None] = []
         self._images: list = []
         self._features: list[torch.Tensor] = []

@@ -38,6 +38,10 @@ def calls(demo):
         "Conversation compile": (lambda: Conversation(demo, [SAMPLE], compile="yes"), "compile must be True"),
         "ask on_token": (asked(on_token=5), "on_token must be a function"),
         "ask should_stop": (asked(should_stop=True), "should_stop must be a function"),
+        "an unknown setting": (run(max_tokens=3), "unknown run setting 'max_tokens'"),
+        "settings of another kind": (lambda: api.run(demo, [SAMPLE], "q", {"policy": "full"}), "settings must be a RunSettings"),
+        "Conversation unknown setting": (lambda: Conversation(demo, [SAMPLE], budget=3), "unknown run setting 'budget'"),
+        "RunSettings bad sampling": (run(settings=api.RunSettings(top_p=0)), "top_p must be in (0, 1]"),
     }
 
 
@@ -58,3 +62,20 @@ def test_right_kinds_still_run(demo):
     result = api.run(demo, [SAMPLE], "what color is the shape?", max_new_tokens=2, on_token=pieces.append,
                      show_kept=True, kept_step=0, compile=False)
     assert result.text and pieces and result.kept is not None
+
+
+def test_one_settings_object_gives_what_its_fields_as_keywords_give(demo):
+    """`RunSettings` is the run's one configuration; keywords over it win, field by field."""
+    from hae_cli import api
+    from hae_cli.conversation import Conversation
+
+    settings = api.RunSettings(policy="snapkv", policy_params={"budget": 40}, max_new_tokens=6)
+    by_object = api.run(demo, [SAMPLE], "what color is the shape?", settings)
+    by_keywords = api.run(demo, [SAMPLE], "what color is the shape?", policy="snapkv", policy_params={"budget": 40},
+                          max_new_tokens=6)
+    assert by_object.token_ids == by_keywords.token_ids and by_object.policy == "snapkv"
+    assert [s.bytes_held for s in by_object.steps] == [s.bytes_held for s in by_keywords.steps]
+    shorter = api.run(demo, [SAMPLE], "what color is the shape?", settings, max_new_tokens=2)
+    assert shorter.token_ids == by_object.token_ids[:2]
+    chat = Conversation(demo, [SAMPLE], settings, max_new_tokens=3)
+    assert chat.policy == "snapkv" and chat.sampling.max_new_tokens == 3

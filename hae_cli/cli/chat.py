@@ -89,11 +89,8 @@ def _chat(images: list[Path], script: Path | None, json_output: bool, no_live: b
     panels = not json_output and not no_live and stdout.is_terminal
     with progress_on_stderr() as progress:
         loaded = load(checked, options, progress, nothing)
-        conversation = interruptible(lambda: Conversation(
-            loaded, list(images), policy=checked.policy, max_new_tokens=options.max_new_tokens,
-            temperature=options.temperature, top_p=options.top_p, seed=options.seed, on_progress=progress,
-            compile=options.compile,
-        ), nothing)
+        conversation = interruptible(lambda: Conversation(loaded, list(images), options.run_settings(checked.policy),
+                                                          on_progress=progress), nothing)
         conversation.on_progress = None  # the spinner ends here; later images are read in a blink
     session = _Session(conversation, stdout, MemoryProbe(), checked.buffer, panels, json_output)
     try:

@@ -153,6 +153,13 @@ class RunOptions:
     compile: bool = False
     image_options: dict[str, int] = field(default_factory=dict)  # the family's own, by name (--image-option)
 
+    def run_settings(self, policy):
+        """The library's one run configuration, with `policy` (built and checked already)."""
+        from hae_cli.api import RunSettings
+
+        return RunSettings(policy=policy, max_new_tokens=self.max_new_tokens, temperature=self.temperature,
+                           top_p=self.top_p, seed=self.seed, compile=self.compile)
+
     def load_options(self) -> dict[str, int]:
         """The image options to load the model with: --image-option's, and --num-crops as num_crops."""
         options = dict(self.image_options)

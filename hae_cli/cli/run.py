@@ -118,9 +118,7 @@ def generate_and_show(task: str, images: Sequence[Path], question: str | None, o
         probe = MemoryProbe()
         state = PanelState(title=title, policy=policy.name, buffer=checked.buffer)
         watcher = RunWatcher(state, probe)
-        kwargs = dict(task=task, policy=policy, max_new_tokens=options.max_new_tokens,
-                      temperature=options.temperature, top_p=options.top_p, seed=options.seed,
-                      compile=options.compile, on_compile=watcher.on_compile)
+        kwargs = dict(task=task, settings=options.run_settings(policy), on_compile=watcher.on_compile)
         if kept.path is not None:
             kwargs.update(show_kept=True, kept_step=kept.step)
         api = checked.api
