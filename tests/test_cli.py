@@ -82,7 +82,7 @@ FAKE_POLICIES = {"full": FullPolicy, "hae": HaePolicy, "snapkv": BudgetPolicy, "
                  "streaming": StreamingPolicy}
 
 
-def settings(policy) -> dict:
+def parameters_given(policy) -> dict:
     """The parameters a policy object was given (those off their defaults), as the CLI passed them."""
     return {f.name: getattr(policy, f.name) for f in dataclasses.fields(policy) if getattr(policy, f.name) != f.default}
 
@@ -123,13 +123,15 @@ class FakeApi:
             raise self.raise_in_load
         return SimpleNamespace(name=model, num_layers=N_LAYERS, folder=Path("."), load_seconds=0.0)
 
-    def run(self, loaded, images, question, *, task="ask", policy=None, max_new_tokens=128,
-            temperature=0.0, top_p=1.0, seed=0, on_token=None, on_step=None, on_progress=None, on_prefill=None,
-            compile=False, on_compile=None):
-        policy_params, policy = settings(policy), policy.name
+    def run(self, loaded, images, question, settings=None, *, task="ask", on_token=None, on_step=None,
+            on_progress=None, on_prefill=None, on_compile=None, **fields):
+        chosen = api.RunSettings.of(settings, fields)  # what the real run would be given
+        policy_params, policy = parameters_given(chosen.policy), chosen.policy.name
+        max_new_tokens = chosen.max_new_tokens
         self.runs.append(dict(images=[str(i) for i in images], question=question, task=task, policy=policy,
                               policy_params=policy_params, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, seed=seed, compile=compile))
+                              temperature=chosen.temperature, top_p=chosen.top_p, seed=chosen.seed,
+                              compile=chosen.compile))
         if on_progress:
             on_progress("reading images")
         if on_prefill:

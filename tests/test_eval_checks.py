@@ -117,7 +117,9 @@ def test_workers_within_bounds_are_no_note(machine):
 
 
 MANY_WORKERS = """
+import signal
 import sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal, whatever the test runner ignores
 from pathlib import Path
 from hae_cli.evaluation.evaluate import plan_of
 from hae_cli.evaluation.parallel import _local_processes
@@ -163,7 +165,7 @@ def test_ctrl_c_while_many_workers_start_prints_no_traceback():
         return bool(int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16) & (1 << (signal.SIGINT - 1)))
 
     at_first_sight: dict[int, bool] = {}
-    deadline = time.monotonic() + 60
+    deadline, ready = time.monotonic() + 60, False
     while time.monotonic() < deadline:
         for child in psutil.Process(process.pid).children():
             try:
@@ -172,8 +174,14 @@ def test_ctrl_c_while_many_workers_start_prints_no_traceback():
             except (psutil.Error, OSError):  # between fork and exec, or gone
                 pass
         if len(at_first_sight) == 4 and not ignores_ctrl_c(process.pid):
+            ready = True
             break
         time.sleep(0.005)
+    if not ready:
+        why = "the parent still ignores Ctrl-C" if ignores_ctrl_c(process.pid) else "workers not all seen"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        pytest.fail(f"{why}: {at_first_sight}")
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr.decode()[-3000:]
