@@ -77,6 +77,7 @@ VISION = {**TINY_VISION, **dict(hidden_size=64, intermediate_size=128, num_hidde
                                 projection_dim=64)}
 LOOKUP_HEAD = (1, 0)
 READ_HEAD = (0, 0)  # the answer row gathers its question's content words here, for the lookup after it
+PROBE_LAYER = 1  # the lookup's layer: its output at the answer row should carry what it looked up
 NO_DIGIT = 10
 
 
@@ -93,6 +94,7 @@ class TrainConfig:
     warmup_steps: int = 100
     weight_decay: float = 0.01
     guide_weight: float = 2.0
+    probe_weight: float = 1.0  # the named object's colour, shape and digit, read from the answer row after the lookup
     mix: tuple[str, ...] = ("ask", "chat", "ask", "story", "ask", "chat")
     ask_images_per_step: int = 2
     save_minutes: float = 4.0
@@ -163,6 +165,27 @@ def named_rows(scene, image, names: tuple[str, ...]) -> torch.Tensor:
         hit = torch.isin(blocks, torch.tensor(wanted)).float().mean(1) >= 0.2
         rows.append(slots[offset + hit.nonzero().squeeze(-1)])
     return torch.cat(rows)
+
+
+def attributes(scene, names: tuple[str, ...]) -> torch.Tensor:
+    """The one named object's colour, shape and digit (class indices), the answer row's probe targets."""
+    (o,) = [o for o in scene.objects if o.name in names]
+    return torch.tensor([list(COLORS).index(o.color), SHAPES.index(o.shape), int(o.label)])
+
+
+class AttributeProbe(torch.nn.Module):
+    """Reads the named object's colour, shape and digit from the answer row after the lookup
+    layer: a gradient straight into what the lookup carries (training only, not saved)."""
+
+    SIZES = (len(COLORS), len(SHAPES), NO_DIGIT)
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.out = torch.nn.Linear(width, sum(self.SIZES))
+
+    def loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        parts = self.out(hidden).split(list(self.SIZES), dim=-1)
+        return sum(F.cross_entropy(part, targets[:, k]) for k, part in enumerate(parts)) / len(parts)
 
 
 class TokenHead(torch.nn.Module):
@@ -239,9 +262,10 @@ class SceneData:
         ids, positions, mask, labels, answer_rows = _tree(prompts[0][:prefix_len].tolist(), branches)
         first_slot = int((ids == -1).nonzero()[0])  # the image's rows start after the prompt's opening text
         looks = [(row, first_slot + named_rows(scene, images[0], q.names)) for row, q in zip(answer_rows, questions)]
+        probes = [(row, attributes(scene, q.names)) for row, q in zip(answer_rows, questions) if len(q.names) == 1]
         starts = [row - (len(branch) - 1) for row, (branch, _) in zip(answer_rows, branches)]
         return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=looks,
-                    reads=self.reads(ids, answer_rows, starts))
+                    reads=self.reads(ids, answer_rows, starts), probes=probes)
 
     def chat(self, step: int) -> dict:
         """2-4 labelled images, then 3-6 turns, each after the answer before it."""
@@ -264,19 +288,21 @@ class SceneData:
             ids += encode_prompt_text(self.tokenizer, text, [], opens_chunk=False).input_ids.tolist()
             messages.append({"role": "user", "content": item.questions[t + 1].question})
         labels = torch.full((len(ids),), -100, dtype=torch.long)
-        looks = []
+        looks, probes = [], []
         slot_start = {k: int((torch.tensor(ids) == -k).nonzero()[0]) for k in range(1, n + 1)}
         for start, stop, q in spans:
             labels[start - 1: stop - 1] = torch.tensor(ids[start:stop])
             local = named_rows(item.scenes[q.image - 1], images[q.image - 1], q.names)
             first_slot = int((images[q.image - 1].modalities == Modality.IMAGE).nonzero()[0])
             looks.append((start - 1, local - first_slot + slot_start[q.image]))
+            if len(q.names) == 1:
+                probes.append((start - 1, attributes(item.scenes[q.image - 1], q.names)))
         length = len(ids)
         last_slot = int((torch.tensor(ids) < 0).nonzero()[-1])
         starts = [last_slot + 1] + [stop for _, stop, _ in spans[:-1]]
         ids = torch.tensor(ids)
         return dict(ids=ids, positions=torch.arange(length), mask=None, labels=labels, images=images,
-                    scenes=item.scenes, looks=looks, reads=self.reads(ids, [start - 1 for start, *_ in spans], starts))
+                    scenes=item.scenes, looks=looks, reads=self.reads(ids, [start - 1 for start, *_ in spans], starts), probes=probes)
 
     def story(self, step: int) -> dict:
         item = self.item(step, "story")
@@ -284,7 +310,7 @@ class SceneData:
         prompt = build_prompt(self.tokenizer, story_message(item.questions[0].question, len(images)), images).input_ids
         ids, positions, mask, labels, _ = _tree([], [(prompt.tolist(), self.target(item.questions[0].answer))])
         return dict(ids=ids, positions=positions, mask=mask, labels=labels, images=images, scenes=item.scenes, looks=[],
-                    reads=[])
+                    reads=[], probes=[])
 
 
 # --------------------------------------------------------------------------- stages
@@ -331,7 +357,8 @@ def train_vision(model, data: SceneData, config: TrainConfig, state: dict, save)
     vision.requires_grad_(False)
 
 
-def sequence_loss(model, sequence: dict, capture: AttentionCapture) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_loss(model, sequence: dict, capture: AttentionCapture, probe: AttributeProbe
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         features = [image_tokens(model, image) for image in sequence["images"]]
     embeds = model.embed(_Prompt(sequence["ids"]), sequence["images"], image_features=features)
@@ -340,8 +367,12 @@ def sequence_loss(model, sequence: dict, capture: AttentionCapture) -> tuple[tor
     mask = sequence["mask"][None, None] if sequence["mask"] is not None else None
     cos, sin = backbone.rotary_emb(embeds, position_ids=positions)
     hidden = embeds
-    for layer in backbone.layers:
+    probed = torch.zeros(())
+    for index, layer in enumerate(backbone.layers):
         hidden = layer(hidden, attention_mask=mask, position_ids=positions, position_embeddings=(cos, sin))
+        if index == PROBE_LAYER and sequence["probes"]:
+            rows = torch.tensor([row for row, _ in sequence["probes"]])
+            probed = probe.loss(hidden[0, rows], torch.stack([t for _, t in sequence["probes"]]))
     targets = sequence["labels"] != -100
     logits = model.language_model.lm_head(backbone.norm(hidden[0, targets]))
     loss = F.cross_entropy(logits.float(), sequence["labels"][targets])
@@ -353,7 +384,7 @@ def sequence_loss(model, sequence: dict, capture: AttentionCapture) -> tuple[tor
     for row, rows in sequence["reads"]:  # every content word of the question, evenly
         if rows.numel():
             guide.append(-capture.log_probs(*READ_HEAD, 0, torch.tensor([row]))[0, rows].mean())
-    return loss, torch.stack(guide).mean() if guide else torch.zeros(())
+    return loss, torch.stack(guide).mean() if guide else torch.zeros(()), probed
 
 
 class _Prompt:
@@ -367,11 +398,15 @@ def train_language(model, data: SceneData, config: TrainConfig, state: dict, sav
     capture = AttentionCapture({LOOKUP_HEAD[0], READ_HEAD[0]})
     AttentionInterface.register(GUIDED_ATTENTION, capture)
     model.config.text._attn_implementation = GUIDED_ATTENTION
+    probe = AttributeProbe(model.config.text.hidden_size)
+    if "language_probe" in state:
+        probe.load_state_dict(state["language_probe"])
     params = [p for n, p in model.named_parameters() if not n.startswith("vision") and p.requires_grad]
+    params += list(probe.parameters())
     optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(0.9, 0.98), weight_decay=config.weight_decay)
     if "language_optimizer" in state:
         optimizer.load_state_dict(state["language_optimizer"])
-    running: dict[str, list[float]] = {k: [] for k in ("ask", "chat", "story", "guide")}
+    running: dict[str, list[float]] = {k: [] for k in ("ask", "chat", "story", "guide", "probe")}
     start = time.perf_counter()
     for step in range(state.get("language_step", 0), config.language_steps):
         kind = config.mix[step % len(config.mix)]
@@ -381,17 +416,20 @@ def train_language(model, data: SceneData, config: TrainConfig, state: dict, sav
             sequences = [getattr(data, kind)(step)]
         for group in optimizer.param_groups:
             group["lr"] = config.lr * _schedule(step, config.language_steps, config.warmup_steps, config.min_lr_ratio)
-        losses = [sequence_loss(model, s, capture) for s in sequences]
-        loss = torch.stack([x for x, _ in losses]).mean()
-        guide = torch.stack([g for _, g in losses]).mean()
-        _optimizer_step(optimizer, params, loss + config.guide_weight * guide)
+        losses = [sequence_loss(model, s, capture, probe) for s in sequences]
+        loss = torch.stack([x for x, _, _ in losses]).mean()
+        guide = torch.stack([g for _, g, _ in losses]).mean()
+        probed = torch.stack([p for _, _, p in losses]).mean()
+        _optimizer_step(optimizer, params, loss + config.guide_weight * guide + config.probe_weight * probed)
         running[kind].append(loss.item())
         running["guide"].append(guide.item())
+        if kind != "story":
+            running["probe"].append(probed.item())
         if (step + 1) % 25 == 0:
             print(f"language step {step + 1:5d}/{config.language_steps}  {(time.perf_counter() - start) / 60:5.1f} min  "
                   + "  ".join(f"{k} {np.mean(v[-12:]):.4f}" for k, v in running.items() if v), flush=True)
         state["language_step"] = step + 1
-        save(lambda: {"language_optimizer": optimizer.state_dict()})
+        save(lambda: {"language_optimizer": optimizer.state_dict(), "language_probe": probe.state_dict()})
     model.config.text._attn_implementation = "sdpa"
 
 

@@ -79,3 +79,21 @@ def test_reads_are_each_questions_own_content_words(data):
         assert rows.numel() and int(rows.max()) <= row
         assert labels[row] != -100, "a read row is an answer row"
         assert not bool((labels[rows[0]:row] != -100).any()), "no earlier answer inside a question's span"
+
+
+def test_probe_targets_are_the_one_named_objects_colour_shape_and_digit(data):
+    """The answer row's probe reads what the lookup should carry: an object of the scene whose
+    colour or shape the question says, for every question that names exactly one object (ask
+    trees and chats)."""
+    from hae_cli.scenes.world import COLORS, SHAPES
+
+    scene_data, tokenizer = data
+    for sequence in (scene_data.ask_tree(0), scene_data.ask_tree(1), scene_data.chat(2)):
+        ids, reads = sequence["ids"], dict(sequence["reads"])
+        assert sequence["probes"], "no question named one object"
+        for row, target in sequence["probes"]:
+            words = set(tokenizer.decode(ids[reads[row]].tolist()).split())
+            colour, shape, digit = list(COLORS)[int(target[0])], SHAPES[int(target[1])], str(int(target[2]))
+            assert {colour, shape} & words, (words, colour, shape)
+            assert any((o.color, o.shape, o.label) == (colour, shape, digit)
+                       for scene in sequence["scenes"] for o in scene.objects), (colour, shape, digit)
