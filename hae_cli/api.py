@@ -310,8 +310,6 @@ class RunSettings:
         flag that is no bool or sampling out of range is one line, before any image is read."""
         import dataclasses
 
-        from hae_cli.model.sampling import SamplingConfig
-
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(fields) - set(known))
         if unknown:
@@ -320,7 +318,7 @@ class RunSettings:
             raise ConfigError(f"settings must be a RunSettings, got {type(settings).__name__}")
         chosen = dataclasses.replace(settings or cls(), **fields)
         checks.flags(compile=chosen.compile)
-        SamplingConfig(chosen.max_new_tokens, chosen.temperature, chosen.top_p, chosen.seed)
+        chosen.sampling()  # its own checks
         return chosen
 
     def sampling(self):

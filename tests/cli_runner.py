@@ -35,8 +35,8 @@ def hae_in_process(*args, input: str | bytes | None = None, env: dict | None = N
     """`hae ARGS` as `hae_process.run_hae` runs it, but in this process: the same
     `CompletedProcess` (exit code, stdout and stderr bytes), without the seconds a fresh
     interpreter spends importing torch (`timeout` is run_hae's, unused here). For what needs no
-    real process; signals, pipes, a full
-    disk, the process's own memory and start-up stay with `run_hae`."""
+    real process; signals, pipes, a full disk, the process's own memory and start-up stay with
+    `run_hae`."""
     import subprocess
 
     import torch

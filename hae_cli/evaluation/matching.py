@@ -88,9 +88,9 @@ def hae_settings(spec: str) -> list[Setting]:
 
 def shared_params(policy: str, params: dict) -> dict:
     """The part of HAE's parameters that `policy` also takes (mustdrop: Stage 1's filter)."""
-    from hae_cli.cache.policies import policy_class
+    from hae_cli.cache.policies import policy_parameters
 
-    taken = {f.name for f in dataclasses.fields(policy_class(policy))}
+    taken = policy_parameters(policy)
     return {k: v for k, v in params.items() if k in taken}
 
 
@@ -99,9 +99,9 @@ MATCHED_BY_IMAGE_TOKENS = ("mustdrop", "fastv")  # matched to HAE's image tokens
 
 def can_be_matched(policy: str) -> bool:
     """Whether `matched_params` can give `policy` HAE's KV: by image tokens kept, or by a budget."""
-    from hae_cli.cache.policies import policy_class
+    from hae_cli.cache.policies import policy_parameters
 
-    return policy in MATCHED_BY_IMAGE_TOKENS or "budget" in {f.name for f in dataclasses.fields(policy_class(policy))}
+    return policy in MATCHED_BY_IMAGE_TOKENS or "budget" in policy_parameters(policy)
 
 
 def matched_params(baseline: str, hae: Setting, hae_outcome, prompt, fastv_layer: int, fed_later: int = 0) -> dict:
